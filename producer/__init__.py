@@ -1,0 +1,41 @@
+"""The light client side of the render farm: the render spec, the manifest, keys and errors.
+
+Importing this package never imports torch, diffusers or the worker.
+"""
+
+from __future__ import annotations
+
+from producer.errors import (
+    ConfigError,
+    JobRevoked,
+    JobStopped,
+    ModelError,
+    RenderError,
+    RenderFailed,
+    SpecError,
+    StorageError,
+    UnsupportedSpecError,
+)
+from producer.manifest import Manifest, RenderStatus, Timings
+from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget, json_schema
+
+__all__ = [
+    "CfgCutoff",
+    "ConfigError",
+    "Frames",
+    "IpAdapterScaleCutoff",
+    "JobRevoked",
+    "JobStopped",
+    "Manifest",
+    "ModelError",
+    "RenderError",
+    "RenderFailed",
+    "RenderSpec",
+    "RenderStatus",
+    "SpecError",
+    "StepBudget",
+    "StorageError",
+    "Timings",
+    "UnsupportedSpecError",
+    "json_schema",
+]

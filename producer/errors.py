@@ -1,0 +1,92 @@
+"""The exception tree. Every error this project raises on purpose is a `RenderError`.
+
+RenderError
+ ├── SpecError          the render spec is invalid; the message names the field and the fix
+ │    └── UnsupportedSpecError   valid spec, but this worker cannot run it (yet)
+ ├── ConfigError        a setting (RENDER_*) is invalid
+ ├── ModelError         a model is not allowlisted or cannot be loaded
+ ├── StorageError       a storage URL is invalid or an object could not be read or written
+ ├── JobStopped         control flow: the job was told to stop inside the denoising loop
+ │    └── JobRevoked    ... because someone revoked it
+ └── RenderFailed       the pipeline itself failed while rendering
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RenderError(Exception):
+    """Raised for every error this project raises on purpose."""
+
+
+class SpecError(RenderError):
+    """Raised when a render spec is invalid; the message names the field and the fix."""
+
+    @classmethod
+    def from_validation(cls, exc: Any) -> SpecError:
+        """Turn a pydantic ValidationError into one readable sentence per problem."""
+        problems = []
+        for err in exc.errors(include_url=False):
+            where = _location(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; remove it (see `render schema` for the fields a spec may have)"
+            elif "input" in err and err["type"] not in ("missing", "value_error", "assertion_error"):
+                msg = f"{msg}; got {_short(err['input'])}"
+            problems.append(f"{where}: {msg}" if where else msg)
+        return cls("invalid render spec: " + "; ".join(problems))
+
+
+class UnsupportedSpecError(SpecError):
+    """Raised when a valid spec asks for something this worker cannot run."""
+
+
+class ConfigError(RenderError):
+    """Raised when a setting is invalid."""
+
+
+class ModelError(RenderError):
+    """Raised when a model is not allowlisted or cannot be loaded."""
+
+
+class StorageError(RenderError):
+    """Raised when a storage URL is invalid or an object cannot be read or written."""
+
+
+class JobStopped(RenderError):
+    """Raised inside the step callback to leave the denoising loop before the VAE decode."""
+
+    def __init__(self, reason: str, steps_completed: int) -> None:
+        super().__init__(f"job stopped ({reason}) after {steps_completed} step(s)")
+        self.reason = reason
+        self.steps_completed = steps_completed
+
+
+class JobRevoked(JobStopped):
+    """Raised when the job's revocation key is set."""
+
+    def __init__(self, steps_completed: int) -> None:
+        super().__init__("revoked", steps_completed)
+
+
+class RenderFailed(RenderError):
+    """Raised when the pipeline fails while rendering; the cause is chained."""
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    """`('callbacks', 0, 'cfg_cutoff', 'step_index')` -> `callbacks[0].step_index`."""
+    out = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif i > 0 and isinstance(loc[i - 1], int):
+            continue  # the only lists of models in a spec are tagged unions: this is the tag, not a field
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

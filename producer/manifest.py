@@ -1,0 +1,45 @@
+"""The manifest: what a finished job left in storage, written last, next to its images."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+RenderStatus = Literal["succeeded", "interrupted", "revoked", "failed"]
+InterruptedBy = Literal["max_steps", "max_seconds"]
+
+
+class Timings(BaseModel):
+    """Seconds spent in each phase; None where the phase did not run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    queue_wait: float | None = None
+    load: float | None = None
+    denoise: float | None = None
+    decode: float | None = None
+    upload: float | None = None
+
+
+class Manifest(BaseModel):
+    """The record of one job: status, what was planned and done, where the files are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str
+    status: RenderStatus
+    steps_planned: int
+    steps_completed: int
+    interrupted_by: InterruptedBy | None = None
+    images: list[str] = Field(default_factory=list)
+    frames: list[str] = Field(default_factory=list)
+    spec: dict[str, Any]
+    seed: int
+    timings: Timings = Field(default_factory=Timings)
+    worker: str
+    attempt: int = 1
+    versions: dict[str, str] = Field(default_factory=dict)
+    error: str | None = None
+    started_at: str
+    finished_at: str

@@ -1,0 +1,171 @@
+"""The render spec: the one contract between applications and workers.
+
+A spec is validated twice, in the producer before it is enqueued and again in the worker, so a
+bad spec is a `SpecError` naming the field, never a crash deep inside diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from producer.errors import SpecError
+
+SPEC_VERSION: Literal[1] = 1
+MAX_STEPS = 150
+MAX_IMAGES = 8
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_SEED = 2**63 - 1
+
+PipelineKind = Literal["text2img", "img2img", "inpaint", "controlnet"]
+FrameFormat = Literal["png", "webp", "jpeg"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Cutoff(_Strict):
+    """A cutoff fires at the end of one denoising step, like diffusers' official callbacks.
+
+    With `step_index=i` the change applies from step i+1 on; with `step_ratio=r` the step is
+    `int(steps * r)`. A cutoff on the last step (or r = 1.0) therefore changes nothing.
+    """
+
+    step_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    step_index: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> _Cutoff:
+        if (self.step_ratio is None) == (self.step_index is None):
+            raise ValueError("give exactly one of step_ratio (0 < r <= 1) or step_index (0 <= i < num_inference_steps)")
+        return self
+
+    def cutoff_step(self, num_steps: int) -> int:
+        """The step index at whose end the cutoff fires (diffusers' rule)."""
+        if self.step_index is not None:
+            return self.step_index
+        assert self.step_ratio is not None
+        return int(num_steps * self.step_ratio)
+
+
+class CfgCutoff(_Cutoff):
+    """Turn classifier-free guidance off after a step."""
+
+    type: Literal["cfg_cutoff"]
+
+
+class IpAdapterScaleCutoff(_Cutoff):
+    """Set the IP-Adapter scale to 0 after a step."""
+
+    type: Literal["ip_adapter_scale_cutoff"]
+
+
+class StepBudget(_Strict):
+    """Interrupt the job after `max_steps` steps or `max_seconds` of denoising; the partial image is kept."""
+
+    type: Literal["step_budget"]
+    max_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    max_seconds: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> StepBudget:
+        if self.max_steps is None and self.max_seconds is None:
+            raise ValueError("give max_steps, max_seconds or both")
+        return self
+
+
+class Frames(_Strict):
+    """Store a preview of the latents every `every` steps, `size` pixels on the long edge."""
+
+    type: Literal["frames"]
+    every: int = Field(default=1, ge=1, le=MAX_STEPS)
+    format: FrameFormat = "png"
+    size: int = Field(default=256, ge=16, le=1024)
+
+
+_C = TypeVar("_C", bound=BaseModel)
+
+Callback = Annotated[CfgCutoff | IpAdapterScaleCutoff | StepBudget | Frames, Field(discriminator="type")]
+
+
+class RenderSpec(_Strict):
+    """One image-generation job."""
+
+    spec_version: Literal[1] = SPEC_VERSION
+    model: str = Field(min_length=1, max_length=200, description="A model name from the worker's allowlist.")
+    pipeline: PipelineKind = "text2img"
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field(default="", max_length=4000)
+    num_inference_steps: int = Field(default=30, ge=1, le=MAX_STEPS)
+    guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0, allow_inf_nan=False)
+    width: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Omit for a random seed; it is recorded.")
+    num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    callbacks: list[Callback] = Field(default_factory=list, max_length=8)
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"must be a finite number between 0 and 50; got {value}")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must contain some text, not only whitespace")
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError(
+                f"must be a multiple of 8 (the VAE downsamples by 8); got {value}, try {round(value / 8) * 8}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _callbacks_fit(self) -> RenderSpec:
+        seen: set[str] = set()
+        for i, cb in enumerate(self.callbacks):
+            if cb.type in seen:
+                raise ValueError(f"callbacks[{i}]: only one {cb.type} callback is allowed per job")
+            seen.add(cb.type)
+            if isinstance(cb, CfgCutoff | IpAdapterScaleCutoff) and cb.step_index is not None:
+                if cb.step_index >= self.num_inference_steps:
+                    raise ValueError(
+                        f"callbacks[{i}].step_index must be less than num_inference_steps "
+                        f"({self.num_inference_steps}); got {cb.step_index}"
+                    )
+            if isinstance(cb, Frames) and cb.every > self.num_inference_steps:
+                raise ValueError(
+                    f"callbacks[{i}].every must be at most num_inference_steps ({self.num_inference_steps}), "
+                    f"or no frame would be made; got {cb.every}"
+                )
+        return self
+
+    def callback(self, kind: type[_C]) -> _C | None:
+        """The callback of this class in the spec, if any."""
+        return next((cb for cb in self.callbacks if isinstance(cb, kind)), None)
+
+    @classmethod
+    def parse(cls, data: str | bytes | dict[str, Any]) -> RenderSpec:
+        """Validate JSON text or a dict; raise `SpecError` naming every bad field."""
+        try:
+            if isinstance(data, dict):
+                return cls.model_validate(data)
+            return cls.model_validate_json(data)
+        except ValidationError as exc:
+            raise SpecError.from_validation(exc) from None
+
+
+def json_schema() -> str:
+    """The spec's JSON Schema, as `render schema` prints it."""
+    return json.dumps(RenderSpec.model_json_schema(), indent=2)
