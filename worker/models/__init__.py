@@ -1,0 +1,1 @@
+"""Model loading: the tiny offline pipelines, real checkpoints, and the allowlist."""

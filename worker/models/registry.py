@@ -1,0 +1,97 @@
+"""The model allowlist and the per-process pipeline cache."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from producer.errors import ModelError
+from worker.models import pretrained, tiny_sd15, tiny_sdxl
+from worker.settings import TINY, ModelSource, WorkerSettings
+
+_TINY_BUILDERS: dict[str, Callable[[], Any]] = {"sd15": tiny_sd15.build, "sdxl": tiny_sdxl.build}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"RENDER_DEVICE={name} but no CUDA device is visible; set RENDER_DEVICE=cpu or auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class ModelRegistry:
+    """Loads allowlisted pipelines on first use and keeps the most recent ones on the device."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelSource],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_cached: int = 1,
+    ) -> None:
+        self.models = dict(models)
+        self.device = device
+        self.dtype = dtype
+        self.max_cached = max_cached
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: WorkerSettings) -> ModelRegistry:
+        device = resolve_device(settings.device)
+        return cls(
+            settings.models,
+            device=device,
+            dtype=resolve_dtype(settings.dtype, device),
+            max_cached=settings.max_cached_models,
+        )
+
+    def source(self, name: str) -> ModelSource:
+        try:
+            return self.models[name]
+        except KeyError:
+            allowed = ", ".join(sorted(self.models)) or "(none)"
+            raise ModelError(
+                f"model {name!r} is not on this worker's allowlist; use one of: {allowed} (or add it to RENDER_MODELS)"
+            ) from None
+
+    def pipeline(self, name: str) -> Any:
+        """The text-to-image pipeline for `name`, loaded once per process."""
+        source = self.source(name)
+        with self._lock:
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return self._cache[name]
+            while len(self._cache) >= self.max_cached:
+                self._cache.popitem(last=False)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            pipe = self._load(source)
+            self._cache[name] = pipe
+            return pipe
+
+    def _load(self, source: ModelSource) -> Any:
+        if source.source == TINY:
+            pipe = _TINY_BUILDERS[source.family]().to(self.device)
+            if self.dtype != torch.float32:  # built in float32; casting to it again only logs a warning
+                pipe = pipe.to(dtype=self.dtype)
+        else:
+            pipe = pretrained.load(source.family, source.source, self.dtype).to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._cache

@@ -1,0 +1,56 @@
+"""`tiny-sdxl`: a Stable Diffusion XL-shaped pipeline with random weights, built from configs.
+
+Two text encoders (the second with a projection, as SDXL's), the `text_time` added
+conditioning, SDXL's VAE scaling factor; tiny sizes and a fixed seed, like diffusers' own tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from worker.models.tiny_sd15 import SEED, euler_scheduler, tiny_text_config, tiny_vae
+from worker.models.tokenizer import BOS, EOS, tiny_clip_tokenizer
+
+TIME_EMBED_DIM = 8
+PROJECTION_DIM = 32
+
+
+def build() -> StableDiffusionXLPipeline:
+    tokenizer = tiny_clip_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
+    torch.manual_seed(SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        transformer_layers_per_block=(1, 1),
+        # six size/crop numbers, each embedded in TIME_EMBED_DIM, plus the pooled text embedding
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + PROJECTION_DIM,
+        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        norm_num_groups=4,
+    )
+    torch.manual_seed(SEED)
+    text_encoder = CLIPTextModel(config)
+    torch.manual_seed(SEED + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(scaling_factor=0.13025),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=euler_scheduler(),
+        add_watermarker=False,
+    )
