@@ -1,0 +1,42 @@
+"""Step budget: interrupt the denoising loop after N steps or S seconds; the partial image is decoded."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from diffusers.callbacks import PipelineCallback
+
+from producer.manifest import InterruptedBy
+from producer.spec import StepBudget
+
+
+class StepBudgetCallback(PipelineCallback):
+    """Sets `pipeline._interrupt` once the budget is spent; diffusers then skips the remaining steps."""
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, budget: StepBudget, clock: Callable[[], float] = time.monotonic) -> None:
+        # PipelineCallback.__init__ validates cutoff arguments that a budget does not have.
+        self.max_steps = budget.max_steps
+        self.max_seconds = budget.max_seconds
+        self.clock = clock
+        self.started = clock()
+        self.interrupted_by: InterruptedBy | None = None
+
+    def start(self) -> None:
+        self.started = self.clock()
+        self.interrupted_by = None
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        if self.interrupted_by is None:
+            if self.max_steps is not None and step_index + 1 >= self.max_steps:
+                self.interrupted_by = "max_steps"
+            elif self.max_seconds is not None and self.clock() - self.started >= self.max_seconds:
+                self.interrupted_by = "max_seconds"
+            if self.interrupted_by is not None and step_index + 1 < pipeline.num_timesteps:
+                pipeline._interrupt = True
+            elif self.interrupted_by is not None:
+                self.interrupted_by = None  # the budget ran out on the last step: nothing was cut short
+        return callback_kwargs

@@ -1,0 +1,57 @@
+"""Turn a spec's `callbacks` list into one `MultiPipelineCallbacks`, in a fixed order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers.callbacks import MultiPipelineCallbacks
+
+from producer.spec import CfgCutoff, Frames, RenderSpec, StepBudget
+from worker.callbacks.budget import StepBudgetCallback
+from worker.callbacks.cfg import cfg_cutoff_callback
+from worker.callbacks.control import StepControlCallback, StepHook
+from worker.callbacks.frames import FramesCallback, FrameWriter
+from worker.storage import Storage
+
+
+@dataclass
+class CallbackStack:
+    """The job's callbacks; `multi` is what the pipeline gets."""
+
+    control: StepControlCallback
+    budget: StepBudgetCallback | None
+    frames: FrameWriter | None
+    multi: MultiPipelineCallbacks
+
+    def start(self) -> None:
+        self.control.start()
+        if self.budget is not None:
+            self.budget.start()
+
+
+def build_callbacks(
+    spec: RenderSpec,
+    family: str,
+    *,
+    task_id: str,
+    storage: Storage,
+    hooks: Sequence[StepHook] = (),
+    frame_threads: int = 2,
+) -> CallbackStack:
+    # Control first, so a revoked job stops before anything else happens at that step; frames last,
+    # so a frame shows the latents every other callback has settled on.
+    control = StepControlCallback(task_id, hooks)
+    chain: list[Any] = [control]
+    budget = None
+    if (budget_spec := spec.callback(StepBudget)) is not None:
+        budget = StepBudgetCallback(budget_spec)
+        chain.append(budget)
+    if (cutoff := spec.callback(CfgCutoff)) is not None:
+        chain.append(cfg_cutoff_callback(family, cutoff))
+    writer = None
+    if (frames := spec.callback(Frames)) is not None:
+        writer = FrameWriter(storage, task_id, frames, threads=frame_threads)
+        chain.append(FramesCallback(writer, family))
+    return CallbackStack(control=control, budget=budget, frames=writer, multi=MultiPipelineCallbacks(chain))

@@ -1,0 +1,65 @@
+"""The hook point for per-step job control: revocation checks, progress, leases.
+
+Hooks run first in the callback stack at the end of every step. A hook that raises
+`JobStopped` ends the job there: the pipeline is marked interrupted and the exception leaves
+the denoising loop, so no VAE decode and no upload follow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from diffusers.callbacks import PipelineCallback
+
+from producer.errors import JobStopped
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a hook learns at the end of each denoising step."""
+
+    task_id: str
+    steps_completed: int
+    steps_planned: int
+    elapsed: float
+
+
+class StepHook(Protocol):
+    """Called at the end of every step; may raise `JobStopped` (e.g. `JobRevoked`) to stop the job."""
+
+    def on_step(self, info: StepInfo) -> None: ...
+
+
+class StepControlCallback(PipelineCallback):
+    """Counts steps and runs the job's hooks."""
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, task_id: str, hooks: Sequence[StepHook] = (), clock: Callable[[], float] = time.perf_counter):
+        # PipelineCallback.__init__ validates cutoff arguments that this callback does not have.
+        self.task_id = task_id
+        self.hooks = tuple(hooks)
+        self.clock = clock
+        self.started = clock()
+        self.last_step_end: float | None = None
+        self.steps_completed = 0
+
+    def start(self) -> None:
+        self.started = self.clock()
+        self.last_step_end = None
+        self.steps_completed = 0
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        self.steps_completed = step_index + 1
+        self.last_step_end = self.clock()
+        info = StepInfo(self.task_id, self.steps_completed, pipeline.num_timesteps, self.last_step_end - self.started)
+        for hook in self.hooks:
+            try:
+                hook.on_step(info)
+            except JobStopped:
+                pipeline._interrupt = True
+                raise
+        return callback_kwargs

@@ -1,0 +1,75 @@
+"""Per-step preview frames, encoded and uploaded off the denoising thread.
+
+The callback only runs the small latents-to-RGB product on the device and starts a
+non-blocking copy to pinned host memory; a worker thread waits for that copy, encodes the
+image and uploads it, so the loop never waits on storage (nor, on a GPU, on a device sync).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from diffusers.callbacks import PipelineCallback
+
+from producer.keys import frame_object
+from producer.spec import Frames
+from worker.preview import CONTENT_TYPES, contact_strip, encode, latents_to_rgb
+from worker.storage import Storage
+
+
+class FrameWriter:
+    """Encodes and stores frames on a small thread pool; `finish` returns their URLs in step order."""
+
+    def __init__(self, storage: Storage, task_id: str, spec: Frames, threads: int = 2) -> None:
+        self.storage = storage
+        self.task_id = task_id
+        self.spec = spec
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"frames-{task_id[:8]}")
+        self._futures: list[Future[str]] = []
+
+    def submit(self, steps_completed: int, rgb: torch.Tensor) -> None:
+        event = None
+        if rgb.device.type == "cuda":
+            host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
+            host.copy_(rgb, non_blocking=True)
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record()
+            rgb = host
+        self._futures.append(self._pool.submit(self._store, steps_completed, rgb, event))
+
+    def _store(self, steps_completed: int, rgb: torch.Tensor, event: Any) -> str:
+        if event is not None:
+            event.synchronize()
+        image = contact_strip(rgb.numpy(), self.spec.size)
+        name = frame_object(self.task_id, steps_completed, self.spec.format)
+        return self.storage.put(name, encode(image, self.spec.format), CONTENT_TYPES[self.spec.format])
+
+    def finish(self) -> list[str]:
+        """Wait for every frame; raise the first upload error."""
+        try:
+            return [future.result() for future in self._futures]
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Drop frames not yet started (the job failed); wait for the ones in flight."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class FramesCallback(PipelineCallback):
+    """Hands a preview of the latents to a `FrameWriter` every `every` steps."""
+
+    tensor_inputs = ["latents"]
+
+    def __init__(self, writer: FrameWriter, family: str) -> None:
+        # PipelineCallback.__init__ validates cutoff arguments that frames do not have.
+        self.writer = writer
+        self.family = family
+        self.every = writer.spec.every
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        if (step_index + 1) % self.every == 0:
+            self.writer.submit(step_index + 1, latents_to_rgb(callback_kwargs["latents"], self.family))
+        return callback_kwargs

@@ -1,0 +1,49 @@
+"""The linear latents-to-RGB preview: one small matrix product, no VAE.
+
+SDXL's factors are the ones in diffusers' callback guide ("Display image after each generation
+step"); SD 1.5's are the widely used least-squares fit of its latent space (in [-1, 1], scaled
+here to 0..255 the same way).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+_SDXL = (((60, -60, 25, -70), (60, -5, 15, -50), (60, 10, -5, -35)), (150, 140, 130))
+_SD15_UNIT = ((0.298, 0.187, -0.158, -0.184), (0.207, 0.286, 0.189, -0.271), (0.208, 0.173, 0.264, -0.473))
+_SD15 = (tuple(tuple(127.5 * w for w in row) for row in _SD15_UNIT), (127.5, 127.5, 127.5))
+_FACTORS = {"sd15": _SD15, "sdxl": _SDXL}
+
+PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+def latents_to_rgb(latents: torch.Tensor, family: str) -> torch.Tensor:
+    """(n, 4, h, w) latents -> (n, h, w, 3) uint8 on the latents' device."""
+    weights, bias = _FACTORS[family]
+    w = torch.tensor(weights, dtype=torch.float32, device=latents.device)  # (3, 4)
+    b = torch.tensor(bias, dtype=torch.float32, device=latents.device)
+    rgb = torch.einsum("nlhw,rl->nhwr", latents.float(), w) + b
+    return rgb.clamp(0, 255).to(torch.uint8)
+
+
+def contact_strip(pixels: np.ndarray, size: int) -> Image.Image:
+    """One image per batch row, side by side, each scaled so its long edge is `size` pixels."""
+    tiles = [Image.fromarray(row) for row in pixels]
+    w, h = tiles[0].size
+    scale = size / max(w, h)
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    strip = Image.new("RGB", (tw * len(tiles), th))
+    for i, tile in enumerate(tiles):
+        strip.paste(tile.resize((tw, th), Image.Resampling.BILINEAR), (i * tw, 0))
+    return strip
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=PIL_FORMATS[fmt])
+    return buffer.getvalue()
