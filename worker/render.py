@@ -1,0 +1,186 @@
+"""`render(spec, ...)`: run one job on a real diffusers pipeline and store what it made. No Celery here."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+
+from producer.errors import JobRevoked, RenderFailed, UnsupportedSpecError
+from producer.keys import image_object, manifest_object
+from producer.manifest import Manifest, RenderStatus, Timings
+from producer.spec import MAX_SEED, IpAdapterScaleCutoff, RenderSpec
+from worker.callbacks import CallbackStack, StepHook, build_callbacks
+from worker.models.registry import ModelRegistry
+from worker.outputs import png_bytes
+from worker.storage import Storage
+
+_VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
+
+
+def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
+    """The worker-side checks a producer cannot make: allowlist and what this worker runs."""
+    registry.source(spec.model)
+    if spec.pipeline != "text2img":
+        raise UnsupportedSpecError(f"pipeline: {spec.pipeline!r} is not supported by this worker yet; use 'text2img'")
+    if spec.callback(IpAdapterScaleCutoff) is not None:
+        raise UnsupportedSpecError(
+            "callbacks: ip_adapter_scale_cutoff needs an IP-Adapter, which this worker does not load yet; remove it"
+        )
+
+
+def read_manifest(storage: Storage, task_id: str) -> Manifest | None:
+    data = storage.get(manifest_object(task_id))
+    return None if data is None else Manifest.model_validate_json(data)
+
+
+def render(
+    spec: RenderSpec,
+    *,
+    registry: ModelRegistry,
+    storage: Storage,
+    task_id: str | None = None,
+    hooks: Sequence[StepHook] = (),
+    attempt: int = 1,
+    queue_wait: float | None = None,
+    frame_threads: int = 2,
+) -> Manifest:
+    """Render `spec`, store images, frames and the manifest (last), and return the manifest.
+
+    A task whose stored manifest already says `succeeded` is returned as it is, not rendered
+    again. A hook raising `JobRevoked` ends the job before decode and upload (status `revoked`);
+    a step budget interrupts it and keeps the partial image (status `interrupted`).
+    Raises `SpecError`/`ModelError` before any work, `RenderFailed` after writing a `failed` manifest.
+    """
+    task_id = task_id or uuid.uuid4().hex
+    if (done := read_manifest(storage, task_id)) is not None and done.status == "succeeded":
+        return done
+    check_supported(spec, registry)
+    job = _Job(spec, task_id, attempt, queue_wait)
+
+    started = time.perf_counter()
+    pipe = registry.pipeline(spec.model)
+    job.timings.load = time.perf_counter() - started
+    family = registry.source(spec.model).family
+    stack = build_callbacks(spec, family, task_id=task_id, storage=storage, hooks=hooks, frame_threads=frame_threads)
+    try:
+        images = _run(pipe, spec, job, stack)
+    except JobRevoked:
+        return job.finish(storage, "revoked", frames=stack.frames.finish() if stack.frames else [])
+    except Exception as exc:
+        if stack.frames:
+            stack.frames.abandon()
+        job.finish(storage, "failed", error=f"{type(exc).__name__}: {exc}")
+        raise RenderFailed(f"task {task_id} failed while rendering: {type(exc).__name__}: {exc}") from exc
+
+    upload_started = time.perf_counter()
+    urls = [
+        storage.put(
+            image_object(task_id, i),
+            png_bytes(image, spec, task_id=task_id, seed=job.image_seed(i), index=i),
+            "image/png",
+        )
+        for i, image in enumerate(images)
+    ]
+    frames = stack.frames.finish() if stack.frames else []
+    job.timings.upload = time.perf_counter() - upload_started
+    job.interrupted_by = stack.budget.interrupted_by if stack.budget else None
+    return job.finish(storage, "interrupted" if job.interrupted_by else "succeeded", images=urls, frames=frames)
+
+
+def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack) -> list[Any]:
+    generators = [torch.Generator("cpu").manual_seed(job.image_seed(i)) for i in range(spec.num_images)]
+    stack.start()
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            output = pipe(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                num_inference_steps=spec.num_inference_steps,
+                guidance_scale=spec.guidance_scale,
+                width=spec.width,
+                height=spec.height,
+                num_images_per_prompt=spec.num_images,
+                generator=generators,
+                callback_on_step_end=stack.multi,
+            )
+    finally:
+        # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
+        finished = time.perf_counter()
+        last_step = stack.control.last_step_end or finished
+        job.steps_planned = getattr(pipe, "_num_timesteps", None) or job.steps_planned
+        job.steps_completed = stack.control.steps_completed
+        job.timings.denoise = last_step - started
+    job.timings.decode = finished - last_step
+    return list(output.images)
+
+
+class _Job:
+    """The bookkeeping of one render, turned into the manifest at the end."""
+
+    def __init__(self, spec: RenderSpec, task_id: str, attempt: int, queue_wait: float | None) -> None:
+        self.spec = spec
+        self.task_id = task_id
+        self.attempt = attempt
+        self.seed = spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED)
+        self.timings = Timings(queue_wait=queue_wait)
+        self.steps_planned = spec.num_inference_steps
+        self.steps_completed = 0
+        self.interrupted_by: Any = None
+        self.started_at = _now()
+
+    def image_seed(self, index: int) -> int:
+        return (self.seed + index) % (MAX_SEED + 1)
+
+    def finish(
+        self,
+        storage: Storage,
+        status: RenderStatus,
+        *,
+        images: list[str] | None = None,
+        frames: list[str] | None = None,
+        error: str | None = None,
+    ) -> Manifest:
+        manifest = Manifest(
+            task_id=self.task_id,
+            status=status,
+            steps_planned=self.steps_planned,
+            steps_completed=self.steps_completed,
+            interrupted_by=self.interrupted_by,
+            images=images or [],
+            frames=frames or [],
+            spec=self.spec.model_dump(mode="json"),
+            seed=self.seed,
+            timings=self.timings,
+            worker=f"{socket.gethostname()}:{os.getpid()}",
+            attempt=self.attempt,
+            versions=_versions(),
+            error=error,
+            started_at=self.started_at,
+            finished_at=_now(),
+        )
+        storage.put(manifest_object(self.task_id), manifest.model_dump_json(indent=2).encode(), "application/json")
+        return manifest
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "unknown"
+    return found
