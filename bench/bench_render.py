@@ -1,7 +1,9 @@
 """Benchmark: the bare diffusers loop vs the same job through `render()`, and what a CFG cutoff saves.
 
-Runs are interleaved (A B A B ...) in one process so drift hits both sides alike; the median of
-each side is reported, with the ratios. Usage:
+Two parts, in one process:
+1. whole jobs, interleaved (A B C A B C ...) so drift hits every case alike; medians and ratios;
+2. the time each callback spends on the denoising thread per step, called directly on the
+   pipeline's real tensors (what a GPU loop would wait for; background frame encoding excluded).
 
     python bench/bench_render.py [--model tiny-sd15] [--steps 30] [--size 256] [--repeats 5]
 """
@@ -23,13 +25,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from producer import RenderSpec  # noqa: E402
+from producer.errors import JobRevoked  # noqa: E402
+from worker.callbacks import StepInfo, build_callbacks  # noqa: E402
 from worker.models.registry import ModelRegistry  # noqa: E402
 from worker.render import render  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 from worker.storage import LocalStorage  # noqa: E402
 
 
-def spec(args: argparse.Namespace, callbacks: list[dict[str, Any]]) -> RenderSpec:
+def make_spec(args: argparse.Namespace, callbacks: list[dict[str, Any]]) -> RenderSpec:
     return RenderSpec.parse(
         {
             "model": args.model,
@@ -44,14 +48,9 @@ def spec(args: argparse.Namespace, callbacks: list[dict[str, Any]]) -> RenderSpe
     )
 
 
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
 
 
 def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
@@ -60,8 +59,63 @@ def interleaved(cases: dict[str, Callable[[], Any]], repeats: int, device: torch
     samples: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            samples[name].append(timed(fn, device))
+            sync(device)
+            started = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+class NeverRevoked:
+    """The shape of the worker's per-step revocation hook, minus the Redis round trip."""
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.steps_completed < 0:
+            raise JobRevoked(info.steps_completed)
+
+
+def callback_costs(args: argparse.Namespace, pipe: Any, family: str, storage: LocalStorage) -> dict[str, float]:
+    """Microseconds each callback spends on the calling thread per step, on real latents and embeddings."""
+    spec = make_spec(
+        args,
+        [
+            {"type": "cfg_cutoff", "step_ratio": 1.0},
+            {"type": "step_budget", "max_seconds": 1e9},
+            {"type": "frames", "every": 1, "size": 128},
+        ],
+    )
+    captured: dict[str, Any] = {}
+
+    def capture(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        captured.update(kwargs)
+        return kwargs
+
+    inputs = ["latents", "prompt_embeds"] + (["add_text_embeds", "add_time_ids"] if family == "sdxl" else [])
+    pipe(
+        prompt=spec.prompt,
+        num_inference_steps=2,
+        width=args.size,
+        height=args.size,
+        num_images_per_prompt=args.images,
+        callback_on_step_end=capture,
+        callback_on_step_end_tensor_inputs=inputs,
+    )
+    stack = build_callbacks(spec, family, task_id="bench", storage=storage, hooks=[NeverRevoked()])
+    stack.start()
+    costs = {}
+    for callback in stack.multi.callbacks:
+        name = type(callback).__name__
+        calls = 200
+        sync(pipe.device)
+        started = time.perf_counter()
+        for i in range(calls):
+            callback(pipe, 0 if name.endswith("CutoffCallback") else i, 0, dict(captured))
+        sync(pipe.device)
+        costs[name] = (time.perf_counter() - started) / calls * 1e6
+    if stack.frames:
+        stack.frames.finish()
+    return costs
 
 
 def main() -> None:
@@ -75,8 +129,9 @@ def main() -> None:
 
     registry = ModelRegistry.from_settings(WorkerSettings())
     pipe = registry.pipeline(args.model)
+    family = registry.source(args.model).family
     storage = LocalStorage(tempfile.mkdtemp(prefix="bench-render-"))
-    plain = spec(args, [])
+    plain = make_spec(args, [])
 
     def bare() -> None:
         pipe(
@@ -88,27 +143,32 @@ def main() -> None:
             generator=torch.Generator("cpu").manual_seed(1),
         )
 
-    # Callbacks that run at every step but leave the work unchanged: the cost of the stack itself.
-    same_work = spec(
-        args,
-        [
-            {"type": "cfg_cutoff", "step_ratio": 1.0},
-            {"type": "frames", "every": 1, "size": 128},
-            {"type": "step_budget", "max_steps": args.steps},
-        ],
-    )
-    cutoff = spec(args, [{"type": "cfg_cutoff", "step_ratio": 0.4}])
+    def job(callbacks: list[dict[str, Any]]) -> Callable[[], Any]:
+        spec = make_spec(args, callbacks)
+        return lambda: render(spec, registry=registry, storage=storage)
 
+    # cutoff at ratio 1.0 and a budget of all steps run at every step but leave the work unchanged.
     results = interleaved(
         {
             "bare diffusers loop": bare,
-            "render() no callbacks": lambda: render(plain, registry=registry, storage=storage),
-            "render() cutoff+frames+budget": lambda: render(same_work, registry=registry, storage=storage),
-            "render() cfg cutoff @0.4": lambda: render(cutoff, registry=registry, storage=storage),
+            "render(), no callbacks": job([]),
+            "render(), cutoff@1.0 + budget": job(
+                [{"type": "cfg_cutoff", "step_ratio": 1.0}, {"type": "step_budget", "max_steps": args.steps}]
+            ),
+            "render(), + frames every step": job(
+                [
+                    {"type": "cfg_cutoff", "step_ratio": 1.0},
+                    {"type": "step_budget", "max_steps": args.steps},
+                    {"type": "frames", "every": 1, "size": 128},
+                ]
+            ),
+            "render(), cfg_cutoff@0.4": job([{"type": "cfg_cutoff", "step_ratio": 0.4}]),
         },
         args.repeats,
         registry.device,
     )
+    costs = callback_costs(args, pipe, family, storage)
+
     base = results["bare diffusers loop"]
     print(
         f"# bench_render: {args.model}, {args.steps} steps, {args.size}x{args.size}, {args.images} image(s), "
@@ -116,20 +176,28 @@ def main() -> None:
     )
     print(
         f"# device={registry.device} dtype={registry.dtype} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} python={platform.python_version()} cpu={platform.processor() or '?'}"
+        f"threads={torch.get_num_threads()} cpus={os.cpu_count()} python={platform.python_version()}"
     )
-    print("| case | seconds/job | steps/s | vs bare |\n|---|---:|---:|---:|")
+    print("\n| case | s/job | steps/s | vs bare |\n|---|---:|---:|---:|")
     for name, seconds in results.items():
         print(f"| {name} | {seconds:.4f} | {args.steps / seconds:.1f} | {seconds / base:.3f}x |")
-    with_stack = results["render() cutoff+frames+budget"]
-    no_stack = results["render() no callbacks"]
-    saved = 1 - results["render() cfg cutoff @0.4"] / no_stack
+    print("\n| callback (denoising thread) | µs/step |\n|---|---:|")
+    for name, micros in costs.items():
+        print(f"| {name} | {micros:.1f} |")
+    print(f"| whole stack | {sum(costs.values()):.1f} |")
+    step = base / args.steps
+    no_cb = results["render(), no callbacks"]
     print(
-        f"\ncallback stack overhead per step: {(with_stack - no_stack) / args.steps * 1e3:.3f} ms "
-        f"({with_stack / no_stack - 1:+.1%} of the job)"
+        f"\nbare step: {step * 1e3:.2f} ms; stack on the denoising thread: "
+        f"{sum(costs.values()) / 1e6 / step:.2%} of a step"
     )
-    print(f"render() vs bare loop (storage writes included): {no_stack / base - 1:+.1%}")
-    print(f"wall time saved by cfg_cutoff step_ratio=0.4: {saved:.1%}")
+    print(f"render() vs bare loop (PNG encode + storage writes included): {no_cb / base - 1:+.1%}")
+    print(f"cutoff@1.0 + budget vs no callbacks: {results['render(), cutoff@1.0 + budget'] / no_cb - 1:+.1%}")
+    print(
+        f"frames every step vs no callbacks (background encode shares the CPU): "
+        f"{results['render(), + frames every step'] / no_cb - 1:+.1%}"
+    )
+    print(f"wall time saved by cfg_cutoff step_ratio=0.4: {1 - results['render(), cfg_cutoff@0.4'] / no_cb:.1%}")
 
 
 if __name__ == "__main__":

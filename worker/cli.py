@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from producer.errors import RenderError, SpecError
+from producer.errors import RenderError, RenderFailed, SpecError
 from producer.spec import RenderSpec, json_schema
 
 app = typer.Typer(
@@ -64,10 +64,10 @@ def local(
     _quiet_libraries()
     from worker.models.registry import ModelRegistry
     from worker.render import render
-    from worker.settings import WorkerSettings
+    from worker.settings import load_settings
     from worker.storage import open_storage
 
-    settings = WorkerSettings()
+    settings = load_settings()
     target = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     manifest = render(
         spec,
@@ -96,23 +96,18 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    """Console entry point: usage errors are Typer's (exit 2); everything else is one line on stderr."""
     try:
-        app(standalone_mode=False)
+        app()
     except RenderError as exc:
         typer.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_USER_ERROR)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
+        sys.exit(1 if isinstance(exc, RenderFailed) else EXIT_USER_ERROR)
     except Exception as exc:  # a bug or the environment: still one line; RENDER_DEBUG=1 shows the traceback
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
         if os.environ.get("RENDER_DEBUG"):
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc} (set RENDER_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

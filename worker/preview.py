@@ -8,6 +8,7 @@ here to 0..255 the same way).
 from __future__ import annotations
 
 import io
+from functools import cache
 
 import numpy as np
 import torch
@@ -22,11 +23,18 @@ PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 
 
+@cache
+def _factors(family: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, bias = _FACTORS[family]
+    return (
+        torch.tensor(weights, dtype=torch.float32, device=device),  # (3, 4)
+        torch.tensor(bias, dtype=torch.float32, device=device),
+    )
+
+
 def latents_to_rgb(latents: torch.Tensor, family: str) -> torch.Tensor:
     """(n, 4, h, w) latents -> (n, h, w, 3) uint8 on the latents' device."""
-    weights, bias = _FACTORS[family]
-    w = torch.tensor(weights, dtype=torch.float32, device=latents.device)  # (3, 4)
-    b = torch.tensor(bias, dtype=torch.float32, device=latents.device)
+    w, b = _factors(family, latents.device)
     rgb = torch.einsum("nlhw,rl->nhwr", latents.float(), w) + b
     return rgb.clamp(0, 255).to(torch.uint8)
 
@@ -43,7 +51,15 @@ def contact_strip(pixels: np.ndarray, size: int) -> Image.Image:
     return strip
 
 
+# Previews favour speed over size: they are made at every few steps of every job.
+_SAVE_OPTIONS: dict[str, dict[str, int]] = {
+    "png": {"compress_level": 1},
+    "webp": {"quality": 80, "method": 0},
+    "jpeg": {"quality": 85},
+}
+
+
 def encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=PIL_FORMATS[fmt])
+    image.save(buffer, format=PIL_FORMATS[fmt], **_SAVE_OPTIONS[fmt])
     return buffer.getvalue()

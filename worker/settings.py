@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from producer.errors import ConfigError
 
 Family = Literal["sd15", "sdxl"]
 TINY = "tiny"
@@ -42,3 +46,20 @@ class WorkerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
     frame_upload_threads: int = Field(default=2, ge=1, le=16)
+
+
+def load_settings() -> WorkerSettings:
+    """Read the settings, turning any bad `RENDER_*` value into one `ConfigError` sentence."""
+    try:
+        return WorkerSettings()
+    except SettingsError as exc:
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = f"RENDER_{match.group(1).upper()}" if match else "a RENDER_* variable"
+        raise ConfigError(f"{name} is not valid JSON; see the configuration table in the README") from None
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            field, *rest = (str(part) for part in err["loc"])
+            where = f"RENDER_{field.upper()}" + (f" ({'.'.join(rest)})" if rest else "")
+            problems.append(f"{where}: {err['msg']}; got {err.get('input')!r}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None

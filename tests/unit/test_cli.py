@@ -1,0 +1,92 @@
+"""The `render` command, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+
+
+def test_schema_prints_the_spec_json_schema() -> None:
+    result = run("schema")
+    assert result.returncode == 0, result.stderr
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "RenderSpec" and "callbacks" in schema["properties"]
+
+
+@pytest.mark.parametrize("example", ["text2img-sd15.json", "text2img-sdxl.json"])
+def test_local_renders_an_example_into_a_directory(tmp_path: Path, example: str) -> None:
+    result = run("local", f"examples/{example}", "--storage", tmp_path.as_uri(), "--task-id", "cli-job")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["task_id"] == "cli-job" and manifest["status"] in ("succeeded", "interrupted")
+    for url in manifest["images"] + manifest["frames"]:
+        assert Path(url.removeprefix("file://")).is_file()
+    assert json.loads((tmp_path / "cli-job" / "manifest.json").read_text()) == manifest
+
+
+def test_storage_defaults_to_the_setting(tmp_path: Path) -> None:
+    result = run("local", "examples/text2img-sd15.json", env={"RENDER_STORAGE_URL": tmp_path.as_uri()})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images"][0].startswith(tmp_path.as_uri())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["local", "examples/bad-spec.json"], "error: invalid render spec: width: must be a multiple of 8"),
+        (["local", "no-such-spec.json"], "error: cannot read spec file 'no-such-spec.json': No such file"),
+        (["local", "examples/text2img-sd15.json", "--storage", "ftp://x"], "error: storage URL 'ftp://x' has an"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_model_outside_the_allowlist_is_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": "sdxl-turbo", "prompt": "x", "width": 64, "height": 64}))
+    result = run("local", str(spec), "--storage", tmp_path.as_uri())
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: model 'sdxl-turbo' is not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl "
+        "(or add it to RENDER_MODELS)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RENDER_MODELS": "not json"}, "error: RENDER_MODELS is not valid JSON"),
+        (
+            {"RENDER_MODELS": '{"x": {"family": "sd3", "source": "tiny"}}'},
+            "error: invalid setting: RENDER_MODELS (x.family)",
+        ),
+        ({"RENDER_MAX_CACHED_MODELS": "0"}, "error: invalid setting: RENDER_MAX_CACHED_MODELS: "),
+    ],
+)
+def test_bad_setting_is_one_line_naming_the_variable(env: dict[str, str], message: str) -> None:
+    result = run("local", "examples/text2img-sd15.json", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
