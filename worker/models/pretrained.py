@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.utils.logging import disable_progress_bar
 
 from producer.errors import ModelError
 from worker.settings import Family
@@ -17,7 +18,8 @@ _CLASSES: dict[Family, Any] = {
 
 
 def load(family: Family, source: str, dtype: torch.dtype) -> Any:
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    disable_progress_bar()  # loading bars in a worker's log are noise; the load time is in the manifest
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
