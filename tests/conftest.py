@@ -1,4 +1,9 @@
-"""Fixtures for real services. S3 is moto's server mode in its own process, on a free port."""
+"""Fixtures for real services. S3 is moto's server mode in its own process, on a free port.
+
+`s3_server` points boto3 at fake credentials for the whole session (AWS_ACCESS_KEY_ID=testing,
+AWS_SECRET_ACCESS_KEY=testing-secret, AWS_DEFAULT_REGION=us-east-1) and hides any real AWS profile or
+config file, so no test can reach real AWS with a developer's own credentials.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import free_port, port_open, wait_until
+from tests.helpers import free_port, http_answers, wait_until
 
 # Nothing in the test run may reach a model hub or real AWS.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,43 +23,54 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing-secret",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret",  # distinctive, so tests can assert it never appears in a message
     "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
+UNSET_AWS = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 API server (moto server mode) in a subprocess; yields its endpoint URL."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    saved = {key: os.environ.get(key) for key in FAKE_AWS}
-    os.environ.update(FAKE_AWS)
-    try:
-        wait_until(lambda: port_open(port), timeout=30, what="moto S3 server", process=process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    endpoint = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("moto") / "server.log"
+    with pytest.MonkeyPatch.context() as env, log_path.open("wb") as log:
+        for key, value in FAKE_AWS.items():
+            env.setenv(key, value)
+        for key in UNSET_AWS:
+            env.delenv(key, raising=False)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+        )
+        try:
+            wait_until(
+                lambda: http_answers(endpoint),
+                timeout=30,
+                what=f"moto S3 server at {endpoint}",
+                process=process,
+                log=log_path,
+            )
+            yield endpoint
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture
-def s3_bucket(s3_server: str) -> str:
-    """A new, empty bucket on the S3 test server."""
+def s3_bucket(s3_server: str) -> Iterator[str]:
+    """A new, empty, uniquely named bucket on the S3 test server."""
     import boto3
 
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return name
+    yield name
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

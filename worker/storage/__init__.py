@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
+import re
+from urllib.parse import unquote, urlparse
 
 from producer.errors import StorageError
 from worker.storage.base import Storage
@@ -11,22 +12,31 @@ from worker.storage.s3 import S3Storage
 
 __all__ = ["LocalStorage", "S3Storage", "Storage", "open_storage"]
 
+_BUCKET = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # botocore's own check; S3 itself is stricter
 _FORMS = "use file:///absolute/dir, a plain directory path, or s3://bucket[/prefix]"
 
 
 def open_storage(url: str, *, s3_endpoint_url: str | None = None) -> Storage:
-    """Open `file://...`, a plain path, or `s3://bucket/prefix`."""
+    """Open `file:///dir`, a plain path, or `s3://bucket[/prefix]` (at `s3_endpoint_url`, or AWS when None)."""
     if not url:
         raise StorageError(f"storage URL is empty; {_FORMS}")
     parsed = urlparse(url)
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):
+        return LocalStorage(url)
+    if "@" in parsed.netloc:  # never echo a URL that may hold a secret
+        raise StorageError(f"storage URL must not contain credentials (give them the standard AWS way); {_FORMS}")
+    if parsed.query or parsed.fragment:
+        raise StorageError(f"storage URL {url!r} has a query or fragment; {_FORMS}")
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"storage URL {url!r} names no bucket; {_FORMS}")
+        if not _BUCKET.fullmatch(parsed.netloc):
+            raise StorageError(f"storage URL {url!r} names an invalid bucket {parsed.netloc!r}; {_FORMS}")
         return S3Storage(parsed.netloc, parsed.path, endpoint_url=s3_endpoint_url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost", "."):
             raise StorageError(f"storage URL {url!r} names a host; {_FORMS}")
-        return LocalStorage(("." if parsed.netloc == "." else "") + parsed.path)
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):
-        return LocalStorage(url)
+        if not parsed.path:
+            raise StorageError(f"storage URL {url!r} names no directory; {_FORMS}")
+        return LocalStorage(("." if parsed.netloc == "." else "") + unquote(parsed.path))
     raise StorageError(f"storage URL {url!r} has an unknown scheme {parsed.scheme!r}; {_FORMS}")

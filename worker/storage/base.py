@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import unicodedata
 from abc import ABC, abstractmethod
 
 from producer.errors import StorageError
 
 
 def check_name(name: str) -> str:
-    """Reject names that could escape the base: absolute, `..`, backslashes, control characters."""
+    """Return `name` if it is a safe relative object name; raise StorageError naming the problem otherwise."""
     if not name:
-        raise StorageError("object name is empty")
+        raise StorageError("object name is empty; give a relative name such as 'task-id/image-0.png'")
     if name.startswith("/") or "\\" in name:
         raise StorageError(f"object name {name!r} must be relative and use '/' separators")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if any(unicodedata.category(c) == "Cc" for c in name):
         raise StorageError(f"object name {name!r} contains a control character")
     if any(part in ("", ".", "..") for part in name.split("/")):
         raise StorageError(f"object name {name!r} has an empty, '.' or '..' segment")
@@ -24,6 +25,7 @@ class Storage(ABC):
     """Objects under one base URL (`file:///dir` or `s3://bucket/prefix`). Safe to use from several threads."""
 
     base_url: str
+    """The URL objects are stored under, without a trailing slash."""
 
     def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
         """Store `data` as `name`, replacing any object of that name; return its URL."""
@@ -35,6 +37,7 @@ class Storage(ABC):
         return self._get(check_name(name))
 
     def url(self, name: str) -> str:
+        """`base_url + "/" + name`."""
         return f"{self.base_url}/{check_name(name)}"
 
     @abstractmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 from producer.errors import StorageError
@@ -11,7 +11,7 @@ from worker.storage.base import Storage
 
 
 class LocalStorage(Storage):
-    """Objects are files under `root`; each write is atomic (temp file, fsync, rename)."""
+    """Objects are files under `root`; each write is atomic (temp file, fsync, rename). Metadata is ignored."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -22,9 +22,11 @@ class LocalStorage(Storage):
 
     def _put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         path = self._path(name)
+        # A unique hidden name in the same directory, created with os.open so the umask applies (mkstemp's is 0600).
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(data)
@@ -32,15 +34,16 @@ class LocalStorage(Storage):
                     os.fsync(handle.fileno())
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                tmp.unlink(missing_ok=True)
                 raise
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
     def _get(self, name: str) -> bytes | None:
+        path = self._path(name)
         try:
-            return self._path(name).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StorageError(f"cannot read {self._path(name)}: {exc.strerror or exc}") from exc
+            raise StorageError(f"cannot read {path}: {exc.strerror or exc}") from exc

@@ -1,17 +1,21 @@
-"""Any S3 API (AWS, MinIO, R2, moto) through boto3; credentials come the standard boto3 way."""
+"""Any S3 API (AWS, MinIO, R2, moto) through boto3; credentials come the standard boto3 way (env, profile, role)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from producer.errors import StorageError
 from worker.storage.base import Storage
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 
 
 class S3Storage(Storage):
-    """Objects under `s3://bucket/prefix`. boto3 clients are thread-safe; one per instance."""
+    """Objects under `s3://bucket/prefix`. boto3 is imported here, not at module import; one thread-safe client."""
 
     def __init__(
         self,
@@ -25,17 +29,21 @@ class S3Storage(Storage):
     ) -> None:
         import boto3
         from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.endpoint_url = endpoint_url
         self.base_url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         config = Config(
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
-        self.client: Any = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # Its own session: boto3's default one is shared, not thread-safe, and caches the credentials it first found.
+        session = boto3.session.Session()
+        self.client: S3Client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self.endpoint_url: str = self.client.meta.endpoint_url
+        self._errors = (BotoCoreError, ClientError)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -45,29 +53,33 @@ class S3Storage(Storage):
             self.client.put_object(
                 Bucket=self.bucket, Key=self._key(name), Body=data, ContentType=content_type, Metadata=metadata
             )
-        except Exception as exc:
+        except self._errors as exc:
             raise self._error("write", name, exc) from exc
 
     def _get(self, name: str) -> bytes | None:
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
-            body: bytes = response["Body"].read()
-            return body
-        except Exception as exc:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+        except self._errors as exc:
             if _error_code(exc) in _MISSING:
                 return None
             raise self._error("read", name, exc) from exc
 
     def _error(self, verb: str, name: str, exc: Exception) -> StorageError:
-        where = f"s3://{self.bucket}/{self._key(name)}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+
+        where = f"cannot {verb} s3://{self.bucket}/{self._key(name)} at {self.endpoint_url}"
         code = _error_code(exc)
         if code == "NoSuchBucket":
-            return StorageError(
-                f"cannot {verb} {where}: bucket {self.bucket!r} does not exist; create it or fix RENDER_STORAGE_URL"
-            )
-        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return StorageError(f"cannot {verb} {where}: access denied ({code}); check the AWS credentials")
-        return StorageError(f"cannot {verb} {where}: {type(exc).__name__}: {exc}")
+            problem = f"bucket {self.bucket!r} does not exist; create it or fix RENDER_STORAGE_URL"
+        elif code in _DENIED:
+            problem = f"access denied ({code}); check the AWS credentials and the bucket's policy"
+        elif isinstance(exc, NoCredentialsError):
+            problem = "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        elif isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+            problem = "the S3 endpoint cannot be reached; start the server or fix RENDER_S3_ENDPOINT_URL"
+        else:
+            problem = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return StorageError(f"{where}: {problem}")
 
 
 def _error_code(exc: Exception) -> str | None:
