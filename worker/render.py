@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from producer.errors import JobRevoked, RenderFailed, UnsupportedSpecError
 from producer.keys import image_object, manifest_object
@@ -38,8 +39,14 @@ def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
 
 
 def read_manifest(storage: Storage, task_id: str) -> Manifest | None:
+    """The task's stored manifest; None when there is none or it cannot be read as one (it is then rewritten)."""
     data = storage.get(manifest_object(task_id))
-    return None if data is None else Manifest.model_validate_json(data)
+    if data is None:
+        return None
+    try:
+        return Manifest.model_validate_json(data)
+    except ValidationError:
+        return None
 
 
 def render(

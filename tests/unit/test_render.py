@@ -12,7 +12,7 @@ import pytest
 from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
-from producer import JobRevoked, ModelError, RenderSpec, UnsupportedSpecError
+from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, UnsupportedSpecError
 from worker.callbacks import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.render import render
@@ -285,6 +285,31 @@ def test_a_succeeded_task_is_not_rendered_again(registry: ModelRegistry, storage
     unet = spy("tiny-sd15")
     again = render(make_spec(), registry=registry, storage=storage, task_id="once")
     assert again == first and unet.batches == []
+
+
+class Explodes:
+    def on_step(self, info: StepInfo) -> None:
+        if info.steps_completed == 4:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_failure_mid_loop_writes_a_failed_manifest_and_raises(registry: ModelRegistry, storage: LocalStorage) -> None:
+    spec = make_spec(callbacks=[{"type": "frames", "every": 1}])
+    with pytest.raises(RenderFailed, match="task broken failed while rendering: RuntimeError: CUDA error") as caught:
+        render(spec, registry=registry, storage=storage, task_id="broken", hooks=[Explodes()])
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    stored_manifest = json.loads(stored(storage, storage.url("broken/manifest.json")))
+    assert (stored_manifest["status"], stored_manifest["steps_completed"]) == ("failed", 4)
+    assert stored_manifest["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert stored_manifest["images"] == []
+    # a failed task is not "done": the next attempt renders it and overwrites the manifest
+    again = render(spec, registry=registry, storage=storage, task_id="broken", attempt=2)
+    assert (again.status, again.attempt) == ("succeeded", 2)
+
+
+def test_an_unreadable_manifest_is_rendered_again(registry: ModelRegistry, storage: LocalStorage) -> None:
+    storage.put("torn/manifest.json", b'{"task_id": "torn", "sta', "application/json")
+    assert render(make_spec(), registry=registry, storage=storage, task_id="torn").status == "succeeded"
 
 
 def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: LocalStorage) -> None:
