@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from producer.errors import JobRevoked, RenderFailed, UnsupportedSpecError
+from producer.errors import JobRevoked, RenderFailed, StorageError, UnsupportedSpecError
 from producer.keys import image_object, manifest_object
 from producer.manifest import Manifest, RenderStatus, Timings
 from producer.spec import MAX_SEED, IpAdapterScaleCutoff, RenderSpec
@@ -89,15 +90,23 @@ def render(
         raise RenderFailed(f"task {task_id} failed while rendering: {type(exc).__name__}: {exc}") from exc
 
     upload_started = time.perf_counter()
-    urls = [
-        storage.put(
-            image_object(task_id, i),
-            png_bytes(image, spec, task_id=task_id, seed=job.image_seed(i), index=i),
-            "image/png",
-        )
-        for i, image in enumerate(images)
-    ]
-    frames = stack.frames.finish() if stack.frames else []
+    try:
+        urls = [
+            storage.put(
+                image_object(task_id, i),
+                png_bytes(image, spec, task_id=task_id, seed=job.image_seed(i), index=i),
+                "image/png",
+            )
+            for i, image in enumerate(images)
+        ]
+        frames = stack.frames.finish() if stack.frames else []
+    except StorageError as exc:
+        # Nothing may say `succeeded` unless every object is stored; record the failure if storage still takes it.
+        if stack.frames:
+            stack.frames.abandon()
+        with contextlib.suppress(StorageError):
+            job.finish(storage, "failed", error=f"StorageError: {exc}")
+        raise
     job.timings.upload = time.perf_counter() - upload_started
     job.interrupted_by = stack.budget.interrupted_by if stack.budget else None
     return job.finish(storage, "interrupted" if job.interrupted_by else "succeeded", images=urls, frames=frames)

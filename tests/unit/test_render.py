@@ -12,7 +12,7 @@ import pytest
 from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
-from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, UnsupportedSpecError
+from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, StorageError, UnsupportedSpecError
 from worker.callbacks import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.render import render
@@ -335,3 +335,21 @@ def test_worker_refuses_what_it_cannot_run_before_any_work(
     with pytest.raises(error, match=text):
         render(make_spec(**overrides), registry=registry, storage=storage, task_id="refused")
     assert storage.get("refused/manifest.json") is None
+
+
+class FailingFrames(LocalStorage):
+    """A real directory whose frame writes fail, as a full disk or a dead S3 endpoint would."""
+
+    def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
+        if "/frames/" in name:
+            raise StorageError(f"cannot write {name}: No space left on device")
+        return super().put(name, data, content_type, metadata)
+
+
+def test_a_storage_failure_never_leaves_a_succeeded_manifest(registry: ModelRegistry, tmp_path: Path) -> None:
+    storage = FailingFrames(tmp_path)
+    spec = make_spec(callbacks=[{"type": "frames", "every": 5}])
+    with pytest.raises(StorageError, match="No space left on device"):
+        render(spec, registry=registry, storage=storage, task_id="disk-full")
+    manifest = json.loads((tmp_path / "disk-full" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
