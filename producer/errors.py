@@ -66,8 +66,12 @@ class JobStopped(RenderError):
 class JobRevoked(JobStopped):
     """Raised when the job's revocation key is set."""
 
-    def __init__(self, steps_completed: int) -> None:
+    def __init__(
+        self, steps_completed: int, *, revoked_at: float | None = None, steps_after_revoke: int | None = None
+    ) -> None:
         super().__init__("revoked", steps_completed)
+        self.revoked_at = revoked_at  # epoch seconds the revoke was written, when known
+        self.steps_after_revoke = steps_after_revoke
 
 
 class RenderFailed(RenderError):

@@ -20,6 +20,7 @@ class Timings(BaseModel):
     denoise: float | None = None
     decode: float | None = None
     upload: float | None = None
+    revoke_to_stop: float | None = None
 
 
 class Manifest(BaseModel):
@@ -41,5 +42,6 @@ class Manifest(BaseModel):
     attempt: int = 1
     versions: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
+    steps_after_revoke: int | None = None
     started_at: str
     finished_at: str

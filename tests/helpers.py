@@ -1,43 +1,14 @@
-"""Helpers shared by the test tiers: free ports and waiting for a server to answer."""
+"""Helpers shared by the test tiers. Ports and waiting come from `worker.local_cluster`, which the demo uses too."""
 
 from __future__ import annotations
 
 import http.client
 import socket
-import subprocess
-import time
-from collections.abc import Callable
-from pathlib import Path
 from urllib.parse import urlsplit
 
+from worker.local_cluster import free_port, wait_until
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(
-    ready: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    process: subprocess.Popen[bytes] | None = None,
-    log: Path | None = None,
-) -> None:
-    """Poll `ready` until it is true; fail naming `what`, the process's exit status and the end of its log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready{_tail(log)}")
-        try:
-            if ready():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} was not ready within {timeout:.0f} s{_tail(log)}")
+__all__ = ["free_port", "http_answers", "port_open", "wait_until"]
 
 
 def port_open(port: int) -> bool:
@@ -56,10 +27,3 @@ def http_answers(url: str) -> bool:
         return connection.getresponse().status > 0
     finally:
         connection.close()
-
-
-def _tail(log: Path | None, lines: int = 20) -> str:
-    if log is None or not log.exists():
-        return ""
-    text = log.read_text(errors="replace").strip().splitlines()[-lines:]
-    return f"; last lines of {log}:\n" + "\n".join(text) if text else f"; {log} is empty"

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import kombu.exceptions
+import redis
 import typer
 
 from producer.errors import RenderError, RenderFailed, SpecError
@@ -32,13 +35,16 @@ class ProgressBar:
         self.enabled = bool(getattr(stream, "isatty", lambda: False)())
 
     def on_step(self, info: Any) -> None:
+        rate = info.steps_completed / info.elapsed if info.elapsed > 0 else 0.0
+        self.draw(info.steps_completed, info.steps_planned, f"  {rate:5.1f} it/s")
+
+    def draw(self, step: int, total: int, suffix: str = "") -> None:
         if not self.enabled:
             return
-        filled = round(self.width * info.steps_completed / max(info.steps_planned, 1))
+        filled = round(self.width * step / max(total, 1))
         bar = "#" * filled + "." * (self.width - filled)
-        rate = info.steps_completed / info.elapsed if info.elapsed > 0 else 0.0
-        self.stream.write(f"\r[{bar}] {info.steps_completed}/{info.steps_planned} steps  {rate:5.1f} it/s")
-        if info.steps_completed >= info.steps_planned:
+        self.stream.write(f"\r[{bar}] {step}/{total} steps{suffix}")
+        if step >= total:
             self.stream.write("\n")
         self.stream.flush()
 
@@ -83,6 +89,100 @@ def local(
 
 
 @app.command()
+def worker(
+    hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Celery node name, e.g. gpu0@%h.")] = None,
+    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    """Run a GPU worker: prefork with one process, acks late, events on (settings from RENDER_*)."""
+    _quiet_libraries()
+    from worker.celery_app import create_app, worker_argv
+    from worker.settings import load_settings
+
+    settings = load_settings()
+    create_app(settings).worker_main(worker_argv(settings, hostname=hostname, loglevel=loglevel))
+
+
+def _client() -> Any:
+    from producer.client import RenderClient
+    from producer.settings import ClientSettings, load
+
+    return RenderClient(load(ClientSettings))
+
+
+@app.command()
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.json", help="A render spec (see `render schema`).")],
+    task_id: Annotated[str | None, typer.Option(help="Task id (default: a new one).")] = None,
+    queue: Annotated[str | None, typer.Option(help="Queue (default RENDER_QUEUE).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job and print its manifest.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
+) -> None:
+    """Validate SPEC.json and enqueue it; print the task id (or, with --wait, the manifest)."""
+    spec = read_spec(spec_path)
+    client = _client()
+    handle = client.submit(spec, task_id=task_id, queue=queue)
+    if not wait:
+        typer.echo(handle.task_id)
+        return
+    typer.echo(f"submitted {handle.task_id}", err=True)
+    bar = ProgressBar()
+    final = None
+    for final in client.follow(handle.task_id, timeout=timeout):
+        if final.step is not None and final.total and not final.done:
+            bar.draw(final.step, final.total)
+    assert final is not None
+    if final.manifest is not None:
+        typer.echo(final.manifest.model_dump_json(indent=2))
+    if final.state in ("failed", "revoked"):
+        typer.echo(f"task {handle.task_id} {final.state}" + (f": {final.error}" if final.error else ""), err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    task_id: Annotated[str, typer.Argument(help="The task id `render submit` printed.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Print where a job stands: queued, started, progress, or its final state."""
+    current = _client().status(task_id)
+    if as_json:
+        typer.echo(json.dumps(status_dict(current), indent=2))
+        return
+    line = f"{task_id}: {current.state}"
+    if current.step is not None and current.total:
+        line += f" {current.step}/{current.total} steps"
+    if current.manifest is not None and current.manifest.images:
+        line += f", images: {' '.join(current.manifest.images)}"
+    if current.error:
+        line += f", error: {current.error}"
+    typer.echo(line)
+
+
+def status_dict(current: Any) -> dict[str, Any]:
+    return {
+        "task_id": current.task_id,
+        "state": current.state,
+        "step": current.step,
+        "total": current.total,
+        "error": current.error,
+        "manifest": current.manifest.model_dump(mode="json") if current.manifest else None,
+    }
+
+
+@app.command()
+def revoke(task_id: Annotated[str, typer.Argument(help="The task to stop.")]) -> None:
+    """Stop a job: a queued one never starts, a running one stops at its next step without decoding."""
+    outcome = _client().revoke(task_id)
+    typer.echo(
+        {
+            "revoked": f"revoked {task_id}: it stops at its next step, or never starts if still queued",
+            "already-finished": f"{task_id} has already finished; nothing to revoke",
+            "unknown": f"no task {task_id} is known; nothing to revoke",
+        }[outcome]
+    )
+
+
+@app.command()
 def schema() -> None:
     """Print the render spec's JSON Schema."""
     typer.echo(json_schema())
@@ -99,6 +199,9 @@ def main() -> None:
     """Console entry point: usage errors are Typer's (exit 2); everything else is one line on stderr."""
     try:
         app()
+    except (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError) as exc:
+        typer.echo(f"error: cannot reach Redis: {exc}; start it or set RENDER_REDIS_URL", err=True)
+        sys.exit(EXIT_USER_ERROR)
     except RenderError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1 if isinstance(exc, RenderFailed) else EXIT_USER_ERROR)

@@ -60,6 +60,7 @@ def render(
     attempt: int = 1,
     queue_wait: float | None = None,
     frame_threads: int = 2,
+    worker: str | None = None,
 ) -> Manifest:
     """Render `spec`, store images, frames and the manifest (last), and return the manifest.
 
@@ -72,7 +73,7 @@ def render(
     if (done := read_manifest(storage, task_id)) is not None and done.status == "succeeded":
         return done
     check_supported(spec, registry)
-    job = _Job(spec, task_id, attempt, queue_wait)
+    job = _Job(spec, task_id, attempt, queue_wait, worker)
 
     started = time.perf_counter()
     pipe = registry.pipeline(spec.model)
@@ -81,7 +82,10 @@ def render(
     stack = build_callbacks(spec, family, task_id=task_id, storage=storage, hooks=hooks, frame_threads=frame_threads)
     try:
         images = _run(pipe, spec, job, stack)
-    except JobRevoked:
+    except JobRevoked as revoked:
+        if revoked.revoked_at is not None:
+            job.timings.revoke_to_stop = max(0.0, time.time() - revoked.revoked_at)
+        job.steps_after_revoke = revoked.steps_after_revoke
         return job.finish(storage, "revoked", frames=stack.frames.finish() if stack.frames else [])
     except Exception as exc:
         if stack.frames:
@@ -110,6 +114,18 @@ def render(
     job.timings.upload = time.perf_counter() - upload_started
     job.interrupted_by = stack.budget.interrupted_by if stack.budget else None
     return job.finish(storage, "interrupted" if job.interrupted_by else "succeeded", images=urls, frames=frames)
+
+
+def revoked_before_start(
+    spec: RenderSpec,
+    task_id: str,
+    storage: Storage,
+    attempt: int = 1,
+    queue_wait: float | None = None,
+    worker: str | None = None,
+) -> Manifest:
+    """Record a job revoked before it started: no model loaded, no step run."""
+    return _Job(spec, task_id, attempt, queue_wait, worker).finish(storage, "revoked")
 
 
 def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack) -> list[Any]:
@@ -143,8 +159,11 @@ def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack) -> list[A
 class _Job:
     """The bookkeeping of one render, turned into the manifest at the end."""
 
-    def __init__(self, spec: RenderSpec, task_id: str, attempt: int, queue_wait: float | None) -> None:
+    def __init__(
+        self, spec: RenderSpec, task_id: str, attempt: int, queue_wait: float | None, worker: str | None = None
+    ) -> None:
         self.spec = spec
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
         self.task_id = task_id
         self.attempt = attempt
         self.seed = spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED)
@@ -152,6 +171,7 @@ class _Job:
         self.steps_planned = spec.num_inference_steps
         self.steps_completed = 0
         self.interrupted_by: Any = None
+        self.steps_after_revoke: int | None = None
         self.started_at = _now()
 
     def image_seed(self, index: int) -> int:
@@ -177,10 +197,11 @@ class _Job:
             spec=self.spec.model_dump(mode="json"),
             seed=self.seed,
             timings=self.timings,
-            worker=f"{socket.gethostname()}:{os.getpid()}",
+            worker=self.worker,
             attempt=self.attempt,
             versions=_versions(),
             error=error,
+            steps_after_revoke=self.steps_after_revoke,
             started_at=self.started_at,
             finished_at=_now(),
         )

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from pydantic_settings.exceptions import SettingsError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from producer.errors import ConfigError
+from producer.settings import ClientSettings, load
 
 Family = Literal["sd15", "sdxl"]
 TINY = "tiny"
@@ -31,8 +29,8 @@ def default_models() -> dict[str, ModelSource]:
     }
 
 
-class WorkerSettings(BaseSettings):
-    """Everything a worker process reads from its environment (prefix `RENDER_`)."""
+class WorkerSettings(ClientSettings):
+    """Everything a worker process reads from its environment (prefix `RENDER_`), the client's settings included."""
 
     model_config = SettingsConfigDict(env_prefix="RENDER_", extra="ignore")
 
@@ -47,19 +45,26 @@ class WorkerSettings(BaseSettings):
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
     frame_upload_threads: int = Field(default=2, ge=1, le=16)
 
+    task_time_limit: int = Field(default=3600, ge=10, description="hard limit per job, seconds; the process is killed")
+    visibility_timeout: int = Field(
+        default=4 * 3600, ge=20, description="seconds before Redis redelivers an unacknowledged job; > task_time_limit"
+    )
+    lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
+    recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
+    progress_interval: float = Field(default=0.5, ge=0.0, description="minimum seconds between progress reports")
+
+    @model_validator(mode="after")
+    def _redelivery_after_the_time_limit(self) -> WorkerSettings:
+        # With acks_late, Redis hands an unacknowledged job to another worker after the visibility timeout:
+        # a job still legitimately running then would be rendered twice.
+        if self.visibility_timeout <= self.task_time_limit + 60:
+            raise ValueError(
+                f"RENDER_VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must exceed RENDER_TASK_TIME_LIMIT "
+                f"({self.task_time_limit} s) by more than 60 s, or a long job is delivered twice"
+            )
+        return self
+
 
 def load_settings() -> WorkerSettings:
-    """Read the settings, turning any bad `RENDER_*` value into one `ConfigError` sentence."""
-    try:
-        return WorkerSettings()
-    except SettingsError as exc:
-        match = re.search(r'field "(\w+)"', str(exc))
-        name = f"RENDER_{match.group(1).upper()}" if match else "a RENDER_* variable"
-        raise ConfigError(f"{name} is not valid JSON; see the configuration table in the README") from None
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            field, *rest = (str(part) for part in err["loc"])
-            where = f"RENDER_{field.upper()}" + (f" ({'.'.join(rest)})" if rest else "")
-            problems.append(f"{where}: {err['msg']}; got {err.get('input')!r}")
-        raise ConfigError("invalid setting: " + "; ".join(problems)) from None
+    """Read the worker's settings; any bad `RENDER_*` value is one `ConfigError` sentence."""
+    return load(WorkerSettings)

@@ -1,0 +1,46 @@
+"""Client settings (`RENDER_*`), read by the entrypoint that creates a `RenderClient`."""
+
+from __future__ import annotations
+
+import re
+from typing import TypeVar
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
+
+from producer.errors import ConfigError
+from producer.keys import DEFAULT_QUEUE
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class ClientSettings(BaseSettings):
+    """What an application needs to submit, follow and revoke jobs."""
+
+    model_config = SettingsConfigDict(env_prefix="RENDER_", extra="ignore")
+
+    redis_url: str = Field(default="redis://localhost:6379/0", description="broker, result backend and keys")
+    queue: str = Field(default=DEFAULT_QUEUE, min_length=1)
+    revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives")
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live")
+
+
+def load(cls: type[S]) -> S:
+    """Read settings of class `cls` from the environment; any bad `RENDER_*` value is one `ConfigError` sentence."""
+    try:
+        return cls()
+    except SettingsError as exc:
+        match = re.search(r'field "(\w+)"', str(exc))
+        name = f"RENDER_{match.group(1).upper()}" if match else "a RENDER_* variable"
+        raise ConfigError(f"{name} is not valid JSON; see the configuration table in the README") from None
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            if not err["loc"]:  # a check across settings: its message names them
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            field, *rest = (str(part) for part in err["loc"])
+            where = f"RENDER_{field.upper()}" + (f" ({'.'.join(rest)})" if rest else "")
+            problems.append(f"{where}: {err['msg']}; got {err.get('input')!r}")
+        raise ConfigError("invalid setting: " + "; ".join(problems)) from None

@@ -1,0 +1,118 @@
+"""The distributed path with real parts: redis-server, the S3 API server, `render worker` processes."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from producer import SpecError
+from producer.client import TaskStatus
+from producer.keys import TASK_RENDER, job_key
+from tests.integration.conftest import Farm
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    return {
+        "model": "tiny-sd15",
+        "prompt": "a lighthouse",
+        "num_inference_steps": 10,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        **overrides,
+    }
+
+
+LONG = spec(num_inference_steps=150, width=256, height=256)  # about 2 s on the CI machine's two cores
+
+
+def wait_for(farm: Farm, task_id: str, predicate: Any, timeout: float = 60) -> TaskStatus:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = farm.client.status(task_id)
+        if predicate(current):
+            return current
+        time.sleep(0.02)
+    raise AssertionError(f"{task_id} never reached the expected state; last: {current}")
+
+
+def test_a_batch_spreads_over_two_workers_and_every_job_succeeds(farm: Farm) -> None:
+    specs = [spec(num_inference_steps=40, width=128, height=128, seed=i, num_images=1 + i % 2) for i in range(8)]
+    handles = farm.client.submit_many(specs)
+    manifests = [h.wait(timeout=120) for h in handles]
+    assert [m.status for m in manifests] == ["succeeded"] * 8
+    assert len({m.worker for m in manifests}) == 2, "both worker processes took jobs"
+    for handle, manifest in zip(handles, manifests, strict=True):
+        expected = [f"image-{i}.png" for i in range(manifest.spec["num_images"])] + ["manifest.json"]
+        assert farm.objects(handle.task_id) == expected
+        assert manifest.images == [f"s3://{farm.bucket}/renders/{handle.task_id}/{n}" for n in expected[:-1]]
+        assert manifest.timings.queue_wait is not None and manifest.timings.queue_wait >= 0
+        assert farm.client.status(handle.task_id).state == "succeeded"
+
+
+def test_a_running_job_revoked_stops_within_one_step_without_decode_or_upload(farm: Farm) -> None:
+    handle = farm.client.submit(LONG | {"callbacks": [{"type": "frames", "every": 50}]})
+    wait_for(farm, handle.task_id, lambda s: s.state == "progress" and (s.step or 0) >= 3)
+    assert handle.revoke() == "revoked"
+    final = wait_for(farm, handle.task_id, lambda s: s.done)
+    assert final.state == "revoked" and final.manifest is not None
+    manifest = final.manifest
+    assert manifest.status == "revoked" and 3 <= manifest.steps_completed < 150
+    assert manifest.steps_after_revoke is not None and manifest.steps_after_revoke <= 1
+    assert manifest.timings.revoke_to_stop is not None and manifest.timings.decode is None
+    assert [name for name in farm.objects(handle.task_id) if name.startswith("image")] == []
+    assert "manifest.json" in farm.objects(handle.task_id)
+    assert handle.revoke() == "already-finished"
+
+
+def test_a_queued_job_revoked_never_starts(farm: Farm) -> None:
+    blockers = farm.client.submit_many([LONG, LONG])
+    for blocker in blockers:
+        wait_for(farm, blocker.task_id, lambda s: s.state in ("started", "progress"))
+    queued = farm.client.submit(spec())
+    assert queued.status().state == "queued"
+    assert queued.revoke() == "revoked"
+    for blocker in blockers:
+        blocker.revoke()
+    final = wait_for(farm, queued.task_id, lambda s: s.done)
+    assert final.state == "revoked"
+    assert final.step in (None, 0)
+    assert [name for name in farm.objects(queued.task_id) if name != "manifest.json"] == []
+
+
+def test_the_step_budget_keeps_the_partial_image(farm: Farm) -> None:
+    handle = farm.client.submit(spec(callbacks=[{"type": "step_budget", "max_steps": 3}]))
+    manifest = handle.wait(timeout=60)
+    assert (manifest.status, manifest.interrupted_by, manifest.steps_completed) == ("interrupted", "max_steps", 3)
+    assert farm.objects(handle.task_id) == ["image-0.png", "manifest.json"]
+    assert handle.status().state == "interrupted"
+
+
+def test_a_bad_spec_is_refused_by_the_producer_and_nothing_is_enqueued(farm: Farm) -> None:
+    with pytest.raises(SpecError, match=r"specs\[1\]: invalid render spec: width: must be a multiple of 8"):
+        farm.client.submit_many([spec(), spec(width=100)], task_ids=["good-one", "bad-one"])
+    assert not farm.redis.exists(job_key("good-one")) and not farm.redis.exists(job_key("bad-one"))
+    assert farm.client.status("good-one").state == "unknown"
+
+
+def test_malformed_messages_fail_cleanly_and_the_worker_keeps_serving(farm: Farm) -> None:
+    missing_prompt = farm.client.app.send_task(TASK_RENDER, args=[json.dumps({"model": "tiny-sd15"})])
+    not_a_spec = farm.client.app.send_task(TASK_RENDER, args=[12345])
+    pickled = farm.client.app.send_task(TASK_RENDER, args=["x"], serializer="pickle")
+    failed = wait_for(farm, missing_prompt.id, lambda s: s.done)
+    assert failed.state == "failed" and "prompt" in (failed.error or "")
+    assert wait_for(farm, not_a_spec.id, lambda s: s.done).state == "failed"
+    after = farm.client.submit(spec())
+    assert after.wait(timeout=60).status == "succeeded"
+    assert farm.client.status(pickled.id).state in ("unknown", "queued"), "a pickled message is never executed"
+    assert all(w.process is not None and w.process.poll() is None for w in farm.workers)
+
+
+def test_unknown_task_status_and_revoke_are_clear_no_ops(farm: Farm) -> None:
+    assert farm.client.status("no-such-task").state == "unknown"
+    assert farm.client.revoke("no-such-task") == "unknown"

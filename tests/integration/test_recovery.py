@@ -1,0 +1,40 @@
+"""A worker killed with SIGKILL mid-job: the job completes on the other worker, once, within a minute."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from producer.keys import RUNNING_TASKS
+from tests.integration.conftest import Farm
+from tests.integration.test_distributed import spec, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> None:  # type: ignore[no-untyped-def]
+    farm: Farm = farm_factory()
+    workers = {w.hostname: w for w in farm.start_workers("left", "right")}
+    handle = farm.client.submit(spec(num_inference_steps=150, width=320, height=320, num_images=2))
+    wait_for(farm, handle.task_id, lambda s: s.state == "progress" and (s.step or 0) >= 5)
+
+    record = json.loads(farm.redis.hget(RUNNING_TASKS, handle.task_id))
+    victim = next(w for name, w in workers.items() if record["worker"].startswith(name + ":"))
+    survivor = next(w for w in workers.values() if w is not victim)
+    victim.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    manifest = handle.wait(timeout=90)
+    recovered_in = time.monotonic() - killed_at
+    assert manifest.status == "succeeded"
+    assert manifest.attempt == 2 and manifest.worker.startswith(survivor.hostname + ":")
+    assert recovered_in < 60, f"the job took {recovered_in:.1f} s to complete after its worker died"
+    assert farm.objects(handle.task_id) == ["image-0.png", "image-1.png", "manifest.json"]
+    assert not farm.redis.hexists(RUNNING_TASKS, handle.task_id)
+
+    # A third delivery (the broker's own, after its visibility timeout) must not render again.
+    again = farm.client.app.send_task("render.run", args=[json.dumps(manifest.spec)], task_id=handle.task_id)
+    assert again.get(timeout=60)["finished_at"] == manifest.finished_at

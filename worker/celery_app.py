@@ -1,0 +1,81 @@
+"""The worker's Celery app: settings that matter on GPUs, the task, and the recovery scanner."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.signals import worker_ready, worker_shutting_down
+
+from producer.celery_config import base_config
+from producer.errors import ConfigError, ModelError, SpecError
+from producer.keys import TASK_RENDER
+from worker.recovery import RecoveryScanner
+from worker.settings import WorkerSettings
+from worker.tasks import run_render
+
+
+def create_app(settings: WorkerSettings) -> Celery:
+    """A Celery app for one GPU worker; `settings` were validated (visibility timeout > time limit)."""
+    app = Celery("render-worker", set_as_current=True)
+    conf = base_config(settings.redis_url, queue=settings.queue, result_ttl=settings.result_ttl)
+    conf["broker_transport_options"] = {
+        **conf["broker_transport_options"],
+        "visibility_timeout": settings.visibility_timeout,
+    }
+    conf.update(
+        # A job is acknowledged when it ends, and handed back if its process dies: never lost.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One job in hand per GPU process: no job waits behind a long one on a busy worker.
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="prefork",
+        task_time_limit=settings.task_time_limit,
+        # Flower sees every job, its start and its progress events.
+        worker_send_task_events=True,
+        task_track_started=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+    )
+    app.conf.update(conf)
+    app.render_settings = settings
+
+    # Spec, model and config errors are the caller's: logged as one line, no traceback.
+    @app.task(name=TASK_RENDER, bind=True, throws=(SpecError, ModelError, ConfigError))  # type: ignore[untyped-decorator]
+    def render_task(self: Task, spec_json: Any) -> dict[str, Any]:
+        return run_render(self, spec_json)
+
+    scanner = RecoveryScanner(
+        app,
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+        interval=settings.recovery_interval,
+        owner=socket.gethostname(),
+    )
+
+    def start_scanner(sender: Any = None, **_: Any) -> None:
+        scanner.owner = getattr(sender, "hostname", None) or scanner.owner
+        scanner.start()
+
+    worker_ready.connect(start_scanner, weak=False)
+    worker_shutting_down.connect(lambda **_: scanner.stop(), weak=False)
+    app.recovery_scanner = scanner
+    return app
+
+
+def worker_argv(settings: WorkerSettings, *, hostname: str | None, loglevel: str) -> list[str]:
+    """The `celery worker` flags a GPU worker runs with (prefork, one process, events on)."""
+    argv = [
+        "worker",
+        "--pool=prefork",
+        "--concurrency=1",
+        "--prefetch-multiplier=1",
+        "--events",
+        f"--queues={settings.queue}",
+        f"--loglevel={loglevel}",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    return argv

@@ -1,0 +1,150 @@
+"""Per-job control through Redis: the lease that keeps two workers off one job, and the step hook that
+checks revocation and reports progress.
+
+Redis trouble inside the step hook fails **open**: the render goes on, the check is retried at the
+next step, and a warning is logged once. A Redis blip must not throw away a GPU-hour of work; the
+price is that a revoke sent during an outage takes effect when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from producer.errors import JobRevoked
+from producer.keys import RUNNING_TASKS, lease_key, revoked_key
+from worker.callbacks.control import StepInfo
+
+log = logging.getLogger(__name__)
+
+# Take the lease and record the job as running in one step, so a scanner never sees one without the other.
+_ACQUIRE = (
+    "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    "redis.call('hset', KEYS[2], ARGV[3], ARGV[4]) return 1 end return 0"
+)
+# Renew only while we still hold it: a lease that expired and was taken by another worker stays theirs.
+_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('hdel', KEYS[2], ARGV[2]) "
+    "return redis.call('del', KEYS[1]) end return 0"
+)
+
+
+class Lease:
+    """`render:lease:<task_id>`, held by one worker while it renders, renewed by a thread every ttl/3.
+
+    A thread rather than the step callback renews it, because loading a model and decoding take
+    minutes on real checkpoints and have no step callbacks.
+    """
+
+    def __init__(self, client: redis.Redis, task_id: str, ttl: float, owner: str) -> None:
+        self.client = client
+        self.task_id = task_id
+        self.key = lease_key(task_id)
+        self.ttl_ms = int(ttl * 1000)
+        self.token = f"{owner}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self, record: dict[str, Any]) -> bool:
+        """Take the lease if nobody holds it and record the job in `render:running`; start renewing it."""
+        taken = self.client.eval(
+            _ACQUIRE, 2, self.key, RUNNING_TASKS, self.token, self.ttl_ms, self.task_id, json.dumps(record)
+        )
+        if not taken:
+            return False
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
+        self._thread.start()
+        return True
+
+    def holder(self) -> str | None:
+        value = self.client.get(self.key)
+        return value.decode() if isinstance(value, bytes) else None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            try:
+                if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
+                    log.error("lease %s was lost; another worker may take this job over", self.key)
+                    return
+            except redis.RedisError as exc:
+                log.warning("could not renew lease %s: %s", self.key, exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.client.eval(_RELEASE, 2, self.key, RUNNING_TASKS, self.token, self.task_id)
+        except redis.RedisError as exc:
+            log.warning("could not release lease %s (it expires by itself): %s", self.key, exc)
+
+
+class RedisJobControl:
+    """The worker's step hook: revocation check at every step, throttled progress reports."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        task_id: str,
+        report: Callable[[int, int], None] | None = None,
+        *,
+        progress_interval: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.key = revoked_key(task_id)
+        self.report = report
+        self.progress_interval = progress_interval
+        self.clock = clock
+        self._last_report = float("-inf")
+        self._step_ends: list[float] = []
+        self._warned = False
+        self.revoked_at: float | None = None
+
+    def is_revoked(self) -> bool:
+        value = self._read()
+        if value is None:
+            return False
+        try:
+            self.revoked_at = float(json.loads(value)["at"])
+        except (ValueError, KeyError, TypeError):
+            self.revoked_at = None
+        return True
+
+    def _read(self) -> Any:
+        try:
+            return self.client.get(self.key)
+        except redis.RedisError as exc:
+            if not self._warned:
+                log.warning("revocation check failed (rendering on; retried every step): %s", exc)
+                self._warned = True
+            return None
+
+    def on_step(self, info: StepInfo) -> None:
+        now = self.clock()
+        self._step_ends.append(now)
+        if self.is_revoked():
+            raise JobRevoked(
+                info.steps_completed, revoked_at=self.revoked_at, steps_after_revoke=self.steps_after_revoke()
+            )
+        last = info.steps_completed >= info.steps_planned
+        if self.report is not None and (last or now - self._last_report >= self.progress_interval):
+            self._last_report = now
+            try:
+                self.report(info.steps_completed, info.steps_planned)
+            except Exception as exc:  # progress is informative; it never stops a render
+                log.warning("progress report failed: %s", exc)
+
+    def steps_after_revoke(self) -> int | None:
+        """How many steps ended after the revoke was written (its latency in steps)."""
+        if self.revoked_at is None:
+            return None
+        return sum(1 for end in self._step_ends if end > self.revoked_at)

@@ -1,0 +1,183 @@
+"""A private Redis server and `render worker` processes on this machine: for the demo, benchmarks and tests.
+
+Everything binds to 127.0.0.1 on a free port and is torn down by its context manager.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from producer.errors import ConfigError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    process: subprocess.Popen[Any] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll `ready` until true; fail naming `what`, with the end of its log, if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode} before it was ready{_tail(log)}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} was not ready within {timeout:.0f} s{_tail(log)}")
+
+
+def _tail(log: Path | None, lines: int = 20) -> str:
+    if log is None or not log.exists():
+        return ""
+    text = log.read_text(errors="replace").strip().splitlines()[-lines:]
+    return f"; last lines of {log}:\n" + "\n".join(text) if text else f"; {log} is empty"
+
+
+class RedisServer:
+    """`redis-server` on a free loopback port, data in a temporary directory, no persistence by default."""
+
+    def __init__(self, *, port: int | None = None, workdir: Path | None = None, appendonly: bool = False) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ConfigError(
+                "redis-server is not installed; install it (apt-get install redis-server) or set "
+                "RENDER_REDIS_URL to a running Redis"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="render-redis-"))
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        log = self.workdir / "redis.log"
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.workdir),
+                "--appendonly",
+                "yes" if self.appendonly else "no",
+                "--logfile",
+                str(log),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.ping, timeout=20, what=f"redis-server on port {self.port}", process=self.process, log=log)
+        return self
+
+    def ping(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class WorkerProcess:
+    """One `render worker` (a Celery main process and its prefork child) in its own process group."""
+
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.hostname = f"{name}@{socket.gethostname()}"
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker", "--hostname", self.hostname, "--loglevel", "INFO"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, app: Any, timeout: float = 60) -> None:
+        """Wait until the worker answers a Celery ping (it is consuming)."""
+        wait_until(
+            lambda: bool(app.control.ping(destination=[self.hostname], timeout=0.5)),
+            timeout=timeout,
+            what=f"worker {self.hostname}",
+            process=self.process,
+            log=self.log_path,
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole group: the main process and the child rendering."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,138 @@
+"""The Celery task: thin. Validate, check revocation, take the lease, call `render()`, report, return."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Ignore
+
+from producer.errors import RenderFailed
+from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, manifest_key, revoked_key
+from producer.manifest import Manifest
+from producer.spec import RenderSpec
+from worker.jobcontrol import Lease, RedisJobControl
+from worker.models.registry import ModelRegistry
+from worker.render import read_manifest, render, revoked_before_start
+from worker.settings import WorkerSettings
+from worker.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProcessState:
+    """What one worker process keeps between jobs: the loaded models above all."""
+
+    pid: int
+    settings: WorkerSettings
+    registry: ModelRegistry
+    storage: Storage
+    redis: redis.Redis
+    owner: str
+
+
+def process_state(task: Task) -> ProcessState:
+    # Built lazily in the process that renders (a prefork child), never before the fork: CUDA and
+    # sockets do not survive fork.
+    state: ProcessState | None = getattr(task.app, "render_state", None)
+    if state is None or state.pid != os.getpid():
+        settings: WorkerSettings = task.app.render_settings
+        state = ProcessState(
+            pid=os.getpid(),
+            settings=settings,
+            registry=ModelRegistry.from_settings(settings),
+            storage=open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url),
+            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+            owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
+        )
+        task.app.render_state = state
+    return state
+
+
+def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
+    """Body of the `render.run` task. Returns the manifest as JSON; a revoked job ends in state REVOKED."""
+    spec = RenderSpec.parse(spec_json if isinstance(spec_json, str | bytes | dict) else repr(spec_json))
+    state = process_state(task)
+    task_id: str = task.request.id
+    attempt = int(task.request.get(ATTEMPT_HEADER) or 1)
+    submitted = task.request.get(SUBMITTED_AT_HEADER)
+    queue_wait = max(0.0, time.time() - float(submitted)) if submitted else None
+
+    if (done := read_manifest(state.storage, task_id)) is not None and done.status == "succeeded":
+        return done.model_dump(mode="json")  # a redelivery of a finished job
+    if state.redis.exists(revoked_key(task_id)):
+        _finish_revoked(
+            task, state, revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner)
+        )
+
+    lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner)
+    record = {
+        "spec": spec.model_dump_json(),
+        "queue": _queue(task),
+        "attempt": attempt,
+        "submitted_at": submitted,
+        "worker": state.owner,
+    }
+    if not lease.acquire(record):
+        log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
+        raise Ignore()
+    control = RedisJobControl(
+        state.redis,
+        task_id,
+        lambda step, total: _progress(task, step, total),
+        progress_interval=state.settings.progress_interval,
+    )
+    try:
+        manifest = render(
+            spec,
+            registry=state.registry,
+            storage=state.storage,
+            task_id=task_id,
+            hooks=[control],
+            attempt=attempt,
+            queue_wait=queue_wait,
+            frame_threads=state.settings.frame_upload_threads,
+            worker=state.owner,
+        )
+    except RenderFailed:
+        failed = read_manifest(state.storage, task_id)
+        if failed is not None:
+            _publish(state, failed)
+        raise
+    finally:
+        lease.release()
+    _publish(state, manifest)
+    if manifest.status == "revoked":
+        _finish_revoked(task, state, manifest)
+    return manifest.model_dump(mode="json")
+
+
+def _queue(task: Task) -> str | None:
+    info = task.request.delivery_info or {}
+    queue = info.get("routing_key") or task.app.conf.task_default_queue
+    return str(queue) if queue else None
+
+
+def _progress(task: Task, step: int, total: int) -> None:
+    task.update_state(state="PROGRESS", meta={"step": step, "total": total})
+    task.send_event("task-progress", step=step, total=total)
+
+
+def _publish(state: ProcessState, manifest: Manifest) -> None:
+    """Put the final manifest where clients without storage access can read it."""
+    state.redis.set(manifest_key(manifest.task_id), manifest.model_dump_json(), ex=state.settings.result_ttl)
+
+
+def _finish_revoked(task: Task, state: ProcessState, manifest: Manifest) -> None:
+    _publish(state, manifest)
+    reason = f"revoked after {manifest.steps_completed} of {manifest.steps_planned} steps"
+    task.backend.mark_as_revoked(task.request.id, reason, request=task.request)
+    task.send_event("task-revoked", terminated=False, signum=None, expired=False)
+    raise Ignore()  # the state is REVOKED; do not let Celery overwrite it with SUCCESS
