@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from producer.errors import JobRevoked
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
@@ -35,6 +37,13 @@ _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('hdel', KEYS[2], ARGV[2]) "
     "return redis.call('del', KEYS[1]) end return 0"
 )
+
+
+def control_client(url: str, timeout: float = 2.0) -> redis.Redis:
+    """A Redis client for per-step checks: short timeouts, no retries (redis-py's default retries for seconds)."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
 
 
 class Lease:
@@ -98,6 +107,7 @@ class RedisJobControl:
         *,
         progress_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
+        backoff: float = 1.0,
     ) -> None:
         self.client = client
         self.key = revoked_key(task_id)
@@ -107,6 +117,8 @@ class RedisJobControl:
         self._last_report = float("-inf")
         self._step_ends: list[float] = []
         self._warned = False
+        self.backoff = backoff
+        self._retry_at = float("-inf")
         self.revoked_at: float | None = None
 
     def is_revoked(self) -> bool:
@@ -120,11 +132,15 @@ class RedisJobControl:
         return True
 
     def _read(self) -> Any:
+        now = time.monotonic()
+        if now < self._retry_at:  # Redis just failed: do not make every step wait on it
+            return None
         try:
             return self.client.get(self.key)
         except redis.RedisError as exc:
+            self._retry_at = now + self.backoff
             if not self._warned:
-                log.warning("revocation check failed (rendering on; retried every step): %s", exc)
+                log.warning("revocation check failed (rendering on; retried every %.1f s): %s", self.backoff, exc)
                 self._warned = True
             return None
 

@@ -44,6 +44,9 @@ class WorkerSettings(ClientSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
     frame_upload_threads: int = Field(default=2, ge=1, le=16)
+    torch_threads: int | None = Field(
+        default=None, ge=1, le=256, description="torch CPU threads per worker; cores / workers on a shared host"
+    )
 
     task_time_limit: int = Field(default=3600, ge=10, description="hard limit per job, seconds; the process is killed")
     visibility_timeout: int = Field(

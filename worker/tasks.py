@@ -10,14 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import torch
 from celery import Task
 from celery.exceptions import Ignore
+from redis import Redis
 
 from producer.errors import RenderFailed
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
-from worker.jobcontrol import Lease, RedisJobControl
+from worker.jobcontrol import Lease, RedisJobControl, control_client
 from worker.models.registry import ModelRegistry
 from worker.render import read_manifest, render, revoked_before_start
 from worker.settings import WorkerSettings
@@ -34,7 +36,8 @@ class ProcessState:
     settings: WorkerSettings
     registry: ModelRegistry
     storage: Storage
-    redis: redis.Redis
+    redis: Redis  # task-level reads and writes: redis-py's retries are welcome here
+    control: Redis  # the per-step check: fast failure, never a stalled step
     owner: str
 
 
@@ -44,12 +47,15 @@ def process_state(task: Task) -> ProcessState:
     state: ProcessState | None = getattr(task.app, "render_state", None)
     if state is None or state.pid != os.getpid():
         settings: WorkerSettings = task.app.render_settings
+        if settings.torch_threads is not None:
+            torch.set_num_threads(settings.torch_threads)
         state = ProcessState(
             pid=os.getpid(),
             settings=settings,
             registry=ModelRegistry.from_settings(settings),
             storage=open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url),
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+            control=control_client(settings.redis_url),
             owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
         )
         task.app.render_state = state
@@ -84,7 +90,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
         raise Ignore()
     control = RedisJobControl(
-        state.redis,
+        state.control,
         task_id,
         lambda step, total: _progress(task, step, total),
         progress_interval=state.settings.progress_interval,

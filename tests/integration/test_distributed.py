@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Any
 
@@ -116,3 +117,28 @@ def test_malformed_messages_fail_cleanly_and_the_worker_keeps_serving(farm: Farm
 def test_unknown_task_status_and_revoke_are_clear_no_ops(farm: Farm) -> None:
     assert farm.client.status("no-such-task").state == "unknown"
     assert farm.client.revoke("no-such-task") == "unknown"
+
+
+def test_progress_reaches_the_event_stream_flower_reads(farm: Farm) -> None:
+    events: list[dict[str, Any]] = []
+    app = farm.client.app
+    with app.connection_for_read() as connection:
+        receiver = app.events.Receiver(connection, handlers={"*": events.append})
+        thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
+        thread.start()
+        time.sleep(0.5)  # the receiver's queue is bound
+        handle = farm.client.submit(spec(num_inference_steps=40, width=128, height=128))
+        handle.wait(timeout=60)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            e["type"] == "task-succeeded" and e.get("uuid") == handle.task_id for e in events
+        ):
+            time.sleep(0.05)
+        receiver.should_stop = True
+        thread.join(timeout=10)
+    mine = [e for e in events if e.get("uuid") == handle.task_id]
+    kinds = [e["type"] for e in mine]
+    assert {"task-sent", "task-received", "task-started", "task-progress", "task-succeeded"} <= set(kinds)
+    progress = [(e["step"], e["total"]) for e in mine if e["type"] == "task-progress"]
+    assert progress[-1] == (40, 40) and all(total == 40 for _, total in progress)
+    assert [s for s, _ in progress] == sorted(s for s, _ in progress)

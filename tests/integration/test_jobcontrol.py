@@ -1,0 +1,82 @@
+"""Leases, the revocation hook and the recovery scan against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producer.errors import JobRevoked
+from producer.keys import RUNNING_TASKS, lease_key, revoked_key
+from tests.helpers import free_port
+from worker.callbacks import StepInfo
+from worker.jobcontrol import Lease, RedisJobControl, control_client
+from worker.local_cluster import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/15")
+    connection.flushdb()
+    yield connection
+    connection.close()
+
+
+def step(n: int, total: int = 10) -> StepInfo:
+    return StepInfo("job", n, total, 0.1 * n)
+
+
+def test_a_lease_is_exclusive_renewed_and_released_only_by_its_holder(client: redis.Redis) -> None:
+    first = Lease(client, "job", ttl=0.9, owner="w1")
+    second = Lease(client, "job", ttl=0.9, owner="w2")
+    assert first.acquire({"spec": "{}", "worker": "w1"})
+    assert not second.acquire({"spec": "{}", "worker": "w2"})
+    assert json.loads(client.hget(RUNNING_TASKS, "job"))["worker"] == "w1"  # type: ignore[arg-type]
+    time.sleep(1.5)  # longer than the TTL: only renewal keeps it
+    assert first.holder() == first.token and not second.acquire({"spec": "{}"})
+    second.release()  # not the holder: changes nothing
+    assert first.holder() == first.token
+    first.release()
+    assert not client.exists(lease_key("job")) and not client.hexists(RUNNING_TASKS, "job")
+
+
+def test_an_unrenewed_lease_expires(client: redis.Redis) -> None:
+    client.set(lease_key("dead"), "w1:gone", px=300)
+    time.sleep(0.5)
+    assert Lease(client, "dead", ttl=5, owner="w2").acquire({"spec": "{}"})
+
+
+def test_revocation_is_seen_at_the_next_step_and_counts_the_steps_after(client: redis.Redis) -> None:
+    reports: list[tuple[int, int]] = []
+    control = RedisJobControl(client, "job", lambda s, t: reports.append((s, t)), progress_interval=0)
+    control.on_step(step(1))
+    control.on_step(step(2))
+    client.set(revoked_key("job"), json.dumps({"at": time.time()}))
+    with pytest.raises(JobRevoked) as caught:
+        control.on_step(step(3))
+    assert caught.value.steps_completed == 3 and caught.value.steps_after_revoke == 1
+    assert caught.value.revoked_at is not None
+    assert reports == [(1, 10), (2, 10)]
+
+
+def test_progress_is_throttled_but_the_last_step_always_reported(client: redis.Redis) -> None:
+    reports: list[int] = []
+    control = RedisJobControl(client, "job", lambda s, t: reports.append(s), progress_interval=60)
+    for n in range(1, 11):
+        control.on_step(step(n))
+    assert reports == [1, 10]
+
+
+def test_redis_down_fails_open_and_does_not_slow_the_steps(caplog: pytest.LogCaptureFixture) -> None:
+    dead = control_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    control = RedisJobControl(dead, "job", None, backoff=60)
+    started = time.monotonic()
+    for n in range(1, 50):
+        control.on_step(step(n, 50))  # keeps rendering
+    assert time.monotonic() - started < 1.0, "one failed check, then none until the backoff ends"
+    assert sum("revocation check failed" in r.message for r in caplog.records) == 1
