@@ -44,7 +44,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     app.render_settings = settings
 
     # Spec, model and config errors are the caller's: logged as one line, no traceback.
-    @app.task(name=TASK_RENDER, bind=True, throws=(SpecError, ModelError, ConfigError))  # type: ignore[untyped-decorator]
+    @app.task(name=TASK_RENDER, bind=True, shared=False, throws=(SpecError, ModelError, ConfigError))  # type: ignore[untyped-decorator]
     def render_task(self: Task, spec_json: Any) -> dict[str, Any]:
         return run_render(self, spec_json)
 

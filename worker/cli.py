@@ -12,7 +12,7 @@ import kombu.exceptions
 import redis
 import typer
 
-from producer.errors import RenderError, RenderFailed, SpecError
+from producer.errors import RenderError, RenderFailed, SpecError, StorageError
 from producer.spec import RenderSpec, json_schema
 
 app = typer.Typer(
@@ -180,6 +180,40 @@ def revoke(task_id: Annotated[str, typer.Argument(help="The task to stop.")]) ->
             "unknown": f"no task {task_id} is known; nothing to revoke",
         }[outcome]
     )
+
+
+@app.command()
+def fetch(
+    task_id: Annotated[str, typer.Argument(help="A finished task.")],
+    out: Annotated[Path, typer.Option(help="Directory to copy the manifest, images and frames into.")] = Path("."),
+    storage: Annotated[
+        str | None, typer.Option(help="Storage URL the workers write to (default RENDER_STORAGE_URL).")
+    ] = None,
+) -> None:
+    """Copy a finished job's manifest, images and frames from storage into OUT/TASK_ID/."""
+    current = _client().status(task_id)
+    if current.manifest is None:
+        raise RenderError(f"task {task_id} is {current.state}; only a finished job with a manifest can be fetched")
+    from worker.settings import load_settings
+    from worker.storage import open_storage
+
+    settings = load_settings()
+    source = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    target = out / task_id
+    for url in [*current.manifest.images, *current.manifest.frames]:
+        if not url.startswith(source.base_url + "/"):
+            raise StorageError(f"{url} is not under {source.base_url}; pass --storage with the workers' storage URL")
+        name = url.removeprefix(source.base_url + "/")
+        data = source.get(name)
+        if data is None:
+            raise StorageError(f"{url} is listed in the manifest but missing from storage")
+        path = target.joinpath(*name.split("/")[1:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        typer.echo(str(path))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "manifest.json").write_text(current.manifest.model_dump_json(indent=2))
+    typer.echo(str(target / "manifest.json"))
 
 
 @app.command()

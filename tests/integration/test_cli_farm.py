@@ -1,0 +1,79 @@
+"""The CLI against a real farm: submit, follow, status, revoke, fetch, as the README shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import Farm
+from tests.integration.test_distributed import LONG, spec, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+ROOT = Path(__file__).parents[2]
+
+
+def cli(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "RENDER_REDIS_URL": farm.redis_url,
+        "RENDER_STORAGE_URL": f"s3://{farm.bucket}/renders",
+        "RENDER_S3_ENDPOINT_URL": farm.s3_endpoint,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+
+
+def test_submit_wait_status_fetch(farm: Farm, tmp_path: Path) -> None:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec(num_images=2, callbacks=[{"type": "frames", "every": 5}])))
+    done = cli(farm, "submit", str(path), "--wait", "--task-id", "cli-wait")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "succeeded"
+
+    status = cli(farm, "status", "cli-wait")
+    assert status.stdout.startswith("cli-wait: succeeded 10/10 steps, images: s3://")
+    as_json = json.loads(cli(farm, "status", "cli-wait", "--json").stdout)
+    assert as_json["state"] == "succeeded" and len(as_json["manifest"]["images"]) == 2
+
+    fetched = cli(farm, "fetch", "cli-wait", "--out", str(tmp_path))
+    assert fetched.returncode == 0, fetched.stderr
+    names = sorted(p.relative_to(tmp_path / "cli-wait").as_posix() for p in (tmp_path / "cli-wait").rglob("*.*"))
+    assert names == ["frames/step-005.png", "frames/step-010.png", "image-0.png", "image-1.png", "manifest.json"]
+
+
+def test_submit_then_revoke_from_another_process(farm: Farm, tmp_path: Path) -> None:
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(LONG))
+    submitted = cli(farm, "submit", str(path))
+    task_id = submitted.stdout.strip()
+    assert submitted.returncode == 0 and len(task_id) == 32
+    wait_for(farm, task_id, lambda s: s.state == "progress")
+    revoked = cli(farm, "revoke", task_id)
+    assert revoked.stdout.startswith(f"revoked {task_id}: it stops at its next step")
+    assert wait_for(farm, task_id, lambda s: s.done).state == "revoked"
+    assert cli(farm, "revoke", task_id).stdout.startswith(f"{task_id} has already finished; nothing to revoke")
+    assert cli(farm, "revoke", "nobody").stdout.startswith("no task nobody is known; nothing to revoke")
+    assert cli(farm, "status", "nobody").stdout == "nobody: unknown\n"
+    not_fetchable = cli(farm, "fetch", "nobody")
+    assert not_fetchable.returncode == 2 and not_fetchable.stderr.startswith("error: task nobody is unknown")
+
+
+def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
+    from tests.helpers import free_port
+
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status", "x"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "RENDER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot reach Redis") and result.stderr.count("\n") == 1, result.stderr

@@ -1,0 +1,35 @@
+"""The worker's Celery settings: the ones that matter on GPUs, as DESIGN.md requires them."""
+
+from __future__ import annotations
+
+from producer.keys import TASK_RENDER
+from worker.celery_app import create_app, worker_argv
+from worker.settings import WorkerSettings
+
+
+def test_gpu_settings() -> None:
+    settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", task_time_limit=600, visibility_timeout=1200)
+    conf = create_app(settings).conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1 and conf.worker_pool == "prefork"
+    assert conf.task_time_limit == 600
+    assert conf.broker_transport_options["visibility_timeout"] == 1200 > conf.task_time_limit
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
+    assert conf.worker_send_task_events and conf.task_track_started and conf.task_send_sent_event
+
+
+def test_the_task_is_registered_under_its_one_name() -> None:
+    app = create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
+    assert TASK_RENDER in app.tasks
+
+
+def test_worker_flags() -> None:
+    argv = worker_argv(WorkerSettings(queue="gpu-a100"), hostname="gpu0@%h", loglevel="INFO")
+    assert {
+        "--pool=prefork",
+        "--concurrency=1",
+        "--prefetch-multiplier=1",
+        "--events",
+        "--queues=gpu-a100",
+        "--hostname=gpu0@%h",
+    } <= set(argv)
