@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -15,7 +16,7 @@ from celery import Task
 from celery.exceptions import Ignore
 from redis import Redis
 
-from producer.errors import RenderFailed
+from producer.errors import RenderFailed, StorageError
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
@@ -107,10 +108,10 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             frame_threads=state.settings.frame_upload_threads,
             worker=state.owner,
         )
-    except RenderFailed:
-        failed = read_manifest(state.storage, task_id)
-        if failed is not None:
-            _publish(state, failed)
+    except (RenderFailed, StorageError):
+        with contextlib.suppress(StorageError):  # storage may be the very thing that failed
+            if (failed := read_manifest(state.storage, task_id)) is not None:
+                _publish(state, failed)
         raise
     finally:
         lease.release()

@@ -126,7 +126,10 @@ def test_progress_reaches_the_event_stream_flower_reads(farm: Farm) -> None:
         receiver = app.events.Receiver(connection, handlers={"*": events.append})
         thread = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None, wakeup=False), daemon=True)
         thread.start()
-        time.sleep(0.5)  # the receiver's queue is bound
+        deadline = time.monotonic() + 15
+        while not events and time.monotonic() < deadline:  # the workers' heartbeats show the receiver is bound
+            time.sleep(0.05)
+        assert events, "no event reached the receiver"
         handle = farm.client.submit(spec(num_inference_steps=40, width=128, height=128))
         handle.wait(timeout=60)
         deadline = time.monotonic() + 10
