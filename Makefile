@@ -39,6 +39,7 @@ test-fast: install
 bench: install
 	$(PY) bench/bench_render.py
 	$(PY) bench/bench_queue.py --torch-threads 1
+	$(PY) bench/bench_recovery.py
 
 demo: install
 	$(VENV)/bin/render local examples/text2img-sd15.json --storage file://$(CURDIR)/render-output
