@@ -21,6 +21,17 @@ MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_SEED = 2**63 - 1
 
 PipelineKind = Literal["text2img", "img2img", "inpaint", "controlnet"]
+IMAGE_SCHEMES = ("s3://", "file://", "data:image/png;base64,", "data:image/jpeg;base64,", "data:image/webp;base64,")
+MAX_INLINE_CHARS = 14_000_000  # ~10 MiB of image as base64; larger inputs go by s3:// or file://
+
+# Which image inputs each pipeline needs; every other one is refused, so a forgotten field is never silently ignored.
+NEEDS: dict[str, frozenset[str]] = {
+    "text2img": frozenset(),
+    "img2img": frozenset({"image"}),
+    "inpaint": frozenset({"image", "mask_image"}),
+    "controlnet": frozenset({"control_image"}),
+}
+IMAGE_FIELDS = ("image", "mask_image", "control_image")
 FrameFormat = Literal["png", "webp", "jpeg"]
 
 
@@ -106,7 +117,29 @@ class RenderSpec(_Strict):
     height: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Omit for a random seed; it is recorded.")
     num_images: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    image: str | None = Field(
+        default=None, description="img2img/inpaint input: s3://, file:// or data:image/...;base64,"
+    )
+    mask_image: str | None = Field(default=None, description="inpaint mask (white = repaint), same size as image")
+    control_image: str | None = Field(default=None, description="controlnet conditioning image")
+    strength: float = Field(default=0.8, gt=0.0, le=1.0, description="img2img/inpaint: how much of the image to redo")
+    controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     callbacks: list[Callback] = Field(default_factory=list, max_length=8)
+
+    @field_validator("image", "mask_image", "control_image")
+    @classmethod
+    def _image_reference(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if not value.startswith(IMAGE_SCHEMES):
+            raise ValueError(
+                "must be s3://bucket/key, file:///path under an allowed root, or data:image/png|jpeg|webp;base64,..."
+            )
+        if len(value) > MAX_INLINE_CHARS:
+            raise ValueError(
+                f"inline image is {len(value)} characters, over {MAX_INLINE_CHARS}; upload it and pass s3://"
+            )
+        return value
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
@@ -131,6 +164,28 @@ class RenderSpec(_Strict):
             )
         return value
 
+    @property
+    def denoising_steps(self) -> int:
+        """Steps the pipeline really runs: img2img and inpaint skip the first (1 - strength) of them."""
+        if self.pipeline in ("img2img", "inpaint"):
+            return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        return self.num_inference_steps
+
+    @model_validator(mode="after")
+    def _inputs_fit_the_pipeline(self) -> RenderSpec:
+        given = {name for name in IMAGE_FIELDS if getattr(self, name) is not None}
+        needs = NEEDS[self.pipeline]
+        if missing := sorted(needs - given):
+            raise ValueError(f"{missing[0]}: pipeline {self.pipeline!r} needs it; give an s3://, file:// or data: URL")
+        if extra := sorted(given - needs):
+            raise ValueError(f"{extra[0]}: pipeline {self.pipeline!r} does not use it; remove it or change pipeline")
+        if self.denoising_steps < 1:
+            raise ValueError(
+                f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} leaves no step to run; "
+                "raise either"
+            )
+        return self
+
     @model_validator(mode="after")
     def _callbacks_fit(self) -> RenderSpec:
         seen: set[str] = set()
@@ -139,11 +194,13 @@ class RenderSpec(_Strict):
                 raise ValueError(f"callbacks[{i}]: only one {cb.type} callback is allowed per job")
             seen.add(cb.type)
             if isinstance(cb, CfgCutoff | IpAdapterScaleCutoff) and cb.step_index is not None:
-                if cb.step_index >= self.num_inference_steps:
-                    raise ValueError(
-                        f"callbacks[{i}].step_index must be less than num_inference_steps "
-                        f"({self.num_inference_steps}); got {cb.step_index}"
+                if cb.step_index >= self.denoising_steps:
+                    what = (
+                        f"num_inference_steps ({self.num_inference_steps})"
+                        if self.denoising_steps == self.num_inference_steps
+                        else f"the {self.denoising_steps} steps {self.pipeline} runs (num_inference_steps x strength)"
                     )
+                    raise ValueError(f"callbacks[{i}].step_index must be less than {what}; got {cb.step_index}")
             if isinstance(cb, Frames) and cb.every > self.num_inference_steps:
                 raise ValueError(
                     f"callbacks[{i}].every must be at most num_inference_steps ({self.num_inference_steps}), "

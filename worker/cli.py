@@ -68,12 +68,14 @@ def local(
     """Render SPEC.json in this process and print the manifest as JSON."""
     spec = read_spec(spec_path)
     _quiet_libraries()
+    from worker.inputs import load_inputs
     from worker.models.registry import ModelRegistry
     from worker.render import render
     from worker.settings import load_settings
     from worker.storage import open_storage
 
     settings = load_settings()
+    inputs = load_inputs(spec, settings)
     target = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     manifest = render(
         spec,
@@ -82,6 +84,7 @@ def local(
         task_id=task_id,
         hooks=[ProgressBar()],
         frame_threads=settings.frame_upload_threads,
+        inputs=inputs,
     )
     typer.echo(manifest.model_dump_json(indent=2))
     if manifest.status == "failed":

@@ -8,18 +8,19 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
+from PIL import Image
 from pydantic import ValidationError
 
-from producer.errors import JobRevoked, RenderFailed, StorageError, UnsupportedSpecError
+from producer.errors import JobRevoked, RenderFailed, SpecError, StorageError, UnsupportedSpecError
 from producer.keys import image_object, manifest_object
 from producer.manifest import Manifest, RenderStatus, Timings
-from producer.spec import MAX_SEED, IpAdapterScaleCutoff, RenderSpec
+from producer.spec import MAX_SEED, NEEDS, IpAdapterScaleCutoff, RenderSpec
 from worker.callbacks import CallbackStack, StepHook, build_callbacks
 from worker.models.registry import ModelRegistry
 from worker.outputs import png_bytes
@@ -31,8 +32,6 @@ _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
 def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
     """The worker-side checks a producer cannot make: allowlist and what this worker runs."""
     registry.source(spec.model)
-    if spec.pipeline != "text2img":
-        raise UnsupportedSpecError(f"pipeline: {spec.pipeline!r} is not supported by this worker yet; use 'text2img'")
     if spec.callback(IpAdapterScaleCutoff) is not None:
         raise UnsupportedSpecError(
             "callbacks: ip_adapter_scale_cutoff needs an IP-Adapter, which this worker does not load yet; remove it"
@@ -61,27 +60,32 @@ def render(
     queue_wait: float | None = None,
     frame_threads: int = 2,
     worker: str | None = None,
+    inputs: Mapping[str, Image.Image] | None = None,
 ) -> Manifest:
     """Render `spec`, store images, frames and the manifest (last), and return the manifest.
 
     A task whose stored manifest already says `succeeded` is returned as it is, not rendered
     again. A hook raising `JobRevoked` ends the job before decode and upload (status `revoked`);
     a step budget interrupts it and keeps the partial image (status `interrupted`).
+    `inputs` are the spec's images, already checked (`worker.inputs.load_inputs`).
     Raises `SpecError`/`ModelError` before any work, `RenderFailed` after writing a `failed` manifest.
     """
     task_id = task_id or uuid.uuid4().hex
     if (done := read_manifest(storage, task_id)) is not None and done.status == "succeeded":
         return done
     check_supported(spec, registry)
+    inputs = dict(inputs or {})
+    if missing := sorted(NEEDS[spec.pipeline] - set(inputs)):
+        raise SpecError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
     job = _Job(spec, task_id, attempt, queue_wait, worker)
 
     started = time.perf_counter()
-    pipe = registry.pipeline(spec.model)
+    pipe = registry.pipeline(spec.model, spec.pipeline)
     job.timings.load = time.perf_counter() - started
     family = registry.source(spec.model).family
     stack = build_callbacks(spec, family, task_id=task_id, storage=storage, hooks=hooks, frame_threads=frame_threads)
     try:
-        images = _run(pipe, spec, job, stack)
+        images = _run(pipe, spec, job, stack, inputs)
     except JobRevoked as revoked:
         if revoked.revoked_at is not None:
             job.timings.revoke_to_stop = max(0.0, time.time() - revoked.revoked_at)
@@ -128,7 +132,28 @@ def revoked_before_start(
     return _Job(spec, task_id, attempt, queue_wait, worker).finish(storage, "revoked")
 
 
-def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack) -> list[Any]:
+def _pipeline_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str, Any]:
+    if spec.pipeline == "img2img":
+        return {"image": inputs["image"], "strength": spec.strength}
+    if spec.pipeline == "inpaint":
+        return {
+            "image": inputs["image"],
+            "mask_image": inputs["mask_image"],
+            "strength": spec.strength,
+            "width": spec.width,
+            "height": spec.height,
+        }
+    size = {"width": spec.width, "height": spec.height}
+    if spec.pipeline == "controlnet":
+        return {
+            "image": inputs["control_image"],
+            "controlnet_conditioning_scale": spec.controlnet_conditioning_scale,
+            **size,
+        }
+    return size
+
+
+def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack, inputs: dict[str, Image.Image]) -> list[Any]:
     generators = [torch.Generator("cpu").manual_seed(job.image_seed(i)) for i in range(spec.num_images)]
     stack.start()
     started = time.perf_counter()
@@ -139,11 +164,10 @@ def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack) -> list[A
                 negative_prompt=spec.negative_prompt or None,
                 num_inference_steps=spec.num_inference_steps,
                 guidance_scale=spec.guidance_scale,
-                width=spec.width,
-                height=spec.height,
                 num_images_per_prompt=spec.num_images,
                 generator=generators,
                 callback_on_step_end=stack.multi,
+                **_pipeline_inputs(spec, inputs),
             )
     finally:
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
@@ -168,7 +192,7 @@ class _Job:
         self.attempt = attempt
         self.seed = spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED)
         self.timings = Timings(queue_wait=queue_wait)
-        self.steps_planned = spec.num_inference_steps
+        self.steps_planned = spec.denoising_steps
         self.steps_completed = 0
         self.interrupted_by: Any = None
         self.steps_after_revoke: int | None = None

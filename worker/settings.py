@@ -20,6 +20,7 @@ class ModelSource(BaseModel):
 
     family: Family
     source: str = Field(min_length=1)
+    controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
 
 
 def default_models() -> dict[str, ModelSource]:
@@ -44,6 +45,9 @@ class WorkerSettings(ClientSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
     frame_upload_threads: int = Field(default=2, ge=1, le=16)
+    input_roots: list[str] = Field(default_factory=list, description="directories file:// inputs may come from")
+    max_input_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="cap on one input image's bytes")
+    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="cap on one input image's pixels")
     torch_threads: int | None = Field(
         default=None, ge=1, le=256, description="torch CPU threads per worker; cores / workers on a shared host"
     )

@@ -20,6 +20,7 @@ from producer.errors import RenderFailed, StorageError
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
+from worker.inputs import load_inputs
 from worker.jobcontrol import Lease, RedisJobControl, control_client
 from worker.models.registry import ModelRegistry
 from worker.render import read_manifest, render, revoked_before_start
@@ -79,6 +80,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             task, state, revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner)
         )
 
+    inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner)
     record = {
         "spec": spec.model_dump_json(),
@@ -107,6 +109,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             queue_wait=queue_wait,
             frame_threads=state.settings.frame_upload_threads,
             worker=state.owner,
+            inputs=inputs,
         )
     except (RenderFailed, StorageError):
         with contextlib.suppress(StorageError):  # storage may be the very thing that failed

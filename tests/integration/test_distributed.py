@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from producer import SpecError
+from producer import RenderSpec, SpecError
 from producer.client import TaskStatus
 from producer.keys import TASK_RENDER, job_key
 from tests.integration.conftest import Farm
@@ -145,3 +146,11 @@ def test_progress_reaches_the_event_stream_flower_reads(farm: Farm) -> None:
     progress = [(e["step"], e["total"]) for e in mine if e["type"] == "task-progress"]
     assert progress[-1] == (40, 40) and all(total == 40 for _, total in progress)
     assert [s for s, _ in progress] == sorted(s for s, _ in progress)
+
+
+@pytest.mark.parametrize("example", ["img2img-sd15.json", "inpaint-sdxl.json", "controlnet-sd15.json"])
+def test_every_pipeline_through_the_worker(farm: Farm, example: str) -> None:
+    data = json.loads((Path(__file__).parents[2] / "examples" / example).read_text())
+    manifest = farm.client.submit(data).wait(timeout=120)
+    assert manifest.status == "succeeded" and manifest.steps_completed == RenderSpec.parse(data).denoising_steps
+    assert len(manifest.images) == data.get("num_images", 1)

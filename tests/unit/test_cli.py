@@ -31,7 +31,9 @@ def test_schema_prints_the_spec_json_schema() -> None:
     assert schema["title"] == "RenderSpec" and "callbacks" in schema["properties"]
 
 
-@pytest.mark.parametrize("example", ["text2img-sd15.json", "text2img-sdxl.json"])
+@pytest.mark.parametrize(
+    "example", sorted(p.name for p in (ROOT / "examples").glob("*.json") if not p.name.startswith("bad-"))
+)
 def test_local_renders_an_example_into_a_directory(tmp_path: Path, example: str) -> None:
     result = run("local", f"examples/{example}", "--storage", tmp_path.as_uri(), "--task-id", "cli-job")
     assert result.returncode == 0, result.stderr

@@ -12,7 +12,7 @@ import pytest
 from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
-from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, StorageError, UnsupportedSpecError
+from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, SpecError, StorageError, UnsupportedSpecError
 from worker.callbacks import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.render import render
@@ -321,7 +321,7 @@ def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: 
     ("overrides", "error", "text"),
     [
         ({"model": "sdxl-turbo"}, ModelError, "not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl"),
-        ({"pipeline": "img2img"}, UnsupportedSpecError, "pipeline: 'img2img' is not supported"),
+        ({"pipeline": "img2img", "image": "file:///in.png"}, SpecError, "image: not loaded; call worker.inputs"),
         (
             {"callbacks": [{"type": "ip_adapter_scale_cutoff", "step_ratio": 0.5}]},
             UnsupportedSpecError,

@@ -49,7 +49,7 @@ def build_callbacks(
         budget = StepBudgetCallback(budget_spec)
         chain.append(budget)
     if (cutoff := spec.callback(CfgCutoff)) is not None:
-        chain.append(cfg_cutoff_callback(family, cutoff))
+        chain.append(cfg_cutoff_callback(family, cutoff, spec.pipeline))
     writer = None
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)

@@ -20,7 +20,9 @@ def _cutoff_step(pipeline: Any, ratio: float | None, index: int | None) -> int:
     return index if index is not None else int(pipeline.num_timesteps * ratio)
 
 
-def _conditional_half(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _conditional_half(name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    if tensor is None:
+        return None
     if name == "add_time_ids":
         return tensor[-1:].repeat(tensor.shape[0] // 2, 1)
     return tensor.chunk(2)[1]
@@ -51,10 +53,13 @@ class BatchSafeSDXLCFGCutoffCallback(SDXLCFGCutoffCallback):
         return _cut(self, pipeline, step_index, callback_kwargs)
 
 
-_BY_FAMILY = {"sd15": BatchSafeSDCFGCutoffCallback, "sdxl": BatchSafeSDXLCFGCutoffCallback}
+_BY_FAMILY: dict[str, Any] = {"sd15": BatchSafeSDCFGCutoffCallback, "sdxl": BatchSafeSDXLCFGCutoffCallback}
+_EXTRA = {"text2img": [], "img2img": [], "inpaint": ["mask", "masked_image_latents"], "controlnet": ["image"]}
 
 
-def cfg_cutoff_callback(family: str, spec: CfgCutoff) -> Any:
+def cfg_cutoff_callback(family: str, spec: CfgCutoff, kind: str = "text2img") -> Any:
     # The official constructor defaults cutoff_step_ratio to 1.0 and rejects a step index unless the
     # ratio is passed as None explicitly, so both are always passed.
-    return _BY_FAMILY[family](cutoff_step_ratio=spec.step_ratio, cutoff_step_index=spec.step_index)
+    callback = _BY_FAMILY[family](cutoff_step_ratio=spec.step_ratio, cutoff_step_index=spec.step_index)
+    callback.tensor_inputs = [*type(callback).tensor_inputs, *_EXTRA[kind]]
+    return callback

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from producer.errors import ModelError
-from worker.models import pretrained, tiny_sd15, tiny_sdxl
+from worker.models import pretrained, tiny_sd15, tiny_sdxl, variants
 from worker.settings import TINY, ModelSource, WorkerSettings
 
 _TINY_BUILDERS: dict[str, Callable[[], Any]] = {"sd15": tiny_sd15.build, "sdxl": tiny_sdxl.build}
@@ -46,7 +46,7 @@ class ModelRegistry:
         self.device = device
         self.dtype = dtype
         self.max_cached = max_cached
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -68,20 +68,22 @@ class ModelRegistry:
                 f"model {name!r} is not on this worker's allowlist; use one of: {allowed} (or add it to RENDER_MODELS)"
             ) from None
 
-    def pipeline(self, name: str) -> Any:
-        """The text-to-image pipeline for `name`, loaded once per process."""
+    def pipeline(self, name: str, kind: str = "text2img") -> Any:
+        """The `kind` pipeline for `name`; the model is loaded once per process, its variants share it."""
         source = self.source(name)
         with self._lock:
             if name in self._cache:
                 self._cache.move_to_end(name)
-                return self._cache[name]
-            while len(self._cache) >= self.max_cached:
-                self._cache.popitem(last=False)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            pipe = self._load(source)
-            self._cache[name] = pipe
-            return pipe
+            else:
+                while len(self._cache) >= self.max_cached:
+                    self._cache.popitem(last=False)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                self._cache[name] = {"text2img": self._load(source)}
+            pipes = self._cache[name]
+            if kind not in pipes:
+                pipes[kind] = variants.variant(pipes["text2img"], kind, source, self.dtype)
+            return pipes[kind]
 
     def _load(self, source: ModelSource) -> Any:
         if source.source == TINY:

@@ -1,0 +1,202 @@
+"""img2img, inpaint and ControlNet on both tiny models: guidance observed at every step, inputs checked first."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer import RenderSpec, SpecError
+from worker.inputs import load_inputs
+from worker.models.registry import ModelRegistry
+from worker.render import render
+from worker.settings import WorkerSettings
+from worker.storage import LocalStorage
+
+SIZE = 64
+
+
+def png(path: Path, size: tuple[int, int] = (SIZE, SIZE), mode: str = "RGB") -> str:
+    rng = np.random.default_rng(len(str(path)))
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
+    return path.as_uri()
+
+
+@pytest.fixture
+def inputs_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def settings(inputs_dir: Path) -> WorkerSettings:
+    return WorkerSettings(input_roots=[str(inputs_dir)], max_input_bytes=200_000, max_input_pixels=1024 * 1024)
+
+
+def pipeline_spec(kind: str, folder: Path, model: str = "tiny-sd15", **overrides: Any) -> RenderSpec:
+    images: dict[str, str] = {}
+    if kind in ("img2img", "inpaint"):
+        images["image"] = png(folder / "image.png")
+    if kind == "inpaint":
+        images["mask_image"] = png(folder / "mask.png", mode="L")
+    if kind == "controlnet":
+        images["control_image"] = png(folder / "edges.png")
+    data = {
+        "model": model,
+        "pipeline": kind,
+        "prompt": "a lighthouse",
+        "num_inference_steps": 10,
+        "width": SIZE,
+        "height": SIZE,
+        "seed": 3,
+        **images,
+        **overrides,
+    }
+    return RenderSpec.parse(data)
+
+
+class Spy:
+    def __init__(self, module: Any) -> None:
+        self.batches: list[int] = []
+        self.handle = module.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.batches.append((args[0] if args else kwargs["sample"]).shape[0])
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
+@pytest.mark.parametrize("cutoff", [{"step_ratio": 0.5}, {"step_index": 2}], ids=["ratio", "index"])
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_guidance_is_cut_at_the_asked_step(
+    registry: ModelRegistry,
+    settings: WorkerSettings,
+    inputs_dir: Path,
+    tmp_path: Path,
+    model: str,
+    kind: str,
+    cutoff: dict[str, Any],
+    num_images: int,
+) -> None:
+    spec = pipeline_spec(kind, inputs_dir, model, num_images=num_images, callbacks=[{"type": "cfg_cutoff", **cutoff}])
+    pipe = registry.pipeline(model, kind)
+    spies = [Spy(pipe.unet)] + ([Spy(pipe.controlnet)] if kind == "controlnet" else [])
+    try:
+        manifest = render(
+            spec, registry=registry, storage=LocalStorage(tmp_path / "out"), inputs=load_inputs(spec, settings)
+        )
+    finally:
+        for spy in spies:
+            spy.handle.remove()
+    steps = spec.denoising_steps  # 8 for img2img/inpaint at strength 0.8, else 10
+    cut = cutoff.get("step_index", int(steps * cutoff.get("step_ratio", 0)))
+    expected = [2 * num_images] * (cut + 1) + [num_images] * (steps - cut - 1)
+    for spy in spies:
+        assert spy.batches == expected
+    assert manifest.status == "succeeded" and len(manifest.images) == num_images
+    assert (manifest.steps_planned, manifest.steps_completed) == (steps, steps)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
+def test_variants_share_the_loaded_weights(registry: ModelRegistry, kind: str) -> None:
+    base = registry.pipeline("tiny-sd15")
+    assert registry.pipeline("tiny-sd15", kind).unet is base.unet
+    assert registry.pipeline("tiny-sd15", kind) is registry.pipeline("tiny-sd15", kind)
+
+
+def test_inline_base64_input(
+    registry: ModelRegistry, settings: WorkerSettings, inputs_dir: Path, tmp_path: Path
+) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), "teal").save(buffer, format="PNG")
+    data = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    spec = RenderSpec.parse(
+        {
+            "model": "tiny-sd15",
+            "pipeline": "img2img",
+            "prompt": "p",
+            "width": SIZE,
+            "height": SIZE,
+            "num_inference_steps": 4,
+            "image": data,
+        }
+    )
+    loaded = load_inputs(spec, settings)
+    assert loaded["image"].getpixel((0, 0)) == (0, 128, 128)
+    manifest = render(spec, registry=registry, storage=LocalStorage(tmp_path), inputs=loaded)
+    assert manifest.status == "succeeded" and manifest.steps_planned == 3
+
+
+def bad(folder: Path, **fields: str) -> RenderSpec:
+    base = {
+        "model": "tiny-sd15",
+        "pipeline": "inpaint",
+        "prompt": "p",
+        "width": SIZE,
+        "height": SIZE,
+        "image": png(folder / "ok.png"),
+        "mask_image": png(folder / "okmask.png", mode="L"),
+    }
+    return RenderSpec.parse({**base, **fields})
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: {"image": (d / "missing.png").as_uri()}, "image: .*missing.png does not exist"),
+        (lambda d: {"image": "file:///etc/hostname"}, "image: /etc/hostname is outside the allowed input roots"),
+        (lambda d: {"image": f"file://{d}/../../etc/hostname"}, "image: /.*/etc/hostname is outside the allowed"),
+        (lambda d: {"image": d.as_uri()}, "image: .* is a directory"),
+        (lambda d: {"mask_image": png(d / "small.png", (32, 32), "L")}, "mask_image: is 32x32 but the spec asks for"),
+        (lambda d: {"image": png(d / "huge.png", (512, 512))}, "image: the image is .* bytes, over the 200000-byte"),
+        (lambda d: {"image": "data:image/png;base64,@@@"}, "image: the inline image is not valid base64"),
+        (
+            lambda d: {"image": "data:image/png;base64," + base64.b64encode(b"not a png at all").decode()},
+            "image: not a readable PNG, JPEG or WebP image",
+        ),
+    ],
+)
+def test_bad_image_inputs_are_refused_before_any_work(
+    settings: WorkerSettings, inputs_dir: Path, make: Any, message: str
+) -> None:
+    with pytest.raises(SpecError, match=message):
+        load_inputs(bad(inputs_dir, **make(inputs_dir)), settings)
+
+
+def test_truncated_image_is_refused(settings: WorkerSettings, inputs_dir: Path) -> None:
+    whole = Path(png(inputs_dir / "whole.png").removeprefix("file://")).read_bytes()
+    (inputs_dir / "cut.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SpecError, match="image: not a readable PNG"):
+        load_inputs(bad(inputs_dir, image=(inputs_dir / "cut.png").as_uri()), settings)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pipeline": "img2img"}, "image: pipeline 'img2img' needs it"),
+        ({"pipeline": "inpaint", "image": "file:///a.png"}, "mask_image: pipeline 'inpaint' needs it"),
+        ({"pipeline": "controlnet"}, "control_image: pipeline 'controlnet' needs it"),
+        ({"image": "file:///a.png"}, "image: pipeline 'text2img' does not use it"),
+        ({"pipeline": "img2img", "image": "http://example.com/a.png"}, "image: must be s3://bucket/key"),
+        ({"pipeline": "img2img", "image": "file:///a.png", "strength": 0.05}, "strength: 0.05 x num_inference_steps"),
+        (
+            {
+                "pipeline": "img2img",
+                "image": "file:///a.png",
+                "strength": 0.5,
+                "callbacks": [{"type": "cfg_cutoff", "step_index": 6}],
+            },
+            "less than the 5 steps img2img runs",
+        ),
+    ],
+)
+def test_spec_checks_inputs_against_the_pipeline(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        RenderSpec.parse({"model": "tiny-sd15", "prompt": "p", "num_inference_steps": 10, **fields})

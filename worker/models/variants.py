@@ -1,0 +1,61 @@
+"""The other pipelines of a model (img2img, inpaint, ControlNet), built from its text-to-image pipeline.
+
+`from_pipe` shares the loaded components, so a variant costs no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+)
+
+from producer.errors import ModelError, UnsupportedSpecError
+from worker.settings import TINY, ModelSource
+
+_CLASSES: dict[tuple[str, str], Any] = {
+    ("sd15", "img2img"): StableDiffusionImg2ImgPipeline,
+    ("sd15", "inpaint"): StableDiffusionInpaintPipeline,
+    ("sd15", "controlnet"): StableDiffusionControlNetPipeline,
+    ("sdxl", "img2img"): StableDiffusionXLImg2ImgPipeline,
+    ("sdxl", "inpaint"): StableDiffusionXLInpaintPipeline,
+    ("sdxl", "controlnet"): StableDiffusionXLControlNetPipeline,
+}
+
+
+def tiny_controlnet(unet: Any, seed: int = 0) -> Any:
+    """A ControlNet shaped like `unet` (its encoder half), random weights from a fixed seed."""
+    torch.manual_seed(seed)
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+
+
+def controlnet_for(source: ModelSource, base: Any, dtype: torch.dtype) -> Any:
+    if source.source == TINY:
+        return tiny_controlnet(base.unet).to(base.device, dtype)
+    if source.controlnet is None:
+        raise UnsupportedSpecError(
+            "pipeline: 'controlnet' needs a ControlNet for this model; add \"controlnet\": <dir or hub id> to its "
+            "RENDER_MODELS entry"
+        )
+    try:
+        return ControlNetModel.from_pretrained(source.controlnet, dtype=dtype, local_files_only=True).to(base.device)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the ControlNet {source.controlnet!r}: {exc}") from exc
+
+
+def variant(base: Any, kind: str, source: ModelSource, dtype: torch.dtype) -> Any:
+    """`base` itself for text2img, else the `kind` pipeline sharing its components."""
+    if kind == "text2img":
+        return base
+    extra = {"controlnet": controlnet_for(source, base, dtype)} if kind == "controlnet" else {}
+    pipe = _CLASSES[(source.family, kind)].from_pipe(base, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
