@@ -98,6 +98,28 @@ class Frames(_Strict):
     size: int = Field(default=256, ge=16, le=1024)
 
 
+def check_image_ref(value: str) -> str:
+    if not value.startswith(IMAGE_SCHEMES):
+        raise ValueError(
+            "must be s3://bucket/key, file:///path under an allowed root, or data:image/png|jpeg|webp;base64,..."
+        )
+    if len(value) > MAX_INLINE_CHARS:
+        raise ValueError(f"inline image is {len(value)} characters, over {MAX_INLINE_CHARS}; upload it and pass s3://")
+    return value
+
+
+class IpAdapterOptions(_Strict):
+    """Condition on an image through an IP-Adapter, at `scale` (0 = off)."""
+
+    image: str
+    scale: float = Field(default=0.6, ge=0.0, le=2.0, allow_inf_nan=False)
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, value: str) -> str:
+        return check_image_ref(value)
+
+
 _C = TypeVar("_C", bound=BaseModel)
 
 Callback = Annotated[CfgCutoff | IpAdapterScaleCutoff | StepBudget | Frames, Field(discriminator="type")]
@@ -124,13 +146,13 @@ class RenderSpec(_Strict):
     control_image: str | None = Field(default=None, description="controlnet conditioning image")
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="img2img/inpaint: how much of the image to redo")
     controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    ip_adapter: IpAdapterOptions | None = None
     callbacks: list[Callback] = Field(default_factory=list, max_length=8)
 
     @field_validator("image", "mask_image", "control_image")
     @classmethod
     def _image_reference(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
+        return None if value is None else check_image_ref(value)
         if not value.startswith(IMAGE_SCHEMES):
             raise ValueError(
                 "must be s3://bucket/key, file:///path under an allowed root, or data:image/png|jpeg|webp;base64,..."
@@ -193,6 +215,8 @@ class RenderSpec(_Strict):
             if cb.type in seen:
                 raise ValueError(f"callbacks[{i}]: only one {cb.type} callback is allowed per job")
             seen.add(cb.type)
+            if isinstance(cb, IpAdapterScaleCutoff) and self.ip_adapter is None:
+                raise ValueError(f"callbacks[{i}]: ip_adapter_scale_cutoff needs ip_adapter (an image and a scale)")
             if isinstance(cb, CfgCutoff | IpAdapterScaleCutoff) and cb.step_index is not None:
                 if cb.step_index >= self.denoising_steps:
                     what = (

@@ -36,6 +36,12 @@ def load_inputs(spec: RenderSpec, settings: WorkerSettings) -> dict[str, Image.I
                 "resize it or change width/height"
             )
         images[field] = image.convert("L" if field == "mask_image" else "RGB")
+    if spec.ip_adapter is not None:  # any size: the image encoder resizes it
+        field = "ip_adapter.image"
+        images["ip_adapter_image"] = decode(
+            field, fetch(field, spec.ip_adapter.image, settings), settings.max_input_pixels
+        )
+        images["ip_adapter_image"] = images["ip_adapter_image"].convert("RGB")
     return images
 
 

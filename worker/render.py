@@ -17,11 +17,12 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from producer.errors import JobRevoked, RenderFailed, SpecError, StorageError, UnsupportedSpecError
+from producer.errors import JobRevoked, RenderFailed, SpecError, StorageError
 from producer.keys import image_object, manifest_object
 from producer.manifest import Manifest, RenderStatus, Timings
-from producer.spec import MAX_SEED, NEEDS, IpAdapterScaleCutoff, RenderSpec
+from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.callbacks import CallbackStack, StepHook, build_callbacks
+from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
 from worker.outputs import png_bytes
 from worker.storage import Storage
@@ -32,10 +33,8 @@ _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
 def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
     """The worker-side checks a producer cannot make: allowlist and what this worker runs."""
     registry.source(spec.model)
-    if spec.callback(IpAdapterScaleCutoff) is not None:
-        raise UnsupportedSpecError(
-            "callbacks: ip_adapter_scale_cutoff needs an IP-Adapter, which this worker does not load yet; remove it"
-        )
+    if spec.ip_adapter is not None:
+        registry.ip_adapter(spec.model)
 
 
 def read_manifest(storage: Storage, task_id: str) -> Manifest | None:
@@ -75,7 +74,8 @@ def render(
         return done
     check_supported(spec, registry)
     inputs = dict(inputs or {})
-    if missing := sorted(NEEDS[spec.pipeline] - set(inputs)):
+    needed = NEEDS[spec.pipeline] | ({"ip_adapter_image"} if spec.ip_adapter else set())
+    if missing := sorted(needed - set(inputs)):
         raise SpecError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
     job = _Job(spec, task_id, attempt, queue_wait, worker)
 
@@ -85,7 +85,8 @@ def render(
     family = registry.source(spec.model).family
     stack = build_callbacks(spec, family, task_id=task_id, storage=storage, hooks=hooks, frame_threads=frame_threads)
     try:
-        images = _run(pipe, spec, job, stack, inputs)
+        with _ip_adapter(pipe, spec, registry):
+            images = _run(pipe, spec, job, stack, inputs)
     except JobRevoked as revoked:
         if revoked.revoked_at is not None:
             job.timings.revoke_to_stop = max(0.0, time.time() - revoked.revoked_at)
@@ -132,7 +133,18 @@ def revoked_before_start(
     return _Job(spec, task_id, attempt, queue_wait, worker).finish(storage, "revoked")
 
 
+def _ip_adapter(pipe: Any, spec: RenderSpec, registry: ModelRegistry) -> contextlib.AbstractContextManager[None]:
+    if spec.ip_adapter is None:
+        return contextlib.nullcontext()
+    return ip_adapter.attached(pipe, registry.ip_adapter(spec.model), spec.ip_adapter.scale)
+
+
 def _pipeline_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str, Any]:
+    extra = {"ip_adapter_image": inputs["ip_adapter_image"]} if spec.ip_adapter else {}
+    return {**extra, **_image_inputs(spec, inputs)}
+
+
+def _image_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str, Any]:
     if spec.pipeline == "img2img":
         return {"image": inputs["image"], "strength": spec.strength}
     if spec.pipeline == "inpaint":

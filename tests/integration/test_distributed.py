@@ -148,7 +148,9 @@ def test_progress_reaches_the_event_stream_flower_reads(farm: Farm) -> None:
     assert [s for s, _ in progress] == sorted(s for s, _ in progress)
 
 
-@pytest.mark.parametrize("example", ["img2img-sd15.json", "inpaint-sdxl.json", "controlnet-sd15.json"])
+@pytest.mark.parametrize(
+    "example", ["img2img-sd15.json", "inpaint-sdxl.json", "controlnet-sd15.json", "ip-adapter-sdxl.json"]
+)
 def test_every_pipeline_through_the_worker(farm: Farm, example: str) -> None:
     data = json.loads((Path(__file__).parents[2] / "examples" / example).read_text())
     manifest = farm.client.submit(data).wait(timeout=120)

@@ -200,3 +200,81 @@ def test_truncated_image_is_refused(settings: WorkerSettings, inputs_dir: Path) 
 def test_spec_checks_inputs_against_the_pipeline(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(SpecError, match=message.replace("(", r"\(")):
         RenderSpec.parse({"model": "tiny-sd15", "prompt": "p", "num_inference_steps": 10, **fields})
+
+
+class ScaleSpy:
+    """At every UNet call: the batch, the IP-Adapter scale in force, and the rows of its image embeddings."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.calls: list[tuple[int, float, int]] = []
+        self.handle = pipe.unet.register_forward_pre_hook(self.record, with_kwargs=True)
+
+    def record(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        processor = next(p for n, p in module.attn_processors.items() if n.endswith("attn2.processor"))
+        embeds = (kwargs.get("added_cond_kwargs") or {}).get("image_embeds")
+        rows = embeds[0].shape[0] if embeds else 0
+        self.calls.append(((args[0] if args else kwargs["sample"]).shape[0], float(processor.scale[0]), rows))
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("kind", ["text2img", "img2img", "inpaint", "controlnet"])
+@pytest.mark.parametrize("mode", ["ratio", "index"])
+def test_ip_adapter_scale_cutoff_and_cfg_cutoff_together(
+    registry: ModelRegistry,
+    settings: WorkerSettings,
+    inputs_dir: Path,
+    tmp_path: Path,
+    model: str,
+    kind: str,
+    mode: str,
+) -> None:
+    style = png(inputs_dir / "style.png", (48, 40))
+    ip_cut = {"step_ratio": 0.25} if mode == "ratio" else {"step_index": 1}
+    spec = pipeline_spec(
+        kind,
+        inputs_dir,
+        model,
+        num_images=2,
+        ip_adapter={"image": style, "scale": 0.7},
+        callbacks=[{"type": "ip_adapter_scale_cutoff", **ip_cut}, {"type": "cfg_cutoff", "step_index": 4}],
+    )
+    spy = ScaleSpy(registry.pipeline(model, kind))
+    try:
+        manifest = render(spec, registry=registry, storage=LocalStorage(tmp_path), inputs=load_inputs(spec, settings))
+    finally:
+        spy.handle.remove()
+    steps = spec.denoising_steps
+    ip_off = ip_cut.get("step_index", int(steps * ip_cut.get("step_ratio", 0))) + 1
+    expected = [(4 if i <= 4 else 2, 0.7 if i < ip_off else 0.0, 4 if i <= 4 else 2) for i in range(steps)]
+    assert spy.calls == expected  # embeddings follow the batch through the CFG cutoff
+    assert manifest.status == "succeeded"
+
+
+def test_a_job_after_an_ip_adapter_job_renders_as_on_a_fresh_pipeline(
+    registry: ModelRegistry, settings: WorkerSettings, inputs_dir: Path, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path)
+    plain = pipeline_spec("text2img", inputs_dir, num_images=2)
+    ip_job = pipeline_spec(
+        "text2img",
+        inputs_dir,
+        ip_adapter={"image": png(inputs_dir / "s.png")},
+        callbacks=[{"type": "ip_adapter_scale_cutoff", "step_index": 2}],
+    )
+    render(ip_job, registry=registry, storage=storage, inputs=load_inputs(ip_job, settings))
+    after = render(plain, registry=registry, storage=storage)
+    pipe = registry.pipeline("tiny-sd15")
+    assert pipe.image_encoder is None and not any(
+        "IPAdapter" in type(p).__name__ for p in pipe.unet.attn_processors.values()
+    )
+
+    fresh = ModelRegistry(registry.models, device=registry.device, dtype=registry.dtype)
+    again = render(plain, registry=fresh, storage=storage)
+
+    def pixels(url: str) -> bytes:
+        data = storage.get(url.removeprefix(storage.base_url + "/"))
+        assert data is not None
+        return Image.open(io.BytesIO(data)).tobytes()
+
+    assert [pixels(u) for u in after.images] == [pixels(u) for u in again.images]

@@ -12,7 +12,7 @@ import pytest
 from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
-from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, SpecError, StorageError, UnsupportedSpecError
+from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, SpecError, StorageError
 from worker.callbacks import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.render import render
@@ -323,9 +323,9 @@ def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: 
         ({"model": "sdxl-turbo"}, ModelError, "not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl"),
         ({"pipeline": "img2img", "image": "file:///in.png"}, SpecError, "image: not loaded; call worker.inputs"),
         (
-            {"callbacks": [{"type": "ip_adapter_scale_cutoff", "step_ratio": 0.5}]},
-            UnsupportedSpecError,
-            "ip_adapter_scale_cutoff",
+            {"ip_adapter": {"image": "file:///style.png"}},
+            SpecError,
+            "ip_adapter_image: not loaded; call worker.inputs",
         ),
     ],
 )

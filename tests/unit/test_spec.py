@@ -85,6 +85,7 @@ def test_round_trip_through_json() -> None:
             negative_prompt="blurry",
             seed=2**63 - 1,
             num_images=3,
+            ip_adapter={"image": "s3://bucket/style.png", "scale": 0.5},
             callbacks=[
                 {"type": "cfg_cutoff", "step_index": 4},
                 {"type": "step_budget", "max_steps": 6, "max_seconds": 2.5},

@@ -8,9 +8,9 @@ from typing import Any
 
 from diffusers.callbacks import MultiPipelineCallbacks
 
-from producer.spec import CfgCutoff, Frames, RenderSpec, StepBudget
+from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget
 from worker.callbacks.budget import StepBudgetCallback
-from worker.callbacks.cfg import cfg_cutoff_callback
+from worker.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
 from worker.callbacks.control import StepControlCallback, StepHook
 from worker.callbacks.frames import FramesCallback, FrameWriter
 from worker.storage import Storage
@@ -49,7 +49,9 @@ def build_callbacks(
         budget = StepBudgetCallback(budget_spec)
         chain.append(budget)
     if (cutoff := spec.callback(CfgCutoff)) is not None:
-        chain.append(cfg_cutoff_callback(family, cutoff, spec.pipeline))
+        chain.append(cfg_cutoff_callback(family, cutoff, spec.pipeline, ip_adapter=spec.ip_adapter is not None))
+    if (ip_cutoff := spec.callback(IpAdapterScaleCutoff)) is not None:
+        chain.append(ip_adapter_scale_cutoff_callback(ip_cutoff))
     writer = None
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)

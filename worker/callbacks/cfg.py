@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+from diffusers.callbacks import IPAdapterScaleCutoffCallback, SDCFGCutoffCallback, SDXLCFGCutoffCallback
 
-from producer.spec import CfgCutoff
+from producer.spec import CfgCutoff, IpAdapterScaleCutoff
 
 
 def _cutoff_step(pipeline: Any, ratio: float | None, index: int | None) -> int:
     return index if index is not None else int(pipeline.num_timesteps * ratio)
 
 
-def _conditional_half(name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+def _conditional_half(name: str, tensor: Any) -> Any:
     if tensor is None:
         return None
+    if name == "image_embeds":  # the IP-Adapter's list, read by the loop every step: trimmed in place
+        tensor[:] = [embeds.chunk(2)[1] for embeds in tensor]
+        return tensor
     if name == "add_time_ids":
         return tensor[-1:].repeat(tensor.shape[0] // 2, 1)
     return tensor.chunk(2)[1]
@@ -57,9 +59,14 @@ _BY_FAMILY: dict[str, Any] = {"sd15": BatchSafeSDCFGCutoffCallback, "sdxl": Batc
 _EXTRA = {"text2img": [], "img2img": [], "inpaint": ["mask", "masked_image_latents"], "controlnet": ["image"]}
 
 
-def cfg_cutoff_callback(family: str, spec: CfgCutoff, kind: str = "text2img") -> Any:
+def cfg_cutoff_callback(family: str, spec: CfgCutoff, kind: str = "text2img", ip_adapter: bool = False) -> Any:
     # The official constructor defaults cutoff_step_ratio to 1.0 and rejects a step index unless the
     # ratio is passed as None explicitly, so both are always passed.
     callback = _BY_FAMILY[family](cutoff_step_ratio=spec.step_ratio, cutoff_step_index=spec.step_index)
-    callback.tensor_inputs = [*type(callback).tensor_inputs, *_EXTRA[kind]]
+    callback.tensor_inputs = [*type(callback).tensor_inputs, *_EXTRA[kind], *(["image_embeds"] if ip_adapter else [])]
     return callback
+
+
+def ip_adapter_scale_cutoff_callback(spec: IpAdapterScaleCutoff) -> Any:
+    """The official callback as it is; the per-job unload (`worker.models.ip_adapter.attached`) resets the scale."""
+    return IPAdapterScaleCutoffCallback(cutoff_step_ratio=spec.step_ratio, cutoff_step_index=spec.step_index)

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from producer.errors import ModelError
-from worker.models import pretrained, tiny_sd15, tiny_sdxl, variants
+from producer.errors import ModelError, UnsupportedSpecError
+from worker.models import ip_adapter, pretrained, tiny_sd15, tiny_sdxl, variants
 from worker.settings import TINY, ModelSource, WorkerSettings
 
 _TINY_BUILDERS: dict[str, Callable[[], Any]] = {"sd15": tiny_sd15.build, "sdxl": tiny_sdxl.build}
@@ -47,7 +47,8 @@ class ModelRegistry:
         self.dtype = dtype
         self.max_cached = max_cached
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._ip_adapters: dict[str, ip_adapter.IpAdapterParts] = {}
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> ModelRegistry:
@@ -84,6 +85,18 @@ class ModelRegistry:
             if kind not in pipes:
                 pipes[kind] = variants.variant(pipes["text2img"], kind, source, self.dtype)
             return pipes[kind]
+
+    def ip_adapter(self, name: str) -> ip_adapter.IpAdapterParts:
+        """The model's IP-Adapter parts, built once per process (tiny models only, for now)."""
+        source = self.source(name)
+        if source.source != TINY:
+            raise UnsupportedSpecError(
+                f"ip_adapter: no IP-Adapter is configured for {name!r}; only the tiny models carry one so far"
+            )
+        with self._lock:
+            if name not in self._ip_adapters:
+                self._ip_adapters[name] = ip_adapter.tiny_parts(self.pipeline(name).unet)
+            return self._ip_adapters[name]
 
     def _load(self, source: ModelSource) -> Any:
         if source.source == TINY:
