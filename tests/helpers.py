@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import http.client
+import io
 import socket
 from urllib.parse import urlsplit
 
-from worker.local_cluster import free_port, wait_until
+from PIL import Image
 
-__all__ = ["free_port", "http_answers", "port_open", "wait_until"]
+from worker.local_cluster import free_port, wait_until
+from worker.storage import Storage
+
+__all__ = ["free_port", "http_answers", "pixels", "port_open", "wait_until"]
 
 
 def port_open(port: int) -> bool:
@@ -27,3 +31,10 @@ def http_answers(url: str) -> bool:
         return connection.getresponse().status > 0
     finally:
         connection.close()
+
+
+def pixels(storage: Storage, url: str) -> bytes:
+    """The decoded pixels of a stored image (PNG metadata differs between tasks; pixels must not)."""
+    data = storage.get(url.removeprefix(storage.base_url + "/"))
+    assert data is not None, f"{url} is not in storage"
+    return Image.open(io.BytesIO(data)).tobytes()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from producer import ModelError, RenderSpec
+from tests.helpers import pixels
 from worker.models import tiny_sd15, tiny_sdxl
 from worker.models.registry import ModelRegistry, resolve_device, resolve_dtype
 from worker.models.tokenizer import tiny_clip_tokenizer
@@ -72,12 +71,7 @@ def test_a_checkpoint_directory_loads_through_from_pretrained(tmp_path: Path, fa
     from_disk = render(RenderSpec.parse({"model": "on-disk", **spec}), registry=registry, storage=storage)
     built = render(RenderSpec.parse({"model": f"tiny-{family}", **spec}), registry=registry, storage=storage)
 
-    def pixels(url: str) -> bytes:
-        data = storage.get(url.removeprefix(storage.base_url + "/"))
-        assert data is not None
-        return Image.open(io.BytesIO(data)).tobytes()
-
-    assert pixels(from_disk.images[0]) == pixels(built.images[0])
+    assert pixels(storage, from_disk.images[0]) == pixels(storage, built.images[0])
 
 
 def test_a_missing_checkpoint_is_a_model_error(tmp_path: Path) -> None:

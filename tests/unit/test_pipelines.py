@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from producer import RenderSpec, SpecError
+from tests.helpers import pixels
 from worker.inputs import load_inputs
 from worker.models.registry import ModelRegistry
 from worker.render import render
@@ -272,9 +273,4 @@ def test_a_job_after_an_ip_adapter_job_renders_as_on_a_fresh_pipeline(
     fresh = ModelRegistry(registry.models, device=registry.device, dtype=registry.dtype)
     again = render(plain, registry=fresh, storage=storage)
 
-    def pixels(url: str) -> bytes:
-        data = storage.get(url.removeprefix(storage.base_url + "/"))
-        assert data is not None
-        return Image.open(io.BytesIO(data)).tobytes()
-
-    assert [pixels(u) for u in after.images] == [pixels(u) for u in again.images]
+    assert [pixels(storage, u) for u in after.images] == [pixels(storage, u) for u in again.images]
