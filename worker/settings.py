@@ -21,6 +21,8 @@ class ModelSource(BaseModel):
     family: Family
     source: str = Field(min_length=1)
     controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
+    ip_adapter: str | None = Field(default=None, description="IP-Adapter weights file (.safetensors or .bin)")
+    image_encoder: str | None = Field(default=None, description="CLIP vision encoder directory for the IP-Adapter")
 
 
 def default_models() -> dict[str, ModelSource]:

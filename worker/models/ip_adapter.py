@@ -13,8 +13,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import safetensors.torch
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from producer.errors import ModelError
 
 IMAGE_EMBED_DIM = 32
 TOKENS = 4  # diffusers reads a plain IP-Adapter's projection as four image tokens
@@ -66,6 +69,30 @@ def tiny_parts(unet: Any, seed: int = 0) -> IpAdapterParts:
         for part in ("to_k_ip", "to_v_ip"):
             weights["ip_adapter"][f"{key}.{part}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.02
     return IpAdapterParts(encoder, processor, weights)
+
+
+def load_parts(weights: str, image_encoder: str, dtype: torch.dtype) -> IpAdapterParts:
+    """An IP-Adapter from disk: its weights file and its CLIP vision encoder directory, read once."""
+    try:
+        if weights.endswith(".safetensors"):
+            flat = safetensors.torch.load_file(weights)
+            state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+            for key, tensor in flat.items():
+                group, _, rest = key.partition(".")
+                if group in state:
+                    state[group][rest] = tensor
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        encoder = CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=dtype, local_files_only=True)
+        try:  # the encoder's own preprocessing when its directory has it, else CLIP's standard one
+            processor = CLIPImageProcessor.from_pretrained(image_encoder, local_files_only=True)
+        except OSError:
+            processor = CLIPImageProcessor()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"could not load the IP-Adapter ({weights}, {image_encoder}): {exc}") from exc
+    if not {"image_proj", "ip_adapter"} <= set(state):
+        raise ModelError(f"{weights} is not an IP-Adapter: it has no image_proj and ip_adapter weights")
+    return IpAdapterParts(encoder, processor, state)
 
 
 @contextmanager

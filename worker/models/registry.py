@@ -87,15 +87,20 @@ class ModelRegistry:
             return pipes[kind]
 
     def ip_adapter(self, name: str) -> ip_adapter.IpAdapterParts:
-        """The model's IP-Adapter parts, built once per process (tiny models only, for now)."""
+        """The model's IP-Adapter parts, built (tiny) or read from disk once per process."""
         source = self.source(name)
-        if source.source != TINY:
+        if source.source != TINY and not (source.ip_adapter and source.image_encoder):
             raise UnsupportedSpecError(
-                f"ip_adapter: no IP-Adapter is configured for {name!r}; only the tiny models carry one so far"
+                f'ip_adapter: no IP-Adapter is configured for {name!r}; add "ip_adapter" (weights file) and '
+                '"image_encoder" (directory) to its RENDER_MODELS entry'
             )
         with self._lock:
             if name not in self._ip_adapters:
-                self._ip_adapters[name] = ip_adapter.tiny_parts(self.pipeline(name).unet)
+                if source.ip_adapter and source.image_encoder:
+                    parts = ip_adapter.load_parts(source.ip_adapter, source.image_encoder, self.dtype)
+                else:
+                    parts = ip_adapter.tiny_parts(self.pipeline(name).unet)
+                self._ip_adapters[name] = parts
             return self._ip_adapters[name]
 
     def _load(self, source: ModelSource) -> Any:
