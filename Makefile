@@ -42,7 +42,7 @@ bench: install
 	$(PY) bench/bench_recovery.py
 
 demo: install
-	$(VENV)/bin/render local examples/text2img-sd15.json --storage file://$(CURDIR)/render-output
+	$(VENV)/bin/render demo --out render-output/demo
 
 clean:
 	rm -rf $(VENV) render-output .pytest_cache .mypy_cache .ruff_cache

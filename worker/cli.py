@@ -220,6 +220,20 @@ def fetch(
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its renders, log and contact sheet.")] = Path(
+        "render-output/demo"
+    ),
+) -> None:
+    """Start a private Redis and a worker, render a small batch live (one job revoked), then clean up."""
+    _quiet_libraries()
+    from worker.demo import run_demo
+
+    if not run_demo(out, echo=typer.echo):
+        raise typer.Exit(1)
+
+
+@app.command()
 def schema() -> None:
     """Print the render spec's JSON Schema."""
     typer.echo(json_schema())
