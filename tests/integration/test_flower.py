@@ -1,0 +1,88 @@
+"""Flower, a real process on the test Redis with basic auth, sees the workers' jobs and progress events."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port, http_answers, wait_until
+from tests.integration.conftest import Farm
+from tests.integration.test_distributed import spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+AUTH = ("ops", "s3cret-flower")
+
+
+@pytest.fixture(scope="module")
+def flower(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("flower") / "flower.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                f"--broker={farm.redis_url}",
+                "flower",
+                f"--port={port}",
+                "--address=127.0.0.1",
+                f"--basic-auth={AUTH[0]}:{AUTH[1]}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: http_answers(url + "/healthcheck"), timeout=60, what="flower", process=process, log=log)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def get(url: str, auth: tuple[str, str] | None = AUTH) -> Any:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def test_flower_sees_jobs_and_their_progress(farm: Farm, flower: str) -> None:
+    time.sleep(2)  # Flower subscribes to the event stream after it answers HTTP
+    handle = farm.client.submit(spec(num_inference_steps=40, width=128, height=128))
+    manifest = handle.wait(timeout=60)
+    deadline = time.monotonic() + 20
+    info: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            info = get(f"{flower}/api/task/info/{handle.task_id}")
+        except urllib.error.HTTPError:
+            info = {}
+        if info.get("state") == "SUCCESS":
+            break
+        time.sleep(0.25)
+    assert info.get("state") == "SUCCESS", info
+    assert info["name"] == "render.run" and info["worker"].startswith(("alpha@", "beta@"))
+    workers = get(f"{flower}/workers?json=1")["data"]  # one row per worker, with its event counters
+    progress_events = sum(row.get("task-progress", 0) for row in workers)
+    assert progress_events >= 2, f"Flower counted no task-progress events: {workers}"
+    assert manifest.status == "succeeded"
+    assert handle.task_id in get(f"{flower}/api/tasks")
+
+
+def test_flower_refuses_requests_without_credentials(flower: str) -> None:
+    for auth in (None, ("ops", "wrong")):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(f"{flower}/api/tasks", auth=auth)
+        assert refused.value.code == 401
