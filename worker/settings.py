@@ -50,6 +50,7 @@ class WorkerSettings(ClientSettings):
     input_roots: list[str] = Field(default_factory=list, description="directories file:// inputs may come from")
     max_input_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="cap on one input image's bytes")
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="cap on one input image's pixels")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus /metrics port; unset: off")
     torch_threads: int | None = Field(
         default=None, ge=1, le=256, description="torch CPU threads per worker; cores / workers on a shared host"
     )

@@ -20,6 +20,7 @@ from producer.errors import RenderFailed, StorageError
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
+from worker import metrics
 from worker.inputs import load_inputs
 from worker.jobcontrol import Lease, RedisJobControl, control_client
 from worker.models.registry import ModelRegistry
@@ -51,6 +52,7 @@ def process_state(task: Task) -> ProcessState:
         settings: WorkerSettings = task.app.render_settings
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
+        metrics.serve(settings.metrics_port)
         state = ProcessState(
             pid=os.getpid(),
             settings=settings,
@@ -104,7 +106,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             registry=state.registry,
             storage=state.storage,
             task_id=task_id,
-            hooks=[control],
+            hooks=[control, metrics.StepTimer(spec.model)],
             attempt=attempt,
             queue_wait=queue_wait,
             frame_threads=state.settings.frame_upload_threads,
@@ -112,6 +114,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             inputs=inputs,
         )
     except (RenderFailed, StorageError):
+        metrics.JOBS.labels(status="failed").inc()
         with contextlib.suppress(StorageError):  # storage may be the very thing that failed
             if (failed := read_manifest(state.storage, task_id)) is not None:
                 _publish(state, failed)
@@ -119,6 +122,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     finally:
         lease.release()
     _publish(state, manifest)
+    metrics.record(manifest)
     if manifest.status == "revoked":
         _finish_revoked(task, state, manifest)
     return manifest.model_dump(mode="json")

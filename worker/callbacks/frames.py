@@ -7,6 +7,7 @@ image and uploads it, so the loop never waits on storage (nor, on a GPU, on a de
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -15,6 +16,7 @@ from diffusers.callbacks import PipelineCallback
 
 from producer.keys import frame_object
 from producer.spec import Frames
+from worker.metrics import FRAME_UPLOAD
 from worker.preview import CONTENT_TYPES, contact_strip, encode, latents_to_rgb
 from worker.storage import Storage
 
@@ -42,9 +44,12 @@ class FrameWriter:
     def _store(self, steps_completed: int, rgb: torch.Tensor, event: Any) -> str:
         if event is not None:
             event.synchronize()
+        started = time.perf_counter()
         image = contact_strip(rgb.numpy(), self.spec.size)
         name = frame_object(self.task_id, steps_completed, self.spec.format)
-        return self.storage.put(name, encode(image, self.spec.format), CONTENT_TYPES[self.spec.format])
+        url = self.storage.put(name, encode(image, self.spec.format), CONTENT_TYPES[self.spec.format])
+        FRAME_UPLOAD.observe(time.perf_counter() - started)
+        return url
 
     def finish(self) -> list[str]:
         """Wait for every frame; raise the first upload error."""

@@ -1,0 +1,63 @@
+"""Prometheus metrics of one worker process, served on `RENDER_METRICS_PORT` by the process that renders."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+from producer.manifest import Manifest
+
+if TYPE_CHECKING:  # the callbacks import this module for their own timings
+    from worker.callbacks.control import StepInfo
+
+log = logging.getLogger(__name__)
+
+_FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SLOW = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 3600.0)
+
+JOBS = Counter("render_jobs_total", "Jobs by final status.", ["status"])
+STEP_SECONDS = Histogram("render_step_seconds", "Seconds per denoising step.", ["model"], buckets=_FAST)
+QUEUE_WAIT = Histogram("render_queue_wait_seconds", "Seconds from submit to the start of rendering.", buckets=_SLOW)
+REVOKE_TO_STOP = Histogram("render_revoke_to_stop_seconds", "Seconds from a revoke to the job stopping.", buckets=_FAST)
+FRAME_UPLOAD = Histogram("render_frame_upload_seconds", "Seconds to encode and store one step frame.", buckets=_FAST)
+PIPELINE_LOAD = Histogram("render_pipeline_load_seconds", "Seconds to get a pipeline (cached: near 0).", buckets=_SLOW)
+
+
+def serve(port: int | None) -> None:
+    """Start the /metrics endpoint once per process (0 or None: off)."""
+    if port:
+        try:
+            start_http_server(port, addr="0.0.0.0")
+        except OSError as exc:
+            log.error("metrics port %d is not free (%s); metrics are off in this process", port, exc)
+
+
+class StepTimer:
+    """A step hook observing the time of each denoising step."""
+
+    def __init__(self, model: str) -> None:
+        self.histogram = STEP_SECONDS.labels(model=model)
+        self.last: float | None = None
+
+    def on_step(self, info: StepInfo) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.histogram.observe(now - self.last)
+        elif info.steps_completed > 0:
+            self.histogram.observe(info.elapsed / info.steps_completed)
+        self.last = now
+
+
+def record(manifest: Manifest) -> None:
+    """Everything a finished job's manifest tells the metrics."""
+    JOBS.labels(status=manifest.status).inc()
+    timings = manifest.timings
+    if timings.queue_wait is not None:
+        QUEUE_WAIT.observe(timings.queue_wait)
+    if timings.load is not None:
+        PIPELINE_LOAD.observe(timings.load)
+    if timings.revoke_to_stop is not None:
+        REVOKE_TO_STOP.observe(timings.revoke_to_stop)
