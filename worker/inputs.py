@@ -88,10 +88,13 @@ def _read_s3(field: str, ref: str, settings: WorkerSettings) -> bytes:
     key = parsed.path.lstrip("/")
     if not parsed.netloc or not key:
         raise SpecError(f"{field}: {ref!r} needs a bucket and a key (s3://bucket/key)")
+    source = S3Storage(parsed.netloc, endpoint_url=settings.s3_endpoint_url)
     try:
-        data = S3Storage(parsed.netloc, endpoint_url=settings.s3_endpoint_url).get(key)
+        data = source.get(key)
     except StorageError as exc:
         raise SpecError(f"{field}: {exc}") from None
+    finally:
+        source.close()
     if data is None:
         raise SpecError(f"{field}: {ref} does not exist")
     return data

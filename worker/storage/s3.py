@@ -45,6 +45,10 @@ class S3Storage(Storage):
         self.endpoint_url: str = self.client.meta.endpoint_url
         self._errors = (BotoCoreError, ClientError)
 
+    def close(self) -> None:
+        """Close the client's pooled connections (long-lived storages never need to)."""
+        self.client.close()
+
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
