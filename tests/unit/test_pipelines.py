@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer import RenderSpec, SpecError
+from producer import JobRevoked, RenderSpec, SpecError
 from tests.helpers import pixels
 from worker.inputs import load_inputs
 from worker.models.registry import ModelRegistry
@@ -273,4 +273,31 @@ def test_a_job_after_an_ip_adapter_job_renders_as_on_a_fresh_pipeline(
     fresh = ModelRegistry(registry.models, device=registry.device, dtype=registry.dtype)
     again = render(plain, registry=fresh, storage=storage)
 
+    assert [pixels(storage, u) for u in after.images] == [pixels(storage, u) for u in again.images]
+
+
+class RevokeAtTwo:
+    def on_step(self, info: Any) -> None:
+        if info.steps_completed == 2:
+            raise JobRevoked(2)
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
+def test_a_job_after_a_revoked_and_an_interrupted_one_renders_as_on_a_fresh_pipeline(
+    registry: ModelRegistry, settings: WorkerSettings, inputs_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    cut = pipeline_spec(kind, inputs_dir, callbacks=[{"type": "cfg_cutoff", "step_index": 1}])
+    budget = pipeline_spec(kind, inputs_dir, callbacks=[{"type": "step_budget", "max_steps": 2}])
+    job = pipeline_spec(kind, inputs_dir, num_images=2)
+    assert (
+        render(cut, registry=registry, storage=storage, inputs=load_inputs(cut, settings), hooks=[RevokeAtTwo()]).status
+        == "revoked"
+    )
+    assert (
+        render(budget, registry=registry, storage=storage, inputs=load_inputs(budget, settings)).status == "interrupted"
+    )
+    after = render(job, registry=registry, storage=storage, inputs=load_inputs(job, settings))
+    fresh = ModelRegistry(registry.models, device=registry.device, dtype=registry.dtype)
+    again = render(job, registry=fresh, storage=storage, inputs=load_inputs(job, settings))
     assert [pixels(storage, u) for u in after.images] == [pixels(storage, u) for u in again.images]
