@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 import redis
 from celery import Celery, states
-from celery.result import AsyncResult
 
 from producer.celery_config import base_config
 from producer.errors import RenderError, RenderFailed, SpecError
@@ -125,8 +124,9 @@ class RenderClient:
     # -- asking ---------------------------------------------------------------------------------------
 
     def status(self, task_id: str) -> TaskStatus:
-        result = AsyncResult(task_id, app=self.app)
-        state, info = result.state, result.info
+        # One backend read: AsyncResult.state and .info would each fetch the meta while the job is not final.
+        meta = self.app.backend.get_task_meta(task_id)
+        state, info = meta["status"], meta["result"]
         if state == states.PENDING:
             return TaskStatus(task_id, "queued" if self.redis.exists(job_key(task_id)) else "unknown")
         if state == states.STARTED:

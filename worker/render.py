@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -235,7 +236,7 @@ class _Job:
             timings=self.timings,
             worker=self.worker,
             attempt=self.attempt,
-            versions=_versions(),
+            versions=dict(_versions()),
             error=error,
             steps_after_revoke=self.steps_after_revoke,
             started_at=self.started_at,
@@ -249,6 +250,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
+@cache  # installed versions do not change under a running process; each manifest needs them
 def _versions() -> dict[str, str]:
     found = {}
     for name in _VERSIONED:
