@@ -14,7 +14,15 @@ from celery import Celery, states
 
 from producer.celery_config import base_config
 from producer.errors import RenderError, RenderFailed, SpecError
-from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, job_key, manifest_key, revoked_key
+from producer.keys import (
+    ATTEMPT_HEADER,
+    SUBMITTED_AT_HEADER,
+    TASK_RENDER,
+    check_task_id,
+    job_key,
+    manifest_key,
+    revoked_key,
+)
 from producer.manifest import Manifest
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
@@ -102,6 +110,8 @@ class RenderClient:
         ids = list(task_ids) if task_ids else [uuid.uuid4().hex for _ in parsed]
         if len(ids) != len(parsed):
             raise SpecError(f"task_ids: got {len(ids)} ids for {len(parsed)} specs; give one per spec or none")
+        for index, task_id in enumerate(ids):
+            check_task_id(task_id, f"task_ids[{index}]")
         queue = queue or self.settings.queue
         now = time.time()
         records = self.redis.pipeline(transaction=False)

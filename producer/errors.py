@@ -54,6 +54,13 @@ class StorageError(RenderError):
     """Raised when a storage URL is invalid or an object cannot be read or written."""
 
 
+class StorageUnavailable(StorageError):
+    """Raised when storage cannot be reached or answers with a transient error (timeouts, 5xx, throttling).
+
+    Worth retrying, unlike a missing bucket or refused credentials.
+    """
+
+
 class JobStopped(RenderError):
     """Raised inside the step callback to leave the denoising loop before the VAE decode."""
 
@@ -72,6 +79,16 @@ class JobRevoked(JobStopped):
         super().__init__("revoked", steps_completed)
         self.revoked_at = revoked_at  # epoch seconds the revoke was written, when known
         self.steps_after_revoke = steps_after_revoke
+
+
+class LeaseLost(JobStopped):
+    """Raised when this worker no longer holds the job's lease: another worker may own the job now.
+
+    The render stops and writes nothing: no images, no manifest, no state.
+    """
+
+    def __init__(self, steps_completed: int, key: str) -> None:
+        super().__init__(f"lease {key} lost", steps_completed)
 
 
 class RenderFailed(RenderError):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+from producer.errors import SpecError
+
 KEY_PREFIX = "render"
 
 TASK_RENDER = "render.run"
@@ -9,6 +13,22 @@ DEFAULT_QUEUE = "render"
 
 MANIFEST_NAME = "manifest.json"
 FRAMES_DIR = "frames"
+
+
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_task_id(task_id: str, field: str = "task_id") -> str:
+    """Return `task_id` if it is safe as an object prefix and a key part; raise SpecError naming `field` if not.
+
+    Task ids become storage paths (`<task_id>/image-0.png`), so `../x`, `a/b` or an empty id are refused.
+    """
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+        raise SpecError(
+            f"{field}: {task_id!r} is not a valid task id; use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (or leave it out for a generated one)"
+        )
+    return task_id
 
 
 def revoked_key(task_id: str) -> str:

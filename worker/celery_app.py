@@ -53,6 +53,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
         interval=settings.recovery_interval,
         owner=socket.gethostname(),
+        grace=settings.lease_ttl,
     )
 
     def start_scanner(sender: Any = None, **_: Any) -> None:

@@ -20,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from producer.errors import JobRevoked
+from producer.errors import JobRevoked, LeaseLost
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
 from worker.callbacks.control import StepInfo
 
@@ -50,7 +50,10 @@ class Lease:
     """`render:lease:<task_id>`, held by one worker while it renders, renewed by a thread every ttl/3.
 
     A thread rather than the step callback renews it, because loading a model and decoding take
-    minutes on real checkpoints and have no step callbacks.
+    minutes on real checkpoints and have no step callbacks. `lost` is set once the lease is no longer
+    ours: renewal found another holder or no key, or Redis did not answer for a whole ttl (the key has
+    expired there, and the recovery scanner may have handed the job to another worker). The step hook
+    then stops the render, so two workers never render one job at once for more than about a step.
     """
 
     def __init__(self, client: redis.Redis, task_id: str, ttl: float, owner: str) -> None:
@@ -61,6 +64,8 @@ class Lease:
         self.token = f"{owner}:{uuid.uuid4().hex[:8]}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost = threading.Event()
+        self._renewed_at = 0.0
 
     def acquire(self, record: dict[str, Any]) -> bool:
         """Take the lease if nobody holds it and record the job in `render:running`; start renewing it."""
@@ -69,6 +74,7 @@ class Lease:
         )
         if not taken:
             return False
+        self._renewed_at = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
         self._thread.start()
         return True
@@ -81,10 +87,18 @@ class Lease:
         while not self._stop.wait(self.ttl_ms / 3000):
             try:
                 if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
-                    log.error("lease %s was lost; another worker may take this job over", self.key)
+                    self._lose("it is held by another worker or expired")
                     return
+                self._renewed_at = time.monotonic()
             except redis.RedisError as exc:
-                log.warning("could not renew lease %s: %s", self.key, exc)
+                if time.monotonic() - self._renewed_at >= self.ttl_ms / 1000:
+                    self._lose(f"Redis did not answer for a whole lease ttl ({exc})")
+                    return
+                log.warning("could not renew lease %s (retrying): %s", self.key, exc)
+
+    def _lose(self, why: str) -> None:
+        log.error("lease %s was lost: %s; this worker stops the job and writes nothing", self.key, why)
+        self.lost.set()
 
     def release(self) -> None:
         self._stop.set()
@@ -108,8 +122,10 @@ class RedisJobControl:
         progress_interval: float = 0.5,
         clock: Callable[[], float] = time.time,
         backoff: float = 1.0,
+        lease: Lease | None = None,
     ) -> None:
         self.client = client
+        self.lease = lease
         self.key = revoked_key(task_id)
         self.report = report
         self.progress_interval = progress_interval
@@ -147,6 +163,8 @@ class RedisJobControl:
     def on_step(self, info: StepInfo) -> None:
         now = self.clock()
         self._step_ends.append(now)
+        if self.lease is not None and self.lease.lost.is_set():
+            raise LeaseLost(info.steps_completed, self.lease.key)
         if self.is_revoked():
             raise JobRevoked(
                 info.steps_completed, revoked_at=self.revoked_at, steps_after_revoke=self.steps_after_revoke()

@@ -5,6 +5,13 @@ worker's main process scans `render:running` every `recovery_interval` seconds; 
 whose lease is gone and whose result is not final is sent again under the same task id, by exactly
 one worker (a short `SET NX` lock). The broker's late redelivery then finds the manifest and does
 nothing.
+
+A worker can also die after the broker handed it a job but before the job took its lease (between
+delivery and the first lines of the task). That job is only in kombu's `unacked` hash, which Redis
+would restore after the visibility timeout. The scanner restores it sooner: an unacknowledged
+delivery older than `grace` seconds whose task holds no lease, is not final and is not listed as
+running goes back to the head of its queue. A delivery restored while its worker is alive after all
+is harmless: the lease lets one of the two copies render, and the other is dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
+from collections import defaultdict
+from typing import Any
 
 import redis
 from celery import Celery, states
@@ -33,11 +43,12 @@ log = logging.getLogger(__name__)
 class RecoveryScanner:
     """Scans for dead jobs from a daemon thread; `scan_once` is the whole logic."""
 
-    def __init__(self, app: Celery, client: redis.Redis, *, interval: float, owner: str) -> None:
+    def __init__(self, app: Celery, client: redis.Redis, *, interval: float, owner: str, grace: float = 30.0) -> None:
         self.app = app
         self.client = client
         self.interval = interval
         self.owner = owner
+        self.grace = grace
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="render-recovery", daemon=True)
 
@@ -55,14 +66,24 @@ class RecoveryScanner:
                 log.exception("recovery scan failed; retrying in %.1f s", self.interval)
 
     def scan_once(self) -> list[str]:
-        """Re-enqueue every running job whose lease expired; return their ids."""
+        """Re-enqueue every running job whose lease expired and every orphaned delivery; return their ids."""
+        with self.app.connection_for_write() as connection:
+            qos = connection.default_channel.qos
+            deliveries = self._deliveries(qos)
+            running = self._recover_running(deliveries, qos)
+            return running + self._restore_orphans(deliveries, qos)
+
+    def _recover_running(self, deliveries: dict[str, list[str]], qos: Any) -> list[str]:
         recovered = []
         for raw_id, raw_record in self.client.hgetall(RUNNING_TASKS).items():
             task_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            stale = deliveries.pop(task_id, [])  # handled here, not as an orphan
             if self.client.exists(lease_key(task_id)):
                 continue
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue  # another worker is on it
+            for tag in stale:  # the dead worker's delivery: the job is re-sent below, or already final
+                qos._remove_from_indices(tag).execute()
             if self._is_final(task_id):
                 self.client.hdel(RUNNING_TASKS, task_id)
                 continue
@@ -79,6 +100,39 @@ class RecoveryScanner:
             log.warning("task %s lost its worker %s; re-enqueued as attempt %d", task_id, record.get("worker"), attempt)
             recovered.append(task_id)
         return recovered
+
+    def _deliveries(self, qos: Any) -> dict[str, list[str]]:
+        """Unacknowledged deliveries older than `grace`, by task id (kombu's `unacked` hash and its index)."""
+        old = self.client.zrangebyscore(qos.unacked_index_key, "-inf", time.time() - self.grace)
+        found: dict[str, list[str]] = defaultdict(list)
+        for raw_tag in old:
+            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+            raw = self.client.hget(qos.unacked_key, tag)
+            try:
+                task_id = json.loads(raw)[0]["headers"]["id"] if raw else None
+            except (ValueError, LookupError, TypeError):
+                task_id = None
+            if isinstance(task_id, str):
+                found[task_id].append(tag)
+        return found
+
+    def _restore_orphans(self, deliveries: dict[str, list[str]], qos: Any) -> list[str]:
+        restored = []
+        for task_id, tags in deliveries.items():
+            if self.client.exists(lease_key(task_id)):
+                continue  # alive and rendering: its delivery is acknowledged when it ends
+            if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
+                continue
+            if self._is_final(task_id):  # its acknowledgement was lost (a Redis outage at the end)
+                for tag in tags:
+                    qos._remove_from_indices(tag).execute()
+                continue
+            qos.restore_by_tag(tags[0], leftmost=True)
+            for tag in tags[1:]:
+                qos._remove_from_indices(tag).execute()
+            log.warning("task %s was delivered %.0f+ s ago and never started; back on its queue", task_id, self.grace)
+            restored.append(task_id)
+        return restored
 
     def _is_final(self, task_id: str) -> bool:
         if self.client.exists(manifest_key(task_id)):

@@ -8,7 +8,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from producer.errors import JobRevoked, RenderFailed, SpecError, StorageError
+from producer.errors import JobRevoked, LeaseLost, RenderFailed, SpecError, StorageError
 from producer.keys import image_object, manifest_object
 from producer.manifest import Manifest, RenderStatus, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
@@ -61,13 +61,16 @@ def render(
     frame_threads: int = 2,
     worker: str | None = None,
     inputs: Mapping[str, Image.Image] | None = None,
+    before_store: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Render `spec`, store images, frames and the manifest (last), and return the manifest.
 
     A task whose stored manifest already says `succeeded` is returned as it is, not rendered
     again. A hook raising `JobRevoked` ends the job before decode and upload (status `revoked`);
     a step budget interrupts it and keeps the partial image (status `interrupted`).
-    `inputs` are the spec's images, already checked (`worker.inputs.load_inputs`).
+    `inputs` are the spec's images, already checked (`worker.inputs.load_inputs`). `before_store(steps)` runs
+    after decode, before the first upload; a `LeaseLost` from it or from a hook ends the job with nothing
+    written, because another worker may own it now.
     Raises `SpecError`/`ModelError` before any work, `RenderFailed` after writing a `failed` manifest.
     """
     task_id = task_id or uuid.uuid4().hex
@@ -88,6 +91,12 @@ def render(
     try:
         with _ip_adapter(pipe, spec, registry):
             images = _run(pipe, spec, job, stack, inputs)
+        if before_store is not None:
+            before_store(job.steps_completed)
+    except LeaseLost:
+        if stack.frames:
+            stack.frames.abandon()
+        raise
     except JobRevoked as revoked:
         if revoked.revoked_at is not None:
             job.timings.revoke_to_stop = max(0.0, time.time() - revoked.revoked_at)

@@ -46,6 +46,9 @@ class WorkerSettings(ClientSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
+    storage_retry_seconds: float = Field(
+        default=120.0, ge=0.0, description="how long an unreachable S3 endpoint is retried before a job fails"
+    )
     frame_upload_threads: int = Field(default=2, ge=1, le=16)
     input_roots: list[str] = Field(default_factory=list, description="directories file:// inputs may come from")
     max_input_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="cap on one input image's bytes")

@@ -16,8 +16,8 @@ from celery import Task
 from celery.exceptions import Ignore
 from redis import Redis
 
-from producer.errors import RenderFailed, StorageError
-from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, manifest_key, revoked_key
+from producer.errors import LeaseLost, RenderFailed, StorageError
+from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
 from worker import metrics
@@ -57,7 +57,11 @@ def process_state(task: Task) -> ProcessState:
             pid=os.getpid(),
             settings=settings,
             registry=ModelRegistry.from_settings(settings),
-            storage=open_storage(settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url),
+            storage=open_storage(
+                settings.storage_url,
+                s3_endpoint_url=settings.s3_endpoint_url,
+                retry_seconds=settings.storage_retry_seconds,
+            ),
             redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
             control=control_client(settings.redis_url),
             owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
@@ -69,8 +73,8 @@ def process_state(task: Task) -> ProcessState:
 def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     """Body of the `render.run` task. Returns the manifest as JSON; a revoked job ends in state REVOKED."""
     spec = RenderSpec.parse(spec_json if isinstance(spec_json, str | bytes | dict) else repr(spec_json))
+    task_id: str = check_task_id(task.request.id)
     state = process_state(task)
-    task_id: str = task.request.id
     attempt = int(task.request.get(ATTEMPT_HEADER) or 1)
     submitted = task.request.get(SUBMITTED_AT_HEADER)
     queue_wait = max(0.0, time.time() - float(submitted)) if submitted else None
@@ -82,7 +86,6 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             task, state, revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner)
         )
 
-    inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner)
     record = {
         "spec": spec.model_dump_json(),
@@ -99,8 +102,15 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         task_id,
         lambda step, total: _progress(task, step, total),
         progress_interval=state.settings.progress_interval,
+        lease=lease,
     )
+
+    def before_store(steps: int) -> None:
+        if lease.lost.is_set():
+            raise LeaseLost(steps, lease.key)
+
     try:
+        inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
         manifest = render(
             spec,
             registry=state.registry,
@@ -112,7 +122,12 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             frame_threads=state.settings.frame_upload_threads,
             worker=state.owner,
             inputs=inputs,
+            before_store=before_store,
         )
+    except LeaseLost:
+        # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
+        log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
+        raise Ignore() from None
     except (RenderFailed, StorageError):
         metrics.JOBS.labels(status="failed").inc()
         with contextlib.suppress(StorageError):  # storage may be the very thing that failed

@@ -16,11 +16,16 @@ _BUCKET = re.compile(r"[a-zA-Z0-9._-]{1,255}")  # botocore's own check; S3 itsel
 _FORMS = "use file:///absolute/dir, a plain directory path, or s3://bucket[/prefix]"
 
 
-def open_storage(url: str, *, s3_endpoint_url: str | None = None) -> Storage:
-    """Open `file:///dir`, a plain path, or `s3://bucket[/prefix]` (at `s3_endpoint_url`, or AWS when None)."""
+def open_storage(url: str, *, s3_endpoint_url: str | None = None, retry_seconds: float = 0.0) -> Storage:
+    """Open `file:///dir`, a plain path, or `s3://bucket[/prefix]` (at `s3_endpoint_url`, or AWS when None).
+
+    `retry_seconds`: how long an unreachable S3 endpoint is retried, with backoff, before a call fails.
+    """
     if not url:
         raise StorageError(f"storage URL is empty; {_FORMS}")
     parsed = urlparse(url)
+    if ".." in unquote(parsed.path).replace("\\", "/").split("/"):
+        raise StorageError(f"storage URL {url!r} has a '..' segment; name the directory or prefix itself")
     if parsed.scheme == "" or (len(parsed.scheme) == 1 and url[1:3] in (":\\", ":/")):
         return LocalStorage(url)
     if "@" in parsed.netloc:  # never echo a URL that may hold a secret
@@ -32,7 +37,7 @@ def open_storage(url: str, *, s3_endpoint_url: str | None = None) -> Storage:
             raise StorageError(f"storage URL {url!r} names no bucket; {_FORMS}")
         if not _BUCKET.fullmatch(parsed.netloc):
             raise StorageError(f"storage URL {url!r} names an invalid bucket {parsed.netloc!r}; {_FORMS}")
-        return S3Storage(parsed.netloc, parsed.path, endpoint_url=s3_endpoint_url)
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=s3_endpoint_url, retry_seconds=retry_seconds)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost", "."):
             raise StorageError(f"storage URL {url!r} names a host; {_FORMS}")

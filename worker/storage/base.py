@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import unicodedata
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
 
-from producer.errors import StorageError
+from producer.errors import StorageError, StorageUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def check_name(name: str) -> str:
@@ -26,15 +33,39 @@ class Storage(ABC):
 
     base_url: str
     """The URL objects are stored under, without a trailing slash."""
+    retry_seconds: float = 0.0
+    """How long `put` and `get` keep retrying a backend that is unreachable or answers with a transient error."""
 
     def put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None) -> str:
         """Store `data` as `name`, replacing any object of that name; return its URL."""
-        self._put(check_name(name), data, content_type, metadata or {})
+        check_name(name)
+        self._retrying(lambda: self._put(name, data, content_type, metadata or {}))
         return self.url(name)
 
     def get(self, name: str) -> bytes | None:
         """The object's bytes, or None when there is no such object."""
-        return self._get(check_name(name))
+        check_name(name)
+        return self._retrying(lambda: self._get(name))
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Run `call`, retrying `StorageUnavailable` with exponential backoff (0.5 s doubling to 15 s) for
+        `retry_seconds`; then raise it, saying how long it tried. Other errors (a missing bucket, refused
+        credentials) are raised at once: waiting does not fix them."""
+        started = time.monotonic()
+        delay, attempts = 0.5, 1
+        while True:
+            try:
+                return call()
+            except StorageUnavailable as exc:
+                left = self.retry_seconds - (time.monotonic() - started)
+                if left <= 0:
+                    if attempts == 1:
+                        raise
+                    took = time.monotonic() - started
+                    raise StorageUnavailable(f"{exc} (gave up after {attempts} attempts over {took:.1f} s)") from exc
+                log.warning("storage unavailable (attempt %d, retrying in %.1f s): %s", attempts, min(delay, left), exc)
+                time.sleep(min(delay, left))
+                delay, attempts = min(delay * 2, 15.0), attempts + 1
 
     def url(self, name: str) -> str:
         """`base_url + "/" + name`."""

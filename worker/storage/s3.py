@@ -4,18 +4,33 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from producer.errors import StorageError
+from producer.errors import StorageError, StorageUnavailable
 from worker.storage.base import Storage
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+_TRANSIENT = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "500",
+    "502",
+    "503",
+    "504",
+}
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 
 
 class S3Storage(Storage):
-    """Objects under `s3://bucket/prefix`. boto3 is imported here, not at module import; one thread-safe client."""
+    """Objects under `s3://bucket/prefix`. boto3 is imported here, not at module import; one thread-safe client.
+
+    Each call gets botocore's quick retries (`max_attempts`, standard mode); on top of them an endpoint that
+    cannot be reached or answers 5xx/throttling is retried with backoff for `retry_seconds` (see `Storage`).
+    """
 
     def __init__(
         self,
@@ -23,15 +38,17 @@ class S3Storage(Storage):
         prefix: str = "",
         *,
         endpoint_url: str | None = None,
-        max_attempts: int = 5,
+        max_attempts: int = 3,
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
+        retry_seconds: float = 0.0,
     ) -> None:
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError
 
         self.bucket = bucket
+        self.retry_seconds = retry_seconds
         self.prefix = prefix.strip("/")
         self.base_url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         config = Config(
@@ -69,7 +86,13 @@ class S3Storage(Storage):
             raise self._error("read", name, exc) from exc
 
     def _error(self, verb: str, name: str, exc: Exception) -> StorageError:
-        from botocore.exceptions import ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+        from botocore.exceptions import (
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
 
         where = f"cannot {verb} s3://{self.bucket}/{self._key(name)} at {self.endpoint_url}"
         code = _error_code(exc)
@@ -79,8 +102,11 @@ class S3Storage(Storage):
             problem = f"access denied ({code}); check the AWS credentials and the bucket's policy"
         elif isinstance(exc, NoCredentialsError):
             problem = "no AWS credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
-        elif isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
+        elif isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ConnectionClosedError):
             problem = "the S3 endpoint cannot be reached; start the server or fix RENDER_S3_ENDPOINT_URL"
+            return StorageUnavailable(f"{where}: {problem}")
+        elif isinstance(exc, ReadTimeoutError) or code in _TRANSIENT:
+            return StorageUnavailable(f"{where}: the S3 endpoint is failing or too slow ({type(exc).__name__}: {exc})")
         else:
             problem = " ".join(f"{type(exc).__name__}: {exc}".split())
         return StorageError(f"{where}: {problem}")
