@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from producer.errors import (
     ConfigError,
+    FarmUnavailable,
     JobRevoked,
     JobStopped,
     ModelError,
@@ -22,6 +23,7 @@ from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, S
 __all__ = [
     "CfgCutoff",
     "ConfigError",
+    "FarmUnavailable",
     "Frames",
     "IpAdapterScaleCutoff",
     "JobRevoked",

@@ -23,5 +23,9 @@ def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int =
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
         "redis_backend_health_check_interval": 10,
+        # A Redis blip (a restart, a failover) is retried with backoff (10 ms doubling, about 2.5 s in all
+        # here; the worker allows about 30 s for its final writes), not turned into an error at once.
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 8,
         "broker_transport_options": {"socket_keepalive": True, "health_check_interval": 10},
     }

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import redis
 from celery import Celery, states
+from celery.exceptions import BackendError
+from kombu.exceptions import OperationalError
 
 from producer.celery_config import base_config
-from producer.errors import RenderError, RenderFailed, SpecError
+from producer.errors import FarmUnavailable, RenderError, RenderFailed, SpecError
 from producer.keys import (
     ATTEMPT_HEADER,
     SUBMITTED_AT_HEADER,
@@ -30,6 +34,15 @@ from producer.spec import RenderSpec
 State = Literal["unknown", "queued", "started", "progress", "succeeded", "interrupted", "revoked", "failed"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "interrupted", "revoked", "failed"})
 RevokeOutcome = Literal["revoked", "already-finished", "unknown"]
+
+
+def redacted(url: str) -> str:
+    """The Redis URL without its password, for messages and logs."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = f"{parsed.username or ''}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
+    return parsed._replace(netloc=netloc).geturl()
 
 
 class WaitTimeout(RenderError):
@@ -113,6 +126,10 @@ class RenderClient:
         for index, task_id in enumerate(ids):
             check_task_id(task_id, f"task_ids[{index}]")
         queue = queue or self.settings.queue
+        with self._reaching():
+            return self._enqueue(parsed, ids, queue)
+
+    def _enqueue(self, parsed: list[RenderSpec], ids: list[str], queue: str) -> list[JobHandle]:
         now = time.time()
         records = self.redis.pipeline(transaction=False)
         for task_id in ids:
@@ -133,7 +150,24 @@ class RenderClient:
 
     # -- asking ---------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turn the many ways Redis can be away (redis-py, kombu, Celery's backend) into one clear error."""
+        try:
+            yield
+        except (redis.RedisError, OperationalError, BackendError, ConnectionError, TimeoutError) as exc:
+            cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ else exc
+            raise FarmUnavailable(
+                f"cannot reach the farm's Redis at {redacted(self.settings.redis_url)} "
+                f"({type(cause).__name__}: {cause}); check that it is up and RENDER_REDIS_URL"
+            ) from exc
+
     def status(self, task_id: str) -> TaskStatus:
+        """Where the job stands now; raises `FarmUnavailable` if Redis cannot be reached."""
+        with self._reaching():
+            return self._status(task_id)
+
+    def _status(self, task_id: str) -> TaskStatus:
         # One backend read: AsyncResult.state and .info would each fetch the meta while the job is not final.
         meta = self.app.backend.get_task_meta(task_id)
         state, info = meta["status"], meta["result"]
@@ -193,8 +227,9 @@ class RenderClient:
             return "already-finished"
         if current.state == "unknown":
             return "unknown"
-        self.redis.set(revoked_key(task_id), json.dumps({"at": time.time()}), ex=self.settings.revoke_ttl)
-        self.app.control.revoke(task_id)
+        with self._reaching():
+            self.redis.set(revoked_key(task_id), json.dumps({"at": time.time()}), ex=self.settings.revoke_ttl)
+            self.app.control.revoke(task_id)
         return "revoked"
 
     def close(self) -> None:

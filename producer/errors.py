@@ -91,6 +91,10 @@ class LeaseLost(JobStopped):
         super().__init__(f"lease {key} lost", steps_completed)
 
 
+class FarmUnavailable(RenderError):
+    """Raised by the client when the farm's Redis cannot be reached (after a few quick retries)."""
+
+
 class RenderFailed(RenderError):
     """Raised when the pipeline fails while rendering; the cause is chained."""
 

@@ -37,8 +37,14 @@ def create_app(settings: WorkerSettings) -> Celery:
         # Flower sees every job, its start and its progress events.
         worker_send_task_events=True,
         task_track_started=True,
-        worker_cancel_long_running_tasks_on_connection_loss=True,
+        # Off, against Celery's advice for AMQP: on a lost Redis connection Celery would SIGTERM the render
+        # and record it as REVOKED, a false final state, for a job it then delivers again. Left running,
+        # the render rides through a Redis blip; its acknowledgement goes out on the new connection, or
+        # the recovery scanner cleans up after it (tests/faults/test_redis.py).
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
+        # A job's final state must survive a Redis restart at the moment it ends: retry for about 30 s.
+        result_backend_max_retries=12,
     )
     app.conf.update(conf)
     app.render_settings = settings

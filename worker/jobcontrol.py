@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from producer.errors import JobRevoked, LeaseLost
@@ -46,6 +46,18 @@ def control_client(url: str, timeout: float = 2.0) -> redis.Redis:
     )
 
 
+def patient_client(url: str) -> redis.Redis:
+    """A Redis client for the writes that end a job: it rides through a Redis restart of up to about 30 s
+    (10 retries, 0.2 s doubling to 5 s) rather than lose a finished job's state."""
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), 10),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 class Lease:
     """`render:lease:<task_id>`, held by one worker while it renders, renewed by a thread every ttl/3.
 
@@ -56,8 +68,11 @@ class Lease:
     then stops the render, so two workers never render one job at once for more than about a step.
     """
 
-    def __init__(self, client: redis.Redis, task_id: str, ttl: float, owner: str) -> None:
+    def __init__(
+        self, client: redis.Redis, task_id: str, ttl: float, owner: str, *, renew_client: redis.Redis | None = None
+    ) -> None:
         self.client = client
+        self.renew_client = renew_client or client  # fast-failing, so a lost lease is noticed within its ttl
         self.task_id = task_id
         self.key = lease_key(task_id)
         self.ttl_ms = int(ttl * 1000)
@@ -86,7 +101,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_ms / 3000):
             try:
-                if not self.client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
+                if not self.renew_client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
                     self._lose("it is held by another worker or expired")
                     return
                 self._renewed_at = time.monotonic()

@@ -59,7 +59,14 @@ def _tail(log: Path | None, lines: int = 20) -> str:
 class RedisServer:
     """`redis-server` on a free loopback port, data in a temporary directory, no persistence by default."""
 
-    def __init__(self, *, port: int | None = None, workdir: Path | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        workdir: Path | None = None,
+        appendonly: bool = False,
+        password: str | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ConfigError(
@@ -70,11 +77,13 @@ class RedisServer:
         self.port = port or free_port()
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="render-redis-"))
         self.appendonly = appendonly
+        self.password = password
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         log = self.workdir / "redis.log"
@@ -91,8 +100,11 @@ class RedisServer:
                 str(self.workdir),
                 "--appendonly",
                 "yes" if self.appendonly else "no",
+                "--appendfsync",
+                "always",  # an acknowledged write survives a crash: what the restart tests rely on
                 "--logfile",
                 str(log),
+                *(["--requirepass", self.password] if self.password else []),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -102,6 +114,10 @@ class RedisServer:
 
     def ping(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            if self.password:
+                sock.sendall(f"AUTH {self.password}\r\n".encode())
+                if not sock.recv(16).startswith(b"+OK"):
+                    return False
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
 

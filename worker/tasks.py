@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 import torch
 from celery import Task
 from celery.exceptions import Ignore
@@ -22,7 +21,7 @@ from producer.manifest import Manifest
 from producer.spec import RenderSpec
 from worker import metrics
 from worker.inputs import load_inputs
-from worker.jobcontrol import Lease, RedisJobControl, control_client
+from worker.jobcontrol import Lease, RedisJobControl, control_client, patient_client
 from worker.models.registry import ModelRegistry
 from worker.render import read_manifest, render, revoked_before_start
 from worker.settings import WorkerSettings
@@ -62,7 +61,7 @@ def process_state(task: Task) -> ProcessState:
                 s3_endpoint_url=settings.s3_endpoint_url,
                 retry_seconds=settings.storage_retry_seconds,
             ),
-            redis=redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+            redis=patient_client(settings.redis_url),
             control=control_client(settings.redis_url),
             owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
         )
@@ -86,7 +85,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             task, state, revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner)
         )
 
-    lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner)
+    lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner, renew_client=state.control)
     record = {
         "spec": spec.model_dump_json(),
         "queue": _queue(task),

@@ -40,7 +40,7 @@ class Farm:
     def redis(self) -> redis.Redis:
         return self.client.redis
 
-    def start_workers(self, *names: str, **settings: str) -> list[WorkerProcess]:
+    def start_workers(self, *names: str, ready: bool = True, **settings: str) -> list[WorkerProcess]:
         env = {
             "RENDER_REDIS_URL": self.redis_url,
             "RENDER_STORAGE_URL": f"s3://{self.bucket}/renders",
@@ -52,7 +52,7 @@ class Farm:
             **{f"RENDER_{k.upper()}": v for k, v in settings.items()},
         }
         started = [WorkerProcess(name, env, self.logs / f"{name}.log").start() for name in names]
-        for worker in started:
+        for worker in started if ready else ():
             worker.wait_ready(self.client.app, timeout=90)
         self.workers.extend(started)
         return started

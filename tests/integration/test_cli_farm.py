@@ -76,4 +76,7 @@ def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
         env={**os.environ, "RENDER_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"},
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("error: cannot reach Redis") and result.stderr.count("\n") == 1, result.stderr
+    assert (
+        result.stderr.startswith("error: cannot reach the farm's Redis at redis://127.0.0.1:")
+        and result.stderr.count("\n") == 1
+    ), result.stderr

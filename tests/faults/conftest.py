@@ -1,0 +1,100 @@
+"""A farm for fault tests: its own persistent redis-server, and break-able proxies in front of Redis and S3.
+
+Workers and the producer talk to Redis and S3 through `FaultProxy`s; tests inspect the real servers
+directly, so a fault never hides what actually happened.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import redis
+
+from producer.client import RenderClient
+from producer.keys import RUNNING_TASKS
+from producer.settings import ClientSettings
+from tests.faults.proxy import FaultProxy
+from tests.integration.conftest import Farm, farm_factory, redis_server  # noqa: F401  (fixtures used here)
+from worker.local_cluster import RedisServer
+
+
+@dataclass
+class ChaosFarm(Farm):
+    """A `Farm` whose workers and client go through proxies. `direct` reads Redis without the proxy."""
+
+    server: RedisServer | None = None
+    redis_proxy: FaultProxy | None = None
+    s3_proxy: FaultProxy | None = None
+
+    @property
+    def direct(self) -> redis.Redis:
+        assert self.server is not None
+        return redis.Redis.from_url(self.server.url, socket_timeout=5)
+
+    def start_workers(self, *names: str, ready: bool = True, **settings: str) -> list[Any]:
+        assert self.s3_proxy is not None
+        defaults = {"s3_endpoint_url": f"http://{self.s3_proxy.address}", "storage_retry_seconds": "20"}
+        return super().start_workers(*names, ready=ready, **(defaults | settings))
+
+    def queue_is_empty(self) -> bool:
+        """Nothing waiting, nothing delivered and unacknowledged, nothing listed as running."""
+        db = self.direct
+        return not db.llen("render") and not db.hlen("unacked") and not db.hlen(RUNNING_TASKS)
+
+    def stored_manifest(self, task_id: str) -> dict[str, Any] | None:
+        """The manifest in the bucket, read straight from the S3 server; None when there is none."""
+        if "manifest.json" not in self.objects(task_id):
+            return None
+        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint)
+        body = s3.get_object(Bucket=self.bucket, Key=f"renders/{task_id}/manifest.json")["Body"].read()
+        data: dict[str, Any] = json.loads(body)
+        return data
+
+    def log_text(self) -> str:
+        return "".join(w.log_path.read_text(errors="replace") for w in self.workers if w.log_path.exists())
+
+
+@pytest.fixture
+def chaos_farm(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ChaosFarm]]:
+    """Makes farms on their own redis-server (AOF, fsync always); stops every process they started."""
+    made: list[ChaosFarm] = []
+
+    def make(*, password: str | None = None) -> ChaosFarm:
+        workdir: Path = tmp_path_factory.mktemp("chaos-redis")
+        server = RedisServer(workdir=workdir, appendonly=True, password=password).start()
+        redis_proxy = FaultProxy(server.port).start()
+        s3_proxy = FaultProxy(int(s3_server.rsplit(":", 1)[1])).start()
+        auth = f":{password}@" if password else ""
+        url = f"redis://{auth}{redis_proxy.address}/0"
+        bucket = f"chaos-{uuid.uuid4().hex[:10]}"
+        boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+        client = RenderClient(ClientSettings(redis_url=url))
+        farm = ChaosFarm(
+            url,
+            bucket,
+            s3_server,
+            tmp_path_factory.mktemp("chaos-logs"),
+            client,
+            server=server,
+            redis_proxy=redis_proxy,
+            s3_proxy=s3_proxy,
+        )
+        made.append(farm)
+        return farm
+
+    yield make
+    for farm in made:
+        for worker in farm.workers:
+            worker.stop()
+        farm.client.close()
+        assert farm.redis_proxy is not None and farm.s3_proxy is not None and farm.server is not None
+        farm.redis_proxy.close()
+        farm.s3_proxy.close()
+        farm.server.stop()

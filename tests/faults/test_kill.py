@@ -1,0 +1,151 @@
+"""Workers killed with SIGKILL: after delivery but before start, mid-steps, mid-upload, and at random points.
+
+No job may be lost, none rendered by two workers at once, and no half-written result may ever be
+visible as succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.keys import RUNNING_TASKS
+from tests.faults.conftest import ChaosFarm
+from worker.local_cluster import WorkerProcess, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
+
+
+def job(seed: int, **overrides: Any) -> dict[str, Any]:
+    return {
+        "model": "tiny-sd15",
+        "prompt": f"kill test {seed}",
+        "num_inference_steps": 40,
+        "width": 128,
+        "height": 128,
+        "seed": seed,
+        **overrides,
+    }
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def holder(farm: ChaosFarm, task_id: str) -> WorkerProcess:
+    record = json.loads(farm.direct.hget(RUNNING_TASKS, task_id) or b"{}")
+    return next(w for w in farm.workers if record.get("worker", "").startswith(w.hostname + ":"))
+
+
+def assert_complete(farm: ChaosFarm, task_id: str, manifest: Any) -> None:
+    names = farm.objects(task_id)
+    images = [f"image-{i}.png" for i in range(manifest.spec["num_images"])]
+    assert [n for n in names if n.startswith("image-")] == images
+    assert [n.rsplit("/", 1)[1] for n in names if n.startswith("frames/")] == [
+        u.rsplit("/", 1)[1] for u in manifest.frames
+    ]
+    assert "manifest.json" in names
+
+
+def test_killed_after_delivery_before_start_the_job_is_put_back_and_done_once(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    (first,) = farm.start_workers("early")
+    (child,) = children(first.pid)
+    os.kill(child, signal.SIGSTOP)  # the job reaches the worker but its render process never runs it
+    handle = farm.client.submit(job(1))
+    wait_until(lambda: farm.direct.hlen("unacked") == 1, timeout=20, what="the delivery to the stopped worker")
+    assert not farm.direct.hexists(RUNNING_TASKS, handle.task_id), "the job must not have started"
+    first.kill(signal.SIGKILL)
+    os.kill(child, signal.SIGKILL)  # stopped processes get SIGKILL too; make sure
+    farm.start_workers("late")
+
+    manifest = handle.wait(timeout=90)
+    assert manifest.status == "succeeded" and manifest.worker.startswith("late@")
+    assert_complete(farm, handle.task_id, manifest)
+    wait_until(farm.queue_is_empty, timeout=20, what="an empty queue")
+
+
+def test_killed_mid_upload_no_partial_result_is_succeeded_and_the_job_is_redone(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    farm.start_workers("up-a", "up-b", torch_threads="1")
+    assert farm.s3_proxy is not None
+    farm.s3_proxy.delay = 0.4  # every S3 answer is late: uploads take seconds
+    handle = farm.client.submit(job(2, num_images=2, callbacks=[{"type": "frames", "every": 20}]))
+    wait_until(lambda: "image-0.png" in farm.objects(handle.task_id), timeout=90, what="the first uploaded image")
+    victim = holder(farm, handle.task_id)
+    assert "manifest.json" not in farm.objects(handle.task_id)
+    victim.kill(signal.SIGKILL)
+    farm.s3_proxy.delay = 0.0
+    assert handle.status().state != "succeeded"
+
+    manifest = handle.wait(timeout=90)
+    assert manifest.status == "succeeded" and manifest.attempt == 2
+    assert not manifest.worker.startswith(victim.hostname + ":")
+    assert_complete(farm, handle.task_id, manifest)
+    wait_until(farm.queue_is_empty, timeout=20, what="an empty queue")
+
+
+@pytest.mark.slow
+def test_random_kills_during_a_batch_lose_nothing_and_never_show_a_partial_success(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    farm.start_workers("rk-a", "rk-b", torch_threads="1")
+    frames = [{"type": "frames", "every": 10}]
+    specs = [job(100 + i, num_inference_steps=60, num_images=1 + i % 2, callbacks=frames) for i in range(20)]
+    handles = farm.client.submit_many(specs)
+    ids = [h.task_id for h in handles]
+
+    premature: list[str] = []
+    watching = threading.Event()
+    watching.set()
+
+    def watch() -> None:  # whenever a job looks succeeded, all its images must already be stored
+        while watching.is_set():
+            for task_id in ids:
+                current = farm.client.status(task_id)
+                if current.state == "succeeded" and current.manifest is not None:
+                    stored = farm.objects(task_id)
+                    wanted = [f"image-{i}.png" for i in range(current.manifest.spec["num_images"])]
+                    if not set(wanted) <= set(stored):
+                        premature.append(task_id)
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rng = random.Random(7)
+    kills = 0
+    try:
+        while kills < 3 and not all(farm.client.status(t).done for t in ids):
+            time.sleep(rng.uniform(0.3, 2.0))
+            victim = rng.choice([w for w in farm.workers if w.process and w.process.poll() is None])
+            victim.kill(signal.SIGKILL)
+            victim.stop()
+            kills += 1
+            farm.start_workers(f"{victim.name}-{kills}", ready=False, torch_threads="1")
+        manifests = [h.wait(timeout=180) for h in handles]
+    finally:
+        watching.clear()
+        watcher.join(timeout=10)
+
+    assert kills == 3
+    assert premature == []
+    assert [m.status for m in manifests] == ["succeeded"] * len(handles)
+    for handle, manifest in zip(handles, manifests, strict=True):
+        assert_complete(farm, handle.task_id, manifest)
+    assert any(m.attempt > 1 for m in manifests), "no kill landed mid-job"
+    wait_until(farm.queue_is_empty, timeout=30, what="an empty queue")
