@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from io import BytesIO
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from worker.preview import contact_strip, encode, latents_to_rgb
+from worker.preview import contact_strip, encode, latents_to_rgb, png_bytes
 
 
 def test_zero_latents_map_to_the_bias() -> None:
@@ -40,3 +43,23 @@ def test_strip_scales_each_tile_to_the_long_edge() -> None:
 def test_encode_formats(fmt: str, magic: bytes) -> None:
     image = contact_strip(np.full((1, 8, 8, 3), 200, dtype=np.uint8), 16)
     assert encode(image, fmt).startswith(magic)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (37, 64), (128, 256)])
+def test_png_round_trips_every_pixel(shape: tuple[int, int]) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    decoded = Image.open(BytesIO(png_bytes(pixels)))
+    assert decoded.format == "PNG" and decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), pixels)
+
+
+def test_png_encode_of_a_strip_decodes_to_the_strip() -> None:
+    strip = contact_strip(np.random.default_rng(1).integers(0, 256, (2, 8, 12, 3), dtype=np.uint8), 48)
+    assert np.array_equal(np.asarray(Image.open(BytesIO(encode(strip, "png")))), np.asarray(strip))
+
+
+def test_png_refuses_what_is_not_rgb_uint8() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(np.zeros((4, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(np.zeros((4, 4, 3), dtype=np.float32))
