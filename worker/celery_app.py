@@ -26,6 +26,8 @@ def create_app(settings: WorkerSettings) -> Celery:
         "visibility_timeout": settings.visibility_timeout,
     }
     conf.update(
+        # kombu's Redis transport, except that a non-JSON item pushed onto the queue is dropped, not fatal.
+        broker_transport="worker.transport:Transport",
         # A job is acknowledged when it ends, and handed back if its process dies: never lost.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
