@@ -37,9 +37,7 @@ test-fast: install
 	$(VENV)/bin/pytest -m "not slow and not integration"
 
 bench: install
-	$(PY) bench/bench_render.py
-	$(PY) bench/bench_queue.py --torch-threads 1
-	$(PY) bench/bench_recovery.py
+	$(PY) bench/record.py
 
 demo: install
 	$(VENV)/bin/render demo --out render-output/demo

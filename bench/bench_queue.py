@@ -1,40 +1,48 @@
 """Benchmark the distributed path on this machine: revoke latency, queue overhead, 1 vs 2 workers.
 
-Starts its own redis-server and `render worker` processes (tiny models, CPU, local storage) and
-prints numbers and ratios measured in this one run:
+Starts its own redis-server and `render worker` processes (tiny-sd15, CPU, local-directory storage):
+- the per-step revocation check: a GET on loopback Redis, 2,000 times;
+- revoke latency: a running 150-step job at 256x256 is revoked once it passes step 5, `--revokes`
+  times; from each manifest's `steps_after_revoke` and `timings.revoke_to_stop`;
+- queue overhead: one-step jobs through submit -> worker -> manifest against `render()` in this
+  process, alternated, medians; the client polls every 5 ms;
+- throughput: `--batch` jobs of 30 steps at 128x128 with `submit_many`, 1 worker and then 2.
 
-    python bench/bench_queue.py [--revokes 5] [--overhead-jobs 20] [--batch 16]
+    python bench/bench_queue.py [--revokes 5] [--overhead-jobs 20] [--batch 16] [--torch-threads 1]
+
+`--torch-threads 0` leaves torch's default (every worker on every core).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import redis
+from common import Section, median, set_threads, verdict
 
-import redis  # noqa: E402
+from producer import RenderSpec
+from producer.client import RenderClient
+from producer.keys import revoked_key
+from producer.manifest import Manifest
+from producer.settings import ClientSettings
+from worker.local_cluster import RedisServer, WorkerProcess
+from worker.models.registry import ModelRegistry
+from worker.render import render
+from worker.settings import WorkerSettings
+from worker.storage import LocalStorage
 
-from producer import RenderSpec  # noqa: E402
-from producer.client import RenderClient  # noqa: E402
-from producer.keys import revoked_key  # noqa: E402
-from producer.settings import ClientSettings  # noqa: E402
-from worker.local_cluster import RedisServer, WorkerProcess  # noqa: E402
-from worker.models.registry import ModelRegistry  # noqa: E402
-from worker.render import render  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
-from worker.storage import LocalStorage  # noqa: E402
+MODEL = "tiny-sd15"
 
 
 def spec(steps: int, size: int, seed: int = 1) -> dict[str, Any]:
     return {
-        "model": "tiny-sd15",
+        "model": MODEL,
         "prompt": "a lighthouse",
         "num_inference_steps": steps,
         "width": size,
@@ -43,11 +51,23 @@ def spec(steps: int, size: int, seed: int = 1) -> dict[str, Any]:
     }
 
 
-def wait(client: RenderClient, task_id: str) -> Any:
+def wait(client: RenderClient, task_id: str) -> Manifest:
     return client.wait(task_id, timeout=300, interval=0.005)
 
 
-def revoke_latency(client: RenderClient, runs: int) -> None:
+@dataclass
+class QueueResults:
+    check_micros: float
+    steps_after_revoke: list[int]
+    revoke_to_stop_ms: list[float]
+    revoke_step_ms: list[float]
+    local_ms: list[float]
+    remote_ms: list[float]
+    one_worker_rate: float
+    two_worker_rate: float
+
+
+def revoke_latency(client: RenderClient, runs: int) -> tuple[list[int], list[float], list[float]]:
     steps_after, stop_ms, step_ms = [], [], []
     for i in range(runs):
         handle = client.submit(spec(150, 256, seed=i))
@@ -56,34 +76,28 @@ def revoke_latency(client: RenderClient, runs: int) -> None:
                 break
         client.revoke(handle.task_id)
         manifest = wait(client, handle.task_id)
-        assert manifest.status == "revoked", manifest.status
+        if manifest.status != "revoked" or manifest.steps_after_revoke is None:
+            raise RuntimeError(f"revoked job ended {manifest.status}, steps after revoke {manifest.steps_after_revoke}")
+        if manifest.timings.revoke_to_stop is None or manifest.timings.denoise is None:
+            raise RuntimeError(f"revoked job's manifest lacks timings: {manifest.timings}")
         steps_after.append(manifest.steps_after_revoke)
         stop_ms.append(manifest.timings.revoke_to_stop * 1e3)
         step_ms.append(manifest.timings.denoise / max(manifest.steps_completed, 1) * 1e3)
-    print(f"\n## revoke latency ({runs} revokes of a running 150-step job)")
-    print(f"steps completed after the revoke: {steps_after} (max {max(steps_after)})")
-    print(
-        f"revoke -> stop: median {statistics.median(stop_ms):.1f} ms, max {max(stop_ms):.1f} ms; "
-        f"step time median {statistics.median(step_ms):.1f} ms "
-        f"(latency = {statistics.median(stop_ms) / statistics.median(step_ms):.2f} steps)"
-    )
+    return steps_after, stop_ms, step_ms
 
 
-def check_cost(redis_url: str, calls: int = 2000) -> None:
+def check_cost(redis_url: str, calls: int = 2000) -> float:
     client = redis.Redis.from_url(redis_url)
     key = revoked_key("bench")
     client.get(key)
     started = time.perf_counter()
     for _ in range(calls):
         client.get(key)
-    micros = (time.perf_counter() - started) / calls * 1e6
-    print(
-        f"\n## per-step revocation check: GET on loopback Redis = {micros:.1f} µs "
-        f"({micros / 1e3 / 50:.2%} of a 50 ms GPU step, {micros / 1e3 / 12:.2%} of a 12 ms tiny CPU step)"
-    )
+    client.close()
+    return (time.perf_counter() - started) / calls * 1e6
 
 
-def queue_overhead(client: RenderClient, storage_dir: Path, jobs: int) -> None:
+def queue_overhead(client: RenderClient, storage_dir: Path, jobs: int) -> tuple[list[float], list[float]]:
     one_step = spec(1, 64)
     registry = ModelRegistry.from_settings(WorkerSettings(device="cpu"))
     storage = LocalStorage(storage_dir / "inproc")
@@ -94,36 +108,24 @@ def queue_overhead(client: RenderClient, storage_dir: Path, jobs: int) -> None:
     for _ in range(jobs):
         started = time.perf_counter()
         render(parsed, registry=registry, storage=storage)
-        local.append(time.perf_counter() - started)
+        local.append((time.perf_counter() - started) * 1e3)
         started = time.perf_counter()
         wait(client, client.submit(one_step).task_id)
-        remote.append(time.perf_counter() - started)
-    lm, rm = statistics.median(local) * 1e3, statistics.median(remote) * 1e3
-    print(f"\n## queue overhead ({jobs} one-step jobs, median; client polls every 5 ms)")
-    print(
-        f"render() in-process: {lm:.1f} ms; submit -> manifest through Redis and a worker: {rm:.1f} ms; "
-        f"overhead {rm - lm:.1f} ms per job ({rm / lm:.1f}x)"
-    )
+        remote.append((time.perf_counter() - started) * 1e3)
+    return local, remote
 
 
-def throughput(client: RenderClient, jobs: int, label: str) -> float:
+def throughput(client: RenderClient, jobs: int) -> float:
     started = time.perf_counter()
     handles = client.submit_many([spec(30, 128, seed=i) for i in range(jobs)])
     for handle in handles:
         wait(client, handle.task_id)
-    rate = jobs / (time.perf_counter() - started)
-    print(f"{label}: {rate:.2f} jobs/s")
-    return rate
+    return jobs / (time.perf_counter() - started)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--revokes", type=int, default=5)
-    parser.add_argument("--overhead-jobs", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--torch-threads", type=int, default=None, help="RENDER_TORCH_THREADS for each worker")
-    args = parser.parse_args()
-
+def measure(*, revokes: int, overhead_jobs: int, batch: int, threads: int | None) -> QueueResults:
+    if threads:
+        set_threads(threads)  # the in-process render() of the queue-overhead comparison, like a worker
     work = Path(tempfile.mkdtemp(prefix="bench-queue-"))
     with RedisServer(workdir=work) as server:
         client = RenderClient(ClientSettings(redis_url=server.url))
@@ -133,21 +135,73 @@ def main() -> None:
             "RENDER_DEVICE": "cpu",
             "RENDER_PROGRESS_INTERVAL": "0.05",
         }
-        if args.torch_threads:
-            env["RENDER_TORCH_THREADS"] = str(args.torch_threads)
-        print(f"# bench_queue: cpus={os.cpu_count()} redis={server.url} (tiny-sd15, CPU)")
-        check_cost(server.url)
-        with WorkerProcess("one", env, work / "one.log") as first:
-            first.wait_ready(client.app)
-            revoke_latency(client, args.revokes)
-            queue_overhead(client, work, args.overhead_jobs)
-            print(f"\n## throughput ({args.batch} jobs of 30 steps at 128x128, submit_many)")
-            one = throughput(client, args.batch, "1 worker")
-            with WorkerProcess("two", env, work / "two.log") as second:
-                second.wait_ready(client.app)
-                two = throughput(client, args.batch, "2 workers")
-        print(f"2 workers / 1 worker: {two / one:.2f}x (torch threads per worker: {args.torch_threads or 'default'})")
-        client.close()
+        if threads:
+            env["RENDER_TORCH_THREADS"] = str(threads)
+        try:
+            check = check_cost(server.url)
+            with WorkerProcess("one", env, work / "one.log") as first:
+                first.wait_ready(client.app)
+                steps_after, stop_ms, step_ms = revoke_latency(client, revokes)
+                local, remote = queue_overhead(client, work, overhead_jobs)
+                one = throughput(client, batch)
+                with WorkerProcess("two", env, work / "two.log") as second:
+                    second.wait_ready(client.app)
+                    two = throughput(client, batch)
+        finally:
+            client.close()
+    return QueueResults(check, steps_after, stop_ms, step_ms, local, remote, one, two)
+
+
+def report(r: QueueResults, *, revokes: int, overhead_jobs: int, batch: int, threads: int | None) -> list[Section]:
+    revoke = Section(
+        "Revocation: check cost and latency",
+        f"`bench/bench_queue.py`: one `render worker` ({MODEL}, CPU, torch threads {threads or 'default'}); "
+        f"{revokes} running 150-step 256x256 jobs revoked once past step 5.",
+    )
+    revoke.line(
+        f"- per-step revocation check, GET on loopback Redis: {r.check_micros:.1f} µs "
+        f"({r.check_micros / 1e3 / 50:.2%} of a 50 ms GPU step, {r.check_micros / 1e3 / 12:.2%} of a 12 ms tiny step)"
+    )
+    stop, step = median(r.revoke_to_stop_ms), median(r.revoke_step_ms)
+    worst = max(r.steps_after_revoke)
+    revoke.line(f"- steps completed after the revoke: {r.steps_after_revoke} (max {worst})")
+    revoke.line(
+        f"- revoke -> stop: median {stop:.1f} ms, max {max(r.revoke_to_stop_ms):.1f} ms; step time median "
+        f"{step:.1f} ms; latency = {stop / step:.2f} steps (median), {max(r.revoke_to_stop_ms) / step:.2f} (max)"
+    )
+    revoke.line(f"- target: at most one step after the revoke: {verdict(worst <= 1)}")
+
+    queue = Section(
+        "Queue overhead and throughput",
+        f"`bench/bench_queue.py`: one-step 64x64 jobs, {overhead_jobs} of each, alternated; throughput: {batch} jobs "
+        f"of 30 steps at 128x128 with `submit_many`; torch threads per worker: {threads or 'default'}.",
+    )
+    lm, rm = median(r.local_ms), median(r.remote_ms)
+    queue.line(
+        f"- render() in-process: {lm:.1f} ms; submit -> manifest through Redis and a worker: {rm:.1f} ms; "
+        f"overhead {rm - lm:.1f} ms per job ({rm / lm:.2f}x); the client polls every 5 ms"
+    )
+    queue.line(f"- 1 worker: {r.one_worker_rate:.2f} jobs/s")
+    queue.line(f"- 2 workers: {r.two_worker_rate:.2f} jobs/s")
+    queue.line(f"- 2 workers / 1 worker: {r.two_worker_rate / r.one_worker_rate:.2f}x on {os.cpu_count()} cores")
+    return [revoke, queue]
+
+
+def run(
+    *, revokes: int = 5, overhead_jobs: int = 20, batch: int = 16, threads: int | None = 1
+) -> tuple[list[Section], QueueResults]:
+    results = measure(revokes=revokes, overhead_jobs=overhead_jobs, batch=batch, threads=threads)
+    return report(results, revokes=revokes, overhead_jobs=overhead_jobs, batch=batch, threads=threads), results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--revokes", type=int, default=5)
+    parser.add_argument("--overhead-jobs", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--torch-threads", type=int, default=1, help="RENDER_TORCH_THREADS per worker; 0: default")
+    args = parser.parse_args()
+    run(revokes=args.revokes, overhead_jobs=args.overhead_jobs, batch=args.batch, threads=args.torch_threads or None)
 
 
 if __name__ == "__main__":

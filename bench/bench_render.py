@@ -1,218 +1,370 @@
-"""Benchmark: the bare diffusers loop vs the same job through `render()`, and what a CFG cutoff saves.
+"""Benchmark the render engine in one process: callback costs per step, CFG-cutoff savings, frames on vs off.
 
-Two parts, in one process:
-1. whole jobs, interleaved (A B C A B C ...) so drift hits every case alike; medians and ratios;
-2. the time each callback spends on the denoising thread per step, called directly on the
-   pipeline's real tensors (what a GPU loop would wait for; background frame encoding excluded).
+1. Callback costs: each callback of the worker's stack called on the pipeline's real tensors
+   (`latents`, `prompt_embeds`, ...), each call timed alone, median µs. The revocation check is the
+   worker's own `RedisJobControl` against a private redis-server; the progress report is the
+   worker's `_progress` (Celery result backend write + task event) on a real Celery app.
+2. CFG cutoff at several step ratios vs none: whole `render()` jobs, interleaved, medians.
+3. Frames at every step vs none: whole `render()` jobs, interleaved, medians. The encode and the
+   upload run on the frame writer's threads, so on a CPU they compete with torch for the cores.
 
-    python bench/bench_render.py [--model tiny-sd15] [--steps 30] [--size 256] [--repeats 5]
+    python bench/bench_render.py [--repeats 5] [--torch-threads 1] [--parts callbacks,cfg,frames]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import torch
+from bench_worker import PRODUCTION, SMALL, Case
+from common import PROMPT, Section, interleaved, median, percent, set_threads, spread, verdict
 
-import torch  # noqa: E402
+from producer import RenderSpec
+from producer.keys import TASK_RENDER
+from worker import tasks
+from worker.callbacks import StepControlCallback, StepInfo, build_callbacks
+from worker.celery_app import create_app
+from worker.jobcontrol import RedisJobControl, control_client
+from worker.local_cluster import RedisServer
+from worker.metrics import StepTimer
+from worker.models.registry import ModelRegistry
+from worker.render import render
+from worker.settings import WorkerSettings
+from worker.storage import LocalStorage
 
-from producer import RenderSpec  # noqa: E402
-from producer.errors import JobRevoked  # noqa: E402
-from worker.callbacks import StepInfo, build_callbacks  # noqa: E402
-from worker.models.registry import ModelRegistry  # noqa: E402
-from worker.render import render  # noqa: E402
-from worker.settings import WorkerSettings  # noqa: E402
-from worker.storage import LocalStorage  # noqa: E402
+FRAMES: dict[str, Any] = {"type": "frames", "every": 1}  # the spec's defaults: PNG, 256 px on the long edge
+FRAMES_TARGET = 0.05
+CUTOFF_RATIOS = (0.2, 0.4, 0.6, 0.8)
+PROGRESS_INTERVAL = WorkerSettings().progress_interval
 
 
-def make_spec(args: argparse.Namespace, callbacks: list[dict[str, Any]]) -> RenderSpec:
+def make_spec(model: str, case: Case, callbacks: list[dict[str, Any]], images: int = 1) -> RenderSpec:
     return RenderSpec.parse(
         {
-            "model": args.model,
-            "prompt": "a lighthouse on a cliff at dusk",
-            "num_inference_steps": args.steps,
-            "width": args.size,
-            "height": args.size,
+            "model": model,
+            "prompt": PROMPT,
+            "num_inference_steps": case.steps,
+            "width": case.size,
+            "height": case.size,
             "seed": 1,
-            "num_images": args.images,
+            "num_images": images,
             "callbacks": callbacks,
         }
     )
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+class Bench:
+    """The model, storage and thread count every part of this benchmark shares."""
+
+    def __init__(self, model: str, threads: int, device: str = "cpu") -> None:
+        set_threads(threads)
+        self.model = model
+        self.threads = threads
+        self.registry = ModelRegistry.from_settings(WorkerSettings(device=device))
+        self.pipe = self.registry.pipeline(model)
+        self.family = self.registry.source(model).family
+        self.storage = LocalStorage(tempfile.mkdtemp(prefix="bench-render-"))
+        self.device = self.registry.device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def job(self, case: Case, callbacks: list[dict[str, Any]]) -> Callable[[], Any]:
+        spec = make_spec(self.model, case, callbacks)
+        return lambda: render(spec, registry=self.registry, storage=self.storage)
 
 
-def interleaved(
-    cases: dict[str, Callable[[], Any]], repeats: int, device: torch.device
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and minimum seconds of each case; noise on a shared machine only adds, so the minimum is steadier."""
-    for fn in cases.values():  # warm-up: allocator, kernels, caches
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            sync(device)
-            started = time.perf_counter()
-            fn()
-            sync(device)
-            samples[name].append(time.perf_counter() - started)
-    return (
-        {name: statistics.median(values) for name, values in samples.items()},
-        {name: min(values) for name, values in samples.items()},
-    )
+# --- 1. callback costs ---------------------------------------------------------------------------------------
 
 
-class NeverRevoked:
-    """The shape of the worker's per-step revocation hook, minus the Redis round trip."""
-
-    def on_step(self, info: StepInfo) -> None:
-        if info.steps_completed < 0:
-            raise JobRevoked(info.steps_completed)
-
-
-def callback_costs(args: argparse.Namespace, pipe: Any, family: str, storage: LocalStorage) -> dict[str, float]:
-    """Microseconds each callback spends on the calling thread per step, on real latents and embeddings."""
-    spec = make_spec(
-        args,
-        [
-            {"type": "cfg_cutoff", "step_ratio": 1.0},
-            {"type": "step_budget", "max_seconds": 1e9},
-            {"type": "frames", "every": 1, "size": 128},
-        ],
-    )
+def step_tensors(bench: Bench, case: Case) -> dict[str, Any]:
+    """The tensors the pipeline hands its callbacks at the end of a step (two steps are run to get them)."""
     captured: dict[str, Any] = {}
 
     def capture(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         captured.update(kwargs)
         return kwargs
 
-    inputs = ["latents", "prompt_embeds"] + (["add_text_embeds", "add_time_ids"] if family == "sdxl" else [])
-    pipe(
-        prompt=spec.prompt,
-        num_inference_steps=2,
-        width=args.size,
-        height=args.size,
-        num_images_per_prompt=args.images,
-        callback_on_step_end=capture,
-        callback_on_step_end_tensor_inputs=inputs,
-    )
-    stack = build_callbacks(spec, family, task_id="bench", storage=storage, hooks=[NeverRevoked()])
-    stack.start()
-    costs = {}
-    device = pipe.device  # a property that walks every module: read it once, outside the timing
-    for callback in stack.multi.callbacks:
-        name = type(callback).__name__
-        samples = []
-        for i in range(200):
-            kwargs = dict(captured)
-            sync(device)
+    inputs = ["latents", "prompt_embeds"] + (["add_text_embeds", "add_time_ids"] if bench.family == "sdxl" else [])
+    with torch.inference_mode():
+        bench.pipe(
+            prompt=PROMPT,
+            num_inference_steps=2,
+            width=case.size,
+            height=case.size,
+            callback_on_step_end=capture,
+            callback_on_step_end_tensor_inputs=inputs,
+        )
+    return captured
+
+
+def time_calls(fn: Callable[[int], Any], calls: int, sync: Callable[[], None], after: Callable[[], None]) -> float:
+    """Median µs of `fn(i)` over `calls` calls, each timed alone; `after` runs outside the timing."""
+    samples = []
+    with torch.inference_mode():  # as in render(): the pipeline and its callbacks run in inference mode
+        for i in range(calls):
+            sync()
             started = time.perf_counter()
-            callback(pipe, 0 if name.endswith("CutoffCallback") else i, 0, kwargs)
-            sync(device)
+            fn(i)
+            sync()
             samples.append(time.perf_counter() - started)
-            if stack.frames and stack.frames._futures:  # let the background encode finish outside the timing
-                stack.frames._futures[-1].result()
-        costs[name] = statistics.median(samples) * 1e6
-    if stack.frames:
-        stack.frames.finish()
-    return costs
+            after()
+    return median(samples) * 1e6
+
+
+@dataclass
+class CallbackCosts:
+    case: Case
+    micros: dict[str, float]
+    report_micros: float
+    step_seconds: float
+
+    @property
+    def amortized_report(self) -> float:
+        """µs per step of progress reports, sent at most once per PROGRESS_INTERVAL."""
+        return self.report_micros * min(1.0, self.step_seconds / PROGRESS_INTERVAL)
+
+
+def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -> CallbackCosts:
+    spec = make_spec(
+        bench.model,
+        case,
+        [
+            {"type": "cfg_cutoff", "step_ratio": 1.0},  # runs its check every step, never cuts
+            {"type": "step_budget", "max_seconds": 1e9},
+            FRAMES,
+        ],
+    )
+    captured = step_tensors(bench, case)
+    pipe = bench.pipe
+    app = create_app(WorkerSettings(redis_url=redis_url))
+    task = app.tasks[TASK_RENDER]
+    task.push_request(id="bench-progress", hostname="bench@localhost")
+    try:
+        report_micros = time_calls(lambda i: tasks._progress(task, i, case.steps), 100, bench.sync, lambda: None)
+        control = RedisJobControl(
+            control_client(redis_url),
+            "bench",
+            lambda step, total: tasks._progress(task, step, total),
+            progress_interval=PROGRESS_INTERVAL,
+        )
+        revocation_only = RedisJobControl(control_client(redis_url), "bench-2", None)
+        stack = build_callbacks(
+            spec, bench.family, task_id="bench", storage=bench.storage, hooks=[control, StepTimer(bench.model)]
+        )
+        stack.start()
+        frames = stack.frames
+
+        def drain() -> None:  # the background encode of the last frame finishes outside the timing
+            if frames is not None and frames._futures:
+                frames._futures[-1].result()
+
+        info = StepInfo("bench", 1, case.steps, 0.0)
+        timer = StepTimer(bench.model)
+        micros = {
+            "revocation check (RedisJobControl: GET on loopback Redis)": time_calls(
+                lambda i: revocation_only.on_step(info), calls, bench.sync, drain
+            ),
+            "metrics.StepTimer hook": time_calls(lambda i: timer.on_step(info), calls, bench.sync, drain),
+            "StepControlCallback, no hooks (step count)": time_calls(
+                lambda i: StepControlCallback("bench")(pipe, i, 0, dict(captured)), calls, bench.sync, drain
+            ),
+        }
+        for callback in stack.multi.callbacks[1:]:
+            name = type(callback).__name__
+            fixed_step = name.endswith("CutoffCallback")  # step 0: never the cutoff step of ratio 1.0
+
+            def call(i: int, cb: Any = callback, fixed: bool = fixed_step) -> Any:
+                return cb(pipe, 0 if fixed else i, 0, dict(captured))
+
+            micros[name + (" (denoising-thread part)" if name == "FramesCallback" else "")] = time_calls(
+                call, calls, bench.sync, drain
+            )
+        micros["whole worker stack (all of the above, one call)"] = time_calls(
+            lambda i: stack.multi(pipe, 0, 0, dict(captured)), calls, bench.sync, drain
+        )
+        if frames is not None:
+            frames.finish()
+    finally:
+        task.pop_request()
+    step = median(interleaved({"bare": bare_call(bench, case)}, 3)["bare"]) / case.steps
+    return CallbackCosts(case, micros, report_micros, step)
+
+
+def bare_call(bench: Bench, case: Case) -> Callable[[], Any]:
+    def call() -> None:
+        with torch.inference_mode():
+            bench.pipe(
+                prompt=PROMPT,
+                num_inference_steps=case.steps,
+                width=case.size,
+                height=case.size,
+                generator=[torch.Generator("cpu").manual_seed(1)],
+            )
+
+    return call
+
+
+def report_callbacks(results: list[CallbackCosts], section: Section) -> None:
+    names = list(results[0].micros)
+    header = ["callback (on the denoising thread)"] + [
+        f"{r.case.label} ({r.case.size}x{r.case.size}) µs/step" for r in results
+    ]
+    rows: list[list[str]] = [[name] + [f"{r.micros[name]:.1f}" for r in results] for name in names]
+    rows.append(
+        ["progress report, one (`tasks._progress`: result backend write + task event)"]
+        + [f"{r.report_micros:.1f}" for r in results]
+    )
+    rows.append(
+        [f"progress report per step (at most one per {PROGRESS_INTERVAL:g} s)"]
+        + [f"{r.amortized_report:.1f}" for r in results]
+    )
+    section.table(header, rows)
+    for r in results:
+        whole = r.micros["whole worker stack (all of the above, one call)"] + r.amortized_report
+        section.line(
+            f"    {r.case.label}: bare step {r.step_seconds * 1e3:.1f} ms (whole bare job / steps); "
+            f"whole stack + progress = {whole:.0f} µs = {whole / 1e6 / r.step_seconds:.2%} of a step"
+        )
+    section.line()
+
+
+# --- 2. CFG cutoff -------------------------------------------------------------------------------------------
+
+
+def cutoff_ceiling(steps: int, ratio: float) -> float:
+    """Share of the job's steps that run at half the UNet batch after a cutoff at `ratio`."""
+    return (steps - int(steps * ratio) - 1) / steps
+
+
+def cfg_savings(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
+    cases = {"no cutoff": bench.job(case, [])}
+    for ratio in CUTOFF_RATIOS:
+        cases[f"cfg_cutoff@{ratio}"] = bench.job(case, [{"type": "cfg_cutoff", "step_ratio": ratio}])
+    return interleaved(cases, repeats, sync=bench.sync)
+
+
+def report_cfg(case: Case, samples: dict[str, list[float]], section: Section) -> None:
+    base = median(samples["no cutoff"])
+    rows = []
+    for name, values in samples.items():
+        ratio = float(name.split("@")[1]) if "@" in name else None
+        rows.append(
+            [
+                name,
+                f"{median(values):.3f} (±{spread(values):.1%})",
+                f"{median(values) / base:.3f}x",
+                f"{1 - median(values) / base:.1%}",
+                f"{cutoff_ceiling(case.steps, ratio):.0%} of steps" if ratio is not None else "",
+            ]
+        )
+    section.line(f"{case.label}: {bench_label(case)}")
+    section.line()
+    section.table(["case", "median s/job", "vs no cutoff", "wall time saved", "steps at half batch"], rows)
+
+
+# --- 3. frames -----------------------------------------------------------------------------------------------
+
+
+def frames_cost(bench: Bench, case: Case, repeats: int) -> dict[str, list[float]]:
+    return interleaved(
+        {"frames off": bench.job(case, []), "frames every step": bench.job(case, [FRAMES])}, repeats, sync=bench.sync
+    )
+
+
+def report_frames(case: Case, threads: int, samples: dict[str, list[float]], section: Section) -> float:
+    off, on = median(samples["frames off"]), median(samples["frames every step"])
+    ratio = on / off
+    section.line(
+        f"- {case.label} ({bench_label(case)}, torch threads {threads}): off {off:.3f} s/job (±"
+        f"{spread(samples['frames off']):.1%}), every step {on:.3f} s/job (±{spread(samples['frames every step']):.1%})"
+        f" = {ratio:.3f}x ({percent(ratio)}); {(on - off) / case.steps * 1e3:.2f} ms per frame; "
+        f"target < {FRAMES_TARGET:.0%}: {verdict(ratio - 1 < FRAMES_TARGET)}"
+    )
+    return ratio
+
+
+def bench_label(case: Case) -> str:
+    return f"{case.size}x{case.size}, {case.steps} steps, 1 image"
+
+
+# --- entry points --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RenderResults:
+    sections: list[Section] = field(default_factory=list)
+    callbacks: list[CallbackCosts] = field(default_factory=list)
+    cfg: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # case label -> case -> s/job
+    frames: list[tuple[Case, int, float]] = field(default_factory=list)  # (case, torch threads, on / off)
+
+
+def run(
+    *,
+    model: str = "tiny-sd15",
+    repeats: int = 5,
+    threads: int = 1,
+    cases: tuple[Case, ...] = (SMALL, PRODUCTION),
+    parts: tuple[str, ...] = ("callbacks", "cfg", "frames"),
+    all_cores_frames: bool = True,
+    device: str = "cpu",
+) -> RenderResults:
+    bench = Bench(model, threads, device)
+    out = RenderResults()
+    if "callbacks" in parts:
+        section = Section(
+            "Callback stack cost per step",
+            f"`bench/bench_render.py`: {model}, the worker's callbacks on real step tensors, each call timed alone "
+            "(median µs); the frame encode and upload run on the writer's threads and are not in these figures.",
+        )
+        work = Path(tempfile.mkdtemp(prefix="bench-callbacks-"))
+        with RedisServer(workdir=work) as server:
+            out.callbacks = [callback_costs(bench, case, server.url) for case in cases]
+        report_callbacks(out.callbacks, section)
+        out.sections.append(section)
+    if "cfg" in parts:
+        section = Section(
+            "CFG cutoff savings",
+            f"`render()` in-process, {model}, torch threads {threads}, {repeats} interleaved rounds, medians.",
+        )
+        for case in cases:
+            out.cfg[case.label] = cfg_savings(bench, case, repeats)
+            report_cfg(case, out.cfg[case.label], section)
+        out.sections.append(section)
+    if "frames" in parts:
+        section = Section(
+            "Frames at every step vs none",
+            f"`render()` in-process, {model}, frames {{every: 1}} (PNG, 256 px), local-directory storage, "
+            f"{repeats} interleaved rounds, medians.",
+        )
+        runs = [(case, threads) for case in cases]
+        cores = os.cpu_count() or 1
+        if all_cores_frames and bench.device.type == "cpu" and cores > threads:
+            runs.append((cases[0], cores))  # torch on every core, as the earlier CPU figures were taken
+        for case, n in runs:
+            set_threads(n)
+            out.frames.append((case, n, report_frames(case, n, frames_cost(bench, case, repeats), section)))
+        set_threads(threads)
+        out.sections.append(section)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-sd15")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--parts", default="callbacks,cfg,frames")
     args = parser.parse_args()
-
-    registry = ModelRegistry.from_settings(WorkerSettings())
-    pipe = registry.pipeline(args.model)
-    family = registry.source(args.model).family
-    storage = LocalStorage(tempfile.mkdtemp(prefix="bench-render-"))
-    plain = make_spec(args, [])
-
-    def bare() -> None:
-        pipe(
-            prompt=plain.prompt,
-            num_inference_steps=args.steps,
-            width=args.size,
-            height=args.size,
-            num_images_per_prompt=args.images,
-            generator=torch.Generator("cpu").manual_seed(1),
-        )
-
-    def job(callbacks: list[dict[str, Any]]) -> Callable[[], Any]:
-        spec = make_spec(args, callbacks)
-        return lambda: render(spec, registry=registry, storage=storage)
-
-    # cutoff at ratio 1.0 and a budget of all steps run at every step but leave the work unchanged.
-    results, fastest = interleaved(
-        {
-            "bare diffusers loop": bare,
-            "render(), no callbacks": job([]),
-            "render(), cutoff@1.0 + budget": job(
-                [{"type": "cfg_cutoff", "step_ratio": 1.0}, {"type": "step_budget", "max_steps": args.steps}]
-            ),
-            "render(), + frames every step": job(
-                [
-                    {"type": "cfg_cutoff", "step_ratio": 1.0},
-                    {"type": "step_budget", "max_steps": args.steps},
-                    {"type": "frames", "every": 1, "size": 128},
-                ]
-            ),
-            "render(), cfg_cutoff@0.4": job([{"type": "cfg_cutoff", "step_ratio": 0.4}]),
-        },
-        args.repeats,
-        registry.device,
-    )
-    costs = callback_costs(args, pipe, family, storage)
-
-    base = results["bare diffusers loop"]
-    print(
-        f"# bench_render: {args.model}, {args.steps} steps, {args.size}x{args.size}, {args.images} image(s), "
-        f"median of {args.repeats}"
-    )
-    print(
-        f"# device={registry.device} dtype={registry.dtype} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} cpus={os.cpu_count()} python={platform.python_version()}"
-    )
-    print("\n| case | median s/job | steps/s | vs bare | min s/job | vs bare (min) |\n|---|---:|---:|---:|---:|---:|")
-    for name, seconds in results.items():
-        low = fastest[name]
-        print(
-            f"| {name} | {seconds:.4f} | {args.steps / seconds:.1f} | {seconds / base:.3f}x "
-            f"| {low:.4f} | {low / fastest['bare diffusers loop']:.3f}x |"
-        )
-    print("\n| callback (denoising thread) | µs/step |\n|---|---:|")
-    for name, micros in costs.items():
-        print(f"| {name} | {micros:.1f} |")
-    print(f"| whole stack | {sum(costs.values()):.1f} |")
-    step = base / args.steps
-    no_cb = results["render(), no callbacks"]
-    print(
-        f"\nbare step: {step * 1e3:.2f} ms; stack on the denoising thread: "
-        f"{sum(costs.values()) / 1e6 / step:.2%} of a step"
-    )
-    print(f"render() vs bare loop (PNG encode + storage writes included): {no_cb / base - 1:+.1%}")
-    print(f"cutoff@1.0 + budget vs no callbacks: {results['render(), cutoff@1.0 + budget'] / no_cb - 1:+.1%}")
-    print(
-        f"frames every step vs no callbacks (background encode shares the CPU): "
-        f"{results['render(), + frames every step'] / no_cb - 1:+.1%}"
-    )
-    print(f"wall time saved by cfg_cutoff step_ratio=0.4: {1 - results['render(), cfg_cutoff@0.4'] / no_cb:.1%}")
+    run(model=args.model, repeats=args.repeats, threads=args.torch_threads, parts=tuple(args.parts.split(",")))
 
 
 if __name__ == "__main__":

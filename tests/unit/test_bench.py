@@ -1,0 +1,33 @@
+"""The benchmark scripts stay runnable: CI does not run `make bench`, so a broken import would go unseen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_make_bench_entry_point_imports_every_benchmark_and_explains_itself() -> None:
+    # record.py imports every bench_*.py module, so this catches a broken import anywhere in bench/.
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "record.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:") and "docs/benchmarks.md" in result.stdout
+
+
+def test_full_size_gpu_configs_match_the_published_parameter_counts() -> None:
+    """The GPU benchmark's SD1.5/SDXL architectures, built on the meta device (no memory, no GPU)."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| sd15 |", "| sdxl |"))]
+    assert len(rows) >= 6 and all(line.rstrip().endswith("| yes |") for line in rows), result.stdout
+    assert "| sd15 | unet | 859,520,964 |" in result.stdout
