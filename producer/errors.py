@@ -35,7 +35,9 @@ class SpecError(RenderError):
             elif "input" in err and err["type"] not in ("missing", "value_error", "assertion_error"):
                 msg = f"{msg}; got {_short(err['input'])}"
             problems.append(f"{where}: {msg}" if where else msg)
-        return cls("invalid render spec: " + "; ".join(problems))
+        message = "invalid render spec: " + "; ".join(problems)
+        # One line, whatever the input held: control characters are shown escaped, never emitted.
+        return cls("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message))
 
 
 class UnsupportedSpecError(SpecError):
@@ -108,7 +110,8 @@ def _location(loc: tuple[Any, ...]) -> str:
         elif i > 0 and isinstance(loc[i - 1], int):
             continue  # the only lists of models in a spec are tagged unions: this is the tag, not a field
         else:
-            out += f".{part}" if out else part
+            name = part if isinstance(part, str) and part.isidentifier() else _short(part, 40)  # a key sent to us
+            out += f".{name}" if out else name
     return out
 
 

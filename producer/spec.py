@@ -153,15 +153,6 @@ class RenderSpec(_Strict):
     @classmethod
     def _image_reference(cls, value: str | None) -> str | None:
         return None if value is None else check_image_ref(value)
-        if not value.startswith(IMAGE_SCHEMES):
-            raise ValueError(
-                "must be s3://bucket/key, file:///path under an allowed root, or data:image/png|jpeg|webp;base64,..."
-            )
-        if len(value) > MAX_INLINE_CHARS:
-            raise ValueError(
-                f"inline image is {len(value)} characters, over {MAX_INLINE_CHARS}; upload it and pass s3://"
-            )
-        return value
 
     @field_validator("guidance_scale", mode="before")
     @classmethod
