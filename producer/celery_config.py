@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 from producer.keys import DEFAULT_QUEUE, TASK_RENDER
+
+
+_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+def tls_options(redis_url: str) -> dict[str, Any]:
+    """Celery's TLS settings for a `rediss://` URL, from its query (`ssl_cert_reqs`, `ssl_ca_certs`,
+    `ssl_certfile`, `ssl_keyfile`), the same parameters redis-py reads; certificates are verified unless
+    the URL says `ssl_cert_reqs=none`. Empty for `redis://`."""
+    parsed = urlparse(redis_url)
+    if parsed.scheme != "rediss":
+        return {}
+    query = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
+    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs={reqs!r} in the Redis URL; use required, optional or none")
+    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    options |= {key: query[key] for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if key in query}
+    return {"broker_use_ssl": options, "redis_backend_use_ssl": options}
 
 
 def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int = 7 * 24 * 3600) -> dict[str, Any]:
@@ -28,4 +49,5 @@ def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int =
         "result_backend_always_retry": True,
         "result_backend_max_retries": 8,
         "broker_transport_options": {"socket_keepalive": True, "health_check_interval": 10},
+        **tls_options(redis_url),
     }
