@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from producer.errors import JobRevoked
+from producer.errors import JobRevoked, LeaseLost
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
 from tests.helpers import free_port
 from worker.callbacks import StepInfo
@@ -80,3 +80,28 @@ def test_redis_down_fails_open_and_does_not_slow_the_steps(caplog: pytest.LogCap
         control.on_step(step(n, 50))  # keeps rendering
     assert time.monotonic() - started < 1.0, "one failed check, then none until the backoff ends"
     assert sum("revocation check failed" in r.message for r in caplog.records) == 1
+
+
+def test_a_lease_taken_over_is_lost_and_the_step_hook_stops_the_render(client: redis.Redis) -> None:
+    lease = Lease(client, "job", ttl=0.6, owner="w1")
+    assert lease.acquire({"spec": "{}", "worker": "w1"})
+    hook = RedisJobControl(client, "job", lease=lease)
+    hook.on_step(step(1))  # held: the render goes on
+    client.set(lease_key("job"), "w2:someone-else")  # another worker owns the job now
+    deadline = time.monotonic() + 3
+    while not lease.lost.is_set() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lease.lost.is_set()
+    with pytest.raises(LeaseLost, match="lease render:lease:job lost"):
+        hook.on_step(step(2))
+    lease.release()
+    assert client.get(lease_key("job")) == b"w2:someone-else", "releasing never deletes another worker's lease"
+
+
+def test_a_lease_unrenewable_for_a_whole_ttl_is_lost(client: redis.Redis) -> None:
+    dead = control_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+    lease = Lease(client, "job", ttl=0.6, owner="w1", renew_client=dead)
+    assert lease.acquire({"spec": "{}", "worker": "w1"})
+    assert not lease.lost.wait(0.3), "one failed renewal is not a loss"
+    assert lease.lost.wait(3), "no renewal for a whole ttl is"
+    lease.release()

@@ -9,6 +9,7 @@ import boto3
 import pytest
 
 from producer import StorageError
+from producer.errors import StorageUnavailable
 from tests.helpers import free_port
 from worker.storage import S3Storage, open_storage
 
@@ -93,3 +94,22 @@ def test_concurrent_puts(s3_server: str, s3_bucket: str) -> None:
     assert all(storage.get(name) == data for name, data in payloads.items())
     listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket, Prefix="p/")["Contents"]
     assert sorted(o["Key"] for o in listed) == [f"p/{n}" for n in names]
+
+
+def test_unreachable_endpoint_is_retried_with_backoff_for_the_budget_then_fails_saying_so(s3_server: str) -> None:
+    storage = S3Storage(
+        "bucket", endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=1, connect_timeout=0.5, retry_seconds=2
+    )
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match=r"cannot be reached.*\(gave up after [3-9] attempts over 2\.\d s\)"):
+        storage.put("job/image-0.png", b"x", "image/png")
+    assert 2.0 <= time.monotonic() - started < 6
+
+
+def test_a_missing_bucket_is_not_retried(s3_server: str) -> None:
+    storage = open_storage("s3://no-such-bucket-either", s3_endpoint_url=s3_server, retry_seconds=30)
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        storage.get("job/manifest.json")
+    assert not isinstance(caught.value, StorageUnavailable)
+    assert time.monotonic() - started < 5, "waiting does not create a bucket"

@@ -13,6 +13,7 @@ from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
 from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, SpecError, StorageError
+from producer.errors import LeaseLost
 from worker.callbacks import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.render import render
@@ -353,3 +354,24 @@ def test_a_storage_failure_never_leaves_a_succeeded_manifest(registry: ModelRegi
         render(spec, registry=registry, storage=storage, task_id="disk-full")
     manifest = json.loads((tmp_path / "disk-full" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
+
+
+@pytest.mark.parametrize("where", ["mid-steps", "before upload"])
+def test_a_lost_lease_stops_the_job_and_writes_no_image_and_no_manifest(
+    registry: ModelRegistry, storage: LocalStorage, where: str
+) -> None:
+    class LoseAt:
+        def on_step(self, info: StepInfo) -> None:
+            if where == "mid-steps" and info.steps_completed == 3:
+                raise LeaseLost(3, "render:lease:x")
+
+    def before_store(steps: int) -> None:
+        if where == "before upload":
+            raise LeaseLost(steps, "render:lease:x")
+
+    with pytest.raises(LeaseLost):
+        render(
+            make_spec(), registry=registry, storage=storage, task_id="lost", hooks=[LoseAt()], before_store=before_store
+        )
+    task_dir = Path(storage.base_url.removeprefix("file://")) / "lost"
+    assert not task_dir.exists() or list(task_dir.iterdir()) == [], "another worker owns this job's objects now"
