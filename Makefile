@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install format lint typecheck test test-fast bench demo clean
+.PHONY: install format lint typecheck test test-fast test-faults bench demo clean
 
 install: $(STAMP)
 
@@ -34,7 +34,10 @@ test: install
 	$(VENV)/bin/pytest
 
 test-fast: install
-	$(VENV)/bin/pytest -m "not slow and not integration"
+	$(VENV)/bin/pytest -m "not slow and not integration and not faults"
+
+test-faults: install
+	$(VENV)/bin/pytest -m faults
 
 bench: install
 	$(PY) bench/record.py

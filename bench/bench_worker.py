@@ -34,6 +34,7 @@ from producer.client import RenderClient
 from producer.settings import ClientSettings
 from worker.local_cluster import RedisServer, WorkerProcess
 from worker.models.registry import ModelRegistry
+from worker.render import pipeline_arguments
 from worker.settings import WorkerSettings
 
 TARGET = 0.01  # the worker may add at most 1% per step at production step times
@@ -98,20 +99,11 @@ class BareCall:
 
         self.pipe.vae.decode = noted_decode
         self.decode_started = None
-        generators = [torch.Generator("cpu").manual_seed((spec.seed or 0) + i) for i in range(spec.num_images)]
+        arguments = pipeline_arguments(spec, {}, [(spec.seed or 0) + i for i in range(spec.num_images)])
         try:
             started = time.perf_counter()
             with torch.inference_mode():
-                self.pipe(
-                    prompt=spec.prompt,
-                    negative_prompt=spec.negative_prompt or None,
-                    num_inference_steps=spec.num_inference_steps,
-                    guidance_scale=spec.guidance_scale,
-                    num_images_per_prompt=spec.num_images,
-                    generator=generators,
-                    width=spec.width,
-                    height=spec.height,
-                )
+                self.pipe(**arguments)
         finally:
             del self.pipe.vae.decode  # the instance attribute goes; the class's method shows again
         if self.decode_started is None:

@@ -175,22 +175,26 @@ def _image_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str,
     return size
 
 
+def pipeline_arguments(spec: RenderSpec, inputs: Mapping[str, Image.Image], seeds: Sequence[int]) -> dict[str, Any]:
+    """The keyword arguments `render()` calls the pipeline with, callbacks aside (benchmarks call it bare)."""
+    return {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt or None,
+        "num_inference_steps": spec.num_inference_steps,
+        "guidance_scale": spec.guidance_scale,
+        "num_images_per_prompt": spec.num_images,
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+        **_pipeline_inputs(spec, dict(inputs)),
+    }
+
+
 def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack, inputs: dict[str, Image.Image]) -> list[Any]:
-    generators = [torch.Generator("cpu").manual_seed(job.image_seed(i)) for i in range(spec.num_images)]
+    arguments = pipeline_arguments(spec, inputs, [job.image_seed(i) for i in range(spec.num_images)])
     stack.start()
     started = time.perf_counter()
     try:
         with torch.inference_mode():
-            output = pipe(
-                prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt or None,
-                num_inference_steps=spec.num_inference_steps,
-                guidance_scale=spec.guidance_scale,
-                num_images_per_prompt=spec.num_images,
-                generator=generators,
-                callback_on_step_end=stack.multi,
-                **_pipeline_inputs(spec, inputs),
-            )
+            output = pipe(**arguments, callback_on_step_end=stack.multi)
     finally:
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
         finished = time.perf_counter()
