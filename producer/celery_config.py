@@ -8,7 +8,6 @@ from urllib.parse import parse_qs, urlparse
 
 from producer.keys import DEFAULT_QUEUE, TASK_RENDER
 
-
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
