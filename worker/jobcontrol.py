@@ -111,6 +111,11 @@ class Lease:
                     return
                 log.warning("could not renew lease %s (retrying): %s", self.key, exc)
 
+    def check(self, steps_completed: int) -> None:
+        """Raise `LeaseLost` once the lease is no longer ours; called at every step and before the upload."""
+        if self.lost.is_set():
+            raise LeaseLost(steps_completed, self.key)
+
     def _lose(self, why: str) -> None:
         log.error("lease %s was lost: %s; this worker stops the job and writes nothing", self.key, why)
         self.lost.set()
@@ -178,8 +183,8 @@ class RedisJobControl:
     def on_step(self, info: StepInfo) -> None:
         now = self.clock()
         self._step_ends.append(now)
-        if self.lease is not None and self.lease.lost.is_set():
-            raise LeaseLost(info.steps_completed, self.lease.key)
+        if self.lease is not None:
+            self.lease.check(info.steps_completed)
         if self.is_revoked():
             raise JobRevoked(
                 info.steps_completed, revoked_at=self.revoked_at, steps_after_revoke=self.steps_after_revoke()

@@ -82,8 +82,7 @@ class RecoveryScanner:
                 continue
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue  # another worker is on it
-            for tag in stale:  # the dead worker's delivery: the job is re-sent below, or already final
-                qos._remove_from_indices(tag).execute()
+            _drop(qos, stale)  # the dead worker's delivery: the job is re-sent below, or already final
             if self._is_final(task_id):
                 self.client.hdel(RUNNING_TASKS, task_id)
                 continue
@@ -124,12 +123,10 @@ class RecoveryScanner:
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue
             if self._is_final(task_id):  # its acknowledgement was lost (a Redis outage at the end)
-                for tag in tags:
-                    qos._remove_from_indices(tag).execute()
+                _drop(qos, tags)
                 continue
             qos.restore_by_tag(tags[0], leftmost=True)
-            for tag in tags[1:]:
-                qos._remove_from_indices(tag).execute()
+            _drop(qos, tags[1:])
             log.warning("task %s was delivered %.0f+ s ago and never started; back on its queue", task_id, self.grace)
             restored.append(task_id)
         return restored
@@ -138,3 +135,9 @@ class RecoveryScanner:
         if self.client.exists(manifest_key(task_id)):
             return True
         return AsyncResult(task_id, app=self.app).state in states.READY_STATES
+
+
+def _drop(qos: Any, tags: list[str]) -> None:
+    """Forget these unacknowledged deliveries (kombu's `unacked` hash and its index), without requeueing them."""
+    for tag in tags:
+        qos._remove_from_indices(tag).execute()

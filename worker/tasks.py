@@ -104,10 +104,6 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         lease=lease,
     )
 
-    def before_store(steps: int) -> None:
-        if lease.lost.is_set():
-            raise LeaseLost(steps, lease.key)
-
     try:
         inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
         manifest = render(
@@ -121,7 +117,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             frame_threads=state.settings.frame_upload_threads,
             worker=state.owner,
             inputs=inputs,
-            before_store=before_store,
+            before_store=lease.check,
         )
     except LeaseLost:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
