@@ -71,7 +71,7 @@ def test_redis_unreachable_for_seconds_the_render_rides_through(chaos_farm: Call
     assert farm.redis_proxy.connections > connections, "clients reconnected through the proxy"
     log = farm.log_text()
     assert "revocation check failed (rendering on" in log
-    assert "lease" not in log.lower() or "was lost" not in log
+    assert "was lost" not in log, "a 3 s outage under a 15 s lease must not lose the lease"
     # A revoke after the outage still works: the check is live again.
     revoked = farm.client.submit(job(301, num_inference_steps=150, width=320, height=320))
     wait_until(progressed(farm, revoked.task_id, 5), timeout=60, what="5 steps")
