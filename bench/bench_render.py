@@ -3,7 +3,8 @@
 1. Callback costs: each callback of the worker's stack called on the pipeline's real tensors
    (`latents`, `prompt_embeds`, ...), each call timed alone, median µs. The revocation check is the
    worker's own `RedisJobControl` against a private redis-server; the progress report is the
-   worker's `_progress` (Celery result backend write + task event) on a real Celery app.
+   worker's `_progress` (Celery result backend write + task event + the `render workers` advert) on a real
+   Celery app.
 2. CFG cutoff at several step ratios vs none: whole `render()` jobs, interleaved, medians.
 3. Frames at every step vs none: whole `render()` jobs, interleaved, medians. The encode and the
    upload run on the frame writer's threads, so on a CPU they compete with torch for the cores.
@@ -31,6 +32,7 @@ from producer.keys import TASK_RENDER
 from worker import tasks
 from worker.callbacks import StepControlCallback, StepInfo, build_callbacks
 from worker.celery_app import create_app
+from worker.fleet import JobAdvert
 from worker.jobcontrol import RedisJobControl, control_client
 from worker.local_cluster import RedisServer
 from worker.metrics import StepTimer
@@ -148,12 +150,16 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
     app = create_app(WorkerSettings(redis_url=redis_url))
     task = app.tasks[TASK_RENDER]
     task.push_request(id="bench-progress", hostname="bench@localhost")
+    # The worker's advert of the step (`render workers`) goes with each report, as in a worker.
+    advert = JobAdvert(control_client(redis_url), "bench@localhost", bench.registry)
     try:
-        report_micros = time_calls(lambda i: tasks._progress(task, i, case.steps), 100, bench.sync, lambda: None)
+        report_micros = time_calls(
+            lambda i: tasks._progress(task, i, case.steps, advert), 100, bench.sync, lambda: None
+        )
         control = RedisJobControl(
             control_client(redis_url),
             "bench",
-            lambda step, total: tasks._progress(task, step, total),
+            lambda step, total: tasks._progress(task, step, total, advert),
             progress_interval=PROGRESS_INTERVAL,
         )
         revocation_only = RedisJobControl(control_client(redis_url), "bench-2", None)

@@ -68,9 +68,17 @@ def spread(values: Sequence[float]) -> float:
 
 
 def interleaved(
-    cases: dict[str, Callable[[], Any]], repeats: int, *, warmup: int = 1, sync: Callable[[], None] = lambda: None
+    cases: dict[str, Callable[[], Any]],
+    repeats: int,
+    *,
+    warmup: int = 1,
+    sync: Callable[[], None] = lambda: None,
+    self_timed: bool = False,
 ) -> dict[str, list[float]]:
-    """Seconds of each case per round, rounds run A B C, C B A, A B C ... so drift and order hit every case alike."""
+    """Seconds of each case per round, rounds run A B C, C B A, A B C ... so drift and order hit every case alike.
+
+    With `self_timed`, each case returns its own seconds (so set-up inside it is not counted).
+    """
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -80,9 +88,9 @@ def interleaved(
         for name in order if round_ % 2 == 0 else reversed(order):
             sync()
             started = time.perf_counter()
-            cases[name]()
+            result = cases[name]()
             sync()
-            samples[name].append(time.perf_counter() - started)
+            samples[name].append(float(result) if self_timed else time.perf_counter() - started)
     return samples
 
 

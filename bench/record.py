@@ -16,9 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import bench_gpu
+import bench_lora
 import bench_queue
 import bench_recovery
 import bench_render
+import bench_routing
 import bench_worker
 from common import Section, environment, median, verdict
 
@@ -44,6 +46,8 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
 - Callback costs are each callback alone on the pipeline's real step tensors; the revocation check
   is `RedisJobControl` against the private redis-server; the progress report is the worker's own
   (Celery result backend write + task event), sent at most once per RENDER_PROGRESS_INTERVAL.
+- LoRA cost is per step with the adapter unfused (switched with `set_adapters` / `disable_lora`), against a
+  pipeline that never held one: tiny-sd15 through the worker's `loras_applied`, and a UNet of SD 1.5's widths.
 - The GPU section runs the same benchmarks on full-size SD 1.5 / SDXL with random fp16 weights
   where CUDA is present; otherwise it says it was skipped and only checks the full-size configs.
 """
@@ -120,17 +124,21 @@ def main() -> None:
 
     worker_section, worker = bench_worker.run(repeats=repeats)
     rendered = bench_render.run(repeats=max(2, repeats * 2 // 3))
+    lora_section = bench_lora.run(repeats=repeats, wide_repeats=max(2, repeats // 2))
     queue_sections, queue = bench_queue.run(
         revokes=3 if args.quick else 5, overhead_jobs=5 if args.quick else 20, batch=8 if args.quick else 16
     )
     recovery_section, recovery = bench_recovery.run()
+    routing_section = bench_routing.run(jobs=100)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
         summary(worker, queue, rendered, recovery),
         worker_section,
         *rendered.sections,
+        lora_section,
         *queue_sections,
         recovery_section,
+        routing_section,
         *gpu_sections,
     ]
     write(args.out, command, time.monotonic() - started, started_at, sections)

@@ -6,7 +6,7 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from producer.keys import DEFAULT_QUEUE, TASK_RENDER
+from producer.keys import DEFAULT_PRIORITY, DEFAULT_QUEUE, PRIORITIES, PRIORITY_STEPS, TASK_RENDER
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
@@ -47,6 +47,13 @@ def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int =
         # here; the worker allows about 30 s for its final writes), not turned into an error at once.
         "result_backend_always_retry": True,
         "result_backend_max_retries": 8,
-        "broker_transport_options": {"socket_keepalive": True, "health_check_interval": 10},
+        # Three priority lists per queue (high, normal, low), polled in that order; both ends must agree on the
+        # steps, since the producer picks the list and the worker polls them.
+        "broker_transport_options": {
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+            "priority_steps": PRIORITY_STEPS,
+        },
+        "task_default_priority": PRIORITIES[DEFAULT_PRIORITY],
         **tls_options(redis_url),
     }

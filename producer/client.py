@@ -17,14 +17,19 @@ from celery.exceptions import BackendError
 from kombu.exceptions import OperationalError
 
 from producer.celery_config import base_config
-from producer.errors import FarmUnavailable, RenderError, RenderFailed, SpecError
+from producer.errors import FarmUnavailable, NoWorkerForModel, RenderError, RenderFailed, SpecError
+from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
 from producer.keys import (
     ATTEMPT_HEADER,
+    DEFAULT_PRIORITY,
+    PRIORITIES,
     SUBMITTED_AT_HEADER,
     TASK_RENDER,
+    Priority,
     check_task_id,
     job_key,
     manifest_key,
+    model_queue,
     revoked_key,
 )
 from producer.manifest import Manifest
@@ -101,10 +106,22 @@ class RenderClient:
     # -- submitting -----------------------------------------------------------------------------------
 
     def submit(
-        self, spec: RenderSpec | dict[str, Any] | str, task_id: str | None = None, queue: str | None = None
+        self,
+        spec: RenderSpec | dict[str, Any] | str,
+        task_id: str | None = None,
+        queue: str | None = None,
+        *,
+        priority: Priority = DEFAULT_PRIORITY,
+        wait_for_worker: bool = False,
     ) -> JobHandle:
-        """Validate `spec` and enqueue it; raise `SpecError` naming the field for a bad spec."""
-        return self.submit_many([spec], task_ids=[task_id] if task_id else None, queue=queue)[0]
+        """Validate `spec` and enqueue it for its model's workers; see `submit_many`."""
+        return self.submit_many(
+            [spec],
+            task_ids=None if task_id is None else [task_id],  # an empty id is refused, not replaced
+            queue=queue,
+            priority=priority,
+            wait_for_worker=wait_for_worker,
+        )[0]
 
     def submit_many(
         self,
@@ -112,37 +129,56 @@ class RenderClient:
         *,
         task_ids: Sequence[str] | None = None,
         queue: str | None = None,
+        priority: Priority = DEFAULT_PRIORITY,
+        wait_for_worker: bool = False,
     ) -> list[JobHandle]:
-        """Validate every spec first (nothing is enqueued if one is bad), then enqueue all in one batch."""
+        """Validate every spec first (nothing is enqueued if one is bad), then enqueue all in one batch.
+
+        Each job goes to its model's queue, which only workers serving that model consume, at `priority`
+        (`high` jobs start before any `normal` one waiting, `low` after). `queue` sends every job to that one
+        queue instead (a single-model fleet's old layout). A model no live worker serves raises
+        `NoWorkerForModel` before anything is enqueued, unless `wait_for_worker` (a fleet that scales from zero).
+        """
+        if priority not in PRIORITIES:
+            raise SpecError(f"priority: must be one of {', '.join(PRIORITIES)}; got {priority!r}")
         parsed = []
         for index, spec in enumerate(specs):
             try:
                 parsed.append(_coerce_spec(spec))
             except SpecError as exc:
                 raise SpecError(f"specs[{index}]: {exc}") from None
-        ids = list(task_ids) if task_ids else [uuid.uuid4().hex for _ in parsed]
+        ids = list(task_ids) if task_ids is not None else [uuid.uuid4().hex for _ in parsed]
         if len(ids) != len(parsed):
             raise SpecError(f"task_ids: got {len(ids)} ids for {len(parsed)} specs; give one per spec or none")
         for index, task_id in enumerate(ids):
             check_task_id(task_id, f"task_ids[{index}]")
-        queue = queue or self.settings.queue
+        queues = [queue or model_queue(self.settings.queue, spec.model) for spec in parsed]
         with self._reaching():
-            return self._enqueue(parsed, ids, queue)
+            if not wait_for_worker:
+                self._check_served(sorted({spec.model for spec in parsed}))
+            return self._enqueue(parsed, ids, queues, PRIORITIES[priority])
 
-    def _enqueue(self, parsed: list[RenderSpec], ids: list[str], queue: str) -> list[JobHandle]:
+    def _check_served(self, models: list[str]) -> None:
+        """Raise `NoWorkerForModel` for the first model no live worker serves: one Redis round trip when all are."""
+        for model, count in served_models(self.redis, models, ttl=self.settings.heartbeat_ttl).items():
+            if not count:
+                raise NoWorkerForModel(model, served_by(live_workers(self.redis)))
+
+    def _enqueue(self, parsed: list[RenderSpec], ids: list[str], queues: list[str], priority: int) -> list[JobHandle]:
         now = time.time()
         records = self.redis.pipeline(transaction=False)
-        for task_id in ids:
-            records.hset(job_key(task_id), mapping={"queue": queue, "submitted_at": now})
+        for task_id, queue in zip(ids, queues, strict=True):
+            records.hset(job_key(task_id), mapping={"queue": queue, "priority": priority, "submitted_at": now})
             records.expire(job_key(task_id), self.settings.result_ttl)
         records.execute()
         with self.app.producer_or_acquire() as producer, producer.batch():
-            for task_id, spec in zip(ids, parsed, strict=True):
+            for task_id, spec, queue in zip(ids, parsed, queues, strict=True):
                 self.app.send_task(
                     TASK_RENDER,
                     args=[spec.model_dump_json()],
                     task_id=task_id,
                     queue=queue,
+                    priority=priority,
                     producer=producer,
                     headers={SUBMITTED_AT_HEADER: now, ATTEMPT_HEADER: 1},
                 )
@@ -235,3 +271,16 @@ class RenderClient:
     def close(self) -> None:
         self.redis.close()
         self.app.close()
+
+    # -- the fleet ------------------------------------------------------------------------------------
+
+    def workers(self) -> list[WorkerInfo]:
+        """The live workers, by hostname: models served and loaded, loads, the job in hand and its step, last seen."""
+        with self._reaching():
+            return live_workers(self.redis)
+
+    def queue_lengths(self, models: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
+        """Jobs waiting per model and priority; `models` defaults to those the live workers serve."""
+        names = served_by(self.workers()) if models is None else models
+        with self._reaching():
+            return queue_lengths(self.redis, self.settings.queue, names)

@@ -8,6 +8,7 @@ RenderError
  ├── StorageError       a storage URL is invalid or an object could not be read or written
  ├── JobStopped         control flow: the job was told to stop inside the denoising loop
  │    └── JobRevoked    ... because someone revoked it
+ ├── NoWorkerForModel   submit found no live worker serving the job's model
  └── RenderFailed       the pipeline itself failed while rendering
 """
 
@@ -93,6 +94,19 @@ class LeaseLost(JobStopped):
         super().__init__(f"lease {key} lost", steps_completed)
 
 
+class NoWorkerForModel(RenderError):
+    """Raised at submit when no live worker serves the job's model; nothing is enqueued."""
+
+    def __init__(self, model: str, served: list[str]) -> None:
+        listed = ", ".join(served) if served else "none (no worker is live)"
+        super().__init__(
+            f"no live worker serves model {model!r}; models served now: {listed}. Start a worker with it in "
+            "RENDER_MODELS, or submit with wait_for_worker=True (--queue-anyway) to queue it for one"
+        )
+        self.model = model
+        self.served = served
+
+
 class FarmUnavailable(RenderError):
     """Raised by the client when the farm's Redis cannot be reached (after a few quick retries)."""
 
@@ -101,14 +115,17 @@ class RenderFailed(RenderError):
     """Raised when the pipeline fails while rendering; the cause is chained."""
 
 
+_TAGGED_UNION_LISTS = ("callbacks",)
+
+
 def _location(loc: tuple[Any, ...]) -> str:
     """`('callbacks', 0, 'cfg_cutoff', 'step_index')` -> `callbacks[0].step_index`."""
     out = ""
     for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif i > 0 and isinstance(loc[i - 1], int):
-            continue  # the only lists of models in a spec are tagged unions: this is the tag, not a field
+        elif i == 2 and loc[0] in _TAGGED_UNION_LISTS:
+            continue  # the union's tag (`cfg_cutoff`), not a field
         else:
             name = part if isinstance(part, str) and part.isidentifier() else _short(part, 40)  # a key sent to us
             out += f".{name}" if out else name

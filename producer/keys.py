@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from producer.errors import SpecError
 
@@ -10,6 +11,26 @@ KEY_PREFIX = "render"
 
 TASK_RENDER = "render.run"
 DEFAULT_QUEUE = "render"
+
+Priority = Literal["high", "normal", "low"]
+# kombu emulates priorities on Redis with one list per step, polled lowest number first: 0 is served first.
+PRIORITIES: dict[str, int] = {"high": 0, "normal": 3, "low": 6}
+PRIORITY_STEPS: list[int] = sorted(PRIORITIES.values())
+DEFAULT_PRIORITY: Priority = "normal"
+# kombu's default `sep` between a queue and its priority step (`render.m\x06\x163`); a printable one could occur
+# in a model name and make kombu misread the list a job came from.
+PRIORITY_SEPARATOR = "\x06\x16"
+
+
+def model_queue(queue: str, model: str) -> str:
+    """The queue of `model`'s jobs under the base queue name `queue`: only workers that serve the model consume it."""
+    return f"{queue}.{model}"
+
+
+def priority_lists(queue: str) -> dict[str, str]:
+    """The Redis lists kombu keeps for `queue`, by priority name (the top priority's list is the bare name)."""
+    return {name: queue if step == 0 else f"{queue}{PRIORITY_SEPARATOR}{step}" for name, step in PRIORITIES.items()}
+
 
 MANIFEST_NAME = "manifest.json"
 FRAMES_DIR = "frames"
@@ -73,3 +94,17 @@ def manifest_key(task_id: str) -> str:
 def recovery_lock_key(task_id: str) -> str:
     """Held briefly by the one worker that re-enqueues a task whose lease expired."""
     return f"{KEY_PREFIX}:recover:{task_id}"
+
+
+WORKERS = f"{KEY_PREFIX}:workers"
+"""Sorted set: worker hostname -> time of its last heartbeat (epoch seconds)."""
+
+
+def worker_key(hostname: str) -> str:
+    """Hash a live worker advertises itself in (models, loaded, job, step, loads); expires without heartbeats."""
+    return f"{KEY_PREFIX}:worker:{hostname}"
+
+
+def model_workers_key(model: str) -> str:
+    """Sorted set: hostname -> last heartbeat of every worker that serves `model` (one read tells if any is live)."""
+    return f"{KEY_PREFIX}:model:{model}:workers"

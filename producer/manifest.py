@@ -23,6 +23,27 @@ class Timings(BaseModel):
     revoke_to_stop: float | None = None
 
 
+class SchedulerRecord(BaseModel):
+    """The sampler a job ran with: its spec name, A1111's label for it, the diffusers class and its options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    label: str
+    diffusers_class: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class LoraRecord(BaseModel):
+    """A LoRA a job ran with: its allowlisted name, the scale, and the sha256 of its weights file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    scale: float
+    sha256: str
+
+
 class Manifest(BaseModel):
     """The record of one job: status, what was planned and done, where the files are."""
 
@@ -37,6 +58,9 @@ class Manifest(BaseModel):
     frames: list[str] = Field(default_factory=list)
     spec: dict[str, Any]
     seed: int
+    scheduler: SchedulerRecord | None = None  # None when no step ran (revoked before it started)
+    clip_skip: int = 0
+    loras: list[LoraRecord] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
     worker: str
     attempt: int = 1

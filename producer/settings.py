@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from producer.errors import ConfigError
+from producer.fleet import HEARTBEAT_TTL, MAX_HEARTBEAT_TTL
 from producer.keys import DEFAULT_QUEUE
 
 S = TypeVar("S", bound=BaseSettings)
@@ -24,6 +25,13 @@ class ClientSettings(BaseSettings):
     queue: str = Field(default=DEFAULT_QUEUE, min_length=1)
     revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives")
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live")
+    # Workers expire their advertisement after it; clients count a worker live for as long (set both alike).
+    heartbeat_ttl: float = Field(
+        default=HEARTBEAT_TTL,
+        gt=0.0,
+        le=MAX_HEARTBEAT_TTL,
+        description="seconds a worker stays listed after its last heartbeat; > heartbeat_interval",
+    )
 
 
 def load(cls: type[S]) -> S:

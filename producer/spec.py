@@ -33,6 +33,13 @@ NEEDS: dict[str, frozenset[str]] = {
 }
 IMAGE_FIELDS = ("image", "mask_image", "control_image")
 FrameFormat = Literal["png", "webp", "jpeg"]
+SchedulerName = Literal[
+    "default", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "lcm"
+]
+SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
+MAX_CLIP_SKIP = 12  # the worker checks the model's own text-encoder depth (layers - 1)
+MAX_LORAS = 4
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class _Strict(BaseModel):
@@ -120,6 +127,13 @@ class IpAdapterOptions(_Strict):
         return check_image_ref(value)
 
 
+class LoraRef(_Strict):
+    """A LoRA from the worker's allowlist (`RENDER_LORAS`), applied at `scale` (negative values invert it)."""
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="A LoRA name from the worker's RENDER_LORAS allowlist.")
+    scale: float = Field(default=1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+
+
 _C = TypeVar("_C", bound=BaseModel)
 
 Callback = Annotated[CfgCutoff | IpAdapterScaleCutoff | StepBudget | Frames, Field(discriminator="type")]
@@ -147,6 +161,16 @@ class RenderSpec(_Strict):
     strength: float = Field(default=0.8, gt=0.0, le=1.0, description="img2img/inpaint: how much of the image to redo")
     controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     ip_adapter: IpAdapterOptions | None = None
+    scheduler: SchedulerName = Field(
+        default="default", description="The sampler; `default` is the checkpoint's own (see README: Samplers)."
+    )
+    clip_skip: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_CLIP_SKIP,
+        description="Text-encoder layers to skip from the end, as diffusers counts (A1111's 'Clip skip' minus 1).",
+    )
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     callbacks: list[Callback] = Field(default_factory=list, max_length=8)
 
     @field_validator("image", "mask_image", "control_image")
@@ -197,6 +221,15 @@ class RenderSpec(_Strict):
                 f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} leaves no step to run; "
                 "raise either"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loras_once_each(self) -> RenderSpec:
+        seen: set[str] = set()
+        for i, lora in enumerate(self.loras):
+            if lora.name in seen:
+                raise ValueError(f"loras[{i}].name: {lora.name!r} is listed twice; give each LoRA once, with one scale")
+            seen.add(lora.name)
         return self
 
     @model_validator(mode="after")

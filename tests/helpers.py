@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import http.client
 import io
+import os
 import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from PIL import Image
@@ -12,7 +18,23 @@ from PIL import Image
 from worker.local_cluster import free_port, wait_until
 from worker.storage import Storage
 
-__all__ = ["free_port", "http_answers", "pixels", "port_open", "wait_until"]
+__all__ = ["UNetCalls", "free_port", "http_answers", "pixels", "port_open", "render_cli", "wait_until"]
+
+ROOT = Path(__file__).parents[1]
+
+
+def render_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The `render` command as a real process in the repository root, with `env` over this environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def port_open(port: int) -> bool:
@@ -38,3 +60,26 @@ def pixels(storage: Storage, url: str) -> bytes:
     data = storage.get(url.removeprefix(storage.base_url + "/"))
     assert data is not None, f"{url} is not in storage"
     return Image.open(io.BytesIO(data)).tobytes()
+
+
+class UNetCalls:
+    """At every UNet call: the batch, and the IP-Adapter scale in force (None without one). A context manager."""
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+        self.batches: list[int] = []
+        self.ip_scales: list[float | None] = []
+        self._handle: Any = None
+
+    def _record(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.batches.append((args[0] if args else kwargs["sample"]).shape[0])
+        processor = next(p for n, p in module.attn_processors.items() if n.endswith("attn2.processor"))
+        scale = getattr(processor, "scale", None)
+        self.ip_scales.append(float(scale[0]) if scale is not None else None)
+
+    def __enter__(self) -> UNetCalls:
+        self._handle = self.pipe.unet.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()

@@ -7,23 +7,29 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
-from producer.keys import TASK_RENDER
+from producer.keys import TASK_RENDER, model_queue, priority_lists
+from worker.affinity import Affinity, AffinityWatcher
+from worker.fleet import Heartbeat
+from worker.jobcontrol import control_client
 from worker.recovery import RecoveryScanner
 from worker.settings import WorkerSettings
 from worker.tasks import run_render
+from worker.transport import AFFINITY_OPTION
 
 
 def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app for one GPU worker; `settings` were validated (visibility timeout > time limit)."""
     app = Celery("render-worker", set_as_current=True)
     conf = base_config(settings.redis_url, queue=settings.queue, result_ttl=settings.result_ttl)
+    affinity = Affinity([model_queue(settings.queue, model) for model in settings.models])
     conf["broker_transport_options"] = {
         **conf["broker_transport_options"],
         "visibility_timeout": settings.visibility_timeout,
+        AFFINITY_OPTION: affinity,  # read by worker.transport's channel: which list to poll first
     }
     conf.update(
         # kombu's Redis transport, except that a non-JSON item pushed onto the queue is dropped, not fatal.
@@ -64,14 +70,44 @@ def create_app(settings: WorkerSettings) -> Celery:
         grace=settings.lease_ttl,
     )
 
-    def start_scanner(sender: Any = None, **_: Any) -> None:
+    watcher = AffinityWatcher(
+        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+        affinity,
+        [name for queue in consumed_queues(settings) for name in priority_lists(queue).values()],
+        switch_after=settings.switch_after_seconds,
+    )
+
+    # The fast-failing client: a beat in flight cannot hold up a shutdown for long.
+    heartbeat = Heartbeat(
+        control_client(settings.redis_url),
+        hostname=socket.gethostname(),
+        models=list(settings.models),
+        queues=consumed_queues(settings),
+        interval=settings.heartbeat_interval,
+        ttl=settings.heartbeat_ttl,
+    )
+
+    def start_threads(sender: Any = None, **_: Any) -> None:
         scanner.owner = getattr(sender, "hostname", None) or scanner.owner
         scanner.start()
+        watcher.start()
+        heartbeat.start(getattr(sender, "hostname", None))
 
-    worker_ready.connect(start_scanner, weak=False)
-    worker_shutting_down.connect(lambda **_: scanner.stop(), weak=False)
+    def stop_threads(**_: Any) -> None:
+        heartbeat.stop()
+        scanner.stop()
+        watcher.stop()
+
+    worker_ready.connect(start_threads, weak=False)
+    worker_shutting_down.connect(stop_threads, weak=False)
     app.recovery_scanner = scanner
+    app.heartbeat = heartbeat
     return app
+
+
+def consumed_queues(settings: WorkerSettings) -> list[str]:
+    """A worker's queues: one per model it serves, then the bare queue of single-model fleets and older producers."""
+    return [*(model_queue(settings.queue, model) for model in settings.models), settings.queue]
 
 
 def worker_argv(settings: WorkerSettings, *, hostname: str | None, loglevel: str) -> list[str]:
@@ -82,9 +118,28 @@ def worker_argv(settings: WorkerSettings, *, hostname: str | None, loglevel: str
         "--concurrency=1",
         "--prefetch-multiplier=1",
         "--events",
-        f"--queues={settings.queue}",
+        f"--queues={','.join(consumed_queues(settings))}",
         f"--loglevel={loglevel}",
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
     return argv
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run `celery worker` with `argv` in this process and return the worker's exit status.
+
+    Celery's `app.worker_main` drops the status, so a worker stopped by an unrecoverable error would exit
+    0 and a supervisor that restarts failed processes would leave it down.
+    """
+    codes: list[int] = []
+
+    def record(sender: Any = None, **_: Any) -> None:
+        codes.append(int(getattr(sender, "exitcode", None) or 0))
+
+    worker_shutdown.connect(record, weak=False)
+    try:
+        app.worker_main(argv)
+    finally:
+        worker_shutdown.disconnect(record)
+    return codes[-1] if codes else 0

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import kombu.exceptions
 import redis
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from producer.errors import RenderError, RenderFailed, SpecError, StorageError
+from producer.fleet import WorkerInfo, served_by
+from producer.keys import DEFAULT_PRIORITY, PRIORITIES, Priority
 from producer.spec import RenderSpec, json_schema
 
 app = typer.Typer(
@@ -68,15 +75,17 @@ def local(
     """Render SPEC.json in this process and print the manifest as JSON."""
     spec = read_spec(spec_path)
     _quiet_libraries()
-    from worker.inputs import load_inputs
-    from worker.models.registry import ModelRegistry
-    from worker.render import render
     from worker.settings import load_settings
     from worker.storage import open_storage
 
+    # Settings and storage first: a mistake in either is reported before seconds of torch imports.
     settings = load_settings()
-    inputs = load_inputs(spec, settings)
     target = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+    from worker.inputs import load_inputs
+    from worker.models.registry import ModelRegistry
+    from worker.render import render
+
+    inputs = load_inputs(spec, settings)
     manifest = render(
         spec,
         registry=ModelRegistry.from_settings(settings),
@@ -98,11 +107,13 @@ def worker(
 ) -> None:
     """Run a GPU worker: prefork with one process, acks late, events on (settings from RENDER_*)."""
     _quiet_libraries()
-    from worker.celery_app import create_app, worker_argv
+    from worker.celery_app import create_app, run_worker, worker_argv
     from worker.settings import load_settings
 
     settings = load_settings()
-    create_app(settings).worker_main(worker_argv(settings, hostname=hostname, loglevel=loglevel))
+    status = run_worker(create_app(settings), worker_argv(settings, hostname=hostname, loglevel=loglevel))
+    if status:
+        raise typer.Exit(status)
 
 
 def _client() -> Any:
@@ -116,14 +127,22 @@ def _client() -> Any:
 def submit(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC.json", help="A render spec (see `render schema`).")],
     task_id: Annotated[str | None, typer.Option(help="Task id (default: a new one).")] = None,
-    queue: Annotated[str | None, typer.Option(help="Queue (default RENDER_QUEUE).")] = None,
+    queue: Annotated[
+        str | None, typer.Option(help="One queue for every job (default: the job's model's queue under RENDER_QUEUE).")
+    ] = None,
+    priority: Annotated[
+        Priority, typer.Option(help="high starts before any queued normal job; low after them.")
+    ] = DEFAULT_PRIORITY,
+    queue_anyway: Annotated[
+        bool, typer.Option("--queue-anyway", help="Enqueue even if no live worker serves the model (autoscaling).")
+    ] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job and print its manifest.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Validate SPEC.json and enqueue it; print the task id (or, with --wait, the manifest)."""
     spec = read_spec(spec_path)
     client = _client()
-    handle = client.submit(spec, task_id=task_id, queue=queue)
+    handle = client.submit(spec, task_id=task_id, queue=queue, priority=priority, wait_for_worker=queue_anyway)
     if not wait:
         typer.echo(handle.task_id)
         return
@@ -183,6 +202,47 @@ def revoke(task_id: Annotated[str, typer.Argument(help="The task to stop.")]) ->
             "unknown": f"no task {task_id} is known; nothing to revoke",
         }[outcome]
     )
+
+
+@app.command()
+def workers(as_json: Annotated[bool, typer.Option("--json", help="Print the fleet as JSON.")] = False) -> None:
+    """Show the live workers (models, loaded, job and step, loads, last seen) and the jobs queued per model."""
+    client = _client()
+    found = client.workers()
+    queued = client.queue_lengths(served_by(found))
+    if as_json:
+        typer.echo(json.dumps({"workers": [dataclasses.asdict(info) for info in found], "queues": queued}, indent=2))
+        return
+    if not found:
+        typer.echo("no live worker: none has sent a heartbeat within its TTL (start one with `render worker`)")
+        return
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: wide enough that no row wraps
+        console = Console(width=max(console.width, 200))
+    console.print(_fleet_table(found, time.time()))
+    console.print(_queue_table(queued, client.settings.queue))
+
+
+def _fleet_table(found: list[WorkerInfo], now: float) -> Table:
+    table = Table("worker", "models", "loaded", "job", "step", "loads", "last seen", box=box.SIMPLE_HEAD)
+    for info in found:
+        table.add_row(
+            info.hostname,
+            ", ".join(info.models),
+            ", ".join(info.loaded) or "-",
+            info.job or "idle",
+            f"{info.step}/{info.total}" if info.job and info.step is not None and info.total else "-",
+            ", ".join(f"{model} {count}" for model, count in sorted(info.loads.items())) or "-",
+            f"{max(0.0, now - info.last_seen):.0f} s ago",
+        )
+    return table
+
+
+def _queue_table(queued: dict[str, dict[str, int]], queue: str) -> Table:
+    table = Table("model", *PRIORITIES, title=f"jobs queued (queue {queue})", box=box.SIMPLE_HEAD)
+    for model, lengths in sorted(queued.items()):
+        table.add_row(model, *(str(lengths[priority]) for priority in PRIORITIES))
+    return table
 
 
 @app.command()

@@ -49,12 +49,22 @@ def _base(model: str, steps: int, size: int, **extra: Any) -> dict[str, Any]:
 
 JOBS = [
     DemoJob(
-        "cfg-cutoff",
-        _base("tiny-sd15", 30, 128, num_images=2, callbacks=[{"type": "cfg_cutoff", "step_ratio": 0.4}]),
+        "lora-cfg-cutoff",
+        _base(
+            "tiny-sd15",
+            30,
+            128,
+            num_images=2,
+            scheduler="dpmpp_2m_karras",
+            loras=[{"name": "tiny-lora", "scale": 0.8}],
+            callbacks=[{"type": "cfg_cutoff", "step_ratio": 0.4}],
+        ),
         "succeeded",
     ),
     DemoJob(
-        "frames", _base("tiny-sdxl", 24, 128, callbacks=[{"type": "frames", "every": 3, "size": 128}]), "succeeded"
+        "frames-euler-a",
+        _base("tiny-sdxl", 24, 128, scheduler="euler_a", callbacks=[{"type": "frames", "every": 3, "size": 128}]),
+        "succeeded",
     ),
     DemoJob(
         "step-budget", _base("tiny-sd15", 40, 128, callbacks=[{"type": "step_budget", "max_steps": 12}]), "interrupted"

@@ -18,7 +18,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+import redis
+
 from producer.errors import ConfigError
+from producer.keys import worker_key
 
 
 def free_port() -> int:
@@ -102,6 +105,8 @@ class RedisServer:
                 "yes" if self.appendonly else "no",
                 "--appendfsync",
                 "always",  # an acknowledged write survives a crash: what the restart tests rely on
+                "--databases",
+                "64",  # tests give each farm a database of its own
                 "--logfile",
                 str(log),
                 *(["--requirepass", self.password] if self.password else []),
@@ -160,14 +165,17 @@ class WorkerProcess:
         return self
 
     def wait_ready(self, app: Any, timeout: float = 60) -> None:
-        """Wait until the worker answers a Celery ping (it is consuming)."""
-        wait_until(
-            lambda: bool(app.control.ping(destination=[self.hostname], timeout=0.5)),
-            timeout=timeout,
-            what=f"worker {self.hostname}",
-            process=self.process,
-            log=self.log_path,
-        )
+        """Wait until the worker answers a Celery ping (it consumes) and advertises itself (its models are served)."""
+        advert = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5)
+
+        def ready() -> bool:
+            pinged = bool(app.control.ping(destination=[self.hostname], timeout=0.5))
+            return pinged and bool(advert.exists(worker_key(self.hostname)))
+
+        try:
+            wait_until(ready, timeout=timeout, what=f"worker {self.hostname}", process=self.process, log=self.log_path)
+        finally:
+            advert.close()
 
     @property
     def pid(self) -> int:
@@ -179,9 +187,11 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
 
-    def stop(self, timeout: float = 15) -> None:
+    def stop(self, timeout: float = 15, *, signalled: bool = False) -> None:
+        """SIGTERM (unless `signalled` already), wait up to `timeout` s for the warm shutdown, then SIGKILL."""
         if self.process is not None and self.process.poll() is None:
-            self.kill(signal.SIGTERM)
+            if not signalled:
+                self.kill(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -189,6 +199,14 @@ class WorkerProcess:
                 self.process.wait()
         if self._log is not None:
             self._log.close()
+
+    @staticmethod
+    def stop_all(workers: list[WorkerProcess], timeout: float = 15) -> None:
+        """Stop several workers at once: all are told to shut down, then each is waited for."""
+        for worker in workers:
+            worker.kill(signal.SIGTERM)
+        for worker in workers:
+            worker.stop(timeout, signalled=True)
 
     def __enter__(self) -> WorkerProcess:
         return self.start()

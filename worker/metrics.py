@@ -23,6 +23,7 @@ STEP_SECONDS = Histogram("render_step_seconds", "Seconds per denoising step.", [
 QUEUE_WAIT = Histogram("render_queue_wait_seconds", "Seconds from submit to the start of rendering.", buckets=_SLOW)
 REVOKE_TO_STOP = Histogram("render_revoke_to_stop_seconds", "Seconds from a revoke to the job stopping.", buckets=_FAST)
 FRAME_UPLOAD = Histogram("render_frame_upload_seconds", "Seconds to encode and store one step frame.", buckets=_FAST)
+MODEL_LOADS = Counter("render_model_loads_total", "Pipelines loaded (cache hits not counted).", ["model"])
 PIPELINE_LOAD = Histogram("render_pipeline_load_seconds", "Seconds to get a pipeline (cached: near 0).", buckets=_SLOW)
 
 

@@ -1,34 +1,66 @@
-"""Result images as PNG with the generation parameters in their metadata."""
+"""Result images as PNG with the generation parameters in their metadata.
+
+The `parameters` text chunk follows the layout AUTOMATIC1111's web UI writes, which image viewers,
+Civitai and ComfyUI's importers read: the prompt (LoRAs as `<lora:name:scale>` tags), a
+`Negative prompt:` line, then one line of `Key: value` pairs.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from producer.manifest import LoraRecord, SchedulerRecord
 from producer.spec import RenderSpec
 
 
-def parameters_text(spec: RenderSpec, seed: int) -> str:
+@dataclass(frozen=True)
+class ImageParameters:
+    """What made one image: the spec, its seed, and what the worker resolved (sampler, LoRA hashes)."""
+
+    spec: RenderSpec
+    seed: int
+    scheduler: SchedulerRecord | None = None
+    loras: Sequence[LoraRecord] = ()
+    version: str | None = None
+
+
+def parameters_text(params: ImageParameters) -> str:
     """The `parameters` text chunk in the form image tools already read."""
-    lines = [spec.prompt]
+    spec = params.spec
+    tags = "".join(f" <lora:{lora.name}:{lora.scale:g}>" for lora in params.loras)
+    lines = [spec.prompt + tags]
     if spec.negative_prompt:
         lines.append(f"Negative prompt: {spec.negative_prompt}")
-    lines.append(
-        f"Steps: {spec.num_inference_steps}, CFG scale: {spec.guidance_scale}, Seed: {seed}, "
-        f"Size: {spec.width}x{spec.height}, Model: {spec.model}"
-    )
+    pairs = [f"Steps: {spec.num_inference_steps}"]
+    if params.scheduler is not None:
+        pairs.append(f"Sampler: {params.scheduler.label}")
+    pairs += [f"CFG scale: {spec.guidance_scale:g}", f"Seed: {params.seed}", f"Size: {spec.width}x{spec.height}"]
+    pairs.append(f"Model: {spec.model}")
+    if spec.pipeline in ("img2img", "inpaint"):
+        pairs.append(f"Denoising strength: {spec.strength:g}")
+    if spec.clip_skip:
+        pairs.append(f"Clip skip: {spec.clip_skip + 1}")  # A1111 counts the last layer as 1; diffusers as 0
+    if params.loras:
+        hashes = ", ".join(f"{lora.name}: {lora.sha256[:12]}" for lora in params.loras)
+        pairs.append(f'Lora hashes: "{hashes}"')
+    if params.version:
+        pairs.append(f"Version: render-farm {params.version}")
+    lines.append(", ".join(pairs))
     return "\n".join(lines)
 
 
-def png_bytes(image: Image.Image, spec: RenderSpec, *, task_id: str, seed: int, index: int) -> bytes:
+def png_bytes(image: Image.Image, params: ImageParameters, *, task_id: str, index: int) -> bytes:
     info = PngInfo()
-    info.add_text("parameters", parameters_text(spec, seed))
+    info.add_text("parameters", parameters_text(params))
     info.add_text("render:task_id", task_id)
     info.add_text("render:index", str(index))
-    info.add_text("render:spec", json.dumps(spec.model_dump(mode="json"), sort_keys=True))
+    info.add_text("render:spec", json.dumps(params.spec.model_dump(mode="json"), sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

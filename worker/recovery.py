@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import defaultdict
 from typing import Any
@@ -36,34 +35,25 @@ from producer.keys import (
     manifest_key,
     recovery_lock_key,
 )
+from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
 
 
-class RecoveryScanner:
+class RecoveryScanner(PeriodicThread):
     """Scans for dead jobs from a daemon thread; `scan_once` is the whole logic."""
 
+    thread_name = "render-recovery"
+
     def __init__(self, app: Celery, client: redis.Redis, *, interval: float, owner: str, grace: float = 30.0) -> None:
+        super().__init__(interval)
         self.app = app
         self.client = client
-        self.interval = interval
         self.owner = owner
         self.grace = grace
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="render-recovery", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.scan_once()
-            except Exception:  # a scan failing (Redis away) must not end the scanner
-                log.exception("recovery scan failed; retrying in %.1f s", self.interval)
+    def tick(self) -> list[str]:
+        return self.scan_once()
 
     def scan_once(self) -> list[str]:
         """Re-enqueue every running job whose lease expired and every orphaned delivery; return their ids."""
@@ -93,6 +83,7 @@ class RecoveryScanner:
                 args=[record["spec"]],
                 task_id=task_id,
                 queue=record.get("queue"),
+                priority=record.get("priority"),
                 headers={ATTEMPT_HEADER: attempt, SUBMITTED_AT_HEADER: record.get("submitted_at")},
             )
             self.client.hdel(RUNNING_TASKS, task_id)

@@ -20,12 +20,14 @@ from pydantic import ValidationError
 
 from producer.errors import JobRevoked, LeaseLost, RenderFailed, SpecError, StorageError
 from producer.keys import image_object, manifest_object
-from producer.manifest import Manifest, RenderStatus, Timings
+from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.callbacks import CallbackStack, StepHook, build_callbacks
+from worker.callbacks.steps import sampler_steps
 from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
-from worker.outputs import png_bytes
+from worker.models.sampling import check_clip_skip, clip_skip_arguments, scheduled
+from worker.outputs import ImageParameters, png_bytes
 from worker.storage import Storage
 
 _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
@@ -34,6 +36,8 @@ _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
 def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
     """The worker-side checks a producer cannot make: allowlist and what this worker runs."""
     registry.source(spec.model)
+    if spec.loras:
+        registry.check_loras(spec.model, spec.loras)
     if spec.ip_adapter is not None:
         registry.ip_adapter(spec.model)
 
@@ -86,10 +90,19 @@ def render(
     started = time.perf_counter()
     pipe = registry.pipeline(spec.model, spec.pipeline)
     job.timings.load = time.perf_counter() - started
+    check_clip_skip(pipe, spec)
     family = registry.source(spec.model).family
     stack = build_callbacks(spec, family, task_id=task_id, storage=storage, hooks=hooks, frame_threads=frame_threads)
     try:
-        with _ip_adapter(pipe, spec, registry):
+        with (
+            registry.loras_applied(spec.model, pipe, spec.loras) as loras,
+            _ip_adapter(pipe, spec, registry),
+            scheduled(pipe, spec.scheduler) as sampler,
+        ):
+            job.scheduler = SchedulerRecord(
+                name=sampler.name, label=sampler.label, diffusers_class=sampler.cls, options=sampler.options
+            )
+            job.loras = [LoraRecord(name=lora.name, scale=lora.scale, sha256=lora.sha256) for lora in loras]
             images = _run(pipe, spec, job, stack, inputs)
         if before_store is not None:
             before_store(job.steps_completed)
@@ -113,7 +126,7 @@ def render(
         urls = [
             storage.put(
                 image_object(task_id, i),
-                png_bytes(image, spec, task_id=task_id, seed=job.image_seed(i), index=i),
+                png_bytes(image, job.parameters(job.image_seed(i)), task_id=task_id, index=i),
                 "image/png",
             )
             for i, image in enumerate(images)
@@ -194,12 +207,14 @@ def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack, inputs: d
     started = time.perf_counter()
     try:
         with torch.inference_mode():
+            arguments.update(clip_skip_arguments(pipe, spec))
             output = pipe(**arguments, callback_on_step_end=stack.multi)
     finally:
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
         finished = time.perf_counter()
         last_step = stack.control.last_step_end or finished
-        job.steps_planned = getattr(pipe, "_num_timesteps", None) or job.steps_planned
+        if getattr(pipe, "_num_timesteps", None):
+            job.steps_planned = sampler_steps(pipe)
         job.steps_completed = stack.control.steps_completed
         job.timings.denoise = last_step - started
     job.timings.decode = finished - last_step
@@ -222,10 +237,15 @@ class _Job:
         self.steps_completed = 0
         self.interrupted_by: Any = None
         self.steps_after_revoke: int | None = None
+        self.scheduler: SchedulerRecord | None = None
+        self.loras: list[LoraRecord] = []
         self.started_at = _now()
 
     def image_seed(self, index: int) -> int:
         return (self.seed + index) % (MAX_SEED + 1)
+
+    def parameters(self, seed: int) -> ImageParameters:
+        return ImageParameters(self.spec, seed, self.scheduler, self.loras, _versions()["render-farm"])
 
     def finish(
         self,
@@ -246,6 +266,9 @@ class _Job:
             frames=frames or [],
             spec=self.spec.model_dump(mode="json"),
             seed=self.seed,
+            scheduler=self.scheduler,
+            clip_skip=self.spec.clip_skip,
+            loras=self.loras,
             timings=self.timings,
             worker=self.worker,
             attempt=self.attempt,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import SettingsConfigDict
 
 from producer.settings import ClientSettings, load
+from producer.spec import LORA_NAME_PATTERN
 
 Family = Literal["sd15", "sdxl"]
 TINY = "tiny"
@@ -32,6 +35,40 @@ def default_models() -> dict[str, ModelSource]:
     }
 
 
+class LoraSource(BaseModel):
+    """An allowlisted LoRA: a `.safetensors` file (diffusers or kohya format) for one family, or `tiny` (built in)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    family: Family | None = Field(
+        default=None, description='"sd15" or "sdxl": the models it applies to; required for a file, unset for "tiny"'
+    )
+    path: str = Field(
+        min_length=1,
+        description='a .safetensors file, or "tiny": the built-in LoRA of the tiny models (both families), no file',
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _safetensors_only(cls, value: str) -> str:
+        # Only safetensors: a pickled .bin/.pt/.ckpt can run code when it is loaded.
+        if value != TINY and not value.endswith(".safetensors"):
+            raise PydanticCustomError(
+                "lora_path", 'must be a .safetensors file (convert a .bin/.pt/.ckpt LoRA first) or "tiny"'
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _family_with_a_file(self) -> LoraSource:
+        if self.path != TINY and self.family is None:
+            raise PydanticCustomError("lora_family", 'a LoRA file needs "family": "sd15" or "sdxl"')
+        return self
+
+
+def default_loras() -> dict[str, LoraSource]:
+    return {"tiny-lora": LoraSource(path=TINY)}
+
+
 class WorkerSettings(ClientSettings):
     """Everything a worker process reads from its environment (prefix `RENDER_`), the client's settings included."""
 
@@ -46,6 +83,14 @@ class WorkerSettings(ClientSettings):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
+    loras: dict[str, LoraSource] = Field(
+        default_factory=default_loras,
+        description='LoRA allowlist as JSON: {"name": {"family": "sd15"|"sdxl", "path": "/dir/x.safetensors"}}; '
+        '{"path": "tiny"} is the tiny models\' built-in LoRA',
+    )
+    max_cached_loras: int = Field(
+        default=8, ge=1, le=64, description="LoRAs kept loaded per model, least recently used evicted first"
+    )
     storage_retry_seconds: float = Field(
         default=120.0, ge=0.0, description="how long an unreachable S3 endpoint is retried before a job fails"
     )
@@ -65,6 +110,25 @@ class WorkerSettings(ClientSettings):
     lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
     recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
     progress_interval: float = Field(default=0.5, ge=0.0, description="minimum seconds between progress reports")
+    heartbeat_interval: float = Field(default=5.0, gt=0.0, description="seconds between a worker's heartbeats")
+    switch_after_seconds: float = Field(
+        default=60.0,
+        gt=0.0,
+        description="a worker prefers jobs for the model it has loaded until another queued job has waited this long",
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _lora_names_a_spec_can_use(cls, value: dict[str, LoraSource]) -> dict[str, LoraSource]:
+        for name in value:
+            if not re.fullmatch(LORA_NAME_PATTERN, name):
+                raise PydanticCustomError(
+                    "lora_name",
+                    "LoRA name '{name}' cannot be used in a spec; use letters, digits, '.', '_' and '-' "
+                    "(at most 100, the first a letter or digit)",
+                    {"name": name},
+                )
+        return value
 
     @model_validator(mode="after")
     def _redelivery_after_the_time_limit(self) -> WorkerSettings:
@@ -74,6 +138,17 @@ class WorkerSettings(ClientSettings):
             raise ValueError(
                 f"RENDER_VISIBILITY_TIMEOUT ({self.visibility_timeout} s) must exceed RENDER_TASK_TIME_LIMIT "
                 f"({self.task_time_limit} s) by more than 60 s, or a long job is delivered twice"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeat_outlives_its_interval(self) -> WorkerSettings:
+        # A worker whose advert expires before its next beat would blink out of the fleet between beats.
+        if self.heartbeat_ttl <= self.heartbeat_interval:
+            raise ValueError(
+                f"RENDER_HEARTBEAT_TTL ({self.heartbeat_ttl:g} s) must exceed RENDER_HEARTBEAT_INTERVAL "
+                f"({self.heartbeat_interval:g} s), or a live worker drops out of `render workers` between "
+                "heartbeats; three intervals is a good TTL"
             )
         return self
 

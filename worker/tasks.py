@@ -20,6 +20,7 @@ from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, ma
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
 from worker import metrics
+from worker.fleet import JobAdvert
 from worker.inputs import load_inputs
 from worker.jobcontrol import Lease, RedisJobControl, control_client, patient_client
 from worker.models.registry import ModelRegistry
@@ -89,6 +90,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     record = {
         "spec": spec.model_dump_json(),
         "queue": _queue(task),
+        "priority": (task.request.delivery_info or {}).get("priority"),
         "attempt": attempt,
         "submitted_at": submitted,
         "worker": state.owner,
@@ -96,10 +98,12 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     if not lease.acquire(record):
         log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
         raise Ignore()
+    advert = JobAdvert(state.control, task.request.hostname, state.registry)
+    advert.job_started(task_id)
     control = RedisJobControl(
         state.control,
         task_id,
-        lambda step, total: _progress(task, step, total),
+        lambda step, total: _progress(task, step, total, advert),
         progress_interval=state.settings.progress_interval,
         lease=lease,
     )
@@ -131,6 +135,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         raise
     finally:
         lease.release()
+        advert.job_ended()
     _publish(state, manifest)
     metrics.record(manifest)
     if manifest.status == "revoked":
@@ -144,7 +149,8 @@ def _queue(task: Task) -> str | None:
     return str(queue) if queue else None
 
 
-def _progress(task: Task, step: int, total: int) -> None:
+def _progress(task: Task, step: int, total: int, advert: JobAdvert) -> None:
+    advert.progress(step, total)  # never raises
     task.update_state(state="PROGRESS", meta={"step": step, "total": total})
     task.send_event("task-progress", step=step, total=total)
 

@@ -1,43 +1,137 @@
 """kombu's Redis transport, hardened for a queue anyone with Redis write access can push to.
 
-kombu decodes each item it pops from the queue list as JSON inside the worker's event loop, and a
-non-JSON item (`LPUSH render garbage`) raises out of that loop: the consumer dies and the worker
-stops serving. Here such an item is logged and dropped, and the loop goes on. (Items that are JSON
-but not a task message already get Celery's own "Received invalid task message" handling.)
+kombu turns each item it pops from the queue list into a message inside the worker's event loop: it
+decodes the JSON, then reads the envelope (`properties`, `delivery_tag`, the base64 body). Anything
+that raises there (not JSON, a JSON array nested 1,000 deep whose decoder raises `RecursionError`,
+an envelope without its fields) would propagate out of that loop, and the consumer would die. The
+item is already off the list by then, so nothing can be saved by dying: it is logged and dropped,
+and the loop goes on. Errors raised after the message is handed to Celery are Celery's to handle and
+pass through untouched. (Items that are envelopes but not task messages get Celery's own "Received
+invalid task message" handling.)
+
+`_brpop_start`, `_brpop_read` and `_get` follow kombu 5.7's own (pyproject bounds kombu to the versions
+tested), with the decode step guarded and the lists of one poll in the worker's order of preference
+(`worker.affinity`: its loaded model's queue first, unless a job elsewhere has waited too long).
 """
 
 from __future__ import annotations
 
 import logging
+from time import monotonic
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
+from kombu.transport.virtual import Message as VirtualMessage
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+from worker.affinity import Affinity
+
+AFFINITY_OPTION = "render_affinity"  # the key of the worker's `Affinity` in broker_transport_options
 
 log = logging.getLogger(__name__)
 
-_UNDECODABLE = (ValueError, TypeError, KeyError, AttributeError)  # JSONDecodeError, UnicodeDecodeError, non-dicts
+
+class Undecodable(Exception):
+    """Raised when an item popped from the queue cannot be made into a kombu message; it is dropped."""
+
+
+def decode(item: bytes | str) -> Any:
+    """The JSON document an item holds; `Undecodable` for anything the decoder raises, whatever its type."""
+    try:
+        return loads(bytes_to_str(item))
+    except Exception as exc:  # RecursionError from deep nesting, bad UTF-8, bad JSON, ...
+        raise Undecodable(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+class Message(VirtualMessage):
+    """kombu's message, refusing envelopes it cannot read with `Undecodable` instead of any error."""
+
+    def __init__(self, payload: Any, channel: Any = None, **kwargs: Any) -> None:
+        try:
+            super().__init__(payload, channel=channel, **kwargs)
+            # Rejecting or restoring a message reads these; without them kombu's error looks like a lost connection.
+            self.delivery_info["exchange"], self.delivery_info["routing_key"]
+        except Exception as exc:  # KeyError, TypeError, bad base64 in the body, ...
+            raise Undecodable(f"not a message envelope ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 class Channel(kombu_redis.Channel):
+    Message = Message
+
+    @property
+    def affinity(self) -> Affinity | None:
+        """The worker's queue preference, when its app put one in `broker_transport_options` (a consumer)."""
+        found = self.connection.client.transport_options.get(AFFINITY_OPTION)
+        return found if isinstance(found, Affinity) else None
+
+    def _brpop_start(self, timeout: Any = None) -> None:
+        # kombu's own, except for the order of the lists named in BRPOP: that order is the worker's preference.
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        lists = [(pri, queue, self._q_for_pri(queue, pri)) for pri in self.priority_steps for queue in queues]
+        affinity = self.affinity
+        keys = affinity.order(lists) if affinity is not None else [name for _, _, name in lists]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu declares it None
+        command_args = ["BRPOP", *keys, timeout or 0]
+        if self.global_keyprefix:
+            command_args = self.client._prefix_args(command_args)
+        self.client.connection.send_command(*command_args)
+
     def _brpop_read(self, **options: Any) -> bool:
         try:
-            return bool(super()._brpop_read(**options))  # type: ignore[no-untyped-call]
-        except _UNDECODABLE as exc:
-            _dropped(exc)
-            raise Empty() from None
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()  # the next iteration reconnects
+                raise
+            if not dest__item:
+                raise Empty()
+            dest, item = dest__item
+            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                payload = decode(item)
+            except Undecodable as exc:
+                _dropped(exc)
+                raise Empty() from None
+            if (affinity := self.affinity) is not None:
+                affinity.delivered(dest)
+            self.connection._deliver(payload, dest)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu resets its bool flag to None
+            self._flush_brpop_reauth()
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:  # kombu's Redis _get takes the queue only
-        try:
-            return super()._get(queue)  # type: ignore[no-untyped-call]
-        except _UNDECODABLE as exc:
-            _dropped(exc)
-            raise Empty() from None
+        with self.conn_or_acquire() as client:
+            for pri in self.priority_steps:
+                item = client.rpop(self._q_for_pri(queue, pri))
+                if item:
+                    self._maybe_update_queues_expire(client, queue)
+                    try:
+                        return decode(item)
+                    except Undecodable as exc:
+                        _dropped(exc)
+                        raise Empty() from None
+            self._maybe_update_queues_expire(client, queue)
+            raise Empty()
 
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
 
+    def _deliver(self, message: Any, queue: str) -> None:
+        try:
+            super()._deliver(message, queue)
+        except Undecodable as exc:  # raised by Message() inside kombu's delivery callback
+            _dropped(exc)
 
-def _dropped(exc: BaseException) -> None:
-    log.error("dropped an item on the queue that is not a task message (%s: %s)", type(exc).__name__, exc)
+
+def _dropped(exc: Undecodable) -> None:
+    log.error("dropped an item on the queue that is not a task message (%s)", exc)

@@ -18,11 +18,12 @@ import pytest
 import redis
 
 from producer.client import RenderClient
-from producer.keys import RUNNING_TASKS
+from producer.keys import RUNNING_TASKS, model_queue, priority_lists
 from producer.settings import ClientSettings
 from tests.faults.proxy import FaultProxy
 from tests.integration.conftest import Farm, farm_factory, redis_server  # noqa: F401  (fixtures used here)
-from worker.local_cluster import RedisServer
+from worker.local_cluster import RedisServer, WorkerProcess
+from worker.settings import default_models
 
 
 @dataclass
@@ -43,10 +44,15 @@ class ChaosFarm(Farm):
         defaults = {"s3_endpoint_url": f"http://{self.s3_proxy.address}", "storage_retry_seconds": "20"}
         return super().start_workers(*names, ready=ready, **(defaults | settings))
 
+    def queued(self) -> int:
+        """Jobs waiting in any priority list of the models' queues or the bare one."""
+        queues = ["render", *(model_queue("render", model) for model in default_models())]
+        return sum(self.direct.llen(name) for queue in queues for name in priority_lists(queue).values())
+
     def queue_is_empty(self) -> bool:
         """Nothing waiting, nothing delivered and unacknowledged, nothing listed as running."""
         db = self.direct
-        return not db.llen("render") and not db.hlen("unacked") and not db.hlen(RUNNING_TASKS)
+        return not self.queued() and not db.hlen("unacked") and not db.hlen(RUNNING_TASKS)
 
     def stored_manifest(self, task_id: str) -> dict[str, Any] | None:
         """The manifest in the bucket, read straight from the S3 server; None when there is none."""
@@ -91,8 +97,7 @@ def chaos_farm(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
     yield make
     for farm in made:
-        for worker in farm.workers:
-            worker.stop()
+        WorkerProcess.stop_all(farm.workers)
         farm.client.close()
         assert farm.redis_proxy is not None and farm.s3_proxy is not None and farm.server is not None
         farm.redis_proxy.close()

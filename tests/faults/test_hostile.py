@@ -129,3 +129,49 @@ def test_pickled_and_undecodable_messages_are_never_run_and_the_worker_keeps_ser
     log = farm.log_text()
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert log.count("dropped an item on the queue that is not a task message") >= 1, "the raw bytes were dropped"
+
+
+def _envelope(**fields: Any) -> str:
+    return json.dumps({"content-type": "application/json", "headers": {}, **fields})
+
+
+# Every kind of exception kombu's decoder (json + its type hooks) and its envelope reader can raise.
+RAW_ITEMS: dict[str, bytes | str] = {
+    "array nested 1,000 deep (RecursionError)": "[" * 1_000 + "]" * 1_000,
+    "array nested 100,000 deep (RecursionError)": "[" * 100_000 + "]" * 100_000,
+    "object nested 1,000 deep (RecursionError)": '{"a":' * 1_000 + "1" + "}" * 1_000,
+    "bad UTF-8 (kombu replaces it; then KeyError: no envelope)": b'{"body": "\xff\xfe"}',
+    "truncated JSON (JSONDecodeError)": '{"body": ',
+    "decimal hook (decimal.InvalidOperation)": '{"__type__": "decimal", "__value__": "not a number"}',
+    "uuid hook (TypeError)": '{"__type__": "uuid", "__value__": "not a mapping"}',
+    "datetime hook (ValueError)": '{"__type__": "datetime", "__value__": "yesterday"}',
+    "envelope without properties (KeyError)": _envelope(body="e30="),
+    "envelope with a list for properties (TypeError)": _envelope(body="e30=", properties=[1]),
+    "envelope with a body that is not base64 (binascii.Error)": _envelope(
+        body="e", properties={"body_encoding": "base64", "delivery_tag": "x", "delivery_info": {}}
+    ),
+    "envelope whose delivery_info lacks exchange and routing_key (KeyError)": _envelope(
+        body="e30=", properties={"body_encoding": "base64", "delivery_tag": "y", "delivery_info": {}}
+    ),
+}
+
+
+def test_any_item_kombu_cannot_decode_is_dropped_and_the_worker_serves_the_next_job(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    (worker,) = farm.start_workers("undecodable")
+    for item in RAW_ITEMS.values():
+        farm.direct.lpush("render", item)
+    wait_until(lambda: farm.direct.llen("render") == 0, timeout=60, what="the worker draining the queue")
+    after = farm.client.submit(
+        {"model": "tiny-sd15", "prompt": "after", "num_inference_steps": 2, "width": 64, "height": 64}
+    )
+    assert after.wait(timeout=90).status == "succeeded"
+    assert worker.process is not None and worker.process.poll() is None, "the worker must keep running"
+    log = farm.log_text()
+    assert "Unrecoverable error" not in log and "Connection to broker lost" not in log, log[-3000:]
+    assert log.count("dropped an item on the queue that is not a task message") == len(RAW_ITEMS), log[-3000:]
+    kinds = ("RecursionError", "JSONDecodeError", "InvalidOperation", "TypeError", "ValueError", "KeyError", "Error")
+    for kind in kinds:
+        assert f"({kind}: " in log, f"no drop logged for {kind}"

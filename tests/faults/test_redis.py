@@ -37,7 +37,7 @@ def test_redis_restarted_mid_batch_keeps_every_job_and_everyone_reconnects(
     assert farm.server is not None
     handles = farm.client.submit_many([job(200 + i, num_inference_steps=60) for i in range(12)])
     wait_until(lambda: sum(farm.client.status(h.task_id).done for h in handles) >= 2, timeout=60, what="2 done")
-    queued_before = farm.direct.llen("render")
+    queued_before = farm.queued()
     assert queued_before >= 4, "the restart must find jobs still queued"
 
     farm.server.stop()  # SIGTERM: Redis writes its append-only file and exits

@@ -22,7 +22,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
-_databases = iter(range(1, 16))
+_databases = iter(range(1, 64))  # RedisServer starts with 64 databases
 
 
 @dataclass
@@ -49,6 +49,9 @@ class Farm:
             "RENDER_LEASE_TTL": "2",
             "RENDER_RECOVERY_INTERVAL": "0.5",
             "RENDER_PROGRESS_INTERVAL": "0.1",
+            # Two or three workers share this machine's cores: one torch thread each, or their thread pools
+            # oversubscribe the cores and every job runs several times slower (docs/benchmarks.md).
+            "RENDER_TORCH_THREADS": "1",
             **{f"RENDER_{k.upper()}": v for k, v in settings.items()},
         }
         started = [WorkerProcess(name, env, self.logs / f"{name}.log").start() for name in names]
@@ -81,8 +84,7 @@ def farm_factory(
 
     yield make
     for farm in farms:
-        for worker in farm.workers:
-            worker.stop()
+        WorkerProcess.stop_all(farm.workers)
         farm.client.close()
 
 

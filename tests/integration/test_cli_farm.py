@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import render_cli
 from tests.integration.conftest import Farm
 from tests.integration.test_distributed import LONG, spec, wait_for
 
@@ -19,14 +20,11 @@ ROOT = Path(__file__).parents[2]
 
 def cli(farm: Farm, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
-        **os.environ,
         "RENDER_REDIS_URL": farm.redis_url,
         "RENDER_STORAGE_URL": f"s3://{farm.bucket}/renders",
         "RENDER_S3_ENDPOINT_URL": farm.s3_endpoint,
     }
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
-    )
+    return render_cli(*args, env=env)
 
 
 def test_submit_wait_status_fetch(farm: Farm, tmp_path: Path) -> None:

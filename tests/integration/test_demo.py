@@ -26,8 +26,8 @@ def test_demo_runs_from_nothing_and_cleans_up(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     for job, state in [
-        ("cfg-cutoff", "succeeded"),
-        ("frames", "succeeded"),
+        ("lora-cfg-cutoff", "succeeded"),
+        ("frames-euler-a", "succeeded"),
         ("step-budget", "interrupted"),
         ("revoked", "revoked"),
     ]:

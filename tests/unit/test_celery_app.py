@@ -30,6 +30,6 @@ def test_worker_flags() -> None:
         "--concurrency=1",
         "--prefetch-multiplier=1",
         "--events",
-        "--queues=gpu-a100",
+        "--queues=gpu-a100.tiny-sd15,gpu-a100.tiny-sdxl,gpu-a100",  # one per model served, then the bare queue
         "--hostname=gpu0@%h",
     } <= set(argv)

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import render_cli as run
+
 ROOT = Path(__file__).parents[2]
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )
 
 
 def test_schema_prints_the_spec_json_schema() -> None:
@@ -92,3 +80,44 @@ def test_bad_setting_is_one_line_naming_the_variable(env: dict[str, str], messag
     result = run("local", "examples/text2img-sd15.json", env=env)
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_the_lora_example_records_its_sampler_and_lora_and_the_lora_changes_the_pixels(tmp_path: Path) -> None:
+    from PIL import Image
+
+    result = run("local", "examples/lora-sd15.json", "--storage", tmp_path.as_uri(), "--task-id", "with-lora")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert manifest["status"] == "succeeded"
+    assert manifest["scheduler"]["name"] == "dpmpp_2m_karras" and manifest["scheduler"]["label"] == "DPM++ 2M Karras"
+    assert manifest["scheduler"]["diffusers_class"] == "DPMSolverMultistepScheduler"
+    assert [(lo["name"], lo["scale"]) for lo in manifest["loras"]] == [("tiny-lora", 0.8)]
+    assert len(manifest["loras"][0]["sha256"]) == 64
+    image = Image.open(tmp_path / "with-lora" / "image-0.png")
+    assert "<lora:tiny-lora:0.8>" in image.text["parameters"] and "Sampler: DPM++ 2M Karras" in image.text["parameters"]
+
+    without = {k: v for k, v in json.loads((ROOT / "examples/lora-sd15.json").read_text()).items() if k != "loras"}
+    (tmp_path / "no-lora.json").write_text(json.dumps(without))
+    result = run("local", str(tmp_path / "no-lora.json"), "--storage", tmp_path.as_uri(), "--task-id", "no-lora")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["loras"] == []
+    plain = Image.open(tmp_path / "no-lora" / "image-0.png")
+    assert plain.tobytes() != image.tobytes()
+
+
+@pytest.mark.parametrize(
+    ("field", "message"),
+    [
+        ({"scheduler": "dpm++"}, "error: invalid render spec: scheduler: must be 'default', 'euler', "),
+        ({"loras": [{"name": "no-such-lora"}]}, "error: loras[0].name: 'no-such-lora' is not on this worker's "),
+    ],
+)
+def test_a_bad_scheduler_or_lora_name_is_one_line_naming_the_field(
+    tmp_path: Path, field: dict[str, object], message: str
+) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": "tiny-sd15", "prompt": "x", "width": 64, "height": 64, **field}))
+    result = run("local", str(spec), "--storage", tmp_path.as_uri())
+    assert result.returncode == 2
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

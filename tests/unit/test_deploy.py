@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from producer.keys import model_queue, priority_lists
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -73,10 +76,19 @@ def test_redis_keeps_queued_jobs() -> None:
 def test_kubernetes_example_scales_on_the_queue() -> None:
     documents = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "worker.yaml").read_text()))
     kinds = {d["kind"]: d for d in documents}
-    trigger = kinds["ScaledObject"]["spec"]["triggers"][0]
-    assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == "render"
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    models = json.loads(next(e["value"] for e in container["env"] if e["name"] == "RENDER_MODELS"))
+    lists = {t["metadata"]["listName"] for t in kinds["ScaledObject"]["spec"]["triggers"] if t["type"] == "redis"}
+    (model,) = models
+    assert lists == set(priority_lists(model_queue("render", model)).values()), "every priority list of its model"
+
+
+def test_compose_runs_two_worker_services_with_different_models(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    served = [json.loads(services[name]["environment"]["RENDER_MODELS"]) for name in ("worker", "worker-sdxl")]
+    assert set(served[0]).isdisjoint(served[1])
+    assert services["worker-sdxl"]["stop_grace_period"] == services["worker"]["stop_grace_period"]
 
 
 @pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""Turn a spec's `callbacks` list into one `MultiPipelineCallbacks`, in a fixed order."""
+"""Turn a spec's `callbacks` list into one `MultiPipelineCallbacks` that counts sampler steps, in a fixed order."""
 
 from __future__ import annotations
 
@@ -6,24 +6,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from diffusers.callbacks import MultiPipelineCallbacks
-
 from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget
 from worker.callbacks.budget import StepBudgetCallback
 from worker.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
 from worker.callbacks.control import StepControlCallback, StepHook
 from worker.callbacks.frames import FramesCallback, FrameWriter
+from worker.callbacks.steps import SamplerStepCallbacks
 from worker.storage import Storage
 
 
 @dataclass
 class CallbackStack:
-    """The job's callbacks; `multi` is what the pipeline gets."""
+    """The job's callbacks; `multi` is what the pipeline gets (a `MultiPipelineCallbacks` counting sampler steps)."""
 
     control: StepControlCallback
     budget: StepBudgetCallback | None
     frames: FrameWriter | None
-    multi: MultiPipelineCallbacks
+    multi: SamplerStepCallbacks
 
     def start(self) -> None:
         self.control.start()
@@ -43,7 +42,7 @@ def build_callbacks(
     # Control first, so a revoked job stops before anything else happens at that step; frames last,
     # so a frame shows the latents every other callback has settled on.
     control = StepControlCallback(task_id, hooks)
-    chain: list[Any] = [control]
+    chain: list[Any] = []
     budget = None
     if (budget_spec := spec.callback(StepBudget)) is not None:
         budget = StepBudgetCallback(budget_spec)
@@ -56,4 +55,4 @@ def build_callbacks(
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)
         chain.append(FramesCallback(writer, family))
-    return CallbackStack(control=control, budget=budget, frames=writer, multi=MultiPipelineCallbacks(chain))
+    return CallbackStack(control=control, budget=budget, frames=writer, multi=SamplerStepCallbacks(control, chain))

@@ -1,6 +1,6 @@
 """The hook point for per-step job control: revocation checks, progress, leases.
 
-Hooks run first in the callback stack at the end of every step. A hook that raises
+Hooks run first in the callback stack after every model call (for Heun-type samplers, twice a step). A hook that raises
 `JobStopped` ends the job there: the pipeline is marked interrupted and the exception leaves
 the denoising loop, so no VAE decode and no upload follow.
 """
@@ -53,13 +53,17 @@ class StepControlCallback(PipelineCallback):
         self.steps_completed = 0
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
-        self.steps_completed = step_index + 1
+        self.on_model_call(pipeline, step_index + 1)
+        return callback_kwargs
+
+    def on_model_call(self, pipeline: Any, steps_completed: int) -> None:
+        """After each model call: record the sampler steps completed so far and run the hooks."""
+        self.steps_completed = steps_completed
         self.last_step_end = self.clock()
-        info = StepInfo(self.task_id, self.steps_completed, pipeline.num_timesteps, self.last_step_end - self.started)
+        info = StepInfo(self.task_id, steps_completed, pipeline.num_timesteps, self.last_step_end - self.started)
         for hook in self.hooks:
             try:
                 hook.on_step(info)
             except JobStopped:
                 pipeline._interrupt = True
                 raise
-        return callback_kwargs

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 
 from producer.errors import ModelError, UnsupportedSpecError
+from producer.spec import LoraRef
+from worker import metrics
 from worker.models import ip_adapter, pretrained, tiny_sd15, tiny_sdxl, variants
-from worker.settings import TINY, ModelSource, WorkerSettings
+from worker.models.loras import AppliedLora, FileDigests, ModelLoras, Wanted, activate, deactivate, file_problem
+from worker.settings import TINY, LoraSource, ModelSource, WorkerSettings, default_loras
 
 _TINY_BUILDERS: dict[str, Callable[[], Any]] = {"sd15": tiny_sd15.build, "sdxl": tiny_sdxl.build}
 
@@ -41,14 +45,21 @@ class ModelRegistry:
         device: torch.device,
         dtype: torch.dtype,
         max_cached: int = 1,
+        loras: Mapping[str, LoraSource] | None = None,
+        max_cached_loras: int = 8,
     ) -> None:
         self.models = dict(models)
         self.device = device
         self.dtype = dtype
         self.max_cached = max_cached
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.loads: dict[str, int] = {}  # pipelines loaded per model by this process (cache hits not counted)
         self._lock = threading.RLock()
         self._ip_adapters: dict[str, ip_adapter.IpAdapterParts] = {}
+        self.loras = dict(default_loras() if loras is None else loras)
+        self.max_cached_loras = max_cached_loras
+        self._model_loras: dict[str, ModelLoras] = {}  # per model: its variants share the modules the LoRAs live in
+        self._lora_digests = FileDigests()
 
     @classmethod
     def from_settings(cls, settings: WorkerSettings) -> ModelRegistry:
@@ -58,6 +69,8 @@ class ModelRegistry:
             device=device,
             dtype=resolve_dtype(settings.dtype, device),
             max_cached=settings.max_cached_models,
+            loras=settings.loras,
+            max_cached_loras=settings.max_cached_loras,
         )
 
     def source(self, name: str) -> ModelSource:
@@ -77,10 +90,13 @@ class ModelRegistry:
                 self._cache.move_to_end(name)
             else:
                 while len(self._cache) >= self.max_cached:
-                    self._cache.popitem(last=False)
+                    evicted, _ = self._cache.popitem(last=False)
+                    self._model_loras.pop(evicted, None)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 self._cache[name] = {"text2img": self._load(source)}
+                self.loads[name] = self.loads.get(name, 0) + 1
+                metrics.MODEL_LOADS.labels(model=name).inc()
             pipes = self._cache[name]
             if kind not in pipes:
                 pipes[kind] = variants.variant(pipes["text2img"], kind, source, self.dtype)
@@ -103,6 +119,80 @@ class ModelRegistry:
                 self._ip_adapters[name] = parts
             return self._ip_adapters[name]
 
+    def check_loras(self, model: str, refs: Sequence[LoraRef]) -> None:
+        """Refuse, before any model loading, a LoRA this worker cannot apply to `model`; the message names loras[i]."""
+        source = self.source(model)
+        with self._lock:
+            for index, ref in enumerate(refs):
+                self._lora_source(index, ref, model, source)
+
+    def loras_applied(
+        self, model: str, pipe: Any, refs: Sequence[LoraRef]
+    ) -> AbstractContextManager[list[AppliedLora]]:
+        """Exactly `refs` active in `pipe` (a pipeline of `model`) for the block; no LoRA active after it.
+
+        Adapters stay loaded across jobs, at most `max_cached_loras` per model (least recently used evicted,
+        never one the job needs), so a LoRA used again costs no load.
+        """
+        return self._loras_applied(model, pipe, refs)
+
+    @contextmanager
+    def _loras_applied(self, model: str, pipe: Any, refs: Sequence[LoraRef]) -> Iterator[list[AppliedLora]]:
+        try:
+            with self._lock:
+                state = self._model_loras.setdefault(model, ModelLoras())
+                wanted = self._wanted(model, pipe, refs, state)
+                if wanted:
+                    state.load(pipe, wanted, self.max_cached_loras)
+                activate(pipe, wanted)
+            yield [AppliedLora(w.name, w.scale, w.sha256) for w in wanted]
+        finally:
+            with self._lock:
+                deactivate(pipe)
+
+    def _wanted(self, model: str, pipe: Any, refs: Sequence[LoraRef], state: ModelLoras) -> list[Wanted]:
+        source = self.source(model)
+        wanted = []
+        for index, ref in enumerate(refs):
+            lora = self._lora_source(index, ref, model, source)
+            if lora.path == TINY:
+                weights, sha256 = state.tiny_weights(pipe)
+                wanted.append(Wanted(index, ref.name, ref.scale, sha256, weights))
+            else:
+                wanted.append(Wanted(index, ref.name, ref.scale, self._lora_digests.sha256(lora.path), lora.path))
+        return wanted
+
+    def _lora_source(self, index: int, ref: LoraRef, model: str, source: ModelSource) -> LoraSource:
+        lora = self.loras.get(ref.name)
+        if lora is None:
+            allowed = ", ".join(sorted(self.loras)) or "(none)"
+            raise UnsupportedSpecError(
+                f"loras[{index}].name: {ref.name!r} is not on this worker's LoRA allowlist; use one of: {allowed} "
+                "(or add it to RENDER_LORAS)"
+            )
+        if lora.path == TINY and source.source != TINY:
+            raise UnsupportedSpecError(
+                f"loras[{index}].name: {ref.name!r} is the tiny models' built-in LoRA and model {model!r} is not a "
+                f"tiny model; use an {source.family} LoRA file from RENDER_LORAS"
+            )
+        if lora.family is not None and lora.family != source.family:
+            raise UnsupportedSpecError(
+                f"loras[{index}].name: {ref.name!r} is an {lora.family} LoRA; model {model!r} is {source.family}; "
+                f"use an {source.family} LoRA or an {lora.family} model"
+            )
+        if lora.path != TINY:
+            problem = file_problem(lora.path)
+            try:
+                if problem is None:
+                    self._lora_digests.sha256(lora.path)  # hashed once per file version, here rather than mid-job
+            except OSError as exc:
+                problem = f"{lora.path} cannot be read ({exc.strerror or exc})"
+            if problem is not None:
+                raise UnsupportedSpecError(
+                    f"loras[{index}]: LoRA {ref.name!r} cannot be used: {problem}; fix its RENDER_LORAS entry"
+                )
+        return lora
+
     def _load(self, source: ModelSource) -> Any:
         if source.source == TINY:
             pipe = _TINY_BUILDERS[source.family]().to(self.device)
@@ -115,3 +205,8 @@ class ModelRegistry:
 
     def is_loaded(self, name: str) -> bool:
         return name in self._cache
+
+    def loaded_models(self) -> list[str]:
+        """The models loaded in this process now, least recently used first."""
+        with self._lock:
+            return list(self._cache)

@@ -1,0 +1,117 @@
+"""The live fleet as the workers advertise it in Redis: who is up, what each serves and runs, and the queues.
+
+A worker's main process beats every `RENDER_HEARTBEAT_INTERVAL` seconds: it rewrites its hash
+(`render:worker:<hostname>`, the fields of `WorkerInfo`) with a TTL of `RENDER_HEARTBEAT_TTL`, and its
+score (the beat's time) in `render:workers` and in `render:model:<model>:workers` for each model it
+serves. A worker is live while its hash exists: Redis expires it one TTL after the last beat, on the
+server's clock, so a reader needs to know no worker's TTL and no clock but its own for the index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from producer.keys import WORKERS, model_queue, model_workers_key, priority_lists, worker_key
+
+HEARTBEAT_TTL = 15.0
+"""Default seconds a worker stays listed after its last heartbeat (`RENDER_HEARTBEAT_TTL`)."""
+MAX_HEARTBEAT_TTL = 300.0
+"""The largest `RENDER_HEARTBEAT_TTL` a worker accepts: readers look no further back in `render:workers`."""
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One live worker: what it serves, what is loaded, the job in hand and its step, when it was last seen."""
+
+    hostname: str
+    models: list[str]
+    loaded: list[str]
+    queues: list[str]
+    job: str | None
+    step: int | None
+    total: int | None
+    loads: dict[str, int]
+    last_seen: float
+    started_at: float | None
+    pid: int | None
+    ttl: float | None
+
+    @classmethod
+    def from_hash(cls, fields: dict[Any, Any]) -> WorkerInfo:
+        """Parse a worker's hash; fields a worker has not written yet read as empty or None."""
+        raw = {_text(k): _text(v) for k, v in fields.items()}
+
+        def number(name: str, kind: type[Any]) -> Any:
+            value = raw.get(name) or None
+            return kind(value) if value is not None else None
+
+        return cls(
+            hostname=raw.get("hostname", ""),
+            models=list(json.loads(raw.get("models") or "[]")),
+            loaded=list(json.loads(raw.get("loaded") or "[]")),
+            queues=list(json.loads(raw.get("queues") or "[]")),
+            job=raw.get("job") or None,
+            step=number("step", int),
+            total=number("total", int),
+            loads={str(k): int(v) for k, v in json.loads(raw.get("loads") or "{}").items()},
+            last_seen=number("last_seen", float) or 0.0,
+            started_at=number("started_at", float),
+            pid=number("pid", int),
+            ttl=number("ttl", float),
+        )
+
+
+def live_workers(client: redis.Redis, *, now: float | None = None) -> list[WorkerInfo]:
+    """Every live worker, sorted by hostname: two round trips whatever the fleet's size."""
+    now = time.time() if now is None else now
+    names = client.zrangebyscore(WORKERS, now - MAX_HEARTBEAT_TTL, "+inf")
+    if not names:
+        return []
+    reads = client.pipeline(transaction=False)
+    for name in names:
+        reads.hgetall(worker_key(_text(name)))
+    found = [WorkerInfo.from_hash(fields) for fields in reads.execute() if fields]  # {}: expired, so not live
+    return sorted(found, key=lambda info: info.hostname)
+
+
+def served_models(
+    client: redis.Redis, models: Iterable[str], *, ttl: float = HEARTBEAT_TTL, now: float | None = None
+) -> dict[str, int]:
+    """How many workers serving each of `models` beat within the last `ttl` seconds: one round trip."""
+    names = list(dict.fromkeys(models))
+    now = time.time() if now is None else now
+    counts = client.pipeline(transaction=False)
+    for model in names:
+        counts.zcount(model_workers_key(model), now - ttl, "+inf")
+    return {model: int(count) for model, count in zip(names, counts.execute(), strict=True)}
+
+
+def queue_lengths(client: redis.Redis, queue: str, models: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Jobs waiting per model and priority (`{"tiny-sd15": {"high": 0, "normal": 2, "low": 0}}`): one round trip."""
+    slots = [
+        (model, priority, name)
+        for model in dict.fromkeys(models)
+        for priority, name in priority_lists(model_queue(queue, model)).items()
+    ]
+    lengths = client.pipeline(transaction=False)
+    for *_, name in slots:
+        lengths.llen(name)
+    found: dict[str, dict[str, int]] = {}
+    for (model, priority, _), count in zip(slots, lengths.execute(), strict=True):
+        found.setdefault(model, {})[priority] = int(count)
+    return found
+
+
+def served_by(workers: Iterable[WorkerInfo]) -> list[str]:
+    """The models at least one of `workers` serves, sorted."""
+    return sorted({model for info in workers for model in info.models})
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

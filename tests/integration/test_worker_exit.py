@@ -1,0 +1,49 @@
+"""A worker whose consumer hits an unrecoverable error exits non-zero, so its supervisor restarts it.
+
+Celery logs "Unrecoverable error" and stops, but `app.worker_main` drops the exit status; `run_worker`
+(what `render worker` calls) returns it. The failure here is a real consumer bootstep raising at start.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from worker.local_cluster import RedisServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from celery import bootsteps
+    from worker.celery_app import create_app, run_worker, worker_argv
+    from worker.settings import WorkerSettings
+
+    class Broken(bootsteps.StartStopStep):
+        requires = ("celery.worker.consumer.tasks:Tasks",)
+
+        def start(self, parent):
+            raise RuntimeError("a consumer step that cannot start")
+
+    settings = WorkerSettings(redis_url=sys.argv[1], storage_url=sys.argv[2])
+    app = create_app(settings)
+    app.steps["consumer"].add(Broken)
+    sys.exit(run_worker(app, worker_argv(settings, hostname="broken@test", loglevel="INFO")))
+    """
+)
+
+
+def test_an_unrecoverable_consumer_error_exits_non_zero(redis_server: RedisServer, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, redis_server.url.replace("/0", "/15"), tmp_path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert "Unrecoverable error: RuntimeError('a consumer step that cannot start')" in done.stderr + done.stdout
+    assert done.returncode == 1, done.stderr[-2000:]

@@ -1,0 +1,83 @@
+"""The order a worker polls its lists in: loaded model first within a priority, starved lists before all."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from producer.keys import PRIORITY_STEPS, SUBMITTED_AT_HEADER, priority_lists
+from worker.affinity import Affinity, AffinityWatcher
+from worker.local_cluster import RedisServer
+
+QUEUES = ["render.a", "render.b", "render"]
+
+
+def kombu_lists() -> list[tuple[int, str, str]]:
+    """What kombu's channel hands over: every priority step, and within it every queue in its round robin."""
+    names = {step: name for step, name in zip(PRIORITY_STEPS, ("high", "normal", "low"), strict=True)}
+    return [(step, queue, priority_lists(queue)[names[step]]) for step in PRIORITY_STEPS for queue in QUEUES]
+
+
+def test_without_a_loaded_model_the_order_is_kombus() -> None:
+    assert Affinity(QUEUES[:2]).order(kombu_lists()) == [name for _, _, name in kombu_lists()]
+
+
+def test_the_loaded_models_queue_goes_first_within_each_priority_never_above_a_higher_one() -> None:
+    affinity = Affinity(QUEUES[:2])
+    affinity.delivered("render.b")
+    order = affinity.order(kombu_lists())
+    lists = priority_lists
+    assert order[:3] == [lists("render.b")["high"], lists("render.a")["high"], lists("render")["high"]]
+    assert order[3:6] == [lists("render.b")["normal"], lists("render.a")["normal"], lists("render")["normal"]]
+    assert order[6] == lists("render.b")["low"]
+
+
+def test_a_job_from_the_bare_queue_does_not_change_the_preference() -> None:
+    affinity = Affinity(QUEUES[:2])
+    affinity.delivered("render.a")
+    affinity.delivered("render")
+    assert affinity.loaded_queue == "render.a"
+
+
+def test_starved_lists_come_first_longest_wait_first() -> None:
+    affinity = Affinity(QUEUES[:2])
+    affinity.delivered("render.a")
+    low_b, normal_a = priority_lists("render.b")["low"], priority_lists("render.a")["normal"]
+    affinity.starved = (low_b, normal_a)
+    assert affinity.order(kombu_lists())[:3] == [low_b, normal_a, priority_lists("render.a")["high"]]
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[redis.Redis]:
+    with RedisServer() as server:
+        yield redis.Redis.from_url(server.url)
+
+
+def message(submitted_at: float | None, body_size: int = 10) -> str:
+    headers = {"task": "render.run"} | ({SUBMITTED_AT_HEADER: submitted_at} if submitted_at is not None else {})
+    return json.dumps({"body": "A" * body_size, "content-type": "application/json", "headers": headers})
+
+
+def test_the_watcher_marks_lists_whose_oldest_job_waited_too_long(client: redis.Redis) -> None:
+    client.flushdb()
+    lists = [name for queue in QUEUES for name in priority_lists(queue).values()]
+    normal_a, low_b, high_a = priority_lists("render.a")["normal"], priority_lists("render.b")["low"], lists[0]
+    client.lpush(normal_a, message(1000.0), message(1090.0))  # oldest at the tail: waited 100 s
+    client.lpush(low_b, message(950.0, body_size=2_000_000))  # 150 s, behind a 2 MB body read on the server
+    client.lpush(high_a, message(1095.0))  # 5 s: not starved
+    client.lpush(priority_lists("render")["normal"], message(None))  # no header: never counted as starved
+    affinity = Affinity(QUEUES[:2])
+    watcher = AffinityWatcher(client, affinity, lists, switch_after=60)
+    assert watcher.check(now=1100.0) == (low_b, normal_a)
+    assert affinity.starved == (low_b, normal_a)
+    assert watcher.check(now=1020.0) == (low_b,)
+    client.delete(low_b, normal_a)
+    assert watcher.check(now=5000.0) == (high_a,)
+
+
+def test_the_check_interval_follows_the_switch_bound(client: redis.Redis) -> None:
+    assert AffinityWatcher(client, Affinity([]), [], switch_after=60).interval == 5.0
+    assert AffinityWatcher(client, Affinity([]), [], switch_after=2).interval == 0.5
