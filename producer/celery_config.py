@@ -6,9 +6,26 @@ import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from celery.backends.redis import RedisBackend
+
 from producer.keys import DEFAULT_PRIORITY, DEFAULT_QUEUE, PRIORITIES, PRIORITY_STEPS, TASK_RENDER
 
 _CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
+
+
+class PollingRedisBackend(RedisBackend):
+    """Celery's Redis result backend, minus the pub/sub subscription it opens for every task sent.
+
+    Nothing here waits on a result through pub/sub: the client polls the stored meta, and workers that
+    re-send a task never read its result. The stock backend subscribes at every `send_task` and
+    unsubscribes when the `AsyncResult` is garbage-collected; if Redis has gone by then, that finalizer
+    retries for about 20 s and then raises inside whatever code the collector interrupted. It also holds
+    one subscription per job in flight on the farm's Redis. `AsyncResult.get()` still works: it
+    subscribes when it is called.
+    """
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
 
 
 def tls_options(redis_url: str) -> dict[str, Any]:
@@ -30,7 +47,7 @@ def tls_options(redis_url: str) -> dict[str, Any]:
 def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int = 7 * 24 * 3600) -> dict[str, Any]:
     return {
         "broker_url": redis_url,
-        "result_backend": redis_url,
+        "result_backend": f"{PollingRedisBackend.__module__}.{PollingRedisBackend.__name__}+{redis_url}",
         # JSON only: a pickled message is refused, never executed.
         "task_serializer": "json",
         "result_serializer": "json",

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import RenderClient
 from producer.keys import TASK_RENDER
 from worker.celery_app import create_app, worker_argv
+from worker.local_cluster import RedisServer
 from worker.settings import WorkerSettings
 
 
@@ -33,3 +42,22 @@ def test_worker_flags() -> None:
         "--queues=gpu-a100.tiny-sd15,gpu-a100.tiny-sdxl,gpu-a100",  # one per model served, then the bare queue
         "--hostname=gpu0@%h",
     } <= set(argv)
+
+
+def test_sending_a_job_opens_no_result_subscription_and_a_dead_redis_stalls_no_finalizer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Celery's stock backend subscribes per task sent and, once Redis is gone, retries for ~20 s in
+    `AsyncResult.__del__`. The client polls instead, so neither may happen."""
+    with RedisServer(workdir=tmp_path) as server:
+        client = RenderClient(redis_url=server.url)
+        handle = client.submit({"model": "tiny-sd15", "prompt": "no pubsub"}, wait_for_worker=True)
+        results = [client.app.send_task(TASK_RENDER, args=["{}"])]  # held, and dropped once Redis is gone
+        with redis.Redis.from_url(server.url) as direct:
+            assert direct.pubsub_channels() == [] and direct.pubsub_numpat() == 0
+        assert handle.status().state == "queued"
+    caplog.set_level(logging.ERROR)
+    del results
+    gc.collect()
+    assert not [r for r in caplog.records if "Connection to Redis lost" in r.getMessage()]
+    client.close()
