@@ -24,6 +24,8 @@ class FaultProxy:
         self.port = port or free_port()
         self.delay = 0.0  # seconds added before each chunk forwarded from the server to the client
         self.connections = 0  # accepted so far: shows that clients came back after an outage
+        self._flowing = threading.Event()  # cleared by hold(): answers from the server wait
+        self._flowing.set()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -71,8 +73,19 @@ class FaultProxy:
             time.sleep(max(0.0, seconds - (time.monotonic() - started)))
             self.up()
 
+    def hold(self) -> None:
+        """Keep every answer from the server (already on its way or not) until `release`; requests still pass.
+
+        A client in the middle of a request/answer exchange stays there, however slow the test is to act.
+        """
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
         self._closed = True
+        self.release()
         self.down()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -99,6 +112,8 @@ class FaultProxy:
                 pause = self.delay if delay is None else delay
                 if pause:
                     time.sleep(pause)
+                if delay is None:
+                    self._flowing.wait()
                 sink.sendall(chunk)
         except OSError:
             pass

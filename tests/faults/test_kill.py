@@ -83,13 +83,17 @@ def test_killed_mid_upload_no_partial_result_is_succeeded_and_the_job_is_redone(
     farm = chaos_farm()
     farm.start_workers("up-a", "up-b", torch_threads="1")
     assert farm.s3_proxy is not None
-    farm.s3_proxy.delay = 0.4  # every S3 answer is late: uploads take seconds
+    farm.s3_proxy.delay = 1.0  # every S3 answer is a second late
     handle = farm.client.submit(job(2, num_images=2, callbacks=[{"type": "frames", "every": 20}]))
     wait_until(lambda: "image-0.png" in farm.objects(handle.task_id), timeout=90, what="the first uploaded image")
+    # Hold every S3 answer, the first image's own included if it is still in its second: the worker stays
+    # mid-upload however long this test takes to act (at 0.4 s a busy CI runner once saw the job finish here).
+    farm.s3_proxy.hold()
     victim = holder(farm, handle.task_id)
     assert "manifest.json" not in farm.objects(handle.task_id)
     victim.kill(signal.SIGKILL)
     farm.s3_proxy.delay = 0.0
+    farm.s3_proxy.release()
     assert handle.status().state != "succeeded"
 
     manifest = handle.wait(timeout=90)
