@@ -71,6 +71,24 @@ class Storage(ABC):
         """`base_url + "/" + name`."""
         return f"{self.base_url}/{check_name(name)}"
 
+    def link(self, name: str, *, index_name: str, expires: int) -> str:
+        """A URL a browser can open from the page stored as `index_name` to reach object `name`; a signed
+        link (S3) stops working after `expires` seconds."""
+        return self._link(check_name(name), index_name=check_name(index_name), expires=expires)
+
+    def name_of(self, url: str) -> str | None:
+        """The name of the object at `url`, or None when `url` is not under `base_url` (or names no object)."""
+        prefix = self.base_url + "/"
+        if not url.startswith(prefix):
+            return None
+        try:
+            return check_name(url[len(prefix) :])
+        except StorageError:
+            return None
+
+    @abstractmethod
+    def _link(self, name: str, *, index_name: str, expires: int) -> str: ...
+
     @abstractmethod
     def _put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None: ...
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 from producer.errors import StorageError
 from worker.storage.base import Storage
@@ -19,6 +21,10 @@ class LocalStorage(Storage):
 
     def _path(self, name: str) -> Path:
         return self.root.joinpath(*name.split("/"))
+
+    def _link(self, name: str, *, index_name: str, expires: int) -> str:
+        # Relative, so a page written here still finds its images after the directory is moved or copied.
+        return quote(posixpath.relpath(name, posixpath.dirname(index_name) or "."))
 
     def _put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         path = self._path(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from producer.errors import StorageError, StorageUnavailable
@@ -10,6 +11,7 @@ from worker.storage.base import Storage
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
+_MAX_EXPIRES = 7 * 24 * 3600  # SigV4's limit
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _TRANSIENT = {
     "InternalError",
@@ -68,6 +70,26 @@ class S3Storage(Storage):
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _link(self, name: str, *, index_name: str, expires: int) -> str:
+        if not 1 <= expires <= _MAX_EXPIRES:
+            raise StorageError(f"a presigned S3 link lasts 1 to {_MAX_EXPIRES} seconds (7 days); got {expires}")
+        params = {"Bucket": self.bucket, "Key": self._key(name)}
+        try:
+            return self._presigner.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        except self._errors as exc:
+            raise self._error("sign a link to", name, exc) from exc
+
+    @cached_property
+    def _presigner(self) -> S3Client:
+        """A client like `client` that presigns with SigV4: botocore presigns with SigV2 unless told otherwise
+        (boto/boto3#2680), and S3 refuses SigV2 for buckets made since June 2020 and in newer regions."""
+        import boto3
+        from botocore.config import Config
+
+        config = self.client.meta.config.merge(Config(signature_version="s3v4"))
+        region = self.client.meta.region_name
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
 
     def _put(self, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
         try:
