@@ -108,3 +108,12 @@ def worker_key(hostname: str) -> str:
 def model_workers_key(model: str) -> str:
     """Sorted set: hostname -> last heartbeat of every worker that serves `model` (one read tells if any is live)."""
     return f"{KEY_PREFIX}:model:{model}:workers"
+
+
+WEBHOOK_OUTBOX = f"{KEY_PREFIX}:webhooks"
+"""Sorted set: task_id -> time its next webhook delivery attempt is due (epoch seconds); claims push it ahead."""
+
+
+def webhook_key(task_id: str) -> str:
+    """Hash with a task's webhook delivery: url, body, state, attempts, last status and error, timestamps."""
+    return f"{KEY_PREFIX}:webhook:{task_id}"

@@ -25,6 +25,10 @@ class ClientSettings(BaseSettings):
     queue: str = Field(default=DEFAULT_QUEUE, min_length=1)
     revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives")
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live")
+    webhook_hosts: str = Field(
+        default="",
+        description="hosts, IPs or CIDR networks a webhook may reach although private or loopback (comma-separated)",
+    )
     # Workers expire their advertisement after it; clients count a worker live for as long (set both alike).
     heartbeat_ttl: float = Field(
         default=HEARTBEAT_TTL,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -172,6 +173,23 @@ class RenderSpec(_Strict):
     )
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     callbacks: list[Callback] = Field(default_factory=list, max_length=8)
+    webhook: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="http(s) URL the worker POSTs the signed manifest to when the job ends in any final state.",
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host; got {value[:80]!r}")
+        if parsed.username is not None or parsed.password is not None:
+            raise ValueError("must not hold a user or password (receivers verify the X-Render-Signature instead)")
+        return value
 
     @field_validator("image", "mask_image", "control_image")
     @classmethod

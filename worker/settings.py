@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import SettingsConfigDict
 
@@ -95,6 +95,14 @@ class WorkerSettings(ClientSettings):
         default=120.0, ge=0.0, description="how long an unreachable S3 endpoint is retried before a job fails"
     )
     frame_upload_threads: int = Field(default=2, ge=1, le=16)
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="HMAC key webhooks are signed with (X-Render-Signature); none are sent without it"
+    )
+    webhook_attempts: int = Field(default=5, ge=1, le=20, description="tries per webhook before it is marked failed")
+    webhook_backoff_seconds: float = Field(
+        default=2.0, gt=0.0, le=3600.0, description="wait before the second try; doubles after each failure"
+    )
+    webhook_timeout: float = Field(default=10.0, gt=0.0, le=120.0, description="seconds one webhook POST may take")
     input_roots: list[str] = Field(default_factory=list, description="directories file:// inputs may come from")
     max_input_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="cap on one input image's bytes")
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="cap on one input image's pixels")

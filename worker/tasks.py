@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ from producer.errors import LeaseLost, RenderFailed, StorageError
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
+from producer.webhooks import parse_allowed_hosts
 from worker import metrics
 from worker.fleet import JobAdvert
 from worker.inputs import load_inputs
@@ -27,6 +29,7 @@ from worker.models.registry import ModelRegistry
 from worker.render import read_manifest, render, revoked_before_start
 from worker.settings import WorkerSettings
 from worker.storage import Storage, open_storage
+from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class ProcessState:
     redis: Redis  # task-level reads and writes: redis-py's retries are welcome here
     control: Redis  # the per-step check: fast failure, never a stalled step
     owner: str
+    webhooks: WebhookSender  # its own thread: a slow receiver never delays the next job
 
 
 def process_state(task: Task) -> ProcessState:
@@ -53,6 +57,7 @@ def process_state(task: Task) -> ProcessState:
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
         metrics.serve(settings.metrics_port)
+        redis_client = patient_client(settings.redis_url)
         state = ProcessState(
             pid=os.getpid(),
             settings=settings,
@@ -62,10 +67,19 @@ def process_state(task: Task) -> ProcessState:
                 s3_endpoint_url=settings.s3_endpoint_url,
                 retry_seconds=settings.storage_retry_seconds,
             ),
-            redis=patient_client(settings.redis_url),
+            redis=redis_client,
             control=control_client(settings.redis_url),
             owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
+            webhooks=WebhookSender(
+                redis_client,
+                secret=settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
+                allowed_hosts=parse_allowed_hosts(settings.webhook_hosts),
+                max_attempts=settings.webhook_attempts,
+                backoff=settings.webhook_backoff_seconds,
+                timeout=settings.webhook_timeout,
+            ),
         )
+        state.webhooks.start()
         task.app.render_state = state
     return state
 
@@ -83,7 +97,10 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         return done.model_dump(mode="json")  # a redelivery of a finished job
     if state.redis.exists(revoked_key(task_id)):
         _finish_revoked(
-            task, state, revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner)
+            task,
+            state,
+            revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner),
+            spec,
         )
 
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner, renew_client=state.control)
@@ -127,11 +144,16 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
         log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
         raise Ignore() from None
-    except (RenderFailed, StorageError):
+    except (RenderFailed, StorageError) as exc:
         metrics.JOBS.labels(status="failed").inc()
+        failed = None
         with contextlib.suppress(StorageError):  # storage may be the very thing that failed
             if (failed := read_manifest(state.storage, task_id)) is not None:
                 _publish(state, failed)
+        _notify(state, spec, task_id, failed, exc)
+        raise
+    except Exception as exc:  # a model that will not load, a bad input: still a final state the webhook hears of
+        _notify(state, spec, task_id, None, exc)
         raise
     finally:
         lease.release()
@@ -139,7 +161,8 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     _publish(state, manifest)
     metrics.record(manifest)
     if manifest.status == "revoked":
-        _finish_revoked(task, state, manifest)
+        _finish_revoked(task, state, manifest, spec)
+    _notify(state, spec, task_id, manifest)
     return manifest.model_dump(mode="json")
 
 
@@ -160,8 +183,23 @@ def _publish(state: ProcessState, manifest: Manifest) -> None:
     state.redis.set(manifest_key(manifest.task_id), manifest.model_dump_json(), ex=state.settings.result_ttl)
 
 
-def _finish_revoked(task: Task, state: ProcessState, manifest: Manifest) -> None:
+def _notify(
+    state: ProcessState, spec: RenderSpec, task_id: str, manifest: Manifest | None, error: BaseException | None = None
+) -> None:
+    """Queue the job's webhook, if it has one: its manifest, or for a failure that left none, what is known."""
+    if spec.webhook is None:
+        return
+    if manifest is not None:
+        body = manifest.model_dump_json().encode()
+    else:
+        failure = {"task_id": task_id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        body = json.dumps({**failure, "spec": spec.model_dump(mode="json")}).encode()
+    state.webhooks.enqueue(task_id, spec.webhook, body)
+
+
+def _finish_revoked(task: Task, state: ProcessState, manifest: Manifest, spec: RenderSpec) -> None:
     _publish(state, manifest)
+    _notify(state, spec, manifest.task_id, manifest)
     reason = f"revoked after {manifest.steps_completed} of {manifest.steps_planned} steps"
     task.backend.mark_as_revoked(task.request.id, reason, request=task.request)
     task.send_event("task-revoked", terminated=False, signum=None, expired=False)

@@ -22,6 +22,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
+WEBHOOK_SECRET = "farm-webhook-secret"
 _databases = iter(range(1, 64))  # RedisServer starts with 64 databases
 
 
@@ -52,6 +53,10 @@ class Farm:
             # Two or three workers share this machine's cores: one torch thread each, or their thread pools
             # oversubscribe the cores and every job runs several times slower (docs/benchmarks.md).
             "RENDER_TORCH_THREADS": "1",
+            # Webhooks to a receiver the test runs on loopback, signed with a known key, retried quickly.
+            "RENDER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "RENDER_WEBHOOK_HOSTS": "127.0.0.1",
+            "RENDER_WEBHOOK_BACKOFF_SECONDS": "0.2",
             **{f"RENDER_{k.upper()}": v for k, v in settings.items()},
         }
         started = [WorkerProcess(name, env, self.logs / f"{name}.log").start() for name in names]
