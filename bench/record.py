@@ -15,6 +15,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bench_batch
 import bench_gpu
 import bench_lora
 import bench_queue
@@ -48,6 +49,8 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
   (Celery result backend write + task event), sent at most once per RENDER_PROGRESS_INTERVAL.
 - LoRA cost is per step with the adapter unfused (switched with `set_adapters` / `disable_lora`), against a
   pipeline that never held one: tiny-sd15 through the worker's `loras_applied`, and a UNet of SD 1.5's widths.
+- Batch submission times the real `render batch FILE --detach` process with 2,000 one-step specs against a
+  private redis-server (no worker, jobs stay queued), then the same command again (the resume path).
 - The GPU section runs the same benchmarks on full-size SD 1.5 / SDXL with random fp16 weights
   where CUDA is present; otherwise it says it was skipped and only checks the full-size configs.
 """
@@ -130,6 +133,7 @@ def main() -> None:
     )
     recovery_section, recovery = bench_recovery.run()
     routing_section = bench_routing.run(jobs=100)
+    batch_section = bench_batch.run(jobs=2000)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
         summary(worker, queue, rendered, recovery),
@@ -139,6 +143,7 @@ def main() -> None:
         *queue_sections,
         recovery_section,
         routing_section,
+        batch_section,
         *gpu_sections,
     ]
     write(args.out, command, time.monotonic() - started, started_at, sections)

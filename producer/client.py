@@ -6,16 +6,19 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlparse
 
 import redis
 from celery import Celery, states
-from celery.exceptions import BackendError
+from celery.exceptions import BackendError, TaskRevokedError
 from kombu.exceptions import OperationalError
 
+from producer import batch
+from producer.batch import BatchHandle
 from producer.celery_config import base_config
 from producer.errors import FarmUnavailable, NoWorkerForModel, RenderError, RenderFailed, SpecError
 from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
@@ -30,6 +33,7 @@ from producer.keys import (
     job_key,
     manifest_key,
     model_queue,
+    priority_lists,
     revoked_key,
 )
 from producer.manifest import Manifest
@@ -85,6 +89,42 @@ class TaskStatus:
     @property
     def done(self) -> bool:
         return self.state in TERMINAL
+
+
+_STATUS_CHUNK = 500
+_SUBMIT_CHUNK = 500
+
+
+def _as_line(spec: RenderSpec | dict[str, Any] | str) -> str:
+    if isinstance(spec, RenderSpec):
+        return spec.model_dump_json()
+    return spec if isinstance(spec, str) else json.dumps(spec)
+
+
+def _message_id(raw: bytes | str) -> str | None:
+    """The task id in a kombu message on a Redis list, or None if it holds none (or is not a message)."""
+    try:
+        task_id = json.loads(raw)["headers"]["id"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        return None
+    return task_id if isinstance(task_id, str) else None
+
+
+def _from_meta(task_id: str, state: str, info: Any, manifest: Manifest | None) -> TaskStatus:
+    """A job's status from its Celery state and result (and its manifest, once final); never PENDING here."""
+    if state == states.STARTED:
+        return TaskStatus(task_id, "started")
+    if state == "PROGRESS" and isinstance(info, dict):
+        return TaskStatus(task_id, "progress", step=info.get("step"), total=info.get("total"))
+    if state == states.SUCCESS and manifest is not None:
+        return TaskStatus(task_id, manifest.status, manifest.steps_completed, manifest.steps_planned, manifest=manifest)
+    if state == states.REVOKED:
+        step, total = (manifest.steps_completed, manifest.steps_planned) if manifest else (None, None)
+        return TaskStatus(task_id, "revoked", step, total, manifest=manifest)
+    if state == states.FAILURE:
+        error = manifest.error if manifest and manifest.error else f"{type(info).__name__}: {info}"
+        return TaskStatus(task_id, "failed", manifest=manifest, error=error)
+    return TaskStatus(task_id, "started")  # RETRY, RECEIVED, or a state this client does not know yet
 
 
 def _coerce_spec(spec: RenderSpec | dict[str, Any] | str) -> RenderSpec:
@@ -153,10 +193,76 @@ class RenderClient:
         for index, task_id in enumerate(ids):
             check_task_id(task_id, f"task_ids[{index}]")
         queues = [queue or model_queue(self.settings.queue, spec.model) for spec in parsed]
+        self._check_webhooks({spec.webhook for spec in parsed if spec.webhook})
         with self._reaching():
             if not wait_for_worker:
                 self._check_served(sorted({spec.model for spec in parsed}))
             return self._enqueue(parsed, ids, queues, PRIORITIES[priority])
+
+    def submit_batch(
+        self,
+        specs: Iterable[RenderSpec | dict[str, Any] | str],
+        *,
+        name: str,
+        priority: Priority = DEFAULT_PRIORITY,
+        wait_for_worker: bool = False,
+        webhook: str | None = None,
+        source: str = "python",
+        on_chunk: Callable[[int, int], None] | None = None,
+    ) -> BatchHandle:
+        """Submit `specs` as the batch `name`, or resume it: see `producer.batch`. A dict may carry `task_id`;
+        a string is one JSON line. Every spec is validated first (`BatchFileError` lists every bad one and nothing
+        is sent). Enqueued in pipelined chunks of 500; `on_chunk(sent, total)` after each. `webhook` applies to
+        specs without their own. The handle's `counts` say what was new, skipped, left alone, and resubmitted.
+        """
+        if priority not in PRIORITIES:
+            raise SpecError(f"priority: must be one of {', '.join(PRIORITIES)}; got {priority!r}")
+        lines = [_as_line(spec) for spec in specs]
+        parsed = batch.parse_lines(lines, name=name, webhook=webhook)
+        self._check_webhooks({line.spec.webhook for line in parsed if line.spec.webhook})
+        with self._reaching():
+            previous = {int(k): batch.as_text(v) for k, v in self.redis.hgetall(batch.batch_tasks_key(name)).items()}
+            run = int(self.redis.hget(batch.batch_key(name), "runs") or 0) + 1
+        found = self.statuses([previous.get(line.line, line.task_id) for line in parsed])
+        todo, current, counts = batch.plan(parsed, previous, found, run)
+        with self._reaching():
+            if todo and not wait_for_worker:
+                self._check_served(sorted({line.spec.model for line in todo}))
+            batch.record(self, name, source, current, run)
+            again = [line.task_id for line in todo if line.task_id in previous.values()]
+            if again:  # a failed or lost job submitted under its old id: its old outcome must not show
+                clear = self.redis.pipeline(transaction=False)
+                for task_id in again:
+                    clear.delete(
+                        revoked_key(task_id), manifest_key(task_id), self.app.backend.get_key_for_task(task_id)
+                    )
+                clear.execute()
+            for start in range(0, len(todo), _SUBMIT_CHUNK):
+                chunk = todo[start : start + _SUBMIT_CHUNK]
+                queues = [model_queue(self.settings.queue, line.spec.model) for line in chunk]
+                self._enqueue(
+                    [line.spec for line in chunk], [line.task_id for line in chunk], queues, PRIORITIES[priority]
+                )
+                if on_chunk is not None:
+                    on_chunk(start + len(chunk), len(todo))
+        handle = BatchHandle(self, name, [line.line for line in current], [line.task_id for line in current])
+        handle.counts = counts
+        return handle
+
+    def batch(self, name: str) -> BatchHandle:
+        """The handle of a batch submitted before (by any process), from its record in Redis."""
+        return batch.load_handle(self, name)
+
+    def _check_webhooks(self, urls: set[str]) -> None:
+        """Refuse a webhook that is not http(s), or reaches a private, loopback or link-local address not listed
+        in RENDER_WEBHOOK_HOSTS (`SpecError`), before anything is enqueued; workers check again when they POST."""
+        if not urls:
+            return
+        from producer.webhooks import check_webhook_url, parse_allowed_hosts
+
+        allowed = parse_allowed_hosts(self.settings.webhook_hosts)
+        for url in sorted(urls):
+            check_webhook_url(url, allowed)
 
     def _check_served(self, models: list[str]) -> None:
         """Raise `NoWorkerForModel` for the first model no live worker serves: one Redis round trip when all are."""
@@ -204,33 +310,45 @@ class RenderClient:
             return self._status(task_id)
 
     def _status(self, task_id: str) -> TaskStatus:
-        # One backend read: AsyncResult.state and .info would each fetch the meta while the job is not final.
-        meta = self.app.backend.get_task_meta(task_id)
-        state, info = meta["status"], meta["result"]
-        if state == states.PENDING:
-            return TaskStatus(task_id, "queued" if self.redis.exists(job_key(task_id)) else "unknown")
-        if state == states.STARTED:
-            return TaskStatus(task_id, "started")
-        if state == "PROGRESS" and isinstance(info, dict):
-            return TaskStatus(task_id, "progress", step=info.get("step"), total=info.get("total"))
-        manifest = self._manifest(task_id, info if state == states.SUCCESS else None)
-        if state == states.SUCCESS and manifest is not None:
-            return TaskStatus(
-                task_id, manifest.status, manifest.steps_completed, manifest.steps_planned, manifest=manifest
-            )
-        if state == states.REVOKED:
-            step, total = (manifest.steps_completed, manifest.steps_planned) if manifest else (None, None)
-            return TaskStatus(task_id, "revoked", step, total, manifest=manifest)
-        if state == states.FAILURE:
-            error = manifest.error if manifest and manifest.error else f"{type(info).__name__}: {info}"
-            return TaskStatus(task_id, "failed", manifest=manifest, error=error)
-        return TaskStatus(task_id, "started")  # RETRY, RECEIVED, or a state this client does not know yet
+        return self._statuses([task_id])[0]
 
-    def _manifest(self, task_id: str, result: Any) -> Manifest | None:
-        if isinstance(result, dict):
-            return Manifest.model_validate(result)
-        data = self.redis.get(manifest_key(task_id))
-        return Manifest.model_validate_json(data) if data else None
+    def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        """Many jobs' statuses, in order, in about two pipelined round trips per 500 jobs (a batch's display)."""
+        with self._reaching():
+            found: list[TaskStatus] = []
+            for start in range(0, len(task_ids), _STATUS_CHUNK):
+                found += self._statuses(task_ids[start : start + _STATUS_CHUNK])
+            return found
+
+    def _statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
+        # One MGET of the result metas, then one pipeline for what the metas leave open: whether a pending job
+        # is queued (its job record) and the manifest of a revoked or failed one.
+        backend = self.app.backend
+        raws = self.redis.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
+        metas = [backend.decode_result(raw) if raw else {"status": states.PENDING, "result": None} for raw in raws]
+        lookups = self.redis.pipeline(transaction=False)
+        for task_id, meta in zip(task_ids, metas, strict=True):
+            if meta["status"] == states.PENDING:
+                lookups.exists(job_key(task_id))
+            elif meta["status"] in (states.SUCCESS, states.REVOKED, states.FAILURE) and not isinstance(
+                meta["result"], dict
+            ):
+                lookups.get(manifest_key(task_id))
+        answers = iter(lookups.execute())
+        found = []
+        for task_id, meta in zip(task_ids, metas, strict=True):
+            state, info = meta["status"], meta["result"]
+            if state == states.PENDING:
+                found.append(TaskStatus(task_id, "queued" if next(answers) else "unknown"))
+                continue
+            manifest = None
+            if isinstance(info, dict) and state in (states.SUCCESS, states.REVOKED, states.FAILURE):
+                manifest = Manifest.model_validate(info)
+            elif state in (states.SUCCESS, states.REVOKED, states.FAILURE):
+                data = next(answers)
+                manifest = Manifest.model_validate_json(data) if data else None
+            found.append(_from_meta(task_id, state, info, manifest))
+        return found
 
     def follow(self, task_id: str, *, interval: float = 0.25, timeout: float | None = None) -> Iterator[TaskStatus]:
         """Yield the job's status each time it changes, ending with its final status."""
@@ -267,6 +385,76 @@ class RenderClient:
             self.redis.set(revoked_key(task_id), json.dumps({"at": time.time()}), ex=self.settings.revoke_ttl)
             self.app.control.revoke(task_id)
         return "revoked"
+
+    def webhook_delivery(self, task_id: str) -> dict[str, Any] | None:
+        """The job's webhook delivery: url, state (pending, retrying, delivered, failed), attempts, last_status,
+        last_error, delivered_at; None if the job has no webhook or it was never queued."""
+        from producer.webhooks import delivery_state
+
+        with self._reaching():
+            return delivery_state(self.redis, task_id)
+
+    def revoke_many(self, task_ids: Sequence[str]) -> dict[str, int]:
+        """Stop every unfinished job of `task_ids`: a revocation key for each, then the queued ones are taken off
+        their queues at once (state `revoked`); running ones stop at their next step. Returns counts: `dequeued`,
+        `stopping` (rendering, or held by a worker about to start), `finished` (left untouched), `unknown`.
+
+        Unlike `revoke`, no Celery broadcast: the key already stops a job at start, and a broadcast id stays
+        refused by every worker for hours, which a batch run again must be able to submit.
+        """
+        found = self.statuses(task_ids)
+        unfinished = [s.task_id for s in found if not s.done and s.state != "unknown"]
+        counts = {
+            "dequeued": 0,
+            "stopping": 0,
+            "finished": sum(s.done for s in found),
+            "unknown": sum(s.state == "unknown" for s in found),
+        }
+        if not unfinished:
+            return counts
+        with self._reaching():
+            writes = self.redis.pipeline(transaction=False)
+            marker = json.dumps({"at": time.time()})
+            for task_id in unfinished:
+                writes.set(revoked_key(task_id), marker, ex=self.settings.revoke_ttl)
+                writes.hget(job_key(task_id), "queue")
+            queues = {batch.as_text(q) for q in writes.execute()[1::2] if q}
+            removed = self._dequeue(queues, set(unfinished))
+            self._mark_revoked(removed)
+        counts["dequeued"] = len(removed)
+        counts["stopping"] = len(unfinished) - len(removed)
+        return counts
+
+    def _mark_revoked(self, task_ids: set[str]) -> None:
+        """State REVOKED for jobs taken off their queue (no worker will ever see them), in one pipeline."""
+        backend = self.app.backend
+        reason = backend.prepare_exception(TaskRevokedError("revoked while queued"))
+        done = datetime.now(UTC).isoformat()
+        writes = self.redis.pipeline(transaction=False)
+        for task_id in sorted(task_ids):
+            meta = {"status": states.REVOKED, "result": reason, "traceback": None, "children": [], "date_done": done}
+            writes.set(
+                backend.get_key_for_task(task_id),
+                backend.encode({**meta, "task_id": task_id}),
+                ex=self.settings.result_ttl,
+            )
+        writes.execute()
+
+    def _dequeue(self, queues: set[str], wanted: set[str]) -> set[str]:
+        """Take the messages of `wanted` off every priority list of `queues`; return the ids really removed
+        (one a worker popped meanwhile is not, and stops at start on its revocation key)."""
+        removed: set[str] = set()
+        for queue in sorted(queues):
+            for name in priority_lists(queue).values():
+                ids = [(raw, _message_id(raw)) for raw in self.redis.lrange(name, 0, -1)]
+                hits = [(raw, task_id) for raw, task_id in ids if task_id is not None and task_id in wanted]
+                if not hits:
+                    continue
+                deletes = self.redis.pipeline(transaction=False)
+                for raw, _ in hits:
+                    deletes.lrem(name, 1, raw)  # type: ignore[arg-type]  # redis-py sends bytes as they are
+                removed |= {task_id for (_, task_id), gone in zip(hits, deletes.execute(), strict=True) if gone}
+        return removed
 
     def close(self) -> None:
         self.redis.close()

@@ -2,7 +2,9 @@
 
 RenderError
  ├── SpecError          the render spec is invalid; the message names the field and the fix
- │    └── UnsupportedSpecError   valid spec, but this worker cannot run it (yet)
+ │    ├── UnsupportedSpecError   valid spec, but this worker cannot run it (yet)
+ │    └── BatchFileError         lines of a batch file are invalid: every one, as `line N: field: message`
+ │                               (in producer.batch)
  ├── ConfigError        a setting (RENDER_*) is invalid
  ├── ModelError         a model is not allowlisted or cannot be loaded
  ├── StorageError       a storage URL is invalid or an object could not be read or written
@@ -36,9 +38,18 @@ class SpecError(RenderError):
             elif "input" in err and err["type"] not in ("missing", "value_error", "assertion_error"):
                 msg = f"{msg}; got {_short(err['input'])}"
             problems.append(f"{where}: {msg}" if where else msg)
-        message = "invalid render spec: " + "; ".join(problems)
-        # One line, whatever the input held: control characters are shown escaped, never emitted.
-        return cls("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message))
+        # One line each, whatever the input held: control characters are shown escaped, never emitted.
+        problems = ["".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in problem) for problem in problems]
+        error = cls("invalid render spec: " + "; ".join(problems))
+        error.problems = problems
+        return error
+
+    problems: list[str]
+    """One `field: message` per problem (for a spec read from a file, each is reported with its line)."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.problems = [str(args[0]) if args else ""]
 
 
 class UnsupportedSpecError(SpecError):

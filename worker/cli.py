@@ -136,11 +136,16 @@ def submit(
     queue_anyway: Annotated[
         bool, typer.Option("--queue-anyway", help="Enqueue even if no live worker serves the model (autoscaling).")
     ] = False,
+    webhook: Annotated[
+        str | None, typer.Option(help="POST the signed manifest here when the job ends (see README, Webhooks).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job and print its manifest.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,
 ) -> None:
     """Validate SPEC.json and enqueue it; print the task id (or, with --wait, the manifest)."""
     spec = read_spec(spec_path)
+    if webhook is not None:
+        spec = RenderSpec.parse({**spec.model_dump(exclude_unset=True), "webhook": webhook})
     client = _client()
     handle = client.submit(spec, task_id=task_id, queue=queue, priority=priority, wait_for_worker=queue_anyway)
     if not wait:
@@ -166,9 +171,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
 ) -> None:
     """Print where a job stands: queued, started, progress, or its final state."""
-    current = _client().status(task_id)
+    client = _client()
+    current = client.status(task_id)
     if as_json:
-        typer.echo(json.dumps(status_dict(current), indent=2))
+        typer.echo(json.dumps({**status_dict(current), "webhook": client.webhook_delivery(task_id)}, indent=2))
         return
     line = f"{task_id}: {current.state}"
     if current.step is not None and current.total:
@@ -202,6 +208,138 @@ def revoke(task_id: Annotated[str, typer.Argument(help="The task to stop.")]) ->
             "unknown": f"no task {task_id} is known; nothing to revoke",
         }[outcome]
     )
+
+
+BATCH_ACTIONS = ("status", "revoke", "index")
+
+
+@app.command()
+def batch(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE.jsonl|-|status|revoke|index",
+            help="A JSONL file (one spec per line, `-` for stdin) to submit or resume; or an action on NAME.",
+        ),
+    ],
+    batch_name: Annotated[
+        str | None, typer.Argument(metavar="[NAME]", help="With status, revoke or index: the batch's name.")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Batch name (default: the file's name and a hash of its content).")
+    ] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Submit and return at once; follow with status.")] = False,
+    webhook: Annotated[
+        str | None, typer.Option(help="POST each job's signed manifest here when it ends (lines may set their own).")
+    ] = None,
+    priority: Annotated[Priority, typer.Option(help="high, normal or low, for every job of the batch.")] = (
+        DEFAULT_PRIORITY
+    ),
+    queue_anyway: Annotated[
+        bool, typer.Option("--queue-anyway", help="Enqueue even if no live worker serves a model (autoscaling).")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With status: print every job as JSON.")] = False,
+    storage: Annotated[
+        str | None, typer.Option(help="Where the gallery goes: the workers' storage (default RENDER_STORAGE_URL).")
+    ] = None,
+    link_expiry: Annotated[
+        int, typer.Option(min=60, max=7 * 24 * 3600, help="Seconds the gallery's S3 links stay valid.")
+    ] = 7 * 24 * 3600,
+    timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+) -> None:
+    """Submit a batch from a JSONL file and follow it live (run it again to resume), or act on one by NAME.
+
+    \b
+    render batch prompts.jsonl [--name N] [--detach] [--webhook URL]
+    render batch status NAME [--json]
+    render batch revoke NAME
+    render batch index NAME      (write index.jsonl and index.html beside the results)
+    """
+    from producer.batch import default_name
+
+    client = _client()
+    if target in BATCH_ACTIONS and batch_name is not None:
+        handle = client.batch(batch_name)
+        if target == "status":
+            _batch_status(handle, as_json)
+        elif target == "revoke":
+            _batch_revoke(handle, timeout)
+        else:
+            _batch_index(handle, storage, link_expiry)
+        return
+    if batch_name is not None:
+        raise SpecError(f"unexpected argument {batch_name!r}: only status, revoke and index take a NAME")
+    content = sys.stdin.buffer.read() if target == "-" else _read_file(Path(target))
+    name = name or default_name(target, content)
+    lines = content.decode("utf-8", errors="replace").splitlines()
+    handle = client.submit_batch(
+        lines, name=name, source=target, webhook=webhook, priority=priority, wait_for_worker=queue_anyway
+    )
+    typer.echo(handle.summary())
+    if detach:
+        typer.echo(f"follow it with: render batch status {name}")
+        return
+    from worker.batch_view import BatchDisplay
+
+    with BatchDisplay(name) as display:
+        final = handle.wait(timeout, on_progress=display.update)
+    _batch_index(handle, storage, link_expiry, quiet_failure=True)
+    if final.finished - final.states["succeeded"] - final.states["interrupted"] or final.states["unknown"]:
+        typer.echo(f"batch {name}: not every job succeeded; see `render batch status {name}`", err=True)
+        raise typer.Exit(1)
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _batch_status(handle: Any, as_json: bool) -> None:
+    from worker.batch_view import index_rows, status_table
+
+    progress = handle.progress()
+    rows = index_rows(handle)
+    if not as_json:
+        typer.echo(status_table(handle, progress, rows))
+        return
+    jobs = [
+        {**dataclasses.asdict(row), "state": status.state, "step": status.step, "total": status.total}
+        for row, (_, status) in zip(rows, handle.results(), strict=True)
+    ]
+    summary = {"name": handle.name, "total": progress.total, "states": dict(progress.states), "images": progress.images}
+    typer.echo(json.dumps({**summary, "jobs": jobs}, indent=2))
+
+
+def _batch_revoke(handle: Any, timeout: float | None) -> None:
+    counts = handle.revoke()
+    typer.echo(
+        f"batch {handle.name}: {counts['dequeued']} taken off the queue, {counts['stopping']} stopping at their "
+        f"next step, {counts['finished']} already finished (untouched)"
+    )
+    if counts["stopping"]:
+        progress = handle.wait(timeout if timeout is not None else 120, interval=0.5)
+        typer.echo(f"batch {handle.name}: nothing runs any more ({dict(progress.states)})")
+
+
+def _batch_index(handle: Any, storage: str | None, link_expiry: int, *, quiet_failure: bool = False) -> None:
+    from worker.batch_view import index_rows
+    from worker.gallery import write_index
+    from worker.settings import load_settings
+    from worker.storage import open_storage
+
+    try:
+        settings = load_settings()
+        target = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
+        jsonl, html = write_index(target, handle.name, index_rows(handle), expires=link_expiry)
+    except (RenderError, OSError) as exc:
+        if not quiet_failure:
+            raise
+        typer.echo(f"the gallery was not written ({exc}); write it with `render batch index {handle.name}`", err=True)
+        return
+    typer.echo(f"index: {jsonl}")
+    typer.echo(f"gallery: {html}")
 
 
 @app.command()

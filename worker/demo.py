@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,8 +22,10 @@ from typing import Any, TextIO
 
 from PIL import Image
 
-from producer.client import RenderClient, TaskStatus
+from producer.client import JobHandle, RenderClient, TaskStatus
 from producer.settings import ClientSettings
+from worker.batch_view import index_rows
+from worker.gallery import write_index
 from worker.local_cluster import RedisServer, WorkerProcess
 from worker.storage import open_storage
 
@@ -146,7 +149,10 @@ def run_demo(out: Path, stream: TextIO = sys.stderr, echo: Callable[[str], None]
         echo(f"worker: {worker.hostname} (log: {out / 'worker.log'}); waiting for it to be ready ...")
         worker.wait_ready(client.app, timeout=120)
         started = time.monotonic()
-        handles = client.submit_many([job.spec for job in JOBS])
+        batch_name = f"demo-{uuid.uuid4().hex[:8]}"
+        batch = client.submit_batch([job.spec for job in JOBS], name=batch_name, source="render demo")
+        echo(batch.summary())
+        handles = [JobHandle(task_id, client) for task_id in batch.task_ids]
         names = [job.name for job in JOBS]
         board = Board(names, stream)
         final: dict[str, TaskStatus] = {}
@@ -183,6 +189,8 @@ def run_demo(out: Path, stream: TextIO = sys.stderr, echo: Callable[[str], None]
                 frames.extend(manifest.frames)
         sheet = contact_sheet(storage_url, endpoint, frames, out / "contact-sheet.png")
         echo(f"\n{len(JOBS)} jobs in {elapsed:.1f} s; contact sheet of the frames: {sheet}")
+        _, gallery = write_index(open_storage(storage_url, s3_endpoint_url=endpoint), batch_name, index_rows(batch))
+        echo(f"gallery of batch {batch_name} (open it in a browser): {gallery}")
         echo("every job ended as expected" if ok else "some jobs did not end as expected")
         client.close()
         return ok

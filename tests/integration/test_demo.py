@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,5 +36,9 @@ def test_demo_runs_from_nothing_and_cleans_up(tmp_path: Path) -> None:
     assert "every job ended as expected" in result.stdout
     with Image.open(tmp_path / "contact-sheet.png") as sheet:
         assert sheet.size == (4 * 128, 2 * 128)  # eight frames of the frames job, four to a row
+    (gallery,) = (tmp_path / "renders" / "_batches").glob("demo-*/index.html")
+    assert f"gallery of batch {gallery.parent.name} (open it in a browser): {gallery.as_uri()}" in result.stdout
+    rows = (gallery.parent / "index.jsonl").read_text().splitlines()
+    assert [json.loads(row)["status"] for row in rows] == ["succeeded", "succeeded", "interrupted", "revoked"]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps, "the demo left a process running"
