@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from producer.batch import BatchFileError, BatchLine, check_batch_name, default_name, parse_lines, plan
+from producer.batch import BatchFileError, BatchLine, BatchProgress, check_batch_name, default_name, parse_lines, plan
 from producer.client import RenderClient, TaskStatus
 from producer.errors import SpecError
 from producer.keys import model_queue, priority_lists, revoked_key
 from producer.spec import RenderSpec
+from worker.batch_view import BatchDisplay
 from worker.local_cluster import RedisServer
 
 GOOD = {"model": "tiny-sd15", "prompt": "a lighthouse", "num_inference_steps": 2, "width": 64, "height": 64}
@@ -156,3 +162,47 @@ def test_statuses_reads_many_jobs_in_a_few_round_trips(client: RenderClient) -> 
     assert [s.state for s in found] == ["queued"] * 5 + ["unknown"]
     calls = {name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"] for name in after}
     assert calls["cmdstat_mget"] == 1 and calls["cmdstat_exists"] == 6  # one MGET, one pipeline
+
+
+def test_render_batch_reads_stdin_and_detaches(client: RenderClient) -> None:
+    client.redis.flushdb()
+    url = client.settings.redis_url
+    text = "\n".join(json.dumps(GOOD | {"seed": i}) for i in range(3)) + "\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "batch", "-", "--name", "piped", "--detach", "--queue-anyway"],
+        input=text,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RENDER_REDIS_URL": url},
+        cwd=Path(__file__).parents[2],
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "batch piped: 3 lines: 3 new",
+        "follow it with: render batch status piped",
+    ]
+    assert queued_ids(client) == ["piped.00001", "piped.00002", "piped.00003"]
+    status = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "batch", "status", "piped", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RENDER_REDIS_URL": url},
+        cwd=Path(__file__).parents[2],
+        timeout=120,
+    )
+    report = json.loads(status.stdout)
+    assert report["states"] == {"queued": 3} and [job["line"] for job in report["jobs"]] == [1, 2, 3]
+
+
+def test_the_display_line_counts_rates_and_eta() -> None:
+    stream = io.StringIO()
+    display = BatchDisplay("night", stream, every=0.0)
+    start = BatchProgress(10, Counter({"succeeded": 2, "queued": 8}), images=2)
+    display.update(start)
+    display.started -= 10.0  # ten seconds later: four more done, one running, one failed
+    display.update(BatchProgress(10, Counter({"succeeded": 6, "failed": 1, "progress": 1, "queued": 2}), images=6))
+    first, second = stream.getvalue().splitlines()
+    assert first.startswith("batch night: 2/10 done, 0 running, 8 queued, 0 failed or revoked, 0.00 images/s")
+    assert second.startswith("batch night: 7/10 done, 1 running, 2 queued, 1 failed or revoked, 0.40 images/s")
+    assert second.endswith("ETA 6 s")  # 3 left at 5 jobs per 10 s
