@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,20 +26,6 @@ from worker.settings import default_models, load_settings
 
 ROOT = Path(__file__).parents[2]
 MODELS = ["tiny-sd15", "tiny-sdxl"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(workdir=tmp_path_factory.mktemp("fleet-redis")) as started:
-        yield started
-
-
-@pytest.fixture
-def client(server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(server.url)
-    connection.flushdb()
-    yield connection
-    connection.close()
 
 
 def fresh_registry() -> ModelRegistry:

@@ -88,20 +88,6 @@ def serve(receiver: Receiver, wrap: ssl.SSLContext | None = None) -> Iterator[Re
         thread.join(5)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(workdir=tmp_path_factory.mktemp("webhooks-redis")) as started:
-        yield started
-
-
-@pytest.fixture
-def client(server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(server.url)
-    connection.flushdb()
-    yield connection
-    connection.close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     yield from serve(Receiver())
