@@ -20,7 +20,7 @@ from worker.storage import Storage
 
 __all__ = ["STATUSES", "IndexRow", "write_index"]
 
-STATUSES = ("succeeded", "failed", "revoked", "queued", "started", "progress", "unknown")
+STATUSES = ("succeeded", "interrupted", "failed", "revoked", "queued", "started", "progress", "unknown")
 _LINKABLE = {"http", "https", "file", "s3"}
 
 
@@ -178,7 +178,8 @@ dt { color: #777; } dd { margin: 0; }
 .error { white-space: pre-wrap; background: #fdecea; color: #8a1c1c; padding: .4rem; font-size: 12px; }
 .badge { display: inline-block; margin-right: .2rem; padding: 0 .4rem; border-radius: 3px; background: #999;
   color: #fff; }
-.badge.succeeded { background: #2e7d32; } .badge.failed { background: #c62828; }
+.badge.succeeded { background: #2e7d32; } .badge.interrupted { background: #558b2f; }
+.badge.failed { background: #c62828; }
 .badge.revoked { background: #6d4c41; } .badge.started, .badge.progress { background: #1565c0; }
 .badge.queued { background: #757575; }
 """

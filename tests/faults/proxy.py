@@ -26,6 +26,7 @@ class FaultProxy:
         self.connections = 0  # accepted so far: shows that clients came back after an outage
         self._flowing = threading.Event()  # cleared by hold(): answers from the server wait
         self._flowing.set()
+        self.held = 0  # answers waiting now because of hold(): a client is mid-request
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -49,7 +50,8 @@ class FaultProxy:
         threading.Thread(target=self._accept, args=(listener,), name=f"proxy-{self.port}", daemon=True).start()
 
     def down(self) -> None:
-        """Close every open connection and refuse new ones: the server looks gone."""
+        """Close every open connection and refuse new ones: the server looks gone (held answers die with it)."""
+        self.release()
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(OSError):
@@ -112,8 +114,12 @@ class FaultProxy:
                 pause = self.delay if delay is None else delay
                 if pause:
                     time.sleep(pause)
-                if delay is None:
+                if delay is None and not self._flowing.is_set():
+                    with self._lock:
+                        self.held += 1
                     self._flowing.wait()
+                    with self._lock:
+                        self.held -= 1
                 sink.sendall(chunk)
         except OSError:
             pass

@@ -17,6 +17,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(3
 LONG = {"num_inference_steps": 150, "width": 256, "height": 256}
 
 
+def mid_upload(farm: ChaosFarm, task_id: str) -> None:
+    """Return once the job's upload is waiting on S3: answers are held from its first step on (a render writes
+    nothing to S3 between its start and its upload), so a fast render cannot finish before the outage begins."""
+    assert farm.s3_proxy is not None
+    wait_until(progressed(farm, task_id, 1), timeout=90, what="the first step")
+    farm.s3_proxy.hold()
+    wait_until(lambda: farm.s3_proxy is not None and farm.s3_proxy.held > 0, timeout=90, what="the upload")
+    assert not farm.client.status(task_id).done
+
+
 def test_slow_s3_makes_uploads_slow_not_failed(chaos_farm: Callable[..., ChaosFarm]) -> None:
     farm = chaos_farm()
     farm.start_workers("slow-s3", torch_threads="1")
@@ -34,7 +44,7 @@ def test_an_s3_outage_during_upload_is_ridden_out_with_backoff(chaos_farm: Calla
     farm.start_workers("s3-blip", torch_threads="1", storage_retry_seconds="30")
     assert farm.s3_proxy is not None
     handle = farm.client.submit(job(501, num_images=2, **LONG))
-    wait_until(progressed(farm, handle.task_id, 140), timeout=90, what="140 steps")
+    mid_upload(farm, handle.task_id)
     with farm.s3_proxy.outage(4.0):
         wait_until(lambda: "storage unavailable (attempt 2" in farm.log_text(), timeout=30, what="a second attempt")
         assert not handle.status().done
@@ -52,7 +62,7 @@ def test_an_s3_outage_past_the_retry_budget_fails_clearly_and_never_says_succeed
     farm.start_workers("s3-down", torch_threads="1", storage_retry_seconds="3")
     assert farm.s3_proxy is not None
     handle = farm.client.submit(job(502, **LONG))
-    wait_until(progressed(farm, handle.task_id, 140), timeout=90, what="140 steps")
+    mid_upload(farm, handle.task_id)
     farm.s3_proxy.down()
     started = time.monotonic()
     final = list(farm.client.follow(handle.task_id, interval=0.1, timeout=120))[-1]

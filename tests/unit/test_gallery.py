@@ -238,8 +238,9 @@ def test_foreign_and_unsafe_urls(tmp_path: Path) -> None:
 
 
 def test_invalid_input_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="status must be one of succeeded, failed"):
+    with pytest.raises(ValueError, match="status must be one of succeeded, interrupted, failed"):
         row(1, "x", "done", ([], []))
+    assert row(1, "x", "interrupted", ([], [])).status == "interrupted"  # a step budget's end is a result too
     for batch in ("", "a/b", ".."):
         with pytest.raises(StorageError):
             write_index(LocalStorage(tmp_path), batch, [])
