@@ -8,7 +8,8 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,7 +19,16 @@ from PIL import Image
 from worker.local_cluster import free_port, wait_until
 from worker.storage import Storage
 
-__all__ = ["UNetCalls", "free_port", "http_answers", "pixels", "port_open", "render_cli", "wait_until"]
+__all__ = [
+    "UNetCalls",
+    "free_port",
+    "http_answers",
+    "pixels",
+    "port_open",
+    "render_cli",
+    "wait_for_jobs",
+    "wait_until",
+]
 
 ROOT = Path(__file__).parents[1]
 
@@ -35,6 +45,25 @@ def render_cli(
         env={**os.environ, **(env or {})},
         timeout=timeout,
     )
+
+
+def wait_for_jobs(client: Any, task_ids: Sequence[str], *, stall: float = 180, interval: float = 0.25) -> list[Any]:
+    """The manifests of `task_ids` once every one is final. Fails only when no job moves (a state or a step
+    changes) for `stall` seconds: a busy machine makes this slower, never red, while a stuck farm still fails.
+    """
+    last: list[tuple[str, int | None]] = []
+    moved = time.monotonic()
+    while True:
+        statuses = client.statuses(list(task_ids))
+        if all(s.done for s in statuses):
+            return [s.manifest for s in statuses]
+        now = [(s.state, s.step) for s in statuses]
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall:
+            waiting = [f"{s.task_id}: {s.state} step {s.step}" for s in statuses if not s.done]
+            raise TimeoutError(f"no job moved for {stall:.0f} s; still waiting on: {'; '.join(waiting)}")
+        time.sleep(interval)
 
 
 def port_open(port: int) -> bool:

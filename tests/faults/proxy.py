@@ -27,6 +27,10 @@ class FaultProxy:
         self._flowing = threading.Event()  # cleared by hold(): answers from the server wait
         self._flowing.set()
         self.held = 0  # answers waiting now because of hold(): a client is mid-request
+        self._requests_flowing = threading.Event()  # cleared by hold_at()'s marker: requests wait too
+        self._requests_flowing.set()
+        self._trigger: bytes | None = None
+        self.triggered = threading.Event()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -82,7 +86,20 @@ class FaultProxy:
         """
         self._flowing.clear()
 
+    def hold_at(self, marker: bytes) -> threading.Event:
+        """Hold everything from the first request whose bytes contain `marker` on: that request waits before
+        the server sees it, and every answer waits, until `release`. The event is set once it has happened.
+
+        Unlike `hold` after polling, this stops a client at an exact point of its exchange however slow the
+        machine is (an HTTP request line names its object, so `b"/image-1.png "` stops an upload of it).
+        """
+        self.triggered.clear()
+        self._trigger = marker
+        return self.triggered
+
     def release(self) -> None:
+        self._trigger = None
+        self._requests_flowing.set()
         self._flowing.set()
 
     def close(self) -> None:
@@ -114,10 +131,16 @@ class FaultProxy:
                 pause = self.delay if delay is None else delay
                 if pause:
                     time.sleep(pause)
-                if delay is None and not self._flowing.is_set():
+                if delay is not None and self._trigger is not None and self._trigger in chunk:
+                    self._trigger = None
+                    self._requests_flowing.clear()
+                    self._flowing.clear()
+                    self.triggered.set()
+                gate = self._flowing if delay is None else self._requests_flowing
+                if not gate.is_set():
                     with self._lock:
                         self.held += 1
-                    self._flowing.wait()
+                    gate.wait()
                     with self._lock:
                         self.held -= 1
                 sink.sendall(chunk)

@@ -20,6 +20,7 @@ import pytest
 
 from producer.keys import RUNNING_TASKS
 from tests.faults.conftest import ChaosFarm
+from tests.helpers import wait_for_jobs
 from worker.local_cluster import WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -83,20 +84,19 @@ def test_killed_mid_upload_no_partial_result_is_succeeded_and_the_job_is_redone(
     farm = chaos_farm()
     farm.start_workers("up-a", "up-b", torch_threads="1")
     assert farm.s3_proxy is not None
-    farm.s3_proxy.delay = 1.0  # every S3 answer is a second late
+    stopped = farm.s3_proxy.hold_at(b"/image-1.png ")  # images go up one by one, the manifest last
     handle = farm.client.submit(job(2, num_images=2, callbacks=[{"type": "frames", "every": 20}]))
-    wait_until(lambda: "image-0.png" in farm.objects(handle.task_id), timeout=90, what="the first uploaded image")
-    # Hold every S3 answer, the first image's own included if it is still in its second: the worker stays
-    # mid-upload however long this test takes to act (at 0.4 s a busy CI runner once saw the job finish here).
-    farm.s3_proxy.hold()
+    # The upload of the second image waits in the proxy, unseen by S3: the worker stays mid-upload, with the
+    # first image stored and no manifest, however long this test takes to act.
+    wait_until(stopped.is_set, timeout=120, what="the upload of the second image")
+    assert "image-0.png" in farm.objects(handle.task_id)
     victim = holder(farm, handle.task_id)
     assert "manifest.json" not in farm.objects(handle.task_id)
     victim.kill(signal.SIGKILL)
-    farm.s3_proxy.delay = 0.0
     farm.s3_proxy.release()
     assert handle.status().state != "succeeded"
 
-    manifest = handle.wait(timeout=90)
+    (manifest,) = wait_for_jobs(farm.client, [handle.task_id])
     assert manifest.status == "succeeded" and manifest.attempt == 2
     assert not manifest.worker.startswith(victim.hostname + ":")
     assert_complete(farm, handle.task_id, manifest)
@@ -104,6 +104,7 @@ def test_killed_mid_upload_no_partial_result_is_succeeded_and_the_job_is_redone(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a guard against a hang only: the waits below fail when the jobs stop moving
 def test_random_kills_during_a_batch_lose_nothing_and_never_show_a_partial_success(
     chaos_farm: Callable[..., ChaosFarm],
 ) -> None:
@@ -141,7 +142,7 @@ def test_random_kills_during_a_batch_lose_nothing_and_never_show_a_partial_succe
             victim.stop()
             kills += 1
             farm.start_workers(f"{victim.name}-{kills}", ready=False, torch_threads="1")
-        manifests = [h.wait(timeout=180) for h in handles]
+        manifests = wait_for_jobs(farm.client, ids)
     finally:
         watching.clear()
         watcher.join(timeout=10)
