@@ -1,7 +1,12 @@
-"""The worker's Celery app: settings that matter on GPUs, the task, and the recovery scanner."""
+"""The worker's Celery app: settings that matter on GPUs, the task, and the recovery scanner.
+
+`celery -A worker.celery_app inspect|control|events|flower ...` works as every Celery user types it: the
+module's `app` is built on first use from the same `RENDER_*` settings a worker reads.
+"""
 
 from __future__ import annotations
 
+import functools
 import socket
 from typing import Any
 
@@ -16,7 +21,7 @@ from worker.affinity import Affinity, AffinityWatcher
 from worker.fleet import Heartbeat
 from worker.jobcontrol import control_client
 from worker.recovery import RecoveryScanner
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, load_settings
 from worker.tasks import run_render
 from worker.transport import AFFINITY_OPTION
 
@@ -143,3 +148,15 @@ def run_worker(app: Celery, argv: list[str]) -> int:
     finally:
         worker_shutdown.disconnect(record)
     return codes[-1] if codes else 0
+
+
+@functools.cache
+def _app_from_environment() -> Celery:
+    return create_app(load_settings())
+
+
+def __getattr__(name: str) -> Celery:
+    """`worker.celery_app.app`, the attribute Celery's `-A` option looks up: built once, from `RENDER_*`."""
+    if name == "app":
+        return _app_from_environment()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -78,3 +78,21 @@ def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
         result.stderr.startswith("error: cannot reach the farm's Redis at redis://127.0.0.1:")
         and result.stderr.count("\n") == 1
     ), result.stderr
+
+
+def test_celery_s_own_cli_finds_the_app_from_the_render_settings(farm: Farm) -> None:
+    env = {**os.environ, "RENDER_REDIS_URL": farm.redis_url}
+    pinged = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "inspect", "ping", "--timeout", "10"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert pinged.returncode == 0, pinged.stderr
+    answered = sorted(
+        line.split(":")[0].removeprefix("->").strip() for line in pinged.stdout.splitlines() if "OK" in line
+    )
+    assert [name.split("@")[0] for name in answered] == ["alpha", "beta"], pinged.stdout
+    assert "pong" in pinged.stdout
