@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from producer.errors import JobRevoked, LeaseLost, RenderFailed, SpecError, StorageError
-from producer.keys import image_object, manifest_object
+from producer.errors import RenderFailed, StorageError
+from producer.keys import check_task_id, image_object, manifest_object
 from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.callbacks import CallbackStack, StepHook, build_callbacks
@@ -28,6 +28,7 @@ from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import check_clip_skip, clip_skip_arguments, scheduled
 from worker.outputs import ImageParameters, png_bytes
+from worker.stops import JobRevoked, LeaseLost
 from worker.storage import Storage
 
 _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
@@ -75,16 +76,17 @@ def render(
     `inputs` are the spec's images, already checked (`worker.inputs.load_inputs`). `before_store(steps)` runs
     after decode, before the first upload; a `LeaseLost` from it or from a hook ends the job with nothing
     written, because another worker may own it now.
-    Raises `SpecError`/`ModelError` before any work, `RenderFailed` after writing a `failed` manifest.
+    Raises `SpecError`/`ModelError` before any work, `RenderFailed` after writing a `failed` manifest, and
+    `ValueError` if `inputs` lacks an image the spec needs (a caller that skipped `load_inputs`).
     """
-    task_id = task_id or uuid.uuid4().hex
+    task_id = uuid.uuid4().hex if task_id is None else check_task_id(task_id)  # '' is refused, not replaced
     if (done := read_manifest(storage, task_id)) is not None and done.status == "succeeded":
         return done
     check_supported(spec, registry)
     inputs = dict(inputs or {})
     needed = NEEDS[spec.pipeline] | ({"ip_adapter_image"} if spec.ip_adapter else set())
     if missing := sorted(needed - set(inputs)):
-        raise SpecError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
+        raise ValueError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
     job = _Job(spec, task_id, attempt, queue_wait, worker)
 
     started = time.perf_counter()

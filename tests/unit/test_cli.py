@@ -121,3 +121,22 @@ def test_a_bad_scheduler_or_lora_name_is_one_line_naming_the_field(
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("task_id", ["", " ", "\t"])
+def test_an_empty_or_blank_task_id_is_refused_not_replaced(tmp_path: Path, task_id: str) -> None:
+    result = run("local", "examples/text2img-sd15.json", "--storage", tmp_path.as_uri(), "--task-id", task_id)
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: task_id: {task_id!r} is not a valid task id;"), result.stderr
+    assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
+
+
+def test_submit_refuses_an_empty_task_id_before_reaching_redis() -> None:
+    result = run(
+        "submit", "examples/text2img-sd15.json", "--task-id", "", env={"RENDER_REDIS_URL": "redis://127.0.0.1:9/0"}
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr == "error: task_id: '' is not a valid task id; use 1-128 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit (or leave it out for a generated one)\n"
+    )
