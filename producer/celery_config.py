@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from celery.backends.redis import RedisBackend
+from kombu.utils.url import parse_ssl_cert_reqs
 
 from producer.keys import DEFAULT_PRIORITY, DEFAULT_QUEUE, PRIORITIES, PRIORITY_STEPS, TASK_RENDER
-
-_CERT_REQS = {"required": ssl.CERT_REQUIRED, "optional": ssl.CERT_OPTIONAL, "none": ssl.CERT_NONE}
 
 
 class PollingRedisBackend(RedisBackend):
@@ -36,10 +34,12 @@ def tls_options(redis_url: str) -> dict[str, Any]:
     if parsed.scheme != "rediss":
         return {}
     query = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
-    reqs = query.get("ssl_cert_reqs", "required").lower().removeprefix("cert_")
-    if reqs not in _CERT_REQS:
-        raise ValueError(f"ssl_cert_reqs={reqs!r} in the Redis URL; use required, optional or none")
-    options: dict[str, Any] = {"ssl_cert_reqs": _CERT_REQS[reqs]}
+    reqs = query.get("ssl_cert_reqs", "required")
+    try:  # kombu's own reading of the parameter, so the client and the transport agree on what it means
+        cert_reqs = parse_ssl_cert_reqs(reqs)
+    except KeyError:
+        raise ValueError(f"ssl_cert_reqs={reqs!r} in the Redis URL; use required, optional or none") from None
+    options: dict[str, Any] = {"ssl_cert_reqs": cert_reqs}
     options |= {key: query[key] for key in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile") if key in query}
     return {"broker_use_ssl": options, "redis_backend_use_ssl": options}
 

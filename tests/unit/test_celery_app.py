@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import ssl
 from pathlib import Path
 
 import pytest
 import redis
 
-from producer.client import RenderClient
+from producer.celery_config import tls_options
+from producer.client import RenderClient, redacted
 from producer.keys import TASK_RENDER
 from worker.celery_app import create_app, worker_argv
 from worker.local_cluster import RedisServer
@@ -61,3 +63,32 @@ def test_sending_a_job_opens_no_result_subscription_and_a_dead_redis_stalls_no_f
     gc.collect()
     assert not [r for r in caplog.records if "Connection to Redis lost" in r.getMessage()]
     client.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@10.0.0.5:6379/2", "redis://:***@10.0.0.5:6379/2"),
+        ("redis://render:s3cret@redis.internal/0", "redis://render:***@redis.internal/0"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ],
+)
+def test_redis_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redacted(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("required", ssl.CERT_REQUIRED), ("CERT_OPTIONAL", ssl.CERT_OPTIONAL), ("none", ssl.CERT_NONE)],
+)
+def test_tls_certificate_checks_read_as_kombu_reads_them(value: str, expected: int) -> None:
+    options = tls_options(f"rediss://127.0.0.1:6380/0?ssl_cert_reqs={value}&ssl_ca_certs=/etc/ca.pem")
+    assert options["broker_use_ssl"] == {"ssl_cert_reqs": expected, "ssl_ca_certs": "/etc/ca.pem"}
+    assert options["redis_backend_use_ssl"] == options["broker_use_ssl"]
+    assert tls_options("rediss://127.0.0.1:6380/0")["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert tls_options("redis://127.0.0.1:6379/0") == {}
+
+
+def test_an_unknown_certificate_check_names_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"ssl_cert_reqs='maybe' in the Redis URL; use required, optional or none"):
+        tls_options("rediss://127.0.0.1:6380/0?ssl_cert_reqs=maybe")
