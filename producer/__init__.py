@@ -8,15 +8,15 @@ from __future__ import annotations
 from producer.errors import (
     ConfigError,
     FarmUnavailable,
-    JobRevoked,
-    JobStopped,
     ModelError,
     NoWorkerForModel,
     RenderError,
     RenderFailed,
     SpecError,
     StorageError,
+    StorageUnavailable,
     UnsupportedSpecError,
+    WaitTimeout,
 )
 from producer.manifest import Manifest, RenderStatus, Timings
 from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget, json_schema
@@ -27,8 +27,6 @@ __all__ = [
     "FarmUnavailable",
     "Frames",
     "IpAdapterScaleCutoff",
-    "JobRevoked",
-    "JobStopped",
     "Manifest",
     "ModelError",
     "NoWorkerForModel",
@@ -39,7 +37,9 @@ __all__ = [
     "SpecError",
     "StepBudget",
     "StorageError",
+    "StorageUnavailable",
     "Timings",
     "UnsupportedSpecError",
+    "WaitTimeout",
     "json_schema",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from producer.errors import SpecError
+from producer.errors import BatchFileError, SpecError, WaitTimeout
 from producer.keys import KEY_PREFIX, check_task_id
 from producer.spec import RenderSpec
 
@@ -44,16 +44,6 @@ def batch_key(name: str) -> str:
 def batch_tasks_key(name: str) -> str:
     """Hash line -> the task id that line was last submitted as."""
     return f"{KEY_PREFIX}:batch:{name}:tasks"
-
-
-class BatchFileError(SpecError):
-    """Raised when lines of a batch file are invalid; `errors` holds every one as `line N: field: message`."""
-
-    def __init__(self, errors: list[str]) -> None:
-        shown = "\n".join(errors[:50]) + (f"\n... and {len(errors) - 50} more" if len(errors) > 50 else "")
-        super().__init__(f"{len(errors)} invalid line(s); nothing was submitted:\n{shown}")
-        self.errors = errors
-        self.problems = errors
 
 
 def check_batch_name(name: str) -> str:
@@ -203,7 +193,6 @@ class BatchHandle:
         on_progress: Callable[[BatchProgress], None] | None = None,
     ) -> BatchProgress:
         """Poll until every job is final (or unknown: lost, see `submit_batch` to resume); return the counts."""
-        from producer.client import WaitTimeout
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

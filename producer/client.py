@@ -10,17 +10,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import redis
 from celery import Celery, states
 from celery.exceptions import BackendError, TaskRevokedError
 from kombu.exceptions import OperationalError
+from kombu.utils.url import sanitize_url
 
 from producer import batch
 from producer.batch import BatchHandle
 from producer.celery_config import base_config
-from producer.errors import FarmUnavailable, NoWorkerForModel, RenderError, RenderFailed, SpecError
+from producer.errors import FarmUnavailable, NoWorkerForModel, RenderFailed, SpecError, WaitTimeout
 from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
 from producer.keys import (
     ATTEMPT_HEADER,
@@ -46,16 +46,8 @@ RevokeOutcome = Literal["revoked", "already-finished", "unknown"]
 
 
 def redacted(url: str) -> str:
-    """The Redis URL without its password, for messages and logs."""
-    parsed = urlparse(url)
-    if parsed.password is None:
-        return url
-    netloc = f"{parsed.username or ''}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
-    return parsed._replace(netloc=netloc).geturl()
-
-
-class WaitTimeout(RenderError):
-    """Raised when `wait` gives up before the job reached a final state."""
+    """The Redis URL without its password (kombu's sanitizer, as Celery's own logs use), for messages and logs."""
+    return str(sanitize_url(url, mask="***"))
 
 
 @dataclass(frozen=True)
@@ -155,9 +147,11 @@ class RenderClient:
         wait_for_worker: bool = False,
     ) -> JobHandle:
         """Validate `spec` and enqueue it for its model's workers; see `submit_many`."""
+        if task_id is not None:
+            check_task_id(task_id)  # an empty or blank id is refused, not replaced
         return self.submit_many(
             [spec],
-            task_ids=None if task_id is None else [task_id],  # an empty id is refused, not replaced
+            task_ids=None if task_id is None else [task_id],
             queue=queue,
             priority=priority,
             wait_for_worker=wait_for_worker,

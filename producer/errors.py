@@ -1,17 +1,20 @@
-"""The exception tree. Every error this project raises on purpose is a `RenderError`.
+"""The exception tree, complete and drawn only here. Every error this project raises on purpose is a `RenderError`.
 
 RenderError
- ├── SpecError          the render spec is invalid; the message names the field and the fix
- │    ├── UnsupportedSpecError   valid spec, but this worker cannot run it (yet)
- │    └── BatchFileError         lines of a batch file are invalid: every one, as `line N: field: message`
- │                               (in producer.batch)
- ├── ConfigError        a setting (RENDER_*) is invalid
- ├── ModelError         a model is not allowlisted or cannot be loaded
- ├── StorageError       a storage URL is invalid or an object could not be read or written
- ├── JobStopped         control flow: the job was told to stop inside the denoising loop
- │    └── JobRevoked    ... because someone revoked it
- ├── NoWorkerForModel   submit found no live worker serving the job's model
- └── RenderFailed       the pipeline itself failed while rendering
+ ├── SpecError               the caller's input is invalid; the message names the field and the fix
+ │    ├── UnsupportedSpecError    a valid spec this worker cannot run (a model without that pipeline)
+ │    └── BatchFileError          lines of a batch file are invalid: every one, as `line N: field: message`
+ ├── ConfigError             a setting (RENDER_*) is invalid
+ ├── ModelError              a model or LoRA is not allowlisted, or cannot be loaded
+ ├── StorageError            a storage URL is invalid, or an object cannot be read or written
+ │    └── StorageUnavailable      storage cannot be reached or answers a transient error, after the retries
+ ├── FarmUnavailable         the client cannot reach the farm's Redis
+ ├── NoWorkerForModel        submit found no live worker serving the job's model; nothing was enqueued
+ ├── WaitTimeout             `wait` gave up before the job reached a final state
+ └── RenderFailed            the pipeline itself failed while rendering (the cause is chained)
+
+The signals that stop a render from inside its denoising loop (a revoke, a lost lease) are the worker's
+own control flow, not errors a client sees: they live in `worker.stops`.
 """
 
 from __future__ import annotations
@@ -75,36 +78,6 @@ class StorageUnavailable(StorageError):
     """
 
 
-class JobStopped(RenderError):
-    """Raised inside the step callback to leave the denoising loop before the VAE decode."""
-
-    def __init__(self, reason: str, steps_completed: int) -> None:
-        super().__init__(f"job stopped ({reason}) after {steps_completed} step(s)")
-        self.reason = reason
-        self.steps_completed = steps_completed
-
-
-class JobRevoked(JobStopped):
-    """Raised when the job's revocation key is set."""
-
-    def __init__(
-        self, steps_completed: int, *, revoked_at: float | None = None, steps_after_revoke: int | None = None
-    ) -> None:
-        super().__init__("revoked", steps_completed)
-        self.revoked_at = revoked_at  # epoch seconds the revoke was written, when known
-        self.steps_after_revoke = steps_after_revoke
-
-
-class LeaseLost(JobStopped):
-    """Raised when this worker no longer holds the job's lease: another worker may own the job now.
-
-    The render stops and writes nothing: no images, no manifest, no state.
-    """
-
-    def __init__(self, steps_completed: int, key: str) -> None:
-        super().__init__(f"lease {key} lost", steps_completed)
-
-
 class NoWorkerForModel(RenderError):
     """Raised at submit when no live worker serves the job's model; nothing is enqueued."""
 
@@ -120,6 +93,20 @@ class NoWorkerForModel(RenderError):
 
 class FarmUnavailable(RenderError):
     """Raised by the client when the farm's Redis cannot be reached (after a few quick retries)."""
+
+
+class WaitTimeout(RenderError):
+    """Raised when `wait` gives up before the job reached a final state."""
+
+
+class BatchFileError(SpecError):
+    """Raised when lines of a batch file are invalid; `errors` holds every one as `line N: field: message`."""
+
+    def __init__(self, errors: list[str]) -> None:
+        shown = "\n".join(errors[:50]) + (f"\n... and {len(errors) - 50} more" if len(errors) > 50 else "")
+        super().__init__(f"{len(errors)} invalid line(s); nothing was submitted:\n{shown}")
+        self.errors = errors
+        self.problems = errors
 
 
 class RenderFailed(RenderError):

@@ -2,7 +2,8 @@
 
 Accepted references: `s3://bucket/key` (the worker's S3 endpoint and credentials), `file:///path` under
 one of `RENDER_INPUT_ROOTS`, or inline `data:image/<png|jpeg|webp>;base64,...`. Every failure is a
-`SpecError` naming the field.
+`SpecError` naming the field, except S3 that cannot be reached: retried with backoff for
+`RENDER_STORAGE_RETRY_SECONDS`, as outputs are, then `StorageUnavailable`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
-from producer.errors import SpecError, StorageError
+from producer.errors import SpecError, StorageError, StorageUnavailable
 from producer.spec import RenderSpec
 from worker.settings import WorkerSettings
 from worker.storage import S3Storage
@@ -88,9 +89,15 @@ def _read_s3(field: str, ref: str, settings: WorkerSettings) -> bytes:
     key = parsed.path.lstrip("/")
     if not parsed.netloc or not key:
         raise SpecError(f"{field}: {ref!r} needs a bucket and a key (s3://bucket/key)")
-    source = S3Storage(parsed.netloc, endpoint_url=settings.s3_endpoint_url)
+    # An outage is retried for the budget outputs get, then fails as storage (the spec is not at fault);
+    # a missing bucket or refused access is the spec's reference, named by its field.
+    source = S3Storage(
+        parsed.netloc, endpoint_url=settings.s3_endpoint_url, retry_seconds=settings.storage_retry_seconds
+    )
     try:
         data = source.get(key)
+    except StorageUnavailable:
+        raise
     except StorageError as exc:
         raise SpecError(f"{field}: {exc}") from None
     finally:

@@ -20,9 +20,9 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from producer.errors import JobRevoked, LeaseLost
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
 from worker.callbacks.control import StepInfo
+from worker.stops import JobRevoked, LeaseLost
 
 log = logging.getLogger(__name__)
 

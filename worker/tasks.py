@@ -16,7 +16,7 @@ from celery import Task
 from celery.exceptions import Ignore
 from redis import Redis
 
-from producer.errors import LeaseLost, RenderFailed, StorageError
+from producer.errors import RenderFailed, StorageError
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, manifest_key, revoked_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
@@ -28,6 +28,7 @@ from worker.jobcontrol import Lease, RedisJobControl, control_client, patient_cl
 from worker.models.registry import ModelRegistry
 from worker.render import read_manifest, render, revoked_before_start
 from worker.settings import WorkerSettings
+from worker.stops import LeaseLost
 from worker.storage import Storage, open_storage
 from worker.webhooks import WebhookSender
 

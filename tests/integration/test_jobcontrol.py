@@ -9,12 +9,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from producer.errors import JobRevoked, LeaseLost
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
 from tests.helpers import free_port
 from worker.callbacks import StepInfo
 from worker.jobcontrol import Lease, RedisJobControl, control_client
 from worker.local_cluster import RedisServer
+from worker.stops import JobRevoked, LeaseLost
 
 pytestmark = pytest.mark.integration
 

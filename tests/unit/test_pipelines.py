@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from producer import JobRevoked, RenderSpec, SpecError
+from producer import RenderSpec, SpecError
 from tests.helpers import pixels
 from worker.inputs import load_inputs
 from worker.models.registry import ModelRegistry
 from worker.render import render
 from worker.settings import WorkerSettings
+from worker.stops import JobRevoked
 from worker.storage import LocalStorage
 
 SIZE = 64

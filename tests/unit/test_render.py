@@ -12,11 +12,11 @@ import pytest
 from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
-from producer import JobRevoked, ModelError, RenderFailed, RenderSpec, SpecError, StorageError
-from producer.errors import LeaseLost
+from producer import ModelError, RenderFailed, RenderSpec, StorageError
 from worker.callbacks import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.render import render
+from worker.stops import JobRevoked, LeaseLost
 from worker.storage import LocalStorage
 
 FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
@@ -322,10 +322,10 @@ def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: 
     ("overrides", "error", "text"),
     [
         ({"model": "sdxl-turbo"}, ModelError, "not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl"),
-        ({"pipeline": "img2img", "image": "file:///in.png"}, SpecError, "image: not loaded; call worker.inputs"),
+        ({"pipeline": "img2img", "image": "file:///in.png"}, ValueError, "image: not loaded; call worker.inputs"),
         (
             {"ip_adapter": {"image": "file:///style.png"}},
-            SpecError,
+            ValueError,
             "ip_adapter_image: not loaded; call worker.inputs",
         ),
     ],

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from diffusers.callbacks import PipelineCallback
 
-from producer.errors import JobStopped
+from worker.stops import JobStopped
 
 
 @dataclass(frozen=True)

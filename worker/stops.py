@@ -1,0 +1,37 @@
+"""The signals that stop a render from inside its denoising loop: raised by step hooks, caught by `render()`.
+
+They are the worker's own control flow, never errors a client sees: a revoked job ends `revoked` with a
+manifest, and a job whose lease was lost leaves no trace for the worker that now owns it.
+"""
+
+from __future__ import annotations
+
+
+class JobStopped(Exception):
+    """Raised inside the step callback to leave the denoising loop before the VAE decode."""
+
+    def __init__(self, reason: str, steps_completed: int) -> None:
+        super().__init__(f"job stopped ({reason}) after {steps_completed} step(s)")
+        self.reason = reason
+        self.steps_completed = steps_completed
+
+
+class JobRevoked(JobStopped):
+    """Raised when the job's revocation key is set."""
+
+    def __init__(
+        self, steps_completed: int, *, revoked_at: float | None = None, steps_after_revoke: int | None = None
+    ) -> None:
+        super().__init__("revoked", steps_completed)
+        self.revoked_at = revoked_at  # epoch seconds the revoke was written, when known
+        self.steps_after_revoke = steps_after_revoke
+
+
+class LeaseLost(JobStopped):
+    """Raised when this worker no longer holds the job's lease: another worker may own the job now.
+
+    The render stops and writes nothing: no images, no manifest, no state.
+    """
+
+    def __init__(self, steps_completed: int, key: str) -> None:
+        super().__init__(f"lease {key} lost", steps_completed)
