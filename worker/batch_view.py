@@ -9,6 +9,8 @@ from typing import Any, TextIO
 
 from rich.console import Console
 from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
 from rich.text import Text
 
 from producer.batch import BatchHandle, BatchProgress
@@ -61,9 +63,9 @@ class BatchDisplay:
     def update(self, progress: BatchProgress) -> None:
         text = self.line(progress)
         if self._live is not None:
-            finished = progress.finished / max(progress.total, 1)
-            bar = "#" * round(30 * finished) + "." * (30 - round(30 * finished))
-            self._live.update(Text(f"[{bar}] {text}"))
+            row = Table.grid(padding=(0, 1))
+            row.add_row(ProgressBar(total=max(progress.total, 1), completed=progress.finished, width=30), Text(text))
+            self._live.update(row)
             return
         now = time.monotonic()
         if progress.done or now - self._printed >= self.every:

@@ -21,6 +21,7 @@ from producer.errors import RenderError, RenderFailed, SpecError, StorageError
 from producer.fleet import WorkerInfo, served_by
 from producer.keys import DEFAULT_PRIORITY, PRIORITIES, Priority
 from producer.spec import RenderSpec, json_schema
+from worker.display import JobBoard, StepProgress, table_console
 
 app = typer.Typer(
     name="render",
@@ -31,29 +32,6 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
-
-
-class ProgressBar:
-    """A one-line progress display on stderr, drawn only when stderr is a terminal."""
-
-    def __init__(self, stream: Any = sys.stderr, width: int = 30) -> None:
-        self.stream = stream
-        self.width = width
-        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
-
-    def on_step(self, info: Any) -> None:
-        rate = info.steps_completed / info.elapsed if info.elapsed > 0 else 0.0
-        self.draw(info.steps_completed, info.steps_planned, f"  {rate:5.1f} it/s")
-
-    def draw(self, step: int, total: int, suffix: str = "") -> None:
-        if not self.enabled:
-            return
-        filled = round(self.width * step / max(total, 1))
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {step}/{total} steps{suffix}")
-        if step >= total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def read_spec(path: Path) -> RenderSpec:
@@ -86,15 +64,19 @@ def local(
     from worker.render import render
 
     inputs = load_inputs(spec, settings)
-    manifest = render(
-        spec,
-        registry=ModelRegistry.from_settings(settings),
-        storage=target,
-        task_id=task_id,
-        hooks=[ProgressBar()],
-        frame_threads=settings.frame_upload_threads,
-        inputs=inputs,
-    )
+    progress = StepProgress()
+    try:
+        manifest = render(
+            spec,
+            registry=ModelRegistry.from_settings(settings),
+            storage=target,
+            task_id=task_id,
+            hooks=[progress],
+            frame_threads=settings.frame_upload_threads,
+            inputs=inputs,
+        )
+    finally:
+        progress.close()
     typer.echo(manifest.model_dump_json(indent=2))
     if manifest.status == "failed":
         raise typer.Exit(1)
@@ -152,11 +134,10 @@ def submit(
         typer.echo(handle.task_id)
         return
     typer.echo(f"submitted {handle.task_id}", err=True)
-    bar = ProgressBar()
     final = None
-    for final in client.follow(handle.task_id, timeout=timeout):
-        if final.step is not None and final.total and not final.done:
-            bar.draw(final.step, final.total)
+    with JobBoard([handle.task_id], Console(stderr=True)) as board:
+        for final in client.follow(handle.task_id, timeout=timeout):
+            board.update(handle.task_id, final)
     assert final is not None
     if final.manifest is not None:
         typer.echo(final.manifest.model_dump_json(indent=2))
@@ -354,9 +335,7 @@ def workers(as_json: Annotated[bool, typer.Option("--json", help="Print the flee
     if not found:
         typer.echo("no live worker: none has sent a heartbeat within its TTL (start one with `render worker`)")
         return
-    console = Console()
-    if not console.is_terminal:  # a pipe or a file: wide enough that no row wraps
-        console = Console(width=max(console.width, 200))
+    console = table_console()
     console.print(_fleet_table(found, time.time()))
     console.print(_queue_table(queued, client.settings.queue))
 

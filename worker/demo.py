@@ -21,10 +21,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from PIL import Image
+from rich import box
+from rich.console import Console
+from rich.table import Table
 
 from producer.client import JobHandle, RenderClient, TaskStatus
 from producer.settings import ClientSettings
 from worker.batch_view import index_rows
+from worker.display import JobBoard, table_console
 from worker.gallery import write_index
 from worker.local_cluster import RedisServer, WorkerProcess
 from worker.storage import open_storage
@@ -76,34 +80,6 @@ JOBS = [
 ]
 
 
-class Board:
-    """One progress line per job, redrawn in place on a terminal, printed on change otherwise."""
-
-    def __init__(self, names: list[str], stream: TextIO) -> None:
-        self.names = names
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.lines: dict[str, str] = {}
-        self.drawn = False
-
-    def update(self, name: str, status: TaskStatus) -> None:
-        step, total = status.step or 0, status.total or 0
-        filled = round(24 * step / total) if total else 0
-        line = f"{name:<12} [{'#' * filled}{'.' * (24 - filled)}] {step:>3}/{total:<3} {status.state}"
-        if self.lines.get(name) == line:
-            return
-        self.lines[name] = line
-        if not self.tty:
-            self.stream.write(line + "\n")
-            return
-        if self.drawn:
-            self.stream.write(f"\x1b[{len(self.names)}F")
-        for job in self.names:
-            self.stream.write("\x1b[2K" + self.lines.get(job, f"{job:<12} queued") + "\n")
-        self.drawn = True
-        self.stream.flush()
-
-
 def _seconds(start: str, end: str) -> float:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
@@ -129,7 +105,12 @@ def contact_sheet(storage_url: str, endpoint: str | None, frames: list[str], pat
 
 
 def run_demo(out: Path, stream: TextIO = sys.stderr, echo: Callable[[str], None] = print) -> bool:
-    """Run the demo; True when every job ended in its expected state."""
+    """Run the demo; True when every job ended in its expected state. Progress goes to `stream`, the rest to
+    `echo` and the summary table to standard output."""
+    return _run(out, Console(file=stream), echo, table_console(sys.stdout))
+
+
+def _run(out: Path, board_console: Console, echo: Callable[[str], None], console: Console) -> bool:
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     external_redis = os.environ.get("RENDER_REDIS_URL")
@@ -154,26 +135,25 @@ def run_demo(out: Path, stream: TextIO = sys.stderr, echo: Callable[[str], None]
         echo(batch.summary())
         handles = [JobHandle(task_id, client) for task_id in batch.task_ids]
         names = [job.name for job in JOBS]
-        board = Board(names, stream)
         final: dict[str, TaskStatus] = {}
         revoked: set[str] = set()
-        while len(final) < len(JOBS):
-            for job, handle in zip(JOBS, handles, strict=True):
-                if job.name in final:
-                    continue
-                status = client.status(handle.task_id)
-                board.update(job.name, status)
-                if job.revoke_at_step and job.name not in revoked and (status.step or 0) >= job.revoke_at_step:
-                    client.revoke(handle.task_id)
-                    revoked.add(job.name)
-                if status.done:
-                    final[job.name] = status
-            if time.monotonic() - started > 600:
-                raise TimeoutError("the demo's jobs did not finish within 10 minutes; see the worker log")
-            time.sleep(0.1)
+        with JobBoard(names, board_console) as board:
+            while len(final) < len(JOBS):
+                for job, handle in zip(JOBS, handles, strict=True):
+                    if job.name in final:
+                        continue
+                    status = client.status(handle.task_id)
+                    board.update(job.name, status)
+                    if job.revoke_at_step and job.name not in revoked and (status.step or 0) >= job.revoke_at_step:
+                        client.revoke(handle.task_id)
+                        revoked.add(job.name)
+                    if status.done:
+                        final[job.name] = status
+                if time.monotonic() - started > 600:
+                    raise TimeoutError("the demo's jobs did not finish within 10 minutes; see the worker log")
+                time.sleep(0.1)
         elapsed = time.monotonic() - started
-        echo("")
-        echo(f"{'job':<12} {'status':<12} {'steps':>9} {'seconds':>8}  files")
+        table = Table("job", "status", "steps", "seconds", "files", box=box.SIMPLE_HEAD)
         ok = True
         frames: list[str] = []
         for job in JOBS:
@@ -184,9 +164,10 @@ def run_demo(out: Path, stream: TextIO = sys.stderr, echo: Callable[[str], None]
             where = f"{storage_url}/{manifest.task_id}/" if manifest else "-"
             mark = "" if status.state == job.expected else f"  (expected {job.expected})"
             ok = ok and status.state == job.expected
-            echo(f"{job.name:<12} {status.state:<12} {steps:>9} {took:>8}  {where}{mark}")
+            table.add_row(job.name, status.state, steps, took, where + mark)
             if manifest:
                 frames.extend(manifest.frames)
+        console.print(table, highlight=False)
         sheet = contact_sheet(storage_url, endpoint, frames, out / "contact-sheet.png")
         echo(f"\n{len(JOBS)} jobs in {elapsed:.1f} s; contact sheet of the frames: {sheet}")
         _, gallery = write_index(open_storage(storage_url, s3_endpoint_url=endpoint), batch_name, index_rows(batch))
