@@ -29,6 +29,7 @@ lint: install
 
 typecheck: install
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tests
 
 test: install
 	$(VENV)/bin/pytest

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from PIL import Image
 
+from producer.errors import FarmUnavailable
 from worker.local_cluster import free_port, wait_until
 from worker.storage import Storage
 
@@ -50,19 +51,23 @@ def render_cli(
 def wait_for_jobs(client: Any, task_ids: Sequence[str], *, stall: float = 180, interval: float = 0.25) -> list[Any]:
     """The manifests of `task_ids` once every one is final. Fails only when no job moves (a state or a step
     changes) for `stall` seconds: a busy machine makes this slower, never red, while a stuck farm still fails.
+    A moment with the farm's Redis unreachable (the fault tests make them) counts as a moment nothing moved.
     """
-    last: list[tuple[str, int | None]] = []
+    last: list[tuple[str, int | None]] | None = None
     moved = time.monotonic()
     while True:
-        statuses = client.statuses(list(task_ids))
-        if all(s.done for s in statuses):
+        try:
+            statuses = client.statuses(list(task_ids))
+        except FarmUnavailable:
+            statuses = None
+        if statuses is not None and all(s.done for s in statuses):
             return [s.manifest for s in statuses]
-        now = [(s.state, s.step) for s in statuses]
-        if now != last:
+        now = None if statuses is None else [(s.state, s.step) for s in statuses]
+        if now is not None and now != last:
             last, moved = now, time.monotonic()
         elif time.monotonic() - moved > stall:
-            waiting = [f"{s.task_id}: {s.state} step {s.step}" for s in statuses if not s.done]
-            raise TimeoutError(f"no job moved for {stall:.0f} s; still waiting on: {'; '.join(waiting)}")
+            waiting = [f"{s.task_id}: {s.state} step {s.step}" for s in statuses or [] if not s.done]
+            raise TimeoutError(f"no job moved for {stall:.0f} s; still waiting on: {'; '.join(waiting) or 'Redis'}")
         time.sleep(interval)
 
 

@@ -52,7 +52,7 @@ def write_index(
 
     For S3 the page's URL and its image links are presigned for `expires` seconds (SigV4 allows at most 7 days).
     """
-    if not batch or "/" in batch:
+    if not batch or "/" in batch or batch in (".", ".."):
         raise StorageError(f"batch name {batch!r} must be one non-empty path segment, such as '2024-06-01-night'")
     ordered = sorted(rows, key=lambda row: row.line)
     jsonl_name, html_name = f"_batches/{batch}/index.jsonl", f"_batches/{batch}/index.html"

@@ -37,6 +37,7 @@ def wait_until(
     what: str,
     process: subprocess.Popen[Any] | None = None,
     log: Path | None = None,
+    interval: float = 0.1,
 ) -> None:
     """Poll `ready` until true; fail naming `what`, with the end of its log, if the process dies or time runs out."""
     deadline = time.monotonic() + timeout
@@ -48,7 +49,7 @@ def wait_until(
                 return
         except OSError:
             pass
-        time.sleep(0.1)
+        time.sleep(interval)
     raise TimeoutError(f"{what} was not ready within {timeout:.0f} s{_tail(log)}")
 
 

@@ -67,6 +67,46 @@ class ChaosFarm(Farm):
         return "".join(w.log_path.read_text(errors="replace") for w in self.workers if w.log_path.exists())
 
 
+def job(seed: int, **overrides: Any) -> dict[str, Any]:
+    return {
+        "model": "tiny-sd15",
+        "prompt": f"kill test {seed}",
+        "num_inference_steps": 40,
+        "width": 128,
+        "height": 128,
+        "seed": seed,
+        **overrides,
+    }
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def holder(farm: ChaosFarm, task_id: str) -> WorkerProcess:
+    record = json.loads(farm.direct.hget(RUNNING_TASKS, task_id) or b"{}")
+    return next(w for w in farm.workers if record.get("worker", "").startswith(w.hostname + ":"))
+
+
+def assert_complete(farm: ChaosFarm, task_id: str, manifest: Any) -> None:
+    names = farm.objects(task_id)
+    images = [f"image-{i}.png" for i in range(manifest.spec["num_images"])]
+    assert [n for n in names if n.startswith("image-")] == images
+    assert [n.rsplit("/", 1)[1] for n in names if n.startswith("frames/")] == [
+        u.rsplit("/", 1)[1] for u in manifest.frames
+    ]
+    assert "manifest.json" in names
+
+
+def progressed(farm: ChaosFarm, task_id: str, steps: int) -> Callable[[], bool]:
+    def check() -> bool:
+        current = farm.client.status(task_id)
+        return current.state == "progress" and (current.step or 0) >= steps
+
+    return check
+
+
 @pytest.fixture
 def chaos_farm(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ChaosFarm]]:
     """Makes farms on their own redis-server (AOF, fsync always); stops every process they started."""

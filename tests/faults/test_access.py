@@ -10,6 +10,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -28,13 +29,13 @@ AWS_SECRET = FAKE_AWS["AWS_SECRET_ACCESS_KEY"]
 
 
 def everything_in_redis(client: redis.Redis) -> bytes:
-    chunks = []
+    chunks: list[Any] = []
     for key in client.scan_iter(count=500):
         kind = client.type(key)
         if kind == b"string":
             chunks.append(client.get(key) or b"")
         elif kind == b"hash":
-            chunks.extend(k + v for k, v in client.hgetall(key).items())
+            chunks.extend(k + v for k, v in client.hgetall(key).items())  # type: ignore[operator]
         elif kind == b"list":
             chunks.extend(client.lrange(key, 0, -1))
         elif kind == b"set":
@@ -58,7 +59,7 @@ def test_no_secret_reaches_logs_manifests_redis_or_errors(chaos_farm: Callable[.
     farm.start_workers("vault", metrics_port=str(free_port()))
     base = {"model": "tiny-sd15", "prompt": "secret-free", "num_inference_steps": 20, "width": 64, "height": 64}
     ok = farm.client.submit(base | {"callbacks": [{"type": "frames", "every": 10}]})
-    assert ok.wait(timeout=90).status == "succeeded"
+    assert farm.finish([ok])[0].status == "succeeded"
     bad = farm.client.app.send_task("render.run", args=['{"model": "nope", "prompt": "x"}'])
     assert list(farm.client.follow(bad.id, interval=0.05, timeout=60))[-1].state == "failed"
     revoked = farm.client.submit(base | {"num_inference_steps": 150, "width": 256, "height": 256})
@@ -167,7 +168,7 @@ def test_a_farm_over_tls_redis_renders_and_refuses_an_unverified_server(
         handle = farm.client.submit(
             {"model": "tiny-sd15", "prompt": "tls", "num_inference_steps": 4, "width": 64, "height": 64}
         )
-        assert handle.wait(timeout=90).status == "succeeded"
+        assert farm.finish([handle])[0].status == "succeeded"
         unverified = RenderClient(redis_url=url.split("&ssl_ca_certs=")[0])  # the system CAs do not know ours
         with pytest.raises(FarmUnavailable, match="certificate verify failed"):
             unverified.status(handle.task_id)

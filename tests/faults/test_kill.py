@@ -6,56 +6,21 @@ visible as succeeded.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 from producer.keys import RUNNING_TASKS
-from tests.faults.conftest import ChaosFarm
+from tests.faults.conftest import ChaosFarm, assert_complete, children, holder, job
 from tests.helpers import wait_for_jobs
-from worker.local_cluster import WorkerProcess, wait_until
+from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
-
-
-def job(seed: int, **overrides: Any) -> dict[str, Any]:
-    return {
-        "model": "tiny-sd15",
-        "prompt": f"kill test {seed}",
-        "num_inference_steps": 40,
-        "width": 128,
-        "height": 128,
-        "seed": seed,
-        **overrides,
-    }
-
-
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
-def holder(farm: ChaosFarm, task_id: str) -> WorkerProcess:
-    record = json.loads(farm.direct.hget(RUNNING_TASKS, task_id) or b"{}")
-    return next(w for w in farm.workers if record.get("worker", "").startswith(w.hostname + ":"))
-
-
-def assert_complete(farm: ChaosFarm, task_id: str, manifest: Any) -> None:
-    names = farm.objects(task_id)
-    images = [f"image-{i}.png" for i in range(manifest.spec["num_images"])]
-    assert [n for n in names if n.startswith("image-")] == images
-    assert [n.rsplit("/", 1)[1] for n in names if n.startswith("frames/")] == [
-        u.rsplit("/", 1)[1] for u in manifest.frames
-    ]
-    assert "manifest.json" in names
 
 
 def test_killed_after_delivery_before_start_the_job_is_put_back_and_done_once(
@@ -72,7 +37,7 @@ def test_killed_after_delivery_before_start_the_job_is_put_back_and_done_once(
     os.kill(child, signal.SIGKILL)  # stopped processes get SIGKILL too; make sure
     farm.start_workers("late")
 
-    manifest = handle.wait(timeout=90)
+    (manifest,) = farm.finish([handle])
     assert manifest.status == "succeeded" and manifest.worker.startswith("late@")
     assert_complete(farm, handle.task_id, manifest)
     wait_until(farm.queue_is_empty, timeout=20, what="an empty queue")

@@ -9,24 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from producer.errors import FarmUnavailable
-from tests.faults.conftest import ChaosFarm
-from tests.faults.test_kill import assert_complete, job
+from tests.faults.conftest import ChaosFarm, assert_complete, job, progressed
 from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
-
-
-def progressed(farm: ChaosFarm, task_id: str, steps: int) -> Callable[[], bool]:
-    def check() -> bool:
-        current = farm.client.status(task_id)
-        return current.state == "progress" and (current.step or 0) >= steps
-
-    return check
 
 
 def test_redis_restarted_mid_batch_keeps_every_job_and_everyone_reconnects(
@@ -44,12 +34,12 @@ def test_redis_restarted_mid_batch_keeps_every_job_and_everyone_reconnects(
     time.sleep(1.0)
     farm.server.start()
 
-    manifests = [h.wait(timeout=180) for h in handles]
+    manifests = farm.finish(handles)
     assert [m.status for m in manifests] == ["succeeded"] * len(handles)
     for handle, manifest in zip(handles, manifests, strict=True):
         assert_complete(farm, handle.task_id, manifest)
     after = farm.client.submit(job(299, num_inference_steps=4))  # producer and workers are back
-    assert after.wait(timeout=60).status == "succeeded"
+    assert farm.finish([after])[0].status == "succeeded"
     assert all(w.process is not None and w.process.poll() is None for w in farm.workers)
     wait_until(farm.queue_is_empty, timeout=30, what="an empty queue")
 
@@ -65,7 +55,7 @@ def test_redis_unreachable_for_seconds_the_render_rides_through(chaos_farm: Call
         with pytest.raises(FarmUnavailable, match=r"cannot reach the farm's Redis at redis://127\.0\.0\.1:\d+/0"):
             farm.client.status(handle.task_id)  # the producer sees the outage as one clear error ...
 
-    manifest = handle.wait(timeout=120)  # ... and reconnects by itself afterwards
+    (manifest,) = farm.finish([handle])  # ... and reconnects by itself afterwards
     assert manifest.status == "succeeded" and manifest.attempt == 1
     assert manifest.steps_completed == manifest.steps_planned == 150
     assert farm.redis_proxy.connections > connections, "clients reconnected through the proxy"
@@ -91,7 +81,7 @@ def test_redis_away_longer_than_the_lease_the_render_stops_and_the_job_is_done_o
     with farm.redis_proxy.outage(5.0):
         pass
 
-    manifest: Any = handle.wait(timeout=180)
+    (manifest,) = farm.finish([handle])
     assert manifest.status == "succeeded" and manifest.attempt == 2
     assert manifest.steps_completed == 150
     assert_complete(farm, handle.task_id, manifest)

@@ -7,9 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.faults.conftest import ChaosFarm
-from tests.faults.test_kill import assert_complete, job
-from tests.faults.test_redis import progressed
+from tests.faults.conftest import ChaosFarm, assert_complete, job, progressed
 from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -33,7 +31,7 @@ def test_slow_s3_makes_uploads_slow_not_failed(chaos_farm: Callable[..., ChaosFa
     assert farm.s3_proxy is not None
     farm.s3_proxy.delay = 0.25  # each S3 answer a quarter second late
     handle = farm.client.submit(job(500, num_images=2, callbacks=[{"type": "frames", "every": 10}]))
-    manifest = handle.wait(timeout=120)
+    (manifest,) = farm.finish([handle])
     assert manifest.status == "succeeded" and len(manifest.frames) == 4
     assert manifest.timings.upload is not None and manifest.timings.upload >= 0.5  # two images, each ≥ 0.25 s
     assert_complete(farm, handle.task_id, manifest)
@@ -49,7 +47,7 @@ def test_an_s3_outage_during_upload_is_ridden_out_with_backoff(chaos_farm: Calla
         wait_until(lambda: "storage unavailable (attempt 2" in farm.log_text(), timeout=30, what="a second attempt")
         assert not handle.status().done
 
-    manifest = handle.wait(timeout=90)
+    (manifest,) = farm.finish([handle])
     assert manifest.status == "succeeded" and manifest.attempt == 1
     assert manifest.timings.upload is not None and manifest.timings.upload >= 2.0, "the upload waited out the outage"
     assert_complete(farm, handle.task_id, manifest)
@@ -78,4 +76,4 @@ def test_an_s3_outage_past_the_retry_budget_fails_clearly_and_never_says_succeed
     assert farm.client.status(handle.task_id).state == "failed"
 
     after = farm.client.submit(job(503, num_inference_steps=4))  # S3 is back: the worker serves again
-    assert after.wait(timeout=60).status == "succeeded"
+    assert farm.finish([after])[0].status == "succeeded"

@@ -3,17 +3,47 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
 import redis
 
-from producer.client import RenderClient
+from producer.client import JobHandle, RenderClient, TaskStatus
+from producer.manifest import Manifest
 from producer.settings import ClientSettings
+from tests.helpers import wait_for_jobs, wait_until
 from worker.local_cluster import RedisServer, WorkerProcess
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    return {
+        "model": "tiny-sd15",
+        "prompt": "a lighthouse",
+        "num_inference_steps": 10,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        **overrides,
+    }
+
+
+LONG = spec(num_inference_steps=150, width=256, height=256)  # about 2 s on the CI machine's two cores
+
+
+def wait_for(farm: Farm, task_id: str, predicate: Any, timeout: float = 60) -> TaskStatus:
+    """Poll the job's status until `predicate` holds (finely: tests act at a step); return that status."""
+    seen: list[TaskStatus] = []
+
+    def reached() -> bool:
+        seen[:] = [farm.client.status(task_id)]
+        return bool(predicate(seen[0]))
+
+    wait_until(reached, timeout=timeout, what=f"{task_id} in the expected state", interval=0.02)
+    return seen[0]
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +94,13 @@ class Farm:
             worker.wait_ready(self.client.app, timeout=90)
         self.workers.extend(started)
         return started
+
+    def finish(self, handles: Sequence[JobHandle], *, stall: float = 180) -> list[Manifest]:
+        """The jobs' manifests once all are final; fails only if no job moves for `stall` seconds."""
+        manifests = wait_for_jobs(self.client, [h.task_id for h in handles], stall=stall)
+        missing = [h.task_id for h, m in zip(handles, manifests, strict=True) if m is None]
+        assert not missing, f"these jobs ended with no manifest: {missing}"
+        return manifests
 
     def objects(self, task_id: str) -> list[str]:
         listing = boto3.client("s3", endpoint_url=self.s3_endpoint).list_objects_v2(

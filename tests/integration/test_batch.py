@@ -23,8 +23,7 @@ from producer.keys import RUNNING_TASKS, job_key, model_queue, priority_lists
 from producer.webhooks import SIGNATURE_HEADER, verify
 from tests.browser import dump_dom, ensure_chromium
 from tests.helpers import render_cli, wait_until
-from tests.integration.conftest import WEBHOOK_SECRET, Farm
-from tests.integration.test_distributed import spec
+from tests.integration.conftest import WEBHOOK_SECRET, Farm, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROOT = Path(__file__).parents[2]
@@ -151,7 +150,8 @@ def test_revoking_a_running_batch_leaves_nothing_queued_or_running_and_finished_
     queues = [name for name in priority_lists(model_queue("render", "tiny-sd15")).values()]
     queued = [raw for name in queues for raw in farm.redis.lrange(name, 0, -1)]
     assert not [raw for raw in queued if b"to-revoke." in raw]
-    assert not [k for k in farm.redis.hkeys(RUNNING_TASKS) if k.startswith(b"to-revoke.")]
+    running: list[bytes] = farm.redis.hkeys(RUNNING_TASKS)  # type: ignore[assignment]
+    assert not [k for k in running if k.startswith(b"to-revoke.")]
     assert farm.redis.hlen(batch_tasks_key("to-revoke")) == 10
 
 

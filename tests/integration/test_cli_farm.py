@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import render_cli
-from tests.integration.conftest import Farm
-from tests.integration.test_distributed import LONG, spec, wait_for
+from tests.integration.conftest import LONG, Farm, spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).parents[2]

@@ -11,36 +11,10 @@ from typing import Any
 import pytest
 
 from producer import RenderSpec, SpecError
-from producer.client import TaskStatus
 from producer.keys import TASK_RENDER, job_key
-from tests.integration.conftest import Farm
+from tests.integration.conftest import LONG, Farm, spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
-
-
-def spec(**overrides: Any) -> dict[str, Any]:
-    return {
-        "model": "tiny-sd15",
-        "prompt": "a lighthouse",
-        "num_inference_steps": 10,
-        "width": 64,
-        "height": 64,
-        "seed": 1,
-        **overrides,
-    }
-
-
-LONG = spec(num_inference_steps=150, width=256, height=256)  # about 2 s on the CI machine's two cores
-
-
-def wait_for(farm: Farm, task_id: str, predicate: Any, timeout: float = 60) -> TaskStatus:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = farm.client.status(task_id)
-        if predicate(current):
-            return current
-        time.sleep(0.02)
-    raise AssertionError(f"{task_id} never reached the expected state; last: {current}")
 
 
 def test_a_batch_spreads_over_two_workers_and_every_job_succeeds(farm: Farm) -> None:

@@ -13,8 +13,7 @@ import pytest
 from producer.fleet import WorkerInfo, served_models
 from producer.keys import worker_key
 from tests.helpers import render_cli, wait_until
-from tests.integration.conftest import Farm
-from tests.integration.test_distributed import LONG, spec
+from tests.integration.conftest import LONG, Farm, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).parents[2]
@@ -60,7 +59,9 @@ def test_a_worker_is_listed_shows_its_job_and_loads_and_drops_out_when_killed(
     long.revoke()
     assert long.wait(timeout=60).status == "revoked"
     assert farm.client.submit(spec()).wait(timeout=60).status == "succeeded"  # a cache hit: no second load
-    wait_until(lambda: listed(farm, worker.hostname).job is None, timeout=10, what="the job to be cleared")
+    wait_until(
+        lambda: getattr(listed(farm, worker.hostname), "job", 0) is None, timeout=10, what="the job to be cleared"
+    )
     after = listed(farm, worker.hostname)
     assert after is not None and (after.loaded, after.loads) == (["tiny-sd15"], {"tiny-sd15": 1})
     table = render_workers(farm)

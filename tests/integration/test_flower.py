@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import free_port, http_answers, wait_until
-from tests.integration.conftest import Farm
-from tests.integration.test_distributed import spec
+from tests.integration.conftest import Farm, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 AUTH = ("ops", "s3cret-flower")
@@ -32,7 +31,8 @@ def flower(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
                 sys.executable,
                 "-m",
                 "celery",
-                f"--broker={farm.redis_url}",
+                "-A",
+                "worker.celery_app",  # the app from RENDER_* settings, as an operator starts Flower
                 "flower",
                 f"--port={port}",
                 "--address=127.0.0.1",
@@ -40,6 +40,7 @@ def flower(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "RENDER_REDIS_URL": farm.redis_url},
         )
         url = f"http://127.0.0.1:{port}"
         try:
@@ -59,20 +60,25 @@ def get(url: str, auth: tuple[str, str] | None = AUTH) -> Any:
 
 
 def test_flower_sees_jobs_and_their_progress(farm: Farm, flower: str) -> None:
-    time.sleep(2)  # Flower subscribes to the event stream after it answers HTTP
+    # Flower subscribes to the event stream after it answers HTTP: it is listening once it has counted
+    # events from both workers (their heartbeats).
+    def listening() -> bool:
+        return {row["hostname"].split("@")[0] for row in get(f"{flower}/workers?json=1")["data"]} >= {"alpha", "beta"}
+
+    wait_until(listening, timeout=60, what="Flower's event stream")
     handle = farm.client.submit(spec(num_inference_steps=40, width=128, height=128))
-    manifest = handle.wait(timeout=60)
-    deadline = time.monotonic() + 20
+    (manifest,) = farm.finish([handle])
     info: dict[str, Any] = {}
-    while time.monotonic() < deadline:
+
+    def seen_succeeded() -> bool:
+        nonlocal info
         try:
             info = get(f"{flower}/api/task/info/{handle.task_id}")
         except urllib.error.HTTPError:
             info = {}
-        if info.get("state") == "SUCCESS":
-            break
-        time.sleep(0.25)
-    assert info.get("state") == "SUCCESS", info
+        return info.get("state") == "SUCCESS"
+
+    wait_until(seen_succeeded, timeout=60, what="the job's success in Flower")
     assert info["name"] == "render.run" and info["worker"].startswith(("alpha@", "beta@"))
     workers = get(f"{flower}/workers?json=1")["data"]  # one row per worker, with its event counters
     progress_events = sum(row.get("task-progress", 0) for row in workers)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
-from tests.helpers import free_port
+from tests.helpers import free_port, wait_until
 from worker.callbacks import StepInfo
 from worker.jobcontrol import Lease, RedisJobControl, control_client
 from worker.local_cluster import RedisServer
@@ -32,12 +33,15 @@ def step(n: int, total: int = 10) -> StepInfo:
 
 
 def test_a_lease_is_exclusive_renewed_and_released_only_by_its_holder(client: redis.Redis) -> None:
-    first = Lease(client, "job", ttl=0.9, owner="w1")
-    second = Lease(client, "job", ttl=0.9, owner="w2")
+    first = Lease(client, "job", ttl=2, owner="w1")
+    second = Lease(client, "job", ttl=2, owner="w2")
+    acquired = time.monotonic()
     assert first.acquire({"spec": "{}", "worker": "w1"})
     assert not second.acquire({"spec": "{}", "worker": "w2"})
     assert json.loads(client.hget(RUNNING_TASKS, "job"))["worker"] == "w1"  # type: ignore[arg-type]
-    time.sleep(1.5)  # longer than the TTL: only renewal keeps it
+    # Past the first TTL, only renewal keeps it: wait for a renewal made after the key would have expired.
+    wait_until(lambda: first._renewed_at > acquired + 2.0, timeout=30, what="a renewal past the first ttl")
+    assert not first.lost.is_set()
     assert first.holder() == first.token and not second.acquire({"spec": "{}"})
     second.release()  # not the holder: changes nothing
     assert first.holder() == first.token
@@ -47,7 +51,7 @@ def test_a_lease_is_exclusive_renewed_and_released_only_by_its_holder(client: re
 
 def test_an_unrenewed_lease_expires(client: redis.Redis) -> None:
     client.set(lease_key("dead"), "w1:gone", px=300)
-    time.sleep(0.5)
+    wait_until(lambda: not client.exists(lease_key("dead")), timeout=30, what="the lease's expiry")
     assert Lease(client, "dead", ttl=5, owner="w2").acquire({"spec": "{}"})
 
 
@@ -74,11 +78,18 @@ def test_progress_is_throttled_but_the_last_step_always_reported(client: redis.R
 
 def test_redis_down_fails_open_and_does_not_slow_the_steps(caplog: pytest.LogCaptureFixture) -> None:
     dead = control_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
+    reads: list[str] = []
+    real_get = dead.get
+
+    def counting_get(name: str) -> Any:
+        reads.append(name)
+        return real_get(name)
+
+    dead.get = counting_get  # type: ignore[method-assign,assignment]
     control = RedisJobControl(dead, "job", None, backoff=60)
-    started = time.monotonic()
     for n in range(1, 50):
         control.on_step(step(n, 50))  # keeps rendering
-    assert time.monotonic() - started < 1.0, "one failed check, then none until the backoff ends"
+    assert reads == [revoked_key("job")], "one failed check, then none until the backoff ends"
     assert sum("revocation check failed" in r.message for r in caplog.records) == 1
 
 
@@ -88,10 +99,7 @@ def test_a_lease_taken_over_is_lost_and_the_step_hook_stops_the_render(client: r
     hook = RedisJobControl(client, "job", lease=lease)
     hook.on_step(step(1))  # held: the render goes on
     client.set(lease_key("job"), "w2:someone-else")  # another worker owns the job now
-    deadline = time.monotonic() + 3
-    while not lease.lost.is_set() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert lease.lost.is_set()
+    assert lease.lost.wait(timeout=30), "renewal never noticed the other holder"
     with pytest.raises(LeaseLost, match="lease render:lease:job lost"):
         hook.on_step(step(2))
     lease.release()

@@ -9,8 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from tests.helpers import free_port
-from tests.integration.conftest import Farm
-from tests.integration.test_distributed import LONG, spec, wait_for
+from tests.integration.conftest import LONG, Farm, spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

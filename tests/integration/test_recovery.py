@@ -9,19 +9,18 @@ import time
 import pytest
 
 from producer.keys import PRIORITIES, RUNNING_TASKS, model_queue
-from tests.integration.conftest import Farm
-from tests.integration.test_distributed import spec, wait_for
+from tests.integration.conftest import Farm, spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
-def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> None:  # type: ignore[no-untyped-def]
+def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> None:
     farm: Farm = farm_factory()
     workers = {w.hostname: w for w in farm.start_workers("left", "right")}
     handle = farm.client.submit(spec(num_inference_steps=150, width=320, height=320, num_images=2), priority="low")
     wait_for(farm, handle.task_id, lambda s: s.state == "progress" and (s.step or 0) >= 5)
 
-    record = json.loads(farm.redis.hget(RUNNING_TASKS, handle.task_id))
+    record = json.loads(farm.redis.hget(RUNNING_TASKS, handle.task_id) or b"{}")
     # What recovery re-enqueues it with: its model's queue and its priority.
     assert (record["queue"], record["priority"]) == (model_queue("render", "tiny-sd15"), PRIORITIES["low"])
     victim = next(w for name, w in workers.items() if record["worker"].startswith(name + ":"))

@@ -52,8 +52,8 @@ def test_every_job_runs_on_a_worker_that_serves_its_model(farm_factory: Callable
     serves = {"sd15only": {"tiny-sd15"}, "sdxlonly": {"tiny-sdxl"}, "both": {"tiny-sd15", "tiny-sdxl"}}
     assert [m.status for m in manifests] == ["succeeded"] * 60
     for manifest in manifests:
-        worker = manifest.worker.split("@")[0]
-        assert manifest.spec["model"] in serves[worker], f"{manifest.spec['model']} ran on {worker}"
+        served_by = manifest.worker.split("@")[0]
+        assert manifest.spec["model"] in serves[served_by], f"{manifest.spec['model']} ran on {served_by}"
     assert {m.worker.split("@")[0] for m in manifests} == set(serves), "every worker took jobs"
     assert "is not on this worker's allowlist" not in "".join(w.log_path.read_text() for w in started)
 

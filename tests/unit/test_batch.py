@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from producer.batch import BatchFileError, BatchLine, BatchProgress, check_batch_name, default_name, parse_lines, plan
+from producer.batch import BatchLine, BatchProgress, check_batch_name, default_name, parse_lines, plan
 from producer.client import RenderClient, TaskStatus
-from producer.errors import SpecError
+from producer.errors import BatchFileError, SpecError
 from producer.keys import model_queue, priority_lists, revoked_key
 from producer.spec import RenderSpec
 from worker.batch_view import BatchDisplay

@@ -94,7 +94,7 @@ def test_the_lora_example_records_its_sampler_and_lora_and_the_lora_changes_the_
     assert [(lo["name"], lo["scale"]) for lo in manifest["loras"]] == [("tiny-lora", 0.8)]
     assert len(manifest["loras"][0]["sha256"]) == 64
     image = Image.open(tmp_path / "with-lora" / "image-0.png")
-    assert "<lora:tiny-lora:0.8>" in image.text["parameters"] and "Sampler: DPM++ 2M Karras" in image.text["parameters"]
+    assert "<lora:tiny-lora:0.8>" in image.info["parameters"] and "Sampler: DPM++ 2M Karras" in image.info["parameters"]
 
     without = {k: v for k, v in json.loads((ROOT / "examples/lora-sd15.json").read_text()).items() if k != "loras"}
     (tmp_path / "no-lora.json").write_text(json.dumps(without))

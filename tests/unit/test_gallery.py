@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import pytest
@@ -73,8 +74,8 @@ def job(storage: Storage, task: str, images: int, frames: int = 1) -> tuple[list
     return image_urls, frame_urls
 
 
-def row(line: int, task: str, status: str, urls: tuple[list[str], list[str]], **fields: object) -> IndexRow:
-    values: dict[str, object] = {
+def row(line: int, task: str, status: str, urls: tuple[list[str], list[str]], **fields: Any) -> IndexRow:
+    values: dict[str, Any] = {
         "prompt": f"a lighthouse, take {line}",
         "seed": line,
         "sampler": "euler_a",
@@ -241,6 +242,6 @@ def test_invalid_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="status must be one of succeeded, interrupted, failed"):
         row(1, "x", "done", ([], []))
     assert row(1, "x", "interrupted", ([], [])).status == "interrupted"  # a step budget's end is a result too
-    for batch in ("", "a/b", ".."):
-        with pytest.raises(StorageError):
+    for batch in ("", "a/b", "..", "."):
+        with pytest.raises(StorageError, match=f"batch name {batch!r} must be one non-empty path segment"):
             write_index(LocalStorage(tmp_path), batch, [])

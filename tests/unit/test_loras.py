@@ -300,7 +300,7 @@ def test_no_lora_job_after_lora_jobs_revoked_and_interrupted_ones_gives_fresh_by
 def test_img2img_variant_shares_the_models_adapters(model: str) -> None:
     registry = make_registry()
     init = Image.fromarray(np.full((64, 64, 3), 90, dtype=np.uint8))
-    img2img = {"kind": "img2img", "image": init, "strength": 0.75}
+    img2img: dict[str, Any] = {"kind": "img2img", "image": init, "strength": 0.75}
     fresh = job(registry, model, [], **img2img)
     with_lora_text2img = job(registry, model, TINY)
     base_layer = next(layer for layer in lora_layers(registry.pipeline(model)))

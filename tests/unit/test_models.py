@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def test_tokenizer_covers_every_byte_offline() -> None:
     ids = tokenizer("Ünïcode — 東京 🦊", truncation=True, max_length=77).input_ids
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.unk_token_id not in ids[1:-1]
-    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == "ünïcode—東京🦊"  # CLIP lowercases
+    assert str(tokenizer.decode(ids, skip_special_tokens=True)).replace(" ", "") == "ünïcode—東京🦊"  # CLIP lowercases
 
 
 def test_tiny_models_are_deterministic() -> None:
@@ -64,10 +65,10 @@ def test_device_and_dtype_resolution() -> None:
 
 
 @pytest.mark.parametrize(("family", "module"), [("sd15", tiny_sd15), ("sdxl", tiny_sdxl)])
-def test_a_checkpoint_directory_loads_through_from_pretrained(tmp_path: Path, family: str, module: object) -> None:
+def test_a_checkpoint_directory_loads_through_from_pretrained(tmp_path: Path, family: Any, module: Any) -> None:
     """The real-checkpoint path, on a directory saved from the tiny model: same weights, same pixels."""
-    module.build().save_pretrained(tmp_path / "checkpoint")  # type: ignore[attr-defined]
-    models = {**default_models(), "on-disk": ModelSource(family=family, source=str(tmp_path / "checkpoint"))}  # type: ignore[arg-type]
+    module.build().save_pretrained(tmp_path / "checkpoint")
+    models = {**default_models(), "on-disk": ModelSource(family=family, source=str(tmp_path / "checkpoint"))}
     registry = ModelRegistry(models, device=CPU, dtype=torch.float32, max_cached=2)
     storage = LocalStorage(tmp_path / "out")
     spec = {"prompt": "a fox", "num_inference_steps": 4, "width": 64, "height": 64, "seed": 5}
@@ -114,7 +115,7 @@ def test_an_ip_adapter_from_disk_matches_the_built_one(tmp_path: Path, weights_f
     registry = ModelRegistry(models, device=CPU, dtype=torch.float32, max_cached=2)
     storage = LocalStorage(tmp_path / "out")
     Image.new("RGB", (40, 40), "orange").save(tmp_path / "style.png")
-    spec = {
+    spec: dict[str, Any] = {
         "prompt": "a fox",
         "num_inference_steps": 4,
         "width": 64,

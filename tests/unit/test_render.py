@@ -112,7 +112,7 @@ def test_the_official_callback_breaks_with_two_images(registry: ModelRegistry) -
     """The reason the cutoff callbacks are subclassed: diffusers' own keeps one row of the batch."""
     pipe = registry.pipeline("tiny-sd15")
     official = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=2)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"The size of tensor a \(\d+\) must match the size of tensor b"):
         pipe(
             "a lighthouse",
             num_inference_steps=5,
@@ -275,10 +275,10 @@ def test_manifest_is_written_last_and_describes_the_job(registry: ModelRegistry,
 def test_png_carries_the_generation_parameters(registry: ModelRegistry, storage: LocalStorage) -> None:
     manifest = render(make_spec(negative_prompt="fog", num_images=2), registry=registry, storage=storage)
     second = Image.open(io.BytesIO(stored(storage, manifest.images[1])))
-    assert second.text["parameters"].startswith("a lighthouse at dusk\nNegative prompt: fog\nSteps: 10")
-    assert "Seed: 1235" in second.text["parameters"]  # image i is seeded seed + i
-    assert json.loads(second.text["render:spec"])["prompt"] == "a lighthouse at dusk"
-    assert second.text["render:task_id"] == manifest.task_id
+    assert second.info["parameters"].startswith("a lighthouse at dusk\nNegative prompt: fog\nSteps: 10")
+    assert "Seed: 1235" in second.info["parameters"]  # image i is seeded seed + i
+    assert json.loads(second.info["render:spec"])["prompt"] == "a lighthouse at dusk"
+    assert second.info["render:task_id"] == manifest.task_id
 
 
 def test_a_succeeded_task_is_not_rendered_again(registry: ModelRegistry, storage: LocalStorage, spy: Any) -> None:
@@ -369,7 +369,7 @@ def test_a_lost_lease_stops_the_job_and_writes_no_image_and_no_manifest(
         if where == "before upload":
             raise LeaseLost(steps, "render:lease:x")
 
-    with pytest.raises(LeaseLost):
+    with pytest.raises(LeaseLost, match=r"lease render:lease:x lost"):
         render(
             make_spec(), registry=registry, storage=storage, task_id="lost", hooks=[LoseAt()], before_store=before_store
         )

@@ -178,7 +178,7 @@ def test_png_parameters_follow_the_a1111_layout(registry: ModelRegistry, storage
     manifest = render(spec, registry=registry, storage=storage)
     data = storage.get(manifest.images[0].removeprefix(storage.base_url + "/"))
     assert data is not None
-    text = Image.open(io.BytesIO(data)).text["parameters"]
+    text = Image.open(io.BytesIO(data)).info["parameters"]
     prompt, negative, settings = text.split("\n")
     assert prompt == "a lighthouse at dusk" and negative == "Negative prompt: fog"
     assert settings.startswith("Steps: 6, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 99, Size: 64x64, ")

@@ -312,7 +312,7 @@ def test_https_goes_to_the_pinned_address_and_verifies_the_urls_name(tmp_path: P
         good.close()
         assert [(r.path, r.headers["Host"]) for r in receiver.requests] == [("/tls", f"hooks.test:{receiver.port}")]
         wrong = PinnedHTTPSConnection("other.test", receiver.port, addresses=loopback, timeout=5, context=trusting)
-        with pytest.raises(ssl.SSLCertVerificationError):
+        with pytest.raises(ssl.SSLCertVerificationError, match="other.test"):
             wrong.request("POST", "/tls", body=b"{}")
         wrong.close()
         assert len(receiver.requests) == 1
