@@ -345,19 +345,51 @@ class RenderClient:
         return found
 
     def follow(self, task_id: str, *, interval: float = 0.25, timeout: float | None = None) -> Iterator[TaskStatus]:
-        """Yield the job's status each time it changes, ending with its final status."""
+        """Yield the job's status each time it changes, ending with its final status.
+
+        The result backend publishes every state change (started, progress, final) on the task's channel;
+        following wakes on that at once, and reads the status at least every `interval` seconds without it.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: TaskStatus | None = None
-        while True:
-            current = self.status(task_id)
-            if current != last:
-                yield current
-                last = current
-            if current.done:
-                return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"task {task_id} is still {current.state} after {timeout} s")
-            time.sleep(interval)
+        with self._changes(task_id) as changed:
+            while True:
+                current = self.status(task_id)
+                if current != last:
+                    yield current
+                    last = current
+                if current.done:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise WaitTimeout(f"task {task_id} is still {current.state} after {timeout} s")
+                changed(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+
+    @contextlib.contextmanager
+    def _changes(self, task_id: str) -> Iterator[Callable[[float], None]]:
+        """A wait of at most N seconds that ends early when the task's result meta is published.
+
+        One subscription for as long as a caller follows the job (none for jobs only submitted). If Redis
+        cannot give one, the wait is a plain sleep: following still works, by reading every `interval`.
+        """
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        try:
+            pubsub.subscribe(self.app.backend.get_key_for_task(task_id))
+        except redis.RedisError:
+            pubsub.close()
+            yield time.sleep
+            return
+
+        def wait(seconds: float) -> None:
+            try:
+                pubsub.get_message(timeout=seconds)
+            except redis.RedisError:
+                time.sleep(seconds)
+
+        try:
+            yield wait
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                pubsub.close()
 
     def wait(self, task_id: str, timeout: float | None = None, *, interval: float = 0.25) -> Manifest:
         """Block until the job is final; return its manifest (`RenderFailed` if it failed without one)."""

@@ -98,7 +98,7 @@ def test_a_task_id_that_escapes_the_storage_prefix_is_refused_and_writes_nothing
     farm = chaos_farm()
     farm.start_workers("ids")
     spec = {"model": "tiny-sd15", "prompt": "x", "num_inference_steps": 2, "width": 64, "height": 64}
-    with pytest.raises(SpecError, match=r"task_ids\[0\]: '\.\./\.\./escaped' is not a valid task id"):
+    with pytest.raises(SpecError, match=r"task_id: '\.\./\.\./escaped' is not a valid task id"):
         farm.client.submit(spec, task_id="../../escaped")
     for bad in ("../../escaped", "a/b", ".hidden"):
         result = farm.client.app.send_task(TASK_RENDER, args=[json.dumps(spec)], task_id=bad)

@@ -130,3 +130,16 @@ def test_every_pipeline_through_the_worker(farm: Farm, example: str) -> None:
     manifest = farm.client.submit(data).wait(timeout=120)
     assert manifest.status == "succeeded" and manifest.steps_completed == RenderSpec.parse(data).denoising_steps
     assert len(manifest.images) == data.get("num_images", 1)
+
+
+def test_following_a_job_wakes_on_each_published_change_not_on_its_poll_interval(farm: Farm) -> None:
+    handle = farm.client.submit(spec(num_inference_steps=20))
+    seen: list[str] = []
+    follower = threading.Thread(
+        target=lambda: seen.extend(s.state for s in farm.client.follow(handle.task_id, interval=600)), daemon=True
+    )
+    follower.start()
+    follower.join(timeout=300)  # the job takes seconds; polling every 600 s could not have finished
+    assert not follower.is_alive(), "follow() was never woken by the result backend's publish"
+    assert seen[-1] == "succeeded"
+    assert farm.redis.pubsub_numsub(farm.client.app.backend.get_key_for_task(handle.task_id))[0][1] == 0
