@@ -17,7 +17,6 @@ import pytest
 
 from producer.keys import RUNNING_TASKS
 from tests.faults.conftest import ChaosFarm, assert_complete, children, holder, job
-from tests.helpers import wait_for_jobs
 from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -61,7 +60,7 @@ def test_killed_mid_upload_no_partial_result_is_succeeded_and_the_job_is_redone(
     farm.s3_proxy.release()
     assert handle.status().state != "succeeded"
 
-    (manifest,) = wait_for_jobs(farm.client, [handle.task_id])
+    (manifest,) = farm.finish([handle])
     assert manifest.status == "succeeded" and manifest.attempt == 2
     assert not manifest.worker.startswith(victim.hostname + ":")
     assert_complete(farm, handle.task_id, manifest)
@@ -107,7 +106,7 @@ def test_random_kills_during_a_batch_lose_nothing_and_never_show_a_partial_succe
             victim.stop()
             kills += 1
             farm.start_workers(f"{victim.name}-{kills}", ready=False, torch_threads="1")
-        manifests = wait_for_jobs(farm.client, ids)
+        manifests = farm.finish(handles)
     finally:
         watching.clear()
         watcher.join(timeout=10)
