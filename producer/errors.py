@@ -25,6 +25,9 @@ from typing import Any
 class RenderError(Exception):
     """Raised for every error this project raises on purpose."""
 
+    manifest: Any = None
+    """For a job that failed on a worker: the `failed` manifest it stored (a `producer.Manifest`), when it could."""
+
 
 class SpecError(RenderError):
     """Raised when a render spec is invalid; the message names the field and the fix."""

@@ -67,5 +67,6 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
     steps_after_revoke: int | None = None
+    batched_with: list[str] = Field(default_factory=list)  # the other jobs that shared this job's UNet calls
     started_at: str
     finished_at: str

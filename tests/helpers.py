@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from producer.errors import FarmUnavailable
+from producer.keys import RUNNING_TASKS
 from worker.local_cluster import free_port, wait_until
 from worker.storage import Storage
 
@@ -117,3 +118,8 @@ class UNetCalls:
 
     def __exit__(self, *exc: object) -> None:
         self._handle.remove()
+
+
+def running(client: Any) -> set[str]:
+    """The task ids in `render:running`: the jobs whose lease a worker holds."""
+    return {key.decode() if isinstance(key, bytes) else str(key) for key in client.hkeys(RUNNING_TASKS)}

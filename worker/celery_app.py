@@ -42,14 +42,16 @@ def create_app(settings: WorkerSettings) -> Celery:
         # A job is acknowledged when it ends, and handed back if its process dies: never lost.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # One job in hand per GPU process: no job waits behind a long one on a busy worker.
+        # One process per GPU, one thread per job in hand (worker.gpu runs the pipelines on its own thread);
+        # the hard time limit is worker.gpu's, since Celery's thread pool enforces none.
         worker_prefetch_multiplier=1,
-        worker_concurrency=1,
-        worker_pool="prefork",
-        task_time_limit=settings.task_time_limit,
+        worker_concurrency=settings.jobs_in_hand,
+        worker_pool="threads",
         # Flower sees every job, its start and its progress events.
         worker_send_task_events=True,
-        task_track_started=True,
+        # STARTED is set by the task when the GPU takes the job (worker.tasks), not when a job thread takes it:
+        # a job held while another denoises still shows `queued`.
+        task_track_started=False,
         # Off, against Celery's advice for AMQP: on a lost Redis connection Celery would SIGTERM the render
         # and record it as REVOKED, a false final state, for a job it then delivers again. Left running,
         # the render rides through a Redis blip; its acknowledgement goes out on the new connection, or
@@ -116,11 +118,11 @@ def consumed_queues(settings: WorkerSettings) -> list[str]:
 
 
 def worker_argv(settings: WorkerSettings, *, hostname: str | None, loglevel: str) -> list[str]:
-    """The `celery worker` flags a GPU worker runs with (prefork, one process, events on)."""
+    """The `celery worker` flags a GPU worker runs with (one process, a thread per job in hand, events on)."""
     argv = [
         "worker",
-        "--pool=prefork",
-        "--concurrency=1",
+        "--pool=threads",
+        f"--concurrency={settings.jobs_in_hand}",
         "--prefetch-multiplier=1",
         "--events",
         f"--queues={','.join(consumed_queues(settings))}",

@@ -60,21 +60,17 @@ def local(
     settings = load_settings()
     target = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
     from worker.inputs import load_inputs
+    from worker.job import JobContext
     from worker.models.registry import ModelRegistry
     from worker.render import render
 
     inputs = load_inputs(spec, settings)
     progress = StepProgress()
+    job = JobContext(spec, inputs=inputs, hooks=[progress], frame_threads=settings.frame_upload_threads)
+    if task_id is not None:
+        job = dataclasses.replace(job, task_id=task_id)  # checked like any id: '' is refused
     try:
-        manifest = render(
-            spec,
-            registry=ModelRegistry.from_settings(settings),
-            storage=target,
-            task_id=task_id,
-            hooks=[progress],
-            frame_threads=settings.frame_upload_threads,
-            inputs=inputs,
-        )
+        manifest = render(job, registry=ModelRegistry.from_settings(settings), storage=target)
     finally:
         progress.close()
     typer.echo(manifest.model_dump_json(indent=2))
@@ -87,7 +83,7 @@ def worker(
     hostname: Annotated[str | None, typer.Option("--hostname", "-n", help="Celery node name, e.g. gpu0@%h.")] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    """Run a GPU worker: prefork with one process, acks late, events on (settings from RENDER_*)."""
+    """Run a GPU worker: one process, a thread per job in hand, acks late, events on (settings from RENDER_*)."""
     _quiet_libraries()
     from worker.celery_app import create_app, run_worker, worker_argv
     from worker.settings import load_settings

@@ -1,4 +1,4 @@
-"""`render(spec, ...)`: run one job on a real diffusers pipeline and store what it made. No Celery here."""
+"""`render(job, ...)`: run one job on a real diffusers pipeline and store what it made. No Celery here."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 import secrets
 import socket
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
@@ -19,16 +19,17 @@ from PIL import Image
 from pydantic import ValidationError
 
 from producer.errors import RenderFailed, StorageError
-from producer.keys import check_task_id, image_object, manifest_object
+from producer.keys import image_object, manifest_object
 from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
-from worker.callbacks import CallbackStack, StepHook, build_callbacks
+from worker.callbacks import CallbackStack, build_callbacks
 from worker.callbacks.steps import sampler_steps
+from worker.job import JobContext
 from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import check_clip_skip, clip_skip_arguments, scheduled
 from worker.outputs import ImageParameters, png_bytes
-from worker.stops import JobRevoked, LeaseLost
+from worker.stops import JobRevoked, JobStopped, TimeLimitExceeded
 from worker.storage import Storage
 
 _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
@@ -54,81 +55,168 @@ def read_manifest(storage: Storage, task_id: str) -> Manifest | None:
         return None
 
 
-def render(
-    spec: RenderSpec,
-    *,
-    registry: ModelRegistry,
-    storage: Storage,
-    task_id: str | None = None,
-    hooks: Sequence[StepHook] = (),
-    attempt: int = 1,
-    queue_wait: float | None = None,
-    frame_threads: int = 2,
-    worker: str | None = None,
-    inputs: Mapping[str, Image.Image] | None = None,
-    before_store: Callable[[int], None] | None = None,
-) -> Manifest:
-    """Render `spec`, store images, frames and the manifest (last), and return the manifest.
+def render(job: JobContext | RenderSpec, *, registry: ModelRegistry, storage: Storage) -> Manifest:
+    """Render one job, store its images, frames and manifest (last), and return the manifest.
 
-    A task whose stored manifest already says `succeeded` is returned as it is, not rendered
-    again. A hook raising `JobRevoked` ends the job before decode and upload (status `revoked`);
-    a step budget interrupts it and keeps the partial image (status `interrupted`).
-    `inputs` are the spec's images, already checked (`worker.inputs.load_inputs`). `before_store(steps)` runs
-    after decode, before the first upload; a `LeaseLost` from it or from a hook ends the job with nothing
-    written, because another worker may own it now.
-    Raises `SpecError`/`ModelError` before any work, `RenderFailed` after writing a `failed` manifest, and
-    `ValueError` if `inputs` lacks an image the spec needs (a caller that skipped `load_inputs`).
+    `job` is a `JobContext` (or a bare spec: a job with a new task id). A task whose stored manifest already says
+    `succeeded` is returned as it is, not rendered again. A hook raising `JobRevoked` ends the job before decode and
+    upload (status `revoked`); a step budget interrupts it and keeps the partial image (status `interrupted`). A
+    `LeaseLost` from a hook or from `before_store` ends the job with nothing written: another worker may own it now.
+    Raises `SpecError`/`ModelError` before any work, `RenderFailed` (its `manifest` the `failed` one stored) when the
+    pipeline fails, and `ValueError` if the job lacks an input image the spec needs.
+
+    The three phases are public for the worker, which runs them on different threads: `prepare` and `store` on the
+    job's own, `denoise` (or `worker.batching.denoise_batch`, for compatible jobs together) on its GPU thread.
     """
-    task_id = uuid.uuid4().hex if task_id is None else check_task_id(task_id)  # '' is refused, not replaced
-    if (done := read_manifest(storage, task_id)) is not None and done.status == "succeeded":
+    job = JobContext.of(job)
+    if (done := finished_manifest(storage, job.task_id)) is not None:
         return done
-    check_supported(spec, registry)
-    inputs = dict(inputs or {})
-    needed = NEEDS[spec.pipeline] | ({"ip_adapter_image"} if spec.ip_adapter else set())
-    if missing := sorted(needed - set(inputs)):
-        raise ValueError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
-    job = _Job(spec, task_id, attempt, queue_wait, worker)
+    prepared = prepare(job, registry, storage)
+    return store(prepared, denoise(prepared, registry), storage)
 
+
+def finished_manifest(storage: Storage, task_id: str) -> Manifest | None:
+    """The stored manifest of `task_id` if it says `succeeded`: a redelivery of a finished job."""
+    done = read_manifest(storage, task_id)
+    return done if done is not None and done.status == "succeeded" else None
+
+
+@dataclass
+class Prepared:
+    """A job checked and ready for the GPU: its callbacks built, its manifest record started."""
+
+    job: JobContext
+    record: _Record
+    stack: CallbackStack
+    family: str
+
+    @property
+    def spec(self) -> RenderSpec:
+        return self.job.spec
+
+
+@dataclass
+class Denoised:
+    """How one job's time on the GPU ended: its images, a stop signal from a hook, or an error."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    stop: JobStopped | None = None
+    error: Exception | None = None
+    before_any_step: bool = False  # the error came before the pipeline ran (a model that will not load)
+    batched_with: list[str] = field(default_factory=list)
+
+
+def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepared:
+    """The checks a producer cannot make, and the job's callbacks; no model is loaded here."""
+    spec = job.spec
+    check_supported(spec, registry)
+    needed = NEEDS[spec.pipeline] | ({"ip_adapter_image"} if spec.ip_adapter else set())
+    if missing := sorted(needed - set(job.inputs)):
+        raise ValueError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
+    family = registry.source(spec.model).family
+    stack = build_callbacks(
+        spec, family, task_id=job.task_id, storage=storage, hooks=job.hooks, frame_threads=job.frame_threads
+    )
+    return Prepared(job, _Record(job), stack, family)
+
+
+def load_pipeline(prepared: Sequence[Prepared], registry: ModelRegistry) -> Any:
+    """The cached pipeline the jobs (all of one model and pipeline kind) run on; its load time in each record."""
+    spec = prepared[0].spec
     started = time.perf_counter()
     pipe = registry.pipeline(spec.model, spec.pipeline)
-    job.timings.load = time.perf_counter() - started
+    for each in prepared:
+        each.record.timings.load = time.perf_counter() - started
     check_clip_skip(pipe, spec)
-    family = registry.source(spec.model).family
-    stack = build_callbacks(spec, family, task_id=task_id, storage=storage, hooks=hooks, frame_threads=frame_threads)
-    try:
-        with (
-            registry.loras_applied(spec.model, pipe, spec.loras) as loras,
-            _ip_adapter(pipe, spec, registry),
-            scheduled(pipe, spec.scheduler) as sampler,
-        ):
-            job.scheduler = SchedulerRecord(
+    return pipe
+
+
+@contextlib.contextmanager
+def job_setup(pipe: Any, prepared: Sequence[Prepared], registry: ModelRegistry) -> Iterator[None]:
+    """The spec's LoRAs, IP-Adapter and sampler on `pipe` for the jobs' run, undone after; recorded in each job."""
+    spec = prepared[0].spec
+    with (
+        registry.loras_applied(spec.model, pipe, spec.loras) as loras,
+        _ip_adapter(pipe, spec, registry),
+        scheduled(pipe, spec.scheduler) as sampler,
+    ):
+        for each in prepared:
+            each.record.scheduler = SchedulerRecord(
                 name=sampler.name, label=sampler.label, diffusers_class=sampler.cls, options=sampler.options
             )
-            job.loras = [LoraRecord(name=lora.name, scale=lora.scale, sha256=lora.sha256) for lora in loras]
-            images = _run(pipe, spec, job, stack, inputs)
-        if before_store is not None:
-            before_store(job.steps_completed)
-    except LeaseLost:
-        if stack.frames:
-            stack.frames.abandon()
-        raise
-    except JobRevoked as revoked:
-        if revoked.revoked_at is not None:
-            job.timings.revoke_to_stop = max(0.0, time.time() - revoked.revoked_at)
-        job.steps_after_revoke = revoked.steps_after_revoke
-        return job.finish(storage, "revoked", frames=stack.frames.finish() if stack.frames else [])
-    except Exception as exc:
-        if stack.frames:
-            stack.frames.abandon()
-        job.finish(storage, "failed", error=f"{type(exc).__name__}: {exc}")
-        raise RenderFailed(f"task {task_id} failed while rendering: {type(exc).__name__}: {exc}") from exc
+            each.record.loras = [LoraRecord(name=lora.name, scale=lora.scale, sha256=lora.sha256) for lora in loras]
+        yield
 
+
+def denoise(prepared: Prepared, registry: ModelRegistry) -> Denoised:
+    """One job's GPU phase: load (cached), sampler and LoRAs, the pipeline call with its callbacks, the decode."""
+    try:
+        pipe = load_pipeline([prepared], registry)
+    except Exception as exc:
+        return Denoised(error=exc, before_any_step=True)
+    try:
+        with job_setup(pipe, [prepared], registry):
+            return Denoised(images=_run(pipe, prepared))
+    except JobStopped as stop:
+        return Denoised(stop=stop)
+    except Exception as exc:
+        return Denoised(error=exc)
+
+
+def store(prepared: Prepared, outcome: Denoised, storage: Storage) -> Manifest:
+    """Encode and upload the job's images, wait for its frames, write its manifest (last); see `render()`."""
+    prepared.record.batched_with = outcome.batched_with
+    if outcome.error is not None and outcome.before_any_step:
+        raise outcome.error
+    if isinstance(outcome.stop, JobRevoked):
+        return _revoked(prepared, outcome.stop, storage)
+    _check_before_upload(prepared, outcome, storage)
+    return _upload(prepared, outcome.images, storage)
+
+
+def _revoked(prepared: Prepared, revoked: JobRevoked, storage: Storage) -> Manifest:
+    record, frames = prepared.record, prepared.stack.frames
+    if revoked.revoked_at is not None:
+        record.timings.revoke_to_stop = max(0.0, time.time() - revoked.revoked_at)
+    record.steps_after_revoke = revoked.steps_after_revoke
+    return record.finish(storage, "revoked", frames=frames.finish() if frames else [])
+
+
+def _check_before_upload(prepared: Prepared, outcome: Denoised, storage: Storage) -> None:
+    """Raise what ended the job (nothing stored for a stop; a `failed` manifest for an error) or the lease check's."""
+    job, frames = prepared.job, prepared.stack.frames
+    try:
+        if outcome.stop is not None:
+            raise outcome.stop
+        if outcome.error is not None:
+            raise outcome.error
+        if job.before_store is not None:
+            job.before_store(prepared.record.steps_completed)
+        return
+    except TimeLimitExceeded as exc:  # a failure of the job, recorded as one
+        failure: Exception = exc
+    except JobStopped:  # LeaseLost: another worker may own the job now, so nothing is written
+        if frames:
+            frames.abandon()
+        raise
+    except Exception as exc:
+        failure = exc
+    if frames:
+        frames.abandon()
+    reason = f"{type(failure).__name__}: {failure}"
+    error = RenderFailed(f"task {job.task_id} failed while rendering: {reason}")
+    error.manifest = prepared.record.finish(storage, "failed", error=reason)
+    raise error from failure
+
+
+def _upload(prepared: Prepared, images: list[Image.Image], storage: Storage) -> Manifest:
+    task_id, record, stack = prepared.job.task_id, prepared.record, prepared.stack
     upload_started = time.perf_counter()
     try:
         urls = [
             storage.put(
                 image_object(task_id, i),
-                png_bytes(image, job.parameters(job.image_seed(i)), task_id=task_id, index=i),
+                png_bytes(image, record.parameters(record.image_seed(i)), task_id=task_id, index=i),
                 "image/png",
             )
             for i, image in enumerate(images)
@@ -139,23 +227,16 @@ def render(
         if stack.frames:
             stack.frames.abandon()
         with contextlib.suppress(StorageError):
-            job.finish(storage, "failed", error=f"StorageError: {exc}")
+            exc.manifest = record.finish(storage, "failed", error=f"StorageError: {exc}")
         raise
-    job.timings.upload = time.perf_counter() - upload_started
-    job.interrupted_by = stack.budget.interrupted_by if stack.budget else None
-    return job.finish(storage, "interrupted" if job.interrupted_by else "succeeded", images=urls, frames=frames)
+    record.timings.upload = time.perf_counter() - upload_started
+    record.interrupted_by = stack.budget.interrupted_by if stack.budget else None
+    return record.finish(storage, "interrupted" if record.interrupted_by else "succeeded", images=urls, frames=frames)
 
 
-def revoked_before_start(
-    spec: RenderSpec,
-    task_id: str,
-    storage: Storage,
-    attempt: int = 1,
-    queue_wait: float | None = None,
-    worker: str | None = None,
-) -> Manifest:
+def revoked_before_start(job: JobContext, storage: Storage) -> Manifest:
     """Record a job revoked before it started: no model loaded, no step run."""
-    return _Job(spec, task_id, attempt, queue_wait, worker).finish(storage, "revoked")
+    return _Record(job).finish(storage, "revoked")
 
 
 def _ip_adapter(pipe: Any, spec: RenderSpec, registry: ModelRegistry) -> contextlib.AbstractContextManager[None]:
@@ -203,45 +284,51 @@ def pipeline_arguments(spec: RenderSpec, inputs: Mapping[str, Image.Image], seed
     }
 
 
-def _run(pipe: Any, spec: RenderSpec, job: _Job, stack: CallbackStack, inputs: dict[str, Image.Image]) -> list[Any]:
-    arguments = pipeline_arguments(spec, inputs, [job.image_seed(i) for i in range(spec.num_images)])
+def _run(pipe: Any, prepared: Prepared) -> list[Any]:
+    spec, record, stack = prepared.spec, prepared.record, prepared.stack
+    arguments = pipeline_arguments(spec, prepared.job.inputs, [record.image_seed(i) for i in range(spec.num_images)])
     stack.start()
     started = time.perf_counter()
+    decoded = None
     try:
         with torch.inference_mode():
             arguments.update(clip_skip_arguments(pipe, spec))
             output = pipe(**arguments, callback_on_step_end=stack.multi)
+        decoded = time.perf_counter()
     finally:
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
-        finished = time.perf_counter()
-        last_step = stack.control.last_step_end or finished
-        if getattr(pipe, "_num_timesteps", None):
-            job.steps_planned = sampler_steps(pipe)
-        job.steps_completed = stack.control.steps_completed
-        job.timings.denoise = last_step - started
-    job.timings.decode = finished - last_step
+        last_step = stack.control.last_step_end or time.perf_counter()
+        record.ran(pipe, started, last_step, stack.control.steps_completed, decoded)
     return list(output.images)
 
 
-class _Job:
+class _Record:
     """The bookkeeping of one render, turned into the manifest at the end."""
 
-    def __init__(
-        self, spec: RenderSpec, task_id: str, attempt: int, queue_wait: float | None, worker: str | None = None
-    ) -> None:
-        self.spec = spec
-        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
-        self.task_id = task_id
-        self.attempt = attempt
+    def __init__(self, job: JobContext) -> None:
+        spec = self.spec = job.spec
+        self.worker = job.worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.task_id = job.task_id
+        self.attempt = job.attempt
         self.seed = spec.seed if spec.seed is not None else secrets.randbelow(MAX_SEED)
-        self.timings = Timings(queue_wait=queue_wait)
+        self.timings = Timings(queue_wait=job.queue_wait)
         self.steps_planned = spec.denoising_steps
         self.steps_completed = 0
         self.interrupted_by: Any = None
         self.steps_after_revoke: int | None = None
         self.scheduler: SchedulerRecord | None = None
         self.loras: list[LoraRecord] = []
+        self.batched_with: list[str] = []
         self.started_at = _now()
+
+    def ran(self, pipe: Any, started: float, last_step: float, steps_completed: int, decoded: float | None) -> None:
+        """Record a pipeline call: steps planned and done, denoise time (to the last step) and, when the call went on
+        to decode (`decoded`, when that ended), decode time."""
+        if getattr(pipe, "_num_timesteps", None):
+            self.steps_planned = sampler_steps(pipe)
+        self.steps_completed = steps_completed
+        self.timings.denoise = last_step - started
+        self.timings.decode = None if decoded is None else decoded - last_step
 
     def image_seed(self, index: int) -> int:
         return (self.seed + index) % (MAX_SEED + 1)
@@ -277,6 +364,7 @@ class _Job:
             versions=dict(_versions()),
             error=error,
             steps_after_revoke=self.steps_after_revoke,
+            batched_with=self.batched_with,
             started_at=self.started_at,
             finished_at=_now(),
         )

@@ -111,7 +111,23 @@ class WorkerSettings(ClientSettings):
         default=None, ge=1, le=256, description="torch CPU threads per worker; cores / workers on a shared host"
     )
 
-    task_time_limit: int = Field(default=3600, ge=10, description="hard limit per job, seconds; the process is killed")
+    max_batch: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="images one UNet call takes from compatible jobs in hand; 1: jobs run alone",
+    )
+    prefetch: int = Field(
+        default=1,
+        ge=0,
+        le=64,
+        description="jobs held beyond one call's RENDER_MAX_BATCH, loading while it runs (0: no overlap)",
+    )
+    task_time_limit: int = Field(
+        default=3600,
+        ge=10,
+        description="hard limit per job from when the worker takes it, seconds; stopped at its next step (failed)",
+    )
     visibility_timeout: int = Field(
         default=4 * 3600, ge=20, description="seconds before Redis redelivers an unacknowledged job; > task_time_limit"
     )
@@ -159,6 +175,11 @@ class WorkerSettings(ClientSettings):
                 "heartbeats; three intervals is a good TTL"
             )
         return self
+
+    @property
+    def jobs_in_hand(self) -> int:
+        """Celery's thread-pool size: one thread per job a worker holds (running, waiting, or storing)."""
+        return self.max_batch + self.prefetch
 
 
 def load_settings() -> WorkerSettings:

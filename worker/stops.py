@@ -35,3 +35,11 @@ class LeaseLost(JobStopped):
 
     def __init__(self, steps_completed: int, key: str) -> None:
         super().__init__(f"lease {key} lost", steps_completed)
+
+
+class TimeLimitExceeded(JobStopped):
+    """Raised at the first step past the job's hard time limit (`RENDER_TASK_TIME_LIMIT`); the job ends `failed`."""
+
+    def __init__(self, steps_completed: int, limit: float) -> None:
+        super().__init__(f"past its time limit of {limit:.0f} s", steps_completed)
+        self.limit = limit

@@ -1,18 +1,23 @@
-"""The Celery task: thin. Validate, check revocation, take the lease, call `render()`, report, return."""
+"""The Celery task: thin. Validate, check revocation, take the lease, run the job's phases, report, return.
+
+The task runs on one of the worker's job threads (Celery's thread pool): it prepares the job, waits for the GPU
+thread to denoise it (alone or batched, `worker.gpu`) while reporting its progress, then stores it, so that
+one job's encode, upload and manifest overlap the next job's denoising.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore
 from redis import Redis
 
@@ -23,12 +28,14 @@ from producer.spec import RenderSpec
 from producer.webhooks import parse_allowed_hosts
 from worker import metrics
 from worker.fleet import JobAdvert
+from worker.gpu import Deadline, GpuRunner, ProgressBox
 from worker.inputs import load_inputs
+from worker.job import JobContext
 from worker.jobcontrol import Lease, RedisJobControl, control_client, patient_client
 from worker.models.registry import ModelRegistry
-from worker.render import read_manifest, render, revoked_before_start
+from worker.render import finished_manifest, prepare, revoked_before_start, store
 from worker.settings import WorkerSettings
-from worker.stops import LeaseLost
+from worker.stops import JobRevoked, LeaseLost
 from worker.storage import Storage, open_storage
 from worker.webhooks import WebhookSender
 
@@ -37,7 +44,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProcessState:
-    """What one worker process keeps between jobs: the loaded models above all."""
+    """What one worker process keeps between jobs: the loaded models above all, and the GPU thread."""
 
     pid: int
     settings: WorkerSettings
@@ -47,42 +54,60 @@ class ProcessState:
     control: Redis  # the per-step check: fast failure, never a stalled step
     owner: str
     webhooks: WebhookSender  # its own thread: a slow receiver never delays the next job
+    advert: JobAdvert
+    gpu: GpuRunner
+
+
+_STATE_LOCK = threading.Lock()  # the first jobs in hand arrive together, on several threads
 
 
 def process_state(task: Task) -> ProcessState:
-    # Built lazily in the process that renders (a prefork child), never before the fork: CUDA and
-    # sockets do not survive fork.
-    state: ProcessState | None = getattr(task.app, "render_state", None)
-    if state is None or state.pid != os.getpid():
-        settings: WorkerSettings = task.app.render_settings
-        if settings.torch_threads is not None:
-            torch.set_num_threads(settings.torch_threads)
-        metrics.serve(settings.metrics_port)
-        redis_client = patient_client(settings.redis_url)
-        state = ProcessState(
-            pid=os.getpid(),
-            settings=settings,
-            registry=ModelRegistry.from_settings(settings),
-            storage=open_storage(
-                settings.storage_url,
-                s3_endpoint_url=settings.s3_endpoint_url,
-                retry_seconds=settings.storage_retry_seconds,
-            ),
-            redis=redis_client,
-            control=control_client(settings.redis_url),
-            owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
-            webhooks=WebhookSender(
-                redis_client,
-                secret=settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
-                allowed_hosts=parse_allowed_hosts(settings.webhook_hosts),
-                max_attempts=settings.webhook_attempts,
-                backoff=settings.webhook_backoff_seconds,
-                timeout=settings.webhook_timeout,
-            ),
-        )
-        state.webhooks.start()
-        task.app.render_state = state
-    return state
+    # Built lazily in the process that renders, on its first job: CUDA and sockets do not survive a fork.
+    with _STATE_LOCK:
+        state: ProcessState | None = getattr(task.app, "render_state", None)
+        if state is None or state.pid != os.getpid():
+            state = _build_state(task)
+            task.app.render_state = state
+        return state
+
+
+def _build_state(task: Task) -> ProcessState:
+    settings: WorkerSettings = task.app.render_settings
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    metrics.serve(settings.metrics_port)
+    redis_client = patient_client(settings.redis_url)
+    control = control_client(settings.redis_url)
+    registry = ModelRegistry.from_settings(settings)
+    advert = JobAdvert(control, task.request.hostname, registry)
+    webhooks = WebhookSender(
+        redis_client,
+        secret=settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
+        allowed_hosts=parse_allowed_hosts(settings.webhook_hosts),
+        max_attempts=settings.webhook_attempts,
+        backoff=settings.webhook_backoff_seconds,
+        timeout=settings.webhook_timeout,
+    )
+    webhooks.start()
+    return ProcessState(
+        pid=os.getpid(),
+        settings=settings,
+        registry=registry,
+        storage=open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, retry_seconds=settings.storage_retry_seconds
+        ),
+        redis=redis_client,
+        control=control,
+        owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
+        webhooks=webhooks,
+        advert=advert,
+        gpu=GpuRunner(
+            registry,
+            max_batch=settings.max_batch,
+            on_call=lambda ids: advert.job_started(ids[0]),
+            on_idle=advert.job_ended,
+        ),
+    )
 
 
 def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
@@ -90,75 +115,72 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     spec = RenderSpec.parse(spec_json if isinstance(spec_json, str | bytes | dict) else repr(spec_json))
     task_id: str = check_task_id(task.request.id)
     state = process_state(task)
-    attempt = int(task.request.get(ATTEMPT_HEADER) or 1)
     submitted = task.request.get(SUBMITTED_AT_HEADER)
-    queue_wait = max(0.0, time.time() - float(submitted)) if submitted else None
+    job = JobContext(
+        spec,
+        task_id,
+        attempt=int(task.request.get(ATTEMPT_HEADER) or 1),
+        queue_wait=max(0.0, time.time() - float(submitted)) if submitted else None,
+        worker=state.owner,
+        frame_threads=state.settings.frame_upload_threads,
+    )
+    deadline = Deadline(state.settings.task_time_limit)  # counted from here, as Celery's time limit was
 
-    if (done := read_manifest(state.storage, task_id)) is not None and done.status == "succeeded":
+    if (done := finished_manifest(state.storage, task_id)) is not None:
         return done.model_dump(mode="json")  # a redelivery of a finished job
     if state.redis.exists(revoked_key(task_id)):
-        _finish_revoked(
-            task,
-            state,
-            revoked_before_start(spec, task_id, state.storage, attempt, queue_wait, state.owner),
-            spec,
-        )
+        _finish_revoked(task, state, revoked_before_start(job, state.storage), spec)
 
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner, renew_client=state.control)
     record = {
         "spec": spec.model_dump_json(),
         "queue": _queue(task),
         "priority": (task.request.delivery_info or {}).get("priority"),
-        "attempt": attempt,
+        "attempt": job.attempt,
         "submitted_at": submitted,
         "worker": state.owner,
     }
     if not lease.acquire(record):
         log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
         raise Ignore()
-    advert = JobAdvert(state.control, task.request.hostname, state.registry)
-    advert.job_started(task_id)
+    box = ProgressBox()
     control = RedisJobControl(
-        state.control,
-        task_id,
-        lambda step, total: _progress(task, step, total, advert),
-        progress_interval=state.settings.progress_interval,
-        lease=lease,
+        state.control, task_id, box.post, progress_interval=state.settings.progress_interval, lease=lease
     )
+    job.hooks = [
+        control,
+        deadline,
+        metrics.StepTimer(spec.model),
+    ]
+    job.before_store = lease.check
 
     try:
-        inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
-        manifest = render(
-            spec,
-            registry=state.registry,
-            storage=state.storage,
-            task_id=task_id,
-            hooks=[control, metrics.StepTimer(spec.model)],
-            attempt=attempt,
-            queue_wait=queue_wait,
-            frame_threads=state.settings.frame_upload_threads,
-            worker=state.owner,
-            inputs=inputs,
-            before_store=lease.check,
+        job.inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
+        prepared = prepare(job, state.registry, state.storage)
+        outcome = state.gpu.run(
+            prepared,
+            deadline=deadline.at,
+            box=box,
+            report=lambda step, total: _progress(task, step, total, state.advert),
+            started=lambda: _started(task),
+            skip=lambda: JobRevoked(0, revoked_at=control.revoked_at) if control.is_revoked() else None,
         )
+        manifest = store(prepared, outcome, state.storage)
     except LeaseLost:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
         log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
         raise Ignore() from None
     except (RenderFailed, StorageError) as exc:
         metrics.JOBS.labels(status="failed").inc()
-        failed = None
-        with contextlib.suppress(StorageError):  # storage may be the very thing that failed
-            if (failed := read_manifest(state.storage, task_id)) is not None:
-                _publish(state, failed)
-        _notify(state, spec, task_id, failed, exc)
+        if exc.manifest is not None:
+            _publish(state, exc.manifest)
+        _notify(state, spec, task_id, exc.manifest, exc)
         raise
     except Exception as exc:  # a model that will not load, a bad input: still a final state the webhook hears of
         _notify(state, spec, task_id, None, exc)
         raise
     finally:
         lease.release()
-        advert.job_ended()
     _publish(state, manifest)
     metrics.record(manifest)
     if manifest.status == "revoked":
@@ -171,6 +193,11 @@ def _queue(task: Task) -> str | None:
     info = task.request.delivery_info or {}
     queue = info.get("routing_key") or task.app.conf.task_default_queue
     return str(queue) if queue else None
+
+
+def _started(task: Task) -> None:
+    """The GPU took the job: until then it showed `queued`, though a job thread held it (Celery's STARTED)."""
+    task.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": task.request.hostname})
 
 
 def _progress(task: Task, step: int, total: int, advert: JobAdvert) -> None:

@@ -79,11 +79,6 @@ def job(seed: int, **overrides: Any) -> dict[str, Any]:
     }
 
 
-def children(pid: int) -> list[int]:
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return [int(p) for p in text.split()]
-
-
 def holder(farm: ChaosFarm, task_id: str) -> WorkerProcess:
     record = json.loads(farm.direct.hget(RUNNING_TASKS, task_id) or b"{}")
     return next(w for w in farm.workers if record.get("worker", "").startswith(w.hostname + ":"))

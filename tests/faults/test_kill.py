@@ -6,7 +6,6 @@ visible as succeeded.
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import threading
@@ -16,7 +15,8 @@ from collections.abc import Callable
 import pytest
 
 from producer.keys import RUNNING_TASKS
-from tests.faults.conftest import ChaosFarm, assert_complete, children, holder, job
+from tests.faults.conftest import ChaosFarm, assert_complete, holder, job, progressed
+from tests.helpers import running
 from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -27,13 +27,16 @@ def test_killed_after_delivery_before_start_the_job_is_put_back_and_done_once(
 ) -> None:
     farm = chaos_farm()
     (first,) = farm.start_workers("early")
-    (child,) = children(first.pid)
-    os.kill(child, signal.SIGSTOP)  # the job reaches the worker but its render process never runs it
+    assert farm.redis_proxy is not None
+    # The task's first Redis command is its revocation check, before the lease: held there, the job has reached
+    # the worker (it is in kombu's unacked hash) and has not started, however slow this machine is.
+    held = farm.redis_proxy.hold_at(b"render:revoked:")
     handle = farm.client.submit(job(1))
-    wait_until(lambda: farm.direct.hlen("unacked") == 1, timeout=20, what="the delivery to the stopped worker")
+    wait_until(held.is_set, timeout=60, what="the delivered job's revocation check")
+    wait_until(lambda: farm.direct.hlen("unacked") == 1, timeout=20, what="the delivery to the worker")
     assert not farm.direct.hexists(RUNNING_TASKS, handle.task_id), "the job must not have started"
     first.kill(signal.SIGKILL)
-    os.kill(child, signal.SIGKILL)  # stopped processes get SIGKILL too; make sure
+    farm.redis_proxy.release()
     farm.start_workers("late")
 
     (manifest,) = farm.finish([handle])
@@ -117,4 +120,31 @@ def test_random_kills_during_a_batch_lose_nothing_and_never_show_a_partial_succe
     for handle, manifest in zip(handles, manifests, strict=True):
         assert_complete(farm, handle.task_id, manifest)
     assert any(m.attempt > 1 for m in manifests), "no kill landed mid-job"
+    wait_until(farm.queue_is_empty, timeout=30, what="an empty queue")
+
+
+def test_killed_mid_batch_every_job_of_the_batch_completes_once_on_a_fresh_worker(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    (first,) = farm.start_workers("mb-a", torch_threads="1", max_batch="4", prefetch="1")
+    blocker = farm.client.submit(job(300, num_inference_steps=150, width=256, height=256))
+    wait_until(progressed(farm, blocker.task_id, 1), timeout=120, what="the blocker on the GPU")
+    handles = farm.client.submit_many([job(310 + i, num_inference_steps=120) for i in range(4)])
+    ids = {h.task_id for h in handles}
+    wait_until(
+        lambda: ids <= running(farm.direct),
+        timeout=120,
+        what="the four jobs in the worker's hands",
+    )
+    blocker.revoke()
+    wait_until(progressed(farm, handles[3].task_id, 5), timeout=120, what="the batch past step 5")
+    first.kill(signal.SIGKILL)
+    farm.start_workers("mb-b", torch_threads="1", max_batch="4", prefetch="1")
+
+    manifests = farm.finish(handles)
+    assert [m.status for m in manifests] == ["succeeded"] * 4
+    assert all(m.attempt == 2 and m.worker.startswith("mb-b@") for m in manifests), "each redone once, elsewhere"
+    for handle, manifest in zip(handles, manifests, strict=True):
+        assert_complete(farm, handle.task_id, manifest)
     wait_until(farm.queue_is_empty, timeout=30, what="an empty queue")

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from producer import RenderSpec
+from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.render import render
 from worker.settings import WorkerSettings
@@ -104,7 +105,7 @@ def test_frames_every_step_upload_in_the_background(s3_server: str, s3_bucket: s
             "callbacks": [{"type": "frames", "every": 1, "size": 64}],
         }
     )
-    manifest = render(spec, registry=registry, storage=storage, task_id="frames-job", frame_threads=3)
+    manifest = render(JobContext(spec, task_id="frames-job", frame_threads=3), registry=registry, storage=storage)
     assert manifest.frames == [f"s3://{s3_bucket}/frames-job/frames/step-{n:03d}.png" for n in range(1, 13)]
     for n in (1, 12):
         frame = storage.get(f"frames-job/frames/step-{n:03d}.png")

@@ -22,11 +22,12 @@ def test_gpu_settings() -> None:
     settings = WorkerSettings(redis_url="redis://127.0.0.1:1/0", task_time_limit=600, visibility_timeout=1200)
     conf = create_app(settings).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
-    assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1 and conf.worker_pool == "prefork"
-    assert conf.task_time_limit == 600
-    assert conf.broker_transport_options["visibility_timeout"] == 1200 > conf.task_time_limit
+    # One process; a thread per job in hand: one call's batch (1 image here) and one prefetched job.
+    assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 2 and conf.worker_pool == "threads"
+    assert conf.broker_transport_options["visibility_timeout"] == 1200 > settings.task_time_limit
     assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
-    assert conf.worker_send_task_events and conf.task_track_started and conf.task_send_sent_event
+    assert conf.worker_send_task_events and conf.task_send_sent_event
+    assert not conf.task_track_started  # the task sets STARTED when the GPU takes the job, not when a thread does
 
 
 def test_the_task_is_registered_under_its_one_name() -> None:
@@ -35,10 +36,10 @@ def test_the_task_is_registered_under_its_one_name() -> None:
 
 
 def test_worker_flags() -> None:
-    argv = worker_argv(WorkerSettings(queue="gpu-a100"), hostname="gpu0@%h", loglevel="INFO")
+    argv = worker_argv(WorkerSettings(queue="gpu-a100", max_batch=4, prefetch=2), hostname="gpu0@%h", loglevel="INFO")
     assert {
-        "--pool=prefork",
-        "--concurrency=1",
+        "--pool=threads",
+        "--concurrency=6",  # jobs in hand: a batch of 4, and 2 more loading while it runs
         "--prefetch-multiplier=1",
         "--events",
         "--queues=gpu-a100.tiny-sd15,gpu-a100.tiny-sdxl,gpu-a100",  # one per model served, then the bare queue

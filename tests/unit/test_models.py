@@ -13,6 +13,7 @@ from PIL import Image
 from producer import ModelError, RenderSpec
 from tests.helpers import pixels
 from worker.inputs import load_inputs
+from worker.job import JobContext
 from worker.models import tiny_sd15, tiny_sdxl
 from worker.models.registry import ModelRegistry, resolve_device, resolve_dtype
 from worker.models.tokenizer import tiny_clip_tokenizer
@@ -127,7 +128,7 @@ def test_an_ip_adapter_from_disk_matches_the_built_one(tmp_path: Path, weights_f
 
     def render_with(model: str, scale: float) -> np.ndarray:
         parsed = RenderSpec.parse({"model": model, **spec, "ip_adapter": {**spec["ip_adapter"], "scale": scale}})
-        manifest = render(parsed, registry=registry, storage=storage, inputs=load_inputs(parsed, settings))
+        manifest = render(JobContext(parsed, inputs=load_inputs(parsed, settings)), registry=registry, storage=storage)
         return np.frombuffer(pixels(storage, manifest.images[0]), dtype=np.uint8).astype(int)
 
     from_disk, built = render_with("on-disk", 0.8), render_with("tiny-sd15", 0.8)

@@ -14,6 +14,7 @@ from PIL import Image
 from producer import RenderSpec, SpecError
 from tests.helpers import pixels
 from worker.inputs import load_inputs
+from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.render import render
 from worker.settings import WorkerSettings
@@ -92,7 +93,9 @@ def test_guidance_is_cut_at_the_asked_step(
     spies = [Spy(pipe.unet)] + ([Spy(pipe.controlnet)] if kind == "controlnet" else [])
     try:
         manifest = render(
-            spec, registry=registry, storage=LocalStorage(tmp_path / "out"), inputs=load_inputs(spec, settings)
+            JobContext(spec, inputs=load_inputs(spec, settings)),
+            registry=registry,
+            storage=LocalStorage(tmp_path / "out"),
         )
     finally:
         for spy in spies:
@@ -132,7 +135,7 @@ def test_inline_base64_input(
     )
     loaded = load_inputs(spec, settings)
     assert loaded["image"].getpixel((0, 0)) == (0, 128, 128)
-    manifest = render(spec, registry=registry, storage=LocalStorage(tmp_path), inputs=loaded)
+    manifest = render(JobContext(spec, inputs=loaded), registry=registry, storage=LocalStorage(tmp_path))
     assert manifest.status == "succeeded" and manifest.steps_planned == 3
 
 
@@ -243,7 +246,9 @@ def test_ip_adapter_scale_cutoff_and_cfg_cutoff_together(
     )
     spy = ScaleSpy(registry.pipeline(model, kind))
     try:
-        manifest = render(spec, registry=registry, storage=LocalStorage(tmp_path), inputs=load_inputs(spec, settings))
+        manifest = render(
+            JobContext(spec, inputs=load_inputs(spec, settings)), registry=registry, storage=LocalStorage(tmp_path)
+        )
     finally:
         spy.handle.remove()
     steps = spec.denoising_steps
@@ -264,7 +269,7 @@ def test_a_job_after_an_ip_adapter_job_renders_as_on_a_fresh_pipeline(
         ip_adapter={"image": png(inputs_dir / "s.png")},
         callbacks=[{"type": "ip_adapter_scale_cutoff", "step_index": 2}],
     )
-    render(ip_job, registry=registry, storage=storage, inputs=load_inputs(ip_job, settings))
+    render(JobContext(ip_job, inputs=load_inputs(ip_job, settings)), registry=registry, storage=storage)
     after = render(plain, registry=registry, storage=storage)
     pipe = registry.pipeline("tiny-sd15")
     assert pipe.image_encoder is None and not any(
@@ -292,13 +297,18 @@ def test_a_job_after_a_revoked_and_an_interrupted_one_renders_as_on_a_fresh_pipe
     budget = pipeline_spec(kind, inputs_dir, callbacks=[{"type": "step_budget", "max_steps": 2}])
     job = pipeline_spec(kind, inputs_dir, num_images=2)
     assert (
-        render(cut, registry=registry, storage=storage, inputs=load_inputs(cut, settings), hooks=[RevokeAtTwo()]).status
+        render(
+            JobContext(cut, inputs=load_inputs(cut, settings), hooks=[RevokeAtTwo()]),
+            registry=registry,
+            storage=storage,
+        ).status
         == "revoked"
     )
     assert (
-        render(budget, registry=registry, storage=storage, inputs=load_inputs(budget, settings)).status == "interrupted"
+        render(JobContext(budget, inputs=load_inputs(budget, settings)), registry=registry, storage=storage).status
+        == "interrupted"
     )
-    after = render(job, registry=registry, storage=storage, inputs=load_inputs(job, settings))
+    after = render(JobContext(job, inputs=load_inputs(job, settings)), registry=registry, storage=storage)
     fresh = ModelRegistry(registry.models, device=registry.device, dtype=registry.dtype)
-    again = render(job, registry=fresh, storage=storage, inputs=load_inputs(job, settings))
+    again = render(JobContext(job, inputs=load_inputs(job, settings)), registry=fresh, storage=storage)
     assert [pixels(storage, u) for u in after.images] == [pixels(storage, u) for u in again.images]

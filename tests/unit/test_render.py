@@ -14,6 +14,7 @@ from PIL import Image
 
 from producer import ModelError, RenderFailed, RenderSpec, StorageError
 from worker.callbacks import StepInfo
+from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.render import render
 from worker.stops import JobRevoked, LeaseLost
@@ -208,7 +209,7 @@ def test_a_revoking_hook_stops_before_decode_and_upload(registry: ModelRegistry,
     try:
         hook = RevokeAt(3)
         spec = make_spec(callbacks=[{"type": "frames", "every": 1}])
-        manifest = render(spec, registry=registry, storage=storage, hooks=[hook])
+        manifest = render(JobContext(spec, hooks=[hook]), registry=registry, storage=storage)
     finally:
         handle.remove()
     assert (manifest.status, manifest.steps_completed, manifest.images) == ("revoked", 3, [])
@@ -227,10 +228,9 @@ def test_next_job_after_a_revoked_or_interrupted_job_renders_as_on_a_fresh_pipel
 ) -> None:
     spec = make_spec(num_images=2, callbacks=[{"type": "cfg_cutoff", "step_ratio": 0.5}])
     render(
-        make_spec(callbacks=[{"type": "cfg_cutoff", "step_index": 1}]),
+        JobContext(make_spec(callbacks=[{"type": "cfg_cutoff", "step_index": 1}]), hooks=[RevokeAt(2)]),
         registry=registry,
         storage=storage,
-        hooks=[RevokeAt(2)],
     )
     render(make_spec(callbacks=[{"type": "step_budget", "max_steps": 2}]), registry=registry, storage=storage)
     after = render(spec, registry=registry, storage=storage)
@@ -256,7 +256,7 @@ class RecordingStorage(LocalStorage):
 def test_manifest_is_written_last_and_describes_the_job(registry: ModelRegistry, tmp_path: Path) -> None:
     storage = RecordingStorage(tmp_path)
     spec = make_spec(num_images=2, callbacks=[{"type": "frames", "every": 5}])
-    manifest = render(spec, registry=registry, storage=storage, task_id="job-1", attempt=2, queue_wait=0.5)
+    manifest = render(JobContext(spec, task_id="job-1", attempt=2, queue_wait=0.5), registry=registry, storage=storage)
     assert storage.names[-1] == "job-1/manifest.json"
     assert set(storage.names[:-1]) == {
         "job-1/image-0.png",
@@ -282,9 +282,9 @@ def test_png_carries_the_generation_parameters(registry: ModelRegistry, storage:
 
 
 def test_a_succeeded_task_is_not_rendered_again(registry: ModelRegistry, storage: LocalStorage, spy: Any) -> None:
-    first = render(make_spec(), registry=registry, storage=storage, task_id="once")
+    first = render(JobContext(make_spec(), task_id="once"), registry=registry, storage=storage)
     unet = spy("tiny-sd15")
-    again = render(make_spec(), registry=registry, storage=storage, task_id="once")
+    again = render(JobContext(make_spec(), task_id="once"), registry=registry, storage=storage)
     assert again == first and unet.batches == []
 
 
@@ -297,20 +297,20 @@ class Explodes:
 def test_a_failure_mid_loop_writes_a_failed_manifest_and_raises(registry: ModelRegistry, storage: LocalStorage) -> None:
     spec = make_spec(callbacks=[{"type": "frames", "every": 1}])
     with pytest.raises(RenderFailed, match="task broken failed while rendering: RuntimeError: CUDA error") as caught:
-        render(spec, registry=registry, storage=storage, task_id="broken", hooks=[Explodes()])
+        render(JobContext(spec, task_id="broken", hooks=[Explodes()]), registry=registry, storage=storage)
     assert isinstance(caught.value.__cause__, RuntimeError)
     stored_manifest = json.loads(stored(storage, storage.url("broken/manifest.json")))
     assert (stored_manifest["status"], stored_manifest["steps_completed"]) == ("failed", 4)
     assert stored_manifest["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert stored_manifest["images"] == []
     # a failed task is not "done": the next attempt renders it and overwrites the manifest
-    again = render(spec, registry=registry, storage=storage, task_id="broken", attempt=2)
+    again = render(JobContext(spec, task_id="broken", attempt=2), registry=registry, storage=storage)
     assert (again.status, again.attempt) == ("succeeded", 2)
 
 
 def test_an_unreadable_manifest_is_rendered_again(registry: ModelRegistry, storage: LocalStorage) -> None:
     storage.put("torn/manifest.json", b'{"task_id": "torn", "sta', "application/json")
-    assert render(make_spec(), registry=registry, storage=storage, task_id="torn").status == "succeeded"
+    assert render(JobContext(make_spec(), task_id="torn"), registry=registry, storage=storage).status == "succeeded"
 
 
 def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: LocalStorage) -> None:
@@ -334,7 +334,7 @@ def test_worker_refuses_what_it_cannot_run_before_any_work(
     registry: ModelRegistry, storage: LocalStorage, overrides: dict[str, Any], error: type[Exception], text: str
 ) -> None:
     with pytest.raises(error, match=text):
-        render(make_spec(**overrides), registry=registry, storage=storage, task_id="refused")
+        render(JobContext(make_spec(**overrides), task_id="refused"), registry=registry, storage=storage)
     assert storage.get("refused/manifest.json") is None
 
 
@@ -351,7 +351,7 @@ def test_a_storage_failure_never_leaves_a_succeeded_manifest(registry: ModelRegi
     storage = FailingFrames(tmp_path)
     spec = make_spec(callbacks=[{"type": "frames", "every": 5}])
     with pytest.raises(StorageError, match="No space left on device"):
-        render(spec, registry=registry, storage=storage, task_id="disk-full")
+        render(JobContext(spec, task_id="disk-full"), registry=registry, storage=storage)
     manifest = json.loads((tmp_path / "disk-full" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
 
@@ -371,7 +371,9 @@ def test_a_lost_lease_stops_the_job_and_writes_no_image_and_no_manifest(
 
     with pytest.raises(LeaseLost, match=r"lease render:lease:x lost"):
         render(
-            make_spec(), registry=registry, storage=storage, task_id="lost", hooks=[LoseAt()], before_store=before_store
+            JobContext(make_spec(), task_id="lost", hooks=[LoseAt()], before_store=before_store),
+            registry=registry,
+            storage=storage,
         )
     task_dir = Path(storage.base_url.removeprefix("file://")) / "lost"
     assert not task_dir.exists() or list(task_dir.iterdir()) == [], "another worker owns this job's objects now"

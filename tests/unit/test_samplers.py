@@ -14,6 +14,7 @@ from producer import RenderSpec, SpecError
 from producer.spec import SCHEDULERS
 from tests.helpers import UNetCalls, pixels
 from worker.inputs import load_inputs
+from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import SAMPLERS
 from worker.render import render
@@ -101,7 +102,7 @@ def test_ip_adapter_cutoff_counts_sampler_steps(
     )
     inputs = load_inputs(spec, WorkerSettings(input_roots=[str(tmp_path)]))
     with UNetCalls(registry.pipeline("tiny-sd15")) as unet:
-        render(spec, registry=registry, storage=storage, inputs=inputs)
+        render(JobContext(spec, inputs=inputs), registry=registry, storage=storage)
     per_step = 2 if scheduler == "heun" else 1
     calls_in_steps_0_to_2 = 3 * per_step
     assert unet.ip_scales[:calls_in_steps_0_to_2] == [0.5] * calls_in_steps_0_to_2
@@ -155,7 +156,9 @@ def test_a_sampler_job_that_fails_mid_loop_still_gives_the_scheduler_back(
             raise RuntimeError("boom")
 
     with pytest.raises(Exception, match="boom"):
-        render(make_spec(scheduler="dpmpp_2m_karras"), registry=registry, storage=storage, hooks=[Explodes()])
+        render(
+            JobContext(make_spec(scheduler="dpmpp_2m_karras"), hooks=[Explodes()]), registry=registry, storage=storage
+        )
     assert pipe.scheduler is checkpoint_scheduler
 
 

@@ -20,7 +20,7 @@ from diffusers.callbacks import MultiPipelineCallbacks
 from worker.callbacks.control import StepControlCallback
 
 
-def _steps_over(calls: int, pipeline: Any) -> int:
+def steps_over(calls: int, pipeline: Any) -> int:
     """Sampler steps begun within `calls` loop iterations: the calls over the scheduler's calls per step."""
     order = max(int(getattr(pipeline.scheduler, "order", 1)), 1)
     return -(-calls // order)
@@ -28,7 +28,7 @@ def _steps_over(calls: int, pipeline: Any) -> int:
 
 def sampler_steps(pipeline: Any) -> int:
     """The sampler steps the pipeline's loop runs (its iterations, over the scheduler's model calls per step)."""
-    return _steps_over(int(pipeline.num_timesteps), pipeline)
+    return steps_over(int(pipeline.num_timesteps), pipeline)
 
 
 def ends_a_step(pipeline: Any, call_index: int) -> bool:
@@ -68,7 +68,7 @@ class SamplerStepCallbacks(MultiPipelineCallbacks):
 
     def __call__(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
         view = SamplerStepView(pipeline)
-        completed = _steps_over(step_index + 1, pipeline)  # steps begun by the end of this call (Heun: ceil(calls / 2))
+        completed = steps_over(step_index + 1, pipeline)  # steps begun by the end of this call (Heun: ceil(calls / 2))
         ends = ends_a_step(pipeline, step_index)
         self.control.on_model_call(view, completed if ends else completed - 1)
         if ends:

@@ -1,0 +1,215 @@
+"""Micro-batching on the real tiny pipelines: jobs in one call give their own images, and leave it on their own."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from producer import RenderFailed, RenderSpec
+from tests.helpers import wait_until
+from worker.batching import batch_key, denoise_batch
+from worker.callbacks import StepInfo
+from worker.gpu import Deadline, GpuRunner
+from worker.job import JobContext
+from worker.models.registry import ModelRegistry
+from worker.render import Denoised, Prepared, denoise, prepare, store
+from worker.stops import JobRevoked
+from worker.storage import LocalStorage
+
+MODELS = ["tiny-sd15", "tiny-sdxl"]
+
+
+def make_spec(model: str = "tiny-sd15", i: int = 0, **overrides: Any) -> RenderSpec:
+    data = {
+        "model": model,
+        "prompt": f"a lighthouse at dusk, variation {i}",
+        "num_inference_steps": 8,
+        "width": 64,
+        "height": 64,
+        "seed": 500 + i,
+        "num_images": 1 + i % 2,
+    }
+    return RenderSpec.parse({**data, **overrides})
+
+
+class RevokeAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.steps_completed >= self.step:
+            raise JobRevoked(info.steps_completed)
+
+
+class StepLog:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_step(self, info: StepInfo) -> None:
+        self.steps.append(info.steps_completed)
+
+
+def arrays(images: list[Image.Image]) -> list[np.ndarray]:
+    return [np.asarray(image, dtype=np.int16) for image in images]
+
+
+def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
+    assert len(a) == len(b)
+    return max(int(np.abs(x - y).max()) for x, y in zip(arrays(a), arrays(b), strict=True))
+
+
+def alone(registry: ModelRegistry, storage: LocalStorage, spec: RenderSpec, task_id: str) -> Denoised:
+    return denoise(prepare(JobContext(spec, task_id), registry, storage), registry)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("scheduler", ["default", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_sde_karras", "unipc"])
+def test_each_job_of_a_batch_gives_its_own_image_as_alone_and_a_spent_budget_leaves_with_its_partial_image(
+    registry: ModelRegistry, tmp_path: Path, model: str, scheduler: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    specs = [make_spec(model, i, scheduler=scheduler) for i in range(4)]
+    specs[1] = make_spec(model, 1, scheduler=scheduler, callbacks=[{"type": "step_budget", "max_steps": 4}])
+    specs[2] = make_spec(model, 2, scheduler=scheduler, callbacks=[{"type": "frames", "every": 2}])
+    assert len({batch_key(spec) for spec in specs}) == 1
+    expected = [alone(registry, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
+
+    logs = [StepLog() for _ in specs]
+    prepared = [prepare(JobContext(s, f"b-{i}", hooks=[logs[i]]), registry, storage) for i, s in enumerate(specs)]
+    outcomes = denoise_batch(prepared, registry)
+    manifests = [store(each, outcome, storage) for each, outcome in zip(prepared, outcomes, strict=True)]
+
+    for i, (outcome, want) in enumerate(zip(outcomes, expected, strict=True)):
+        assert max_diff(outcome.images, want.images) <= 1, f"job {i} differs from its render alone"
+        assert manifests[i].batched_with == [f"b-{j}" for j in range(4) if j != i]
+    assert [m.status for m in manifests] == ["succeeded", "interrupted", "succeeded", "succeeded"]
+    assert manifests[1].steps_completed == 4 and manifests[1].interrupted_by == "max_steps"
+    assert logs[1].steps[-1] == 4 and logs[0].steps[-1] == 8, "the spent job left; the others went on"
+    assert [url.rsplit("/", 1)[1] for url in manifests[2].frames] == [f"step-{s:03d}.png" for s in (2, 4, 6, 8)]
+    assert len(manifests[1].images) == 2 and manifests[1].timings.decode is not None
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "heun"])
+def test_revoking_one_job_drops_its_rows_and_the_others_finish_as_alone(
+    registry: ModelRegistry, tmp_path: Path, scheduler: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    specs = [make_spec("tiny-sd15", i, scheduler=scheduler) for i in range(4)]
+    expected = [alone(registry, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
+    hooks: list[list[Any]] = [[], [RevokeAt(3)], [], []]
+    prepared = [prepare(JobContext(s, f"r-{i}", hooks=hooks[i]), registry, storage) for i, s in enumerate(specs)]
+
+    pipe = registry.pipeline("tiny-sd15")
+    rows: list[int] = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        outcomes = denoise_batch(prepared, registry)
+    finally:
+        handle.remove()
+    manifests = [store(each, outcome, storage) for each, outcome in zip(prepared, outcomes, strict=True)]
+
+    assert [m.status for m in manifests] == ["succeeded", "revoked", "succeeded", "succeeded"]
+    assert manifests[1].images == [] and not (tmp_path / "r-1" / "image-0.png").exists()
+    assert manifests[1].steps_completed == 3
+    for i in (0, 2, 3):
+        assert max_diff(outcomes[i].images, expected[i].images) <= 1
+    # Guided: 2 rows per image. 6 images until the revoke (job 1 has 2), then 4.
+    assert rows[0] == 12 and rows[-1] == 8, rows
+
+
+def test_every_job_revoked_ends_the_call_before_the_decode(registry: ModelRegistry, tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    specs = [make_spec("tiny-sd15", i) for i in range(2)]
+    prepared = [prepare(JobContext(s, f"all-{i}", hooks=[RevokeAt(2)]), registry, storage) for i, s in enumerate(specs)]
+    decodes: list[int] = []
+    vae = registry.pipeline("tiny-sd15").vae
+    handle = vae.decoder.register_forward_pre_hook(lambda module, args: decodes.append(1))
+    try:
+        outcomes = denoise_batch(prepared, registry)
+    finally:
+        handle.remove()
+    assert all(isinstance(outcome.stop, JobRevoked) for outcome in outcomes) and decodes == []
+
+
+def test_the_key_keeps_apart_what_one_call_cannot_share() -> None:
+    base = make_spec()
+    assert batch_key(base) == batch_key(make_spec(i=2, prompt="another prompt", negative_prompt=""))
+    assert batch_key(base) == batch_key(make_spec(callbacks=[{"type": "step_budget", "max_steps": 3}]))
+    for other in (
+        make_spec(width=128),
+        make_spec(num_inference_steps=9),
+        make_spec(scheduler="euler_a"),
+        make_spec(guidance_scale=3.0),
+        make_spec(negative_prompt="blurry"),  # SDXL encodes a missing negative prompt differently from ''
+        make_spec(callbacks=[{"type": "cfg_cutoff", "step_ratio": 0.5}]),
+        make_spec(model="tiny-sdxl"),
+    ):
+        assert batch_key(other) != batch_key(base)
+    assert batch_key(make_spec(pipeline="img2img", image="file:///x.png")) is None
+
+
+class Gate:
+    """A hook that holds the GPU thread at the first step until released."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.open = threading.Event()
+
+    def on_step(self, info: StepInfo) -> None:
+        self.reached.set()
+        assert self.open.wait(60)
+
+
+def test_the_gpu_thread_batches_only_compatible_jobs_already_waiting(registry: ModelRegistry, tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    runner = GpuRunner(registry, max_batch=4)
+    gate = Gate()
+    results: dict[str, Denoised] = {}
+
+    def submit(job: JobContext) -> threading.Thread:
+        prepared = prepare(job, registry, storage)
+        thread = threading.Thread(target=lambda: results.__setitem__(job.task_id, runner.run(prepared)))
+        thread.start()
+        return thread
+
+    threads = [submit(JobContext(make_spec(i=0, num_images=1), "first", hooks=[gate]))]
+    assert gate.reached.wait(60)
+    threads += [submit(JobContext(make_spec(i=i, num_images=1), f"same-{i}")) for i in range(1, 4)]
+    threads.append(submit(JobContext(make_spec(i=9, width=128), "bigger")))
+    threads.append(submit(JobContext(make_spec(i=5, num_images=2), "no-room")))  # 3 + 2 images > 4
+    wait_until(lambda: len(runner._waiting) == 5, timeout=60, what="five jobs waiting for the GPU")
+    gate.open.set()
+    for thread in threads:
+        thread.join(120)
+    assert runner.calls == [["first"], ["same-1", "same-2", "same-3"], ["bigger"], ["no-room"]]
+    assert results["first"].batched_with == [] and results["bigger"].batched_with == []
+    assert results["same-2"].batched_with == ["same-1", "same-3"]
+
+
+def test_a_job_past_its_time_limit_stops_at_its_next_step_and_fails(registry: ModelRegistry, tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    clock = iter([0.0, *([100.0] * 100)])  # taken at 0; every later step reads 100 s
+    job = JobContext(make_spec(), "late", hooks=[Deadline(30, clock=lambda: next(clock))])
+    prepared = prepare(job, registry, storage)
+    with pytest.raises(RenderFailed, match=r"TimeLimitExceeded: job stopped \(past its time limit of 30 s\)") as caught:
+        store(prepared, denoise(prepared, registry), storage)
+    manifest = caught.value.manifest  # the failure carries the manifest it stored
+    assert manifest is not None and manifest.status == "failed" and manifest.steps_completed == 1
+    assert "TimeLimitExceeded" in (manifest.error or "")
+
+
+def test_a_call_stuck_past_every_limit_ends_the_process(registry: ModelRegistry, tmp_path: Path) -> None:
+    exits: list[int] = []
+    runner = GpuRunner(registry, grace=0.0, exit_process=exits.append)
+    gate = Gate()
+    prepared: Prepared = prepare(JobContext(make_spec(), "stuck", hooks=[gate]), registry, LocalStorage(tmp_path))
+    thread = threading.Thread(target=runner.run, args=(prepared,), kwargs={"deadline": 0.0})
+    thread.start()
+    wait_until(lambda: exits == [70], timeout=60, what="the watchdog's exit")
+    gate.open.set()
+    thread.join(60)

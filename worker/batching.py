@@ -1,0 +1,278 @@
+"""Cross-job micro-batching: compatible jobs in hand share one pipeline call, each keeping its own rows.
+
+`batch_key` is the one definition of compatible: jobs with equal keys can share every UNet call. It holds
+what diffusers applies to a whole call (model and pipeline kind, size, steps, sampler, the guidance scale and
+CFG cutoff, LoRAs and their scales, clip skip, whether a negative prompt is given: SDXL encodes a missing one
+as zeros, an empty one as text); each job keeps its prompt, negative prompt, seeds, `num_images`, frames and
+step budget. Only text2img without an IP-Adapter batches; every other job runs alone.
+
+Inside the call each job owns a run of rows (one per image). After every model call, each job's hooks run on
+its own: a revoke (or a lost lease) drops its rows at once, with no decode. At each step's end its budget and
+frames run on its rows; a job whose budget is spent leaves with its partial latents, decoded at once, as it
+would be alone. Dropping rows slices everything that carries them: the latents, the prompt embeddings (both
+halves while guidance is on), SDXL's pooled embeddings and time ids, the generators (ancestral and SDE
+samplers draw per-row noise from them), and the scheduler's per-row history (multistep solvers' model
+outputs, Heun's first-order state).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from producer.spec import CfgCutoff, Frames, RenderSpec, StepBudget
+from worker.callbacks.cfg import cfg_cutoff_callback
+from worker.callbacks.frames import FramesCallback
+from worker.callbacks.steps import SamplerStepView, ends_a_step, steps_over
+from worker.models.registry import ModelRegistry
+from worker.models.sampling import clip_skip_arguments
+from worker.render import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
+from worker.stops import JobStopped
+
+
+def batch_key(spec: RenderSpec) -> Hashable | None:
+    """What a job must share with others to run in one pipeline call with them; None: it always runs alone."""
+    if spec.pipeline != "text2img" or spec.ip_adapter is not None:
+        return None
+    if any(not isinstance(callback, (CfgCutoff, StepBudget, Frames)) for callback in spec.callbacks):
+        return None  # a callback the batch does not run per job
+    cutoff = spec.callback(CfgCutoff)
+    return (
+        spec.model,
+        spec.pipeline,
+        spec.width,
+        spec.height,
+        spec.num_inference_steps,
+        spec.scheduler,
+        spec.guidance_scale,
+        (cutoff.step_ratio, cutoff.step_index) if cutoff is not None else None,
+        tuple((lora.name, lora.scale) for lora in spec.loras),
+        spec.clip_skip,
+        bool(spec.negative_prompt),
+    )
+
+
+def batchable(pipe: Any) -> bool:
+    """Whether the pipeline's loop can take jobs in one call: not a guidance-embedding (LCM-distilled) UNet, whose
+    per-row guidance embedding is computed once before the loop."""
+    return getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+
+def denoise_batch(prepared: Sequence[Prepared], registry: ModelRegistry) -> list[Denoised]:
+    """The GPU phase of jobs with one `batch_key`, as one pipeline call; one outcome per job, in order."""
+    if len(prepared) == 1:
+        return [denoise(prepared[0], registry)]
+    try:
+        pipe = load_pipeline(prepared, registry)
+    except Exception as exc:
+        return [Denoised(error=exc, before_any_step=True) for _ in prepared]
+    if not batchable(pipe):
+        return [denoise(each, registry) for each in prepared]
+    batch = _Batch(pipe, prepared)
+    try:
+        with job_setup(pipe, prepared, registry):
+            batch.run()
+    except Exception as exc:  # the call itself failed: every job still in it fails with the cause
+        for row in batch.active:
+            batch.leave(row, Denoised(error=exc))
+    ids = [each.job.task_id for each in prepared]
+    for job_id, outcome in zip(ids, batch.outcomes, strict=True):
+        assert outcome is not None
+        outcome.batched_with = [other for other in ids if other != job_id]
+    return [outcome for outcome in batch.outcomes if outcome is not None]
+
+
+class _AllLeft(Exception):
+    """No row is left in the call: end it before the decode."""
+
+
+@dataclass
+class _Member:
+    index: int  # the job's place in the batch
+    prepared: Prepared
+    rows: int  # its images
+
+    @property
+    def stack(self) -> Any:
+        return self.prepared.stack
+
+
+class _Budget:
+    """What a job's budget callback sees: the step count of the pipeline; `_interrupt` is the job's own."""
+
+    def __init__(self, view: Any) -> None:
+        self.num_timesteps = view.num_timesteps
+        self._interrupt = False
+
+
+class _Batch:
+    def __init__(self, pipe: Any, prepared: Sequence[Prepared]) -> None:
+        self.pipe = pipe
+        self.prepared = list(prepared)
+        self.active = [_Member(i, each, each.spec.num_images) for i, each in enumerate(prepared)]
+        self.outcomes: list[Denoised | None] = [None] * len(prepared)
+        spec = prepared[0].spec
+        cutoff = spec.callback(CfgCutoff)
+        self.cutoff = cfg_cutoff_callback(prepared[0].family, cutoff, spec.pipeline) if cutoff is not None else None
+        self.frames = {
+            member.index: FramesCallback(member.stack.frames, member.prepared.family)
+            for member in self.active
+            if member.stack.frames is not None
+        }
+        self.sdxl = "add_time_ids" in getattr(pipe, "_callback_tensor_inputs", ())
+        self.tensor_inputs = ["latents", "prompt_embeds", *(["add_text_embeds", "add_time_ids"] if self.sdxl else [])]
+        self.generators: list[torch.Generator] = []
+        self.started = time.perf_counter()
+
+    def run(self) -> None:
+        spec = self.prepared[0].spec
+        seeds = [m.prepared.record.image_seed(i) for m in self.active for i in range(m.rows)]
+        arguments = pipeline_arguments(spec, {}, seeds)
+        arguments["prompt"] = [m.prepared.spec.prompt for m in self.active for _ in range(m.rows)]
+        negatives = [m.prepared.spec.negative_prompt for m in self.active for _ in range(m.rows)]
+        arguments["negative_prompt"] = negatives if spec.negative_prompt else None
+        arguments["num_images_per_prompt"] = 1
+        self.generators = arguments["generator"]  # the list the loop hands the scheduler: rows leave it in place
+        for member in self.active:
+            member.stack.start()
+        self.started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                arguments.update(clip_skip_arguments(self.pipe, spec))
+                output = self.pipe(
+                    **arguments, callback_on_step_end=self, callback_on_step_end_tensor_inputs=self.tensor_inputs
+                )
+        except _AllLeft:
+            return
+        images = list(output.images)
+        for member in list(self.active):
+            self.leave(member, Denoised(images=images[: member.rows]))
+            images = images[member.rows :]
+
+    def leave(self, member: _Member, outcome: Denoised) -> None:
+        """`member` is out of the call: its outcome and its record (steps done, denoise to its last step, decode)."""
+        control = member.stack.control
+        now = time.perf_counter()
+        decoded = now if outcome.images else None
+        member.prepared.record.ran(
+            self.pipe, self.started, control.last_step_end or now, control.steps_completed, decoded
+        )
+        self.active.remove(member)
+        self.outcomes[member.index] = outcome
+
+    def __call__(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        view = SamplerStepView(pipeline)
+        completed = steps_over(step_index + 1, pipeline)
+        ends = ends_a_step(pipeline, step_index)
+        stopped: dict[int, Denoised] = {}
+        for member in self.active:
+            try:
+                member.stack.control.on_model_call(view, completed if ends else completed - 1)
+            except JobStopped as stop:
+                pipeline._interrupt = False  # the hook marks the whole pipeline; only this job's rows stop
+                stopped[member.index] = Denoised(stop=stop)
+        spent: list[_Member] = []
+        if ends:
+            if self.cutoff is not None:
+                callback_kwargs = self.cutoff(view, completed - 1, timestep, callback_kwargs)
+            spent = self._step_end(view, completed - 1, timestep, callback_kwargs, stopped)
+        self._drop(pipeline, callback_kwargs, stopped, spent)
+        return callback_kwargs
+
+    def _step_end(
+        self, view: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any], stopped: dict[int, Denoised]
+    ) -> list[_Member]:
+        """Each job's budget and frames on its own rows; the jobs whose budget is spent."""
+        spent = []
+        start = 0
+        for member in self.active:
+            rows = callback_kwargs["latents"][start : start + member.rows]
+            start += member.rows
+            if member.index in stopped:
+                continue
+            if member.stack.budget is not None:
+                budget = _Budget(view)
+                member.stack.budget.callback_fn(budget, step, timestep, {})
+                if budget._interrupt:
+                    spent.append(member)
+            if (frames := self.frames.get(member.index)) is not None:
+                frames.callback_fn(view, step, timestep, {"latents": rows})
+        return spent
+
+    def _drop(
+        self, pipeline: Any, callback_kwargs: dict[str, Any], stopped: dict[int, Denoised], spent: list[_Member]
+    ) -> None:
+        if not stopped and not spent:
+            return
+        latents = callback_kwargs["latents"]
+        keep: list[int] = []
+        start = 0
+        leaving: list[tuple[_Member, slice]] = []
+        for member in self.active:
+            rows = slice(start, start + member.rows)
+            start += member.rows
+            if member.index in stopped or member in spent:
+                leaving.append((member, rows))
+            else:
+                keep.extend(range(rows.start, rows.stop))
+        for member, rows in leaving:
+            outcome = stopped.get(member.index) or Denoised(images=decode_latents(self.pipe, latents[rows].clone()))
+            self.leave(member, outcome)
+        if not keep:
+            raise _AllLeft()
+        index = torch.tensor(keep, device=latents.device)
+        rows_before = latents.shape[0]
+        guided = torch.cat([index, index + rows_before]) if pipeline.do_classifier_free_guidance else index
+        callback_kwargs["latents"] = latents[index]
+        callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"][guided]
+        if self.sdxl:
+            callback_kwargs["add_text_embeds"] = callback_kwargs["add_text_embeds"][guided]
+            # Every row's time ids are equal (no negative size conditioning is passed): keep as many as rows.
+            callback_kwargs["add_time_ids"] = callback_kwargs["add_time_ids"][: guided.shape[0]]
+        self.generators[:] = [self.generators[row] for row in keep]
+        _slice_scheduler_rows(pipeline.scheduler, rows_before, latents.ndim, index)
+
+
+def _slice_scheduler_rows(scheduler: Any, rows: int, ndim: int, index: torch.Tensor) -> None:
+    """Keep `index` rows of every per-row tensor the scheduler holds (alone or in a history list)."""
+
+    def per_row(value: Any) -> bool:
+        return isinstance(value, torch.Tensor) and value.ndim == ndim and value.shape[0] == rows
+
+    for name, value in list(vars(scheduler).items()):
+        if per_row(value):
+            setattr(scheduler, name, value[index])
+        elif isinstance(value, list) and any(per_row(item) for item in value):
+            setattr(scheduler, name, [item[index] if per_row(item) else item for item in value])
+
+
+def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    """The VAE decode and post-processing that ends a text2img call, for SD1.5- and SDXL-family pipelines."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae")
+    if upcast:
+        pipe.upcast_vae()
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    with torch.inference_mode():
+        if mean is not None and std is not None and hasattr(pipe, "watermark"):
+            shape = (1, latents.shape[1], 1, 1)
+            mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+            std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        denormalize = [True] * image.shape[0]
+        if hasattr(pipe, "run_safety_checker"):
+            image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
+            denormalize = denormalize if nsfw is None else [not flagged for flagged in nsfw]
+        if getattr(pipe, "watermark", None) is not None:
+            image = pipe.watermark.apply_watermark(image)
+        return list(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize))

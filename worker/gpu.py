@@ -1,0 +1,218 @@
+"""The GPU thread of a worker process: the only thread that runs pipelines, one call (one job or a batch) at a time.
+
+Each job's own thread (a Celery task) prepares it, hands it here with `GpuRunner.run`, and while it waits
+reports the job's progress; once the call ends it encodes, uploads and writes the manifest while this thread
+already runs the next job. Jobs with one `worker.batching.batch_key` that are waiting when the GPU frees
+run as one call of up to `max_batch` images; no job waits for others to arrive.
+
+A job past its hard time limit is stopped at its next step (`TimeLimitExceeded`, a `failed` manifest). A
+call stuck outside the steps (a decode or a load that never returns) cannot be stopped from Python: past
+every job's limit plus `grace` seconds the watchdog ends the process, and the lease recovery puts its jobs
+back on the queue, as Celery's prefork pool did when it killed a child over `task_time_limit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.batching import batch_key, denoise_batch
+from worker.callbacks.control import StepInfo
+from worker.models.registry import ModelRegistry
+from worker.render import Denoised, Prepared
+from worker.stops import JobStopped, TimeLimitExceeded
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+_STARTED = object()
+
+
+class Deadline:
+    """A step hook: stop the job at its next step once `limit` seconds have passed since it was taken."""
+
+    def __init__(self, limit: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.at = clock() + limit
+
+    def on_step(self, info: StepInfo) -> None:
+        if self.clock() >= self.at:
+            raise TimeLimitExceeded(info.steps_completed, self.limit)
+
+
+class ProgressBox:
+    """Progress posted by a job's step hook on the GPU thread, reported by the job's own thread: the step never
+    waits on the Redis round trips of a report."""
+
+    def __init__(self) -> None:
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def post(self, step: int, total: int) -> None:
+        self.events.put((step, total))
+
+
+@dataclass
+class _Request:
+    prepared: Prepared
+    key: Hashable | None
+    deadline: float
+    box: ProgressBox | None
+    skip: Callable[[], JobStopped | None] | None = None
+    outcome: Denoised | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def images(self) -> int:
+        return self.prepared.spec.num_images
+
+
+class GpuRunner:
+    """Runs jobs' GPU phases on one thread, batching compatible waiting jobs up to `max_batch` images."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        max_batch: int = 1,
+        on_call: Callable[[list[str]], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        grace: float = 60.0,
+        exit_process: Callable[[int], None] = os._exit,
+    ) -> None:
+        self.registry = registry
+        self.max_batch = max_batch
+        self.on_call = on_call
+        self.on_idle = on_idle
+        self.grace = grace
+        self.exit_process = exit_process
+        self._waiting: list[_Request] = []
+        self._cond = threading.Condition()
+        self._running: list[_Request] = []
+        self._call_started: float | None = None
+        self.calls: list[list[str]] = []  # task ids of each call, newest last (kept short)
+        self._thread = threading.Thread(target=self._loop, name="render-gpu", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch, name="render-gpu-watchdog", daemon=True)
+        self._thread.start()
+        self._watchdog.start()
+
+    def run(
+        self,
+        prepared: Prepared,
+        *,
+        deadline: float | None = None,
+        box: ProgressBox | None = None,
+        report: Callable[[int, int], None] | None = None,
+        started: Callable[[], None] | None = None,
+        skip: Callable[[], JobStopped | None] | None = None,
+    ) -> Denoised:
+        """Queue the job's GPU phase and wait for it; meanwhile, on this thread, call `started()` when the GPU takes
+        the job and `report(step, total)` for each progress its hook posts to `box`.
+
+        `deadline` (time.monotonic()) is when the job's hard limit is over, for the watchdog. `skip()` runs when
+        the GPU takes the job: a stop it returns (a revoke that came while the job waited) ends the job there.
+        """
+        key = batch_key(prepared.spec) if self.max_batch > 1 else None
+        request = _Request(prepared, key, deadline if deadline is not None else float("inf"), box, skip)
+        with self._cond:
+            self._waiting.append(request)
+            self._cond.notify_all()
+        if box is None:
+            request.done.wait()
+        else:
+            while (item := box.events.get()) is not _DONE:
+                try:
+                    if item is _STARTED:
+                        if started is not None:
+                            started()
+                    elif report is not None:
+                        report(*item)
+                except Exception as exc:  # progress is informative; it never stops a render
+                    log.warning("progress report failed: %s", exc)
+        assert request.outcome is not None
+        return request.outcome
+
+    def _take(self) -> list[_Request]:
+        """The oldest waiting job and the compatible ones waiting behind it, up to `max_batch` images."""
+        with self._cond:
+            while not self._waiting:
+                self._cond.wait()
+            first = self._waiting.pop(0)
+            batch = [first]
+            if first.key is not None:
+                images = first.images
+                for request in list(self._waiting):
+                    if request.key == first.key and images + request.images <= self.max_batch:
+                        batch.append(request)
+                        self._waiting.remove(request)
+                        images += request.images
+            self._running = batch
+            self._call_started = time.monotonic()
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = [request for request in self._take() if not self._skipped(request)]
+            if not batch:
+                continue
+            for request in batch:
+                if request.box is not None:
+                    request.box.events.put(_STARTED)
+            ids = [request.prepared.job.task_id for request in batch]
+            self.calls = [*self.calls[-99:], ids]
+            if self.on_call is not None:
+                self.on_call(ids)
+            try:
+                outcomes = denoise_batch([request.prepared for request in batch], self.registry)
+            except Exception as exc:  # denoise_batch returns errors as outcomes; this is a bug, not a job's failure
+                log.exception("the GPU call of %s failed outside any job", ids)
+                outcomes = [Denoised(error=exc) for _ in batch]
+            with self._cond:
+                self._running = []
+                self._call_started = None
+            for request, outcome in zip(batch, outcomes, strict=True):
+                self._settle(request, outcome)
+            if self.on_idle is not None and not self._waiting:
+                self.on_idle()
+
+    def _skipped(self, request: _Request) -> bool:
+        try:
+            stop = request.skip() if request.skip is not None else None
+        except Exception as exc:  # the check fails open, like the step hook's
+            log.warning("pre-start check of %s failed (running it): %s", request.prepared.job.task_id, exc)
+            stop = None
+        if stop is not None:
+            self._settle(request, Denoised(stop=stop))
+        return stop is not None
+
+    @staticmethod
+    def _settle(request: _Request, outcome: Denoised) -> None:
+        request.outcome = outcome
+        request.done.set()
+        if request.box is not None:
+            request.box.events.put(_DONE)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            with self._cond:
+                running = list(self._running)
+            if not running:
+                continue
+            limit = max(request.deadline for request in running) + self.grace
+            if time.monotonic() > limit:
+                ids = [request.prepared.job.task_id for request in running]
+                log.critical(
+                    "the GPU call of %s is %.0f s past its jobs' time limit and no step ended it: exiting, so the "
+                    "process restarts and the lease recovery hands its jobs to another worker",
+                    ids,
+                    self.grace,
+                )
+                self.exit_process(70)
+                return
