@@ -2,7 +2,7 @@
 
 1. Callback costs: each callback of the worker's stack called on the pipeline's real tensors
    (`latents`, `prompt_embeds`, ...), each call timed alone, median µs. The revocation check is the
-   worker's own `RedisJobControl` against a private redis-server; the progress report is the
+   worker's own `RevocationCheck` and `ProgressReport` against a private redis-server; the progress report is the
    worker's `_progress` (Celery result backend write + task event + the `render workers` advert) on a real
    Celery app.
 2. CFG cutoff at several step ratios vs none: whole `render()` jobs, interleaved, medians.
@@ -37,7 +37,7 @@ from worker import tasks
 from worker.callbacks import StepControlCallback, StepInfo, build_callbacks
 from worker.celery_app import create_app
 from worker.fleet import JobAdvert
-from worker.jobcontrol import RedisJobControl, control_client
+from worker.jobcontrol import ProgressReport, RevocationCheck, control_client
 from worker.local_cluster import RedisServer
 from worker.metrics import StepTimer
 from worker.models.registry import ModelRegistry
@@ -161,15 +161,13 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
         report_micros = time_calls(
             lambda i: tasks._progress(task, i, case.steps, advert), 100, bench.sync, lambda: None
         )
-        control = RedisJobControl(
-            control_client(redis_url),
-            "bench",
-            lambda step, total: tasks._progress(task, step, total, advert),
-            progress_interval=PROGRESS_INTERVAL,
-        )
-        revocation_only = RedisJobControl(control_client(redis_url), "bench-2", None)
+        hooks = [
+            RevocationCheck(control_client(redis_url), "bench"),
+            ProgressReport(lambda step, total: tasks._progress(task, step, total, advert), interval=PROGRESS_INTERVAL),
+        ]
+        revocation_only = RevocationCheck(control_client(redis_url), "bench-2")
         stack = build_callbacks(
-            spec, bench.family, task_id="bench", storage=bench.storage, hooks=[control, StepTimer(bench.model)]
+            spec, bench.family, task_id="bench", storage=bench.storage, hooks=[*hooks, StepTimer(bench.model)]
         )
         stack.start()
         frames = stack.frames
@@ -181,7 +179,7 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
         info = StepInfo("bench", 1, case.steps, 0.0)
         timer = StepTimer(bench.model)
         micros = {
-            "revocation check (RedisJobControl: GET on loopback Redis)": time_calls(
+            "revocation check (RevocationCheck: GET on loopback Redis)": time_calls(
                 lambda i: revocation_only.on_step(info), calls, bench.sync, drain
             ),
             "metrics.StepTimer hook": time_calls(lambda i: timer.on_step(info), calls, bench.sync, drain),

@@ -22,6 +22,7 @@ import bench_queue
 import bench_recovery
 import bench_render
 import bench_routing
+import bench_throughput
 import bench_worker
 from common import Section, environment, median, verdict
 
@@ -45,7 +46,7 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
   with the arguments `render()` passes and no callbacks. Per step: the manifest's
   `timings.denoise / steps_completed` against the bare call's time to its VAE decode, over steps.
 - Callback costs are each callback alone on the pipeline's real step tensors; the revocation check
-  is `RedisJobControl` against the private redis-server; the progress report is the worker's own
+  is `RevocationCheck` against the private redis-server; the progress report is the worker's own
   (Celery result backend write + task event), sent at most once per RENDER_PROGRESS_INTERVAL.
 - LoRA cost is per step with the adapter unfused (switched with `set_adapters` / `disable_lora`), against a
   pipeline that never held one: tiny-sd15 through the worker's `loras_applied`, and a UNet of SD 1.5's widths.
@@ -61,6 +62,7 @@ def summary(
     queue: bench_queue.QueueResults,
     rendered: bench_render.RenderResults,
     recovery: list[bench_recovery.Recovery],
+    throughput: str,
 ) -> Section:
     section = Section("Targets")
     prod = worker[-1]
@@ -76,6 +78,7 @@ def summary(
             f"- frames every step, {case.label} ({case.size}x{case.size}), torch threads {threads}: {ratio - 1:+.1%} "
             f"(target < {bench_render.FRAMES_TARGET:.0%}): **{verdict(ratio - 1 < bench_render.FRAMES_TARGET)}**"
         )
+    section.line(f"- {throughput} (goals: overlap >= 1.00x, batched >= 1.40x)")
     for r in recovery:
         section.line(
             f"- recovery after SIGKILL (lease {r.lease_ttl} s, scan {r.interval} s): {r.status} after {r.seconds:.1f} s"
@@ -134,9 +137,10 @@ def main() -> None:
     recovery_section, recovery = bench_recovery.run()
     routing_section = bench_routing.run(jobs=100)
     batch_section = bench_batch.run(jobs=2000)
+    throughput_section, throughput = bench_throughput.run(jobs=4 if args.quick else 8, repeats=1 if args.quick else 3)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
-        summary(worker, queue, rendered, recovery),
+        summary(worker, queue, rendered, recovery, throughput),
         worker_section,
         *rendered.sections,
         lora_section,
@@ -144,6 +148,7 @@ def main() -> None:
         recovery_section,
         routing_section,
         batch_section,
+        throughput_section,
         *gpu_sections,
     ]
     write(args.out, command, time.monotonic() - started, started_at, sections)

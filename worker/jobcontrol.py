@@ -1,5 +1,5 @@
-"""Per-job control through Redis: the lease that keeps two workers off one job, and the step hook that
-checks revocation and reports progress.
+"""Per-job control through Redis, as three step hooks: the lease that keeps two workers off one job (a flag
+its renewal thread keeps), the revocation check, and the throttled progress report.
 
 Redis trouble inside the step hook fails **open**: the render goes on, the check is retried at the
 next step, and a warning is logged once. A Redis blip must not throw away a GPU-hour of work; the
@@ -116,6 +116,10 @@ class Lease:
         if self.lost.is_set():
             raise LeaseLost(steps_completed, self.key)
 
+    def on_step(self, info: StepInfo) -> None:
+        """The lease as a step hook: a flag read, no Redis round trip (the renewal thread sets it)."""
+        self.check(info.steps_completed)
+
     def _lose(self, why: str) -> None:
         log.error("lease %s was lost: %s; this worker stops the job and writes nothing", self.key, why)
         self.lost.set()
@@ -130,30 +134,15 @@ class Lease:
             log.warning("could not release lease %s (it expires by itself): %s", self.key, exc)
 
 
-class RedisJobControl:
-    """The worker's step hook: revocation check at every step, throttled progress reports."""
+class RevocationCheck:
+    """A step hook: read `render:revoked:<id>` at every step and stop the job once it is set (`JobRevoked`)."""
 
-    def __init__(
-        self,
-        client: redis.Redis,
-        task_id: str,
-        report: Callable[[int, int], None] | None = None,
-        *,
-        progress_interval: float = 0.5,
-        clock: Callable[[], float] = time.time,
-        backoff: float = 1.0,
-        lease: Lease | None = None,
-    ) -> None:
+    def __init__(self, client: redis.Redis, task_id: str, *, backoff: float = 1.0) -> None:
         self.client = client
-        self.lease = lease
         self.key = revoked_key(task_id)
-        self.report = report
-        self.progress_interval = progress_interval
-        self.clock = clock
-        self._last_report = float("-inf")
+        self.backoff = backoff
         self._step_ends: list[float] = []
         self._warned = False
-        self.backoff = backoff
         self._retry_at = float("-inf")
         self.revoked_at: float | None = None
 
@@ -181,24 +170,39 @@ class RedisJobControl:
             return None
 
     def on_step(self, info: StepInfo) -> None:
-        now = self.clock()
-        self._step_ends.append(now)
-        if self.lease is not None:
-            self.lease.check(info.steps_completed)
+        self._step_ends.append(time.time())
         if self.is_revoked():
             raise JobRevoked(
                 info.steps_completed, revoked_at=self.revoked_at, steps_after_revoke=self.steps_after_revoke()
             )
-        last = info.steps_completed >= info.steps_planned
-        if self.report is not None and (last or now - self._last_report >= self.progress_interval):
-            self._last_report = now
-            try:
-                self.report(info.steps_completed, info.steps_planned)
-            except Exception as exc:  # progress is informative; it never stops a render
-                log.warning("progress report failed: %s", exc)
 
     def steps_after_revoke(self) -> int | None:
         """How many steps ended after the revoke was written (its latency in steps)."""
         if self.revoked_at is None:
             return None
         return sum(1 for end in self._step_ends if end > self.revoked_at)
+
+
+class ProgressReport:
+    """A step hook: `report(step, total)` at most every `interval` seconds, and always at the last step.
+
+    In a worker `report` only posts to the job's own thread (`worker.gpu.ProgressBox`), which makes the Redis
+    writes; a report that raises is logged and never stops the render.
+    """
+
+    def __init__(
+        self, report: Callable[[int, int], None], *, interval: float = 0.5, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.report = report
+        self.interval = interval
+        self.clock = clock
+        self._last = float("-inf")
+
+    def on_step(self, info: StepInfo) -> None:
+        now = self.clock()
+        if info.steps_completed >= info.steps_planned or now - self._last >= self.interval:
+            self._last = now
+            try:
+                self.report(info.steps_completed, info.steps_planned)
+            except Exception as exc:  # progress is informative; it never stops a render
+                log.warning("progress report failed: %s", exc)

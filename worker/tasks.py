@@ -31,7 +31,7 @@ from worker.fleet import JobAdvert
 from worker.gpu import Deadline, GpuRunner, ProgressBox
 from worker.inputs import load_inputs
 from worker.job import JobContext
-from worker.jobcontrol import Lease, RedisJobControl, control_client, patient_client
+from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, control_client, patient_client
 from worker.models.registry import ModelRegistry
 from worker.render import finished_manifest, prepare, revoked_before_start, store
 from worker.settings import WorkerSettings
@@ -144,11 +144,11 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
         log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
         raise Ignore()
     box = ProgressBox()
-    control = RedisJobControl(
-        state.control, task_id, box.post, progress_interval=state.settings.progress_interval, lease=lease
-    )
-    job.hooks = [
-        control,
+    revocation = RevocationCheck(state.control, task_id)
+    job.hooks = [  # in this order: a job whose lease is lost or that is revoked reports no more progress
+        lease,
+        revocation,
+        ProgressReport(box.post, interval=state.settings.progress_interval),
         deadline,
         metrics.StepTimer(spec.model),
     ]
@@ -163,7 +163,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             box=box,
             report=lambda step, total: _progress(task, step, total, state.advert),
             started=lambda: _started(task),
-            skip=lambda: JobRevoked(0, revoked_at=control.revoked_at) if control.is_revoked() else None,
+            skip=lambda: JobRevoked(0, revoked_at=revocation.revoked_at) if revocation.is_revoked() else None,
         )
         manifest = store(prepared, outcome, state.storage)
     except LeaseLost:

@@ -13,7 +13,7 @@ import redis
 from producer.keys import RUNNING_TASKS, lease_key, revoked_key
 from tests.helpers import free_port, wait_until
 from worker.callbacks import StepInfo
-from worker.jobcontrol import Lease, RedisJobControl, control_client
+from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, control_client
 from worker.local_cluster import RedisServer
 from worker.stops import JobRevoked, LeaseLost
 
@@ -57,12 +57,15 @@ def test_an_unrenewed_lease_expires(client: redis.Redis) -> None:
 
 def test_revocation_is_seen_at_the_next_step_and_counts_the_steps_after(client: redis.Redis) -> None:
     reports: list[tuple[int, int]] = []
-    control = RedisJobControl(client, "job", lambda s, t: reports.append((s, t)), progress_interval=0)
-    control.on_step(step(1))
-    control.on_step(step(2))
+    hooks: list[Any] = [RevocationCheck(client, "job"), ProgressReport(lambda s, t: reports.append((s, t)), interval=0)]
+    for hook in hooks:
+        hook.on_step(step(1))
+    for hook in hooks:
+        hook.on_step(step(2))
     client.set(revoked_key("job"), json.dumps({"at": time.time()}))
     with pytest.raises(JobRevoked) as caught:
-        control.on_step(step(3))
+        for hook in hooks:  # as the stack runs them: the revoked job reports nothing more
+            hook.on_step(step(3))
     assert caught.value.steps_completed == 3 and caught.value.steps_after_revoke == 1
     assert caught.value.revoked_at is not None
     assert reports == [(1, 10), (2, 10)]
@@ -70,7 +73,7 @@ def test_revocation_is_seen_at_the_next_step_and_counts_the_steps_after(client: 
 
 def test_progress_is_throttled_but_the_last_step_always_reported(client: redis.Redis) -> None:
     reports: list[int] = []
-    control = RedisJobControl(client, "job", lambda s, t: reports.append(s), progress_interval=60)
+    control = ProgressReport(lambda s, t: reports.append(s), interval=60)
     for n in range(1, 11):
         control.on_step(step(n))
     assert reports == [1, 10]
@@ -86,7 +89,7 @@ def test_redis_down_fails_open_and_does_not_slow_the_steps(caplog: pytest.LogCap
         return real_get(name)
 
     dead.get = counting_get  # type: ignore[method-assign,assignment]
-    control = RedisJobControl(dead, "job", None, backoff=60)
+    control = RevocationCheck(dead, "job", backoff=60)
     for n in range(1, 50):
         control.on_step(step(n, 50))  # keeps rendering
     assert reads == [revoked_key("job")], "one failed check, then none until the backoff ends"
@@ -96,7 +99,7 @@ def test_redis_down_fails_open_and_does_not_slow_the_steps(caplog: pytest.LogCap
 def test_a_lease_taken_over_is_lost_and_the_step_hook_stops_the_render(client: redis.Redis) -> None:
     lease = Lease(client, "job", ttl=0.6, owner="w1")
     assert lease.acquire({"spec": "{}", "worker": "w1"})
-    hook = RedisJobControl(client, "job", lease=lease)
+    hook = lease  # the lease is itself a step hook: it reads the flag its renewal thread keeps
     hook.on_step(step(1))  # held: the render goes on
     client.set(lease_key("job"), "w2:someone-else")  # another worker owns the job now
     assert lease.lost.wait(timeout=30), "renewal never noticed the other holder"

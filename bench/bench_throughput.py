@@ -1,0 +1,195 @@
+"""Benchmark throughput: images/s of a stream of same-shape jobs through a real worker, against bare diffusers.
+
+Per case (a size and step count), each round runs, interleaved:
+- bare serial: `pipe(...)` once per spec, in a row, in this process (the arguments `render()` passes);
+- bare batched: the same specs as one `pipe(...)` call per `--max-batch` prompts, each with its own generator
+  (the limit micro-batching can reach);
+- worker: the same specs submitted at once with `RenderClient.submit_many` to one `render worker`
+  (RENDER_MAX_BATCH=`--max-batch`), timed from the submit to the last job's final state: queueing, input
+  handling, PNG encoding, storage and manifests included.
+
+Both sides use one torch thread. The last line compares the worker with the bare serial loop:
+`overlap` at the production-like case (what overlapping a job's I/O with the next one's denoising can win),
+`batched` at the small case (what batching compatible jobs can win).
+
+    python bench/bench_throughput.py [--quick] [--jobs 8] [--max-batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import PROMPT, Section, interleaved, median, set_threads, spread
+
+from producer import RenderSpec
+from producer.client import RenderClient
+from producer.settings import ClientSettings
+from worker.local_cluster import RedisServer, WorkerProcess
+from worker.models.registry import ModelRegistry
+from worker.render import pipeline_arguments
+from worker.settings import WorkerSettings
+
+MODEL = "tiny-sd15"
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    size: int
+    steps: int
+
+
+SMALL = Case("small", 256, 20)
+PRODUCTION = Case("production-like", 640, 20)
+
+
+def specs(case: Case, jobs: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "model": MODEL,
+            "prompt": f"{PROMPT}, variation {i}",
+            "num_inference_steps": case.steps,
+            "width": case.size,
+            "height": case.size,
+            "seed": 1000 + i,
+        }
+        for i in range(jobs)
+    ]
+
+
+def bare_serial(pipe: Any, parsed: list[RenderSpec]) -> None:
+    with torch.inference_mode():
+        for spec in parsed:
+            pipe(**pipeline_arguments(spec, {}, [spec.seed or 0]))
+
+
+def bare_batched(pipe: Any, parsed: list[RenderSpec], max_batch: int) -> None:
+    with torch.inference_mode():
+        for start in range(0, len(parsed), max_batch):
+            chunk = parsed[start : start + max_batch]
+            arguments = pipeline_arguments(chunk[0], {}, [spec.seed or 0 for spec in chunk])
+            arguments["prompt"] = [spec.prompt for spec in chunk]
+            arguments["negative_prompt"] = None
+            pipe(**arguments)
+
+
+def through_worker(client: RenderClient, raw: list[dict[str, Any]]) -> None:
+    handles = client.submit_many(raw)
+    for handle in handles:  # block on the result backend's pub/sub: polling would take CPU from the worker
+        client.app.AsyncResult(handle.task_id).get(timeout=900, propagate=False)
+    for handle in handles:
+        manifest = handle.wait(timeout=60)
+        if manifest.status != "succeeded":
+            raise RuntimeError(f"worker job ended {manifest.status}: {manifest.error}")
+
+
+@dataclass
+class Throughput:
+    case: Case
+    jobs: int
+    seconds: dict[str, list[float]]
+
+    def rate(self, name: str) -> float:
+        return self.jobs / median(self.seconds[name])
+
+    def ratio(self, name: str) -> float:
+        return self.rate(name) / self.rate("bare serial")
+
+
+def measure(client: RenderClient, pipe: Any, case: Case, jobs: int, max_batch: int, repeats: int) -> Throughput:
+    raw = specs(case, jobs)
+    parsed = [RenderSpec.parse(spec) for spec in raw]
+    seconds = interleaved(
+        {
+            "bare serial": lambda: bare_serial(pipe, parsed),
+            "bare batched": lambda: bare_batched(pipe, parsed, max_batch),
+            "worker": lambda: through_worker(client, raw),
+        },
+        repeats,
+    )
+    return Throughput(case, jobs, seconds)
+
+
+def _worker_env(server: RedisServer, work: Path, device: str, max_batch: int, prefetch: int) -> dict[str, str]:
+    return {
+        "RENDER_REDIS_URL": server.url,
+        "RENDER_STORAGE_URL": (work / "out").as_uri(),
+        "RENDER_DEVICE": device,
+        "RENDER_TORCH_THREADS": "1",
+        "RENDER_MAX_BATCH": str(max_batch),
+        "RENDER_PREFETCH": str(prefetch),
+    }
+
+
+def run(*, jobs: int = 8, max_batch: int = 8, repeats: int = 3, device: str = "cpu") -> tuple[Section, str]:
+    section = Section(
+        "Throughput: a stream of jobs through a worker vs bare diffusers",
+        f"`bench/bench_throughput.py`: {jobs} same-shape {MODEL} jobs per stream, submitted at once, one torch "
+        "thread on both sides. The worker is timed from the submit to the last job's final state (queueing, "
+        "PNG encoding, storage and manifests included): at the production-like size with RENDER_MAX_BATCH=1 "
+        f"(overlap alone: one job in hand beyond the one denoising), at the small size with RENDER_MAX_BATCH="
+        f"{max_batch} (overlap and batching). Bare: the serial `pipe()` loop over the same specs, and calls of up to "
+        f"{max_batch} prompts (the limit). Medians of {repeats} interleaved rounds after a warm-up; ± = half the IQR.",
+    )
+    set_threads(1)
+    pipe = ModelRegistry.from_settings(WorkerSettings(device=device)).pipeline(MODEL)
+    work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    results = {}
+    with RedisServer(workdir=work) as server:
+        client = RenderClient(ClientSettings(redis_url=server.url))
+        try:
+            for case, batch, prefetch in ((PRODUCTION, 1, 1), (SMALL, max_batch, max_batch)):
+                env = _worker_env(server, work, device, batch, prefetch)
+                with WorkerProcess(f"throughput-{case.size}", env, work / f"worker-{case.size}.log") as worker:
+                    worker.wait_ready(client.app)
+                    results[case] = measure(client, pipe, case, jobs, max_batch, repeats)
+        finally:
+            client.close()
+    rows = []
+    for result in results.values():
+        for name in ("bare serial", "bare batched", "worker"):
+            rows.append(
+                [
+                    f"{result.case.label} {result.case.size}², {result.case.steps} steps",
+                    name,
+                    f"{median(result.seconds[name]):.2f} (±{spread(result.seconds[name]):.1%})",
+                    f"{result.rate(name):.2f}",
+                    f"{result.ratio(name):.2f}x",
+                ]
+            )
+    section.table(["case", "how", f"s per {jobs} jobs", "jobs/s", "of bare serial"], rows)
+    small, production = results[SMALL], results[PRODUCTION]
+    line = f"throughput: overlap {production.ratio('worker'):.2f}x, batched {small.ratio('worker'):.2f}x of bare serial"
+    section.line(
+        f"- goals on a 2-core CPU: overlap ≥ 1.00x at {PRODUCTION.size}² "
+        f"(**{'met' if production.ratio('worker') >= 1.0 else 'NOT met'}**), batched ≥ 1.40x at {SMALL.size}² "
+        f"(**{'met' if small.ratio('worker') >= 1.4 else 'NOT met'}**); the limit, bare batched calls: "
+        f"{small.ratio('bare batched'):.2f}x at {SMALL.size}², {production.ratio('bare batched'):.2f}x at "
+        f"{PRODUCTION.size}²"
+    )
+    section.line(line)
+    return section, line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one round after the warm-up, 4 jobs (under 2 minutes)")
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--max-batch", type=int, default=8)
+    args = parser.parse_args()
+    started = time.monotonic()
+    if args.quick:
+        run(jobs=4, max_batch=min(args.max_batch, 4), repeats=1)
+    else:
+        run(jobs=args.jobs, max_batch=args.max_batch)
+    print(f"(took {time.monotonic() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
