@@ -9,7 +9,7 @@ real vocabulary size). Random fp16 weights give meaningless images at the real c
 allocates nothing, and checks the parameter counts against the published ones. On a GPU,
 `run()` saves each random pipeline as a diffusers directory, allowlists it through RENDER_MODELS
 for this process and the workers it starts, and runs the worker-overhead, callback, CFG and
-frames benchmarks on it.
+frames benchmarks on it, and the throughput benchmark (overlap, and batches of 8) at its full size.
 
     python bench/bench_gpu.py --dry-run
 """
@@ -261,6 +261,7 @@ def run(*, repeats: int = 5) -> list[Section]:
         return [section]
 
     import bench_render
+    import bench_throughput
     import bench_worker
 
     section.line(f"GPU: {torch.cuda.get_device_name(0)}; fp16; weights saved to a temporary directory first.")
@@ -279,6 +280,12 @@ def run(*, repeats: int = 5) -> list[Section]:
             for render_section in rendered.sections:
                 render_section.title = f"GPU {m.name}: " + render_section.title
                 sections.append(render_section)
+            full = bench_throughput.Case(m.name, m.size, m.steps)
+            throughput_section, _ = bench_throughput.run(
+                model=m.name, overlap_case=full, batch_case=full, device="cuda", repeats=max(2, repeats // 2)
+            )
+            throughput_section.title = f"GPU {m.name}: " + throughput_section.title
+            sections.append(throughput_section)
     return sections
 
 

@@ -144,7 +144,7 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """One `render worker` (a Celery main process and its prefork child) in its own process group."""
+    """One `render worker` process (its Celery consumer, job threads and GPU thread) in its own process group."""
 
     def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
         self.name = name

@@ -127,6 +127,7 @@ def load_pipeline(prepared: Sequence[Prepared], registry: ModelRegistry) -> Any:
     pipe = registry.pipeline(spec.model, spec.pipeline)
     for each in prepared:
         each.record.timings.load = time.perf_counter() - started
+        each.record.started_at = _now()  # the GPU took it: a job held while another denoised started now
     check_clip_skip(pipe, spec)
     return pipe
 

@@ -20,6 +20,7 @@ import logging
 from time import monotonic
 from typing import Any
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
@@ -59,6 +60,16 @@ class Message(VirtualMessage):
 
 class Channel(kombu_redis.Channel):
     Message = Message
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        # After a lost connection Celery collects the transport (its client is then None) and closes the channel
+        # after, which restores unacknowledged messages through a new client: kombu's own fails on the None with
+        # an AttributeError that Celery does not expect, and the worker stops ("Unrecoverable error"). As a
+        # connection error the restore is skipped, as when Redis is down, and the worker reconnects; the jobs
+        # in hand go on (their messages stay in kombu's unacked hash, which the recovery scanner watches).
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection was closed (connection lost)")
+        return super()._connparams(asynchronous=asynchronous)
 
     @property
     def affinity(self) -> Affinity | None:

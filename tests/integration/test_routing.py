@@ -59,8 +59,9 @@ def test_every_job_runs_on_a_worker_that_serves_its_model(farm_factory: Callable
 
 
 def test_a_high_job_submitted_behind_a_backlog_starts_next(farm_factory: Callable[[], Farm]) -> None:
+    """Next after the jobs already in the worker's hands: RENDER_PREFETCH (1 here) took one while the blocker ran."""
     farm = farm_factory()
-    farm.start_workers("busy", models=json.dumps(SD15))
+    farm.start_workers("busy", models=json.dumps(SD15), prefetch="1")
     blocker = farm.client.submit(job("tiny-sd15", steps=150, size=256))
     wait_until(lambda: blocker.status().state == "progress", timeout=60, what="the blocking job to start")
     backlog = farm.client.submit_many([job("tiny-sd15", seed=i) for i in range(10)])
@@ -69,7 +70,8 @@ def test_a_high_job_submitted_behind_a_backlog_starts_next(farm_factory: Callabl
     first = high.wait(timeout=120)
     rest = [handle.wait(timeout=120) for handle in backlog]
     assert first.status == "succeeded" and all(m.status == "succeeded" for m in rest)
-    assert first.started_at < min(m.started_at for m in rest), "the high job started before every queued normal one"
+    ahead = [m.task_id for m in rest if m.started_at < first.started_at]
+    assert len(ahead) <= 1, f"the high job started after {len(ahead)} normal jobs, more than the one prefetched"
 
 
 @contextmanager
