@@ -3,7 +3,8 @@
 Each job's own thread (a Celery task) prepares it, hands it here with `GpuRunner.run`, and while it waits
 reports the job's progress; once the call ends it encodes, uploads and writes the manifest while this thread
 already runs the next job. Jobs with one `worker.batching.batch_key` that are waiting when the GPU frees
-run as one call of up to `max_batch` images; no job waits for others to arrive.
+run as one call of up to `max_batch` images. A call waits for no job that is not yet delivered: only, for at
+most `GATHER_SECONDS`, for jobs this worker already holds that are still being checked.
 
 A job past its hard time limit is stopped at its next step (`TimeLimitExceeded`, a `failed` manifest). A
 call stuck outside the steps (a decode or a load that never returns) cannot be stopped from Python: past
@@ -13,12 +14,13 @@ back on the queue, as Celery's prefork pool did when it killed a child over `tas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 _DONE = object()
 _STARTED = object()
+
+GATHER_SECONDS = 0.25
+"""The longest a call waits for jobs already delivered to this worker that are still being checked (lease, inputs):
+they reach the GPU queue milliseconds after the first of a burst. A call never waits for jobs not yet delivered."""
 
 
 class Deadline:
@@ -56,6 +62,13 @@ class ProgressBox:
 
     def post(self, step: int, total: int) -> None:
         self.events.put((step, total))
+
+
+@dataclass
+class Arrival:
+    """A job on its way to the GPU queue (see `GpuRunner.arriving`)."""
+
+    pending: bool = True
 
 
 @dataclass
@@ -93,6 +106,8 @@ class GpuRunner:
         self.grace = grace
         self.exit_process = exit_process
         self._waiting: list[_Request] = []
+        self._arriving = 0  # jobs taken by a job thread and not yet queued here
+        self.gathering: str | None = None  # the first job of a call waiting for arriving jobs, while it waits
         self._cond = threading.Condition()
         self._running: list[_Request] = []
         self._call_started: float | None = None
@@ -101,6 +116,26 @@ class GpuRunner:
         self._watchdog = threading.Thread(target=self._watch, name="render-gpu-watchdog", daemon=True)
         self._thread.start()
         self._watchdog.start()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Held by a job thread from the moment it takes a job until it queues it (`run(..., arrival=...)`) or
+        gives up on it, so that a call being formed can wait for it (at most `GATHER_SECONDS`)."""
+        arrival = Arrival()
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._cond:
+                self._arrived(arrival)
+
+    def _arrived(self, arrival: Arrival | None) -> None:
+        """With the lock held: `arrival`'s job is queued or given up."""
+        if arrival is not None and arrival.pending:
+            arrival.pending = False
+            self._arriving -= 1
+        self._cond.notify_all()
 
     def run(
         self,
@@ -111,6 +146,7 @@ class GpuRunner:
         report: Callable[[int, int], None] | None = None,
         started: Callable[[], None] | None = None,
         skip: Callable[[], JobStopped | None] | None = None,
+        arrival: Arrival | None = None,
     ) -> Denoised:
         """Queue the job's GPU phase and wait for it; meanwhile, on this thread, call `started()` when the GPU takes
         the job and `report(step, total)` for each progress its hook posts to `box`.
@@ -122,7 +158,7 @@ class GpuRunner:
         request = _Request(prepared, key, deadline if deadline is not None else float("inf"), box, skip)
         with self._cond:
             self._waiting.append(request)
-            self._cond.notify_all()
+            self._arrived(arrival)
         if box is None:
             request.done.wait()
         else:
@@ -147,6 +183,11 @@ class GpuRunner:
             batch = [first]
             if first.key is not None:
                 images = first.images
+                gather_until = time.monotonic() + GATHER_SECONDS
+                while self._arriving > 0 and images < self.max_batch and (left := gather_until - time.monotonic()) > 0:
+                    self.gathering = first.prepared.job.task_id
+                    self._cond.wait(left)
+                self.gathering = None
                 for request in list(self._waiting):
                     if request.key == first.key and images + request.images <= self.max_batch:
                         batch.append(request)

@@ -28,7 +28,7 @@ from producer.spec import RenderSpec
 from producer.webhooks import parse_allowed_hosts
 from worker import metrics
 from worker.fleet import JobAdvert
-from worker.gpu import Deadline, GpuRunner, ProgressBox
+from worker.gpu import Arrival, Deadline, GpuRunner, ProgressBox
 from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, control_client, patient_client
@@ -112,9 +112,14 @@ def _build_state(task: Task) -> ProcessState:
 
 def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
     """Body of the `render.run` task. Returns the manifest as JSON; a revoked job ends in state REVOKED."""
+    state = process_state(task)
+    with state.gpu.arriving() as arrival:  # a call being formed may wait for this job's checks (GATHER_SECONDS)
+        return _run(task, state, spec_json, arrival)
+
+
+def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> dict[str, Any]:
     spec = RenderSpec.parse(spec_json if isinstance(spec_json, str | bytes | dict) else repr(spec_json))
     task_id: str = check_task_id(task.request.id)
-    state = process_state(task)
     submitted = task.request.get(SUBMITTED_AT_HEADER)
     job = JobContext(
         spec,
@@ -164,6 +169,7 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
             report=lambda step, total: _progress(task, step, total, state.advert),
             started=lambda: _started(task),
             skip=lambda: JobRevoked(0, revoked_at=revocation.revoked_at) if revocation.is_revoked() else None,
+            arrival=arrival,
         )
         manifest = store(prepared, outcome, state.storage)
     except LeaseLost:

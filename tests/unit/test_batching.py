@@ -213,3 +213,28 @@ def test_a_call_stuck_past_every_limit_ends_the_process(registry: ModelRegistry,
     wait_until(lambda: exits == [70], timeout=60, what="the watchdog's exit")
     gate.open.set()
     thread.join(60)
+
+
+def test_a_call_waits_for_a_job_this_worker_holds_that_is_still_being_checked(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)  # bounded in production (0.25 s); here the event decides
+    storage = LocalStorage(tmp_path)
+    runner = GpuRunner(registry, max_batch=4)
+    first = prepare(JobContext(make_spec(i=0, num_images=1), "early"), registry, storage)
+    second = prepare(JobContext(make_spec(i=1, num_images=1), "late"), registry, storage)
+    results: list[Denoised] = []
+    with runner.arriving() as arrival:  # "late" is delivered, its checks not done
+        thread = threading.Thread(target=lambda: results.append(runner.run(first)))
+        thread.start()
+        results.append(runner.run(second, arrival=arrival))
+    thread.join(120)
+    assert [sorted(call) for call in runner.calls] == [["early", "late"]]
+
+    lone = prepare(JobContext(make_spec(i=2), "alone"), registry, storage)
+    with runner.arriving():  # delivered, then given up on (say, its lease is held elsewhere): it holds no call back
+        thread = threading.Thread(target=lambda: results.append(runner.run(lone)))
+        thread.start()
+        wait_until(lambda: runner.gathering == "alone", timeout=60, what="the lone job's call waiting for arrivals")
+    thread.join(120)
+    assert runner.calls[-1] == ["alone"] and results[-1].batched_with == []
