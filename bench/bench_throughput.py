@@ -5,14 +5,14 @@ Per case (a size and step count), each round runs, interleaved:
 - bare batched: the same specs as one `pipe(...)` call per `--max-batch` prompts, each with its own generator
   (the limit micro-batching can reach);
 - worker: the same specs submitted at once with `RenderClient.submit_many` to one `render worker`
-  (RENDER_MAX_BATCH=`--max-batch`), timed from the submit to the last job's final state: queueing, input
-  handling, PNG encoding, storage and manifests included.
+  (RENDER_MAX_BATCH=1 at the production-like case, `--max-batch` at the small one), timed from the submit to
+  the last job's final state: queueing, input handling, PNG encoding, storage and manifests included.
 
 Both sides use one torch thread. The last line compares the worker with the bare serial loop:
 `overlap` at the production-like case (what overlapping a job's I/O with the next one's denoising can win),
 `batched` at the small case (what batching compatible jobs can win).
 
-    python bench/bench_throughput.py [--quick] [--jobs 8] [--max-batch 8]
+    python bench/bench_throughput.py [--quick] [--jobs 8] [--max-batch 8]   (the batched stream: 3 x max-batch jobs)
 """
 
 from __future__ import annotations
@@ -132,6 +132,7 @@ def _worker_env(server: RedisServer, work: Path, device: str, max_batch: int, pr
 def run(
     *,
     jobs: int = 8,
+    batch_jobs: int | None = None,
     max_batch: int = 8,
     repeats: int = 3,
     device: str = "cpu",
@@ -139,13 +140,15 @@ def run(
     overlap_case: Case = PRODUCTION,
     batch_case: Case = SMALL,
 ) -> tuple[Section, str]:
-    """Overlap at `overlap_case` (RENDER_MAX_BATCH=1), overlap and batching at `batch_case`; the section and the
-    closing `throughput: ...` line."""
+    """Overlap at `overlap_case` (RENDER_MAX_BATCH=1, `jobs` per stream), overlap and batching at `batch_case`
+    (`batch_jobs` per stream, default three calls' worth); the section and the closing `throughput: ...` line."""
+    batch_jobs = batch_jobs or 3 * max_batch
     section = Section(
         "Throughput: a stream of jobs through a worker vs bare diffusers",
-        f"`bench/bench_throughput.py`: {jobs} same-shape {model} jobs per stream, submitted at once, one torch "
-        "thread on both sides. The worker is timed from the submit to the last job's final state (queueing, "
-        "PNG encoding, storage and manifests included): at the production-like size with RENDER_MAX_BATCH=1 "
+        f"`bench/bench_throughput.py`: streams of same-shape {model} jobs ({jobs} at the production-like size, "
+        f"{batch_jobs} at the small one), submitted at once, one torch thread on both sides. The worker is timed "
+        "from the submit to the last job's final state (queueing, PNG encoding, storage and manifests included): "
+        "at the production-like size with RENDER_MAX_BATCH=1 "
         f"(overlap alone: one job in hand beyond the one denoising), at the small size with RENDER_MAX_BATCH="
         f"{max_batch} (overlap and batching). Bare: the serial `pipe()` loop over the same specs, and calls of up to "
         f"{max_batch} prompts (the limit). Medians of {repeats} interleaved rounds after a warm-up; ± = half the IQR.",
@@ -172,14 +175,14 @@ def run(
         for name in ("bare serial", "bare batched", "worker"):
             rows.append(
                 [
-                    f"{result.case.label} {result.case.size}², {result.case.steps} steps",
+                    f"{result.case.label} {result.case.size}², {result.case.steps} steps, {result.jobs} jobs",
                     name,
                     f"{median(result.seconds[name]):.2f} (±{spread(result.seconds[name]):.1%})",
                     f"{result.rate(name):.2f}",
                     f"{result.ratio(name):.2f}x",
                 ]
             )
-    section.table(["case", "how", f"s per {jobs} jobs", "jobs/s", "of bare serial"], rows)
+    section.table(["case", "how", "s per stream", "jobs/s", "of bare serial"], rows)
     small, production = results["batched"], results["overlap"]
     line = f"throughput: overlap {production.ratio('worker'):.2f}x, batched {small.ratio('worker'):.2f}x of bare serial"
     section.line(
@@ -201,7 +204,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.monotonic()
     if args.quick:
-        run(jobs=4, max_batch=min(args.max_batch, 4), repeats=1)
+        run(jobs=4, batch_jobs=8, max_batch=min(args.max_batch, 4), repeats=1)
     else:
         run(jobs=args.jobs, max_batch=args.max_batch)
     print(f"(took {time.monotonic() - started:.0f} s)")

@@ -137,7 +137,9 @@ def main() -> None:
     recovery_section, recovery = bench_recovery.run()
     routing_section = bench_routing.run(jobs=100)
     batch_section = bench_batch.run(jobs=2000)
-    throughput_section, throughput = bench_throughput.run(jobs=4 if args.quick else 8, repeats=1 if args.quick else 3)
+    throughput_section, throughput = bench_throughput.run(
+        jobs=4 if args.quick else 8, max_batch=4 if args.quick else 8, repeats=1 if args.quick else 3
+    )
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
         summary(worker, queue, rendered, recovery, throughput),
