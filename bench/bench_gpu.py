@@ -280,7 +280,7 @@ def run(*, repeats: int = 5) -> list[Section]:
             for render_section in rendered.sections:
                 render_section.title = f"GPU {m.name}: " + render_section.title
                 sections.append(render_section)
-            full = bench_throughput.Case(m.name, m.size, m.steps)
+            full = bench_worker.Case(m.name, m.size, m.steps)
             throughput_section, _ = bench_throughput.run(
                 model=m.name, overlap_case=full, batch_case=full, device="cuda", repeats=max(2, repeats // 2)
             )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_worker import Case
 from common import PROMPT, Section, interleaved, median, set_threads, spread
 
 from producer import RenderSpec
@@ -36,13 +37,6 @@ from worker.render import pipeline_arguments
 from worker.settings import WorkerSettings
 
 MODEL = "tiny-sd15"
-
-
-@dataclass(frozen=True)
-class Case:
-    label: str
-    size: int
-    steps: int
 
 
 SMALL = Case("small", 256, 20)
