@@ -34,7 +34,7 @@ from producer.manifest import Manifest
 from producer.settings import ClientSettings
 from worker.local_cluster import RedisServer, WorkerProcess
 from worker.models.registry import ModelRegistry
-from worker.render import render
+from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 
@@ -203,12 +203,14 @@ def report(r: QueueResults, *, revokes: int, overhead_jobs: int, batch: int, thr
     submit, pickup, rendering, tail = (median(column) for column in zip(*r.parts_ms, strict=True))
     queue.line(
         f"- where a farm job's time goes (medians): submit {submit:.1f} ms, submit -> render starts {pickup:.1f} ms "
-        f"(delivery, prefork hand-off, lease, job record, STARTED), render {rendering:.1f} ms, render ends -> client "
-        f"has the manifest {tail:.1f} ms (manifest and result writes, the publish that wakes `wait`, its reads)"
+        f"(delivery, the job thread's checks, lease, job record, the GPU thread taking it), render {rendering:.1f} ms, "
+        f"render ends -> client has the manifest {tail:.1f} ms (manifest and result writes, the publish that wakes "
+        "`wait`, its reads)"
     )
     queue.line(
         "- `wait`/`follow` wake on the result backend's publish of each state change (no polling delay); what "
-        "remains is the worker's per-job Redis round trips and Celery's prefork hand-off, on both sides of the render"
+        "remains is the worker's per-job Redis round trips on both sides of the render; in a stream they overlap the "
+        "next job's denoising (bench_throughput.py)"
     )
     queue.line(f"- 1 worker: {r.one_worker_rate:.2f} jobs/s")
     queue.line(f"- 2 workers: {r.two_worker_rate:.2f} jobs/s")

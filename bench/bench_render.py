@@ -42,7 +42,7 @@ from worker.local_cluster import RedisServer
 from worker.metrics import StepTimer
 from worker.models.registry import ModelRegistry
 from worker.preview import contact_strip, encode, latents_to_rgb
-from worker.render import render
+from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 

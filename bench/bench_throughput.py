@@ -33,7 +33,7 @@ from producer.client import RenderClient
 from producer.settings import ClientSettings
 from worker.local_cluster import RedisServer, WorkerProcess
 from worker.models.registry import ModelRegistry
-from worker.render import pipeline_arguments
+from worker.rendering import pipeline_arguments
 from worker.settings import WorkerSettings
 
 MODEL = "tiny-sd15"
@@ -154,14 +154,12 @@ def run(
     with RedisServer(workdir=work) as server:
         client = RenderClient(ClientSettings(redis_url=server.url))
         try:
-            for name, case, batch, prefetch in (
-                ("overlap", overlap_case, 1, 1),
-                ("batched", batch_case, max_batch, max_batch),
-            ):
+            workers = (("overlap", overlap_case, jobs, 1, 1), ("batched", batch_case, batch_jobs, max_batch, max_batch))
+            for name, case, count, batch, prefetch in workers:
                 env = _worker_env(server, work, device, batch, prefetch)
                 with WorkerProcess(f"throughput-{name}", env, work / f"worker-{name}.log") as worker:
                     worker.wait_ready(client.app)
-                    results[name] = measure(client, pipe, case, jobs, max_batch, repeats, model)
+                    results[name] = measure(client, pipe, case, count, max_batch, repeats, model)
         finally:
             client.close()
     rows = []

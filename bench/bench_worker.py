@@ -34,7 +34,7 @@ from producer.client import RenderClient
 from producer.settings import ClientSettings
 from worker.local_cluster import RedisServer, WorkerProcess
 from worker.models.registry import ModelRegistry
-from worker.render import pipeline_arguments
+from worker.rendering import pipeline_arguments
 from worker.settings import WorkerSettings
 
 TARGET = 0.01  # the worker may add at most 1% per step at production step times

@@ -12,7 +12,8 @@ from typing import Any
 _EXPORTS = {
     "ModelRegistry": "worker.models.registry",
     "WorkerSettings": "worker.settings",
-    "render": "worker.render",
+    "render": "worker.rendering",
+    "JobContext": "worker.job",
     "StepHook": "worker.callbacks.control",
     "StepInfo": "worker.callbacks.control",
     "Storage": "worker.storage",

@@ -30,7 +30,7 @@ from worker.callbacks.frames import FramesCallback
 from worker.callbacks.steps import SamplerStepView, ends_a_step, steps_over
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import clip_skip_arguments
-from worker.render import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
+from worker.rendering import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
 from worker.stops import JobStopped
 
 

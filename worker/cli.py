@@ -62,7 +62,7 @@ def local(
     from worker.inputs import load_inputs
     from worker.job import JobContext
     from worker.models.registry import ModelRegistry
-    from worker.render import render
+    from worker.rendering import render
 
     inputs = load_inputs(spec, settings)
     progress = StepProgress()

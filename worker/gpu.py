@@ -27,7 +27,7 @@ from typing import Any
 from worker.batching import batch_key, denoise_batch
 from worker.callbacks.control import StepInfo
 from worker.models.registry import ModelRegistry
-from worker.render import Denoised, Prepared
+from worker.rendering import Denoised, Prepared
 from worker.stops import JobStopped, TimeLimitExceeded
 
 log = logging.getLogger(__name__)

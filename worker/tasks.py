@@ -33,7 +33,7 @@ from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, control_client, patient_client
 from worker.models.registry import ModelRegistry
-from worker.render import finished_manifest, prepare, revoked_before_start, store
+from worker.rendering import finished_manifest, prepare, revoked_before_start, store
 from worker.settings import WorkerSettings
 from worker.stops import JobRevoked, LeaseLost
 from worker.storage import Storage, open_storage

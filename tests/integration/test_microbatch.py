@@ -18,7 +18,7 @@ from tests.helpers import running, wait_until
 from tests.integration.conftest import LONG, Farm, spec, wait_for
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.render import render
+from worker.rendering import render
 from worker.settings import default_models
 from worker.storage import LocalStorage
 

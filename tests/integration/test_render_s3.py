@@ -16,7 +16,7 @@ from PIL import Image
 from producer import RenderSpec
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.render import render
+from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import open_storage
 

@@ -17,7 +17,7 @@ from worker.callbacks import StepInfo
 from worker.gpu import Deadline, GpuRunner
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.render import Denoised, Prepared, denoise, prepare, store
+from worker.rendering import Denoised, Prepared, denoise, prepare, store
 from worker.stops import JobRevoked
 from worker.storage import LocalStorage
 

@@ -17,7 +17,7 @@ from worker.job import JobContext
 from worker.models import tiny_sd15, tiny_sdxl
 from worker.models.registry import ModelRegistry, resolve_device, resolve_dtype
 from worker.models.tokenizer import tiny_clip_tokenizer
-from worker.render import render
+from worker.rendering import render
 from worker.settings import ModelSource, WorkerSettings, default_models
 from worker.storage import LocalStorage
 

@@ -16,7 +16,7 @@ from tests.helpers import pixels
 from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.render import render
+from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.stops import JobRevoked
 from worker.storage import LocalStorage

@@ -16,7 +16,7 @@ from producer import ModelError, RenderFailed, RenderSpec, StorageError
 from worker.callbacks import StepInfo
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.render import render
+from worker.rendering import render
 from worker.stops import JobRevoked, LeaseLost
 from worker.storage import LocalStorage
 

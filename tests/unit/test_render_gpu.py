@@ -11,7 +11,7 @@ from PIL import Image
 
 from producer import RenderSpec
 from worker.models.registry import ModelRegistry
-from worker.render import render
+from worker.rendering import render
 from worker.settings import default_models
 from worker.storage import LocalStorage
 

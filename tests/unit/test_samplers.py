@@ -17,7 +17,7 @@ from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import SAMPLERS
-from worker.render import render
+from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 
