@@ -52,6 +52,9 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
   pipeline that never held one: tiny-sd15 through the worker's `loras_applied`, and a UNet of SD 1.5's widths.
 - Batch submission times the real `render batch FILE --detach` process with 2,000 one-step specs against a
   private redis-server (no worker, jobs stay queued), then the same command again (the resume path).
+- Throughput times streams of same-shape jobs through a real worker, submit to the last final state,
+  against the bare serial `pipe()` loop and bare batched calls over the same specs, interleaved: overlap at
+  the production-like size with RENDER_MAX_BATCH=1, overlap and batching at the small size.
 - The GPU section runs the same benchmarks on full-size SD 1.5 / SDXL with random fp16 weights
   where CUDA is present; otherwise it says it was skipped and only checks the full-size configs.
 """
