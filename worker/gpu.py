@@ -110,7 +110,6 @@ class GpuRunner:
         self.gathering: str | None = None  # the first job of a call waiting for arriving jobs, while it waits
         self._cond = threading.Condition()
         self._running: list[_Request] = []
-        self._call_started: float | None = None
         self.calls: list[list[str]] = []  # task ids of each call, newest last (kept short)
         self._thread = threading.Thread(target=self._loop, name="render-gpu", daemon=True)
         self._watchdog = threading.Thread(target=self._watch, name="render-gpu-watchdog", daemon=True)
@@ -194,13 +193,14 @@ class GpuRunner:
                         self._waiting.remove(request)
                         images += request.images
             self._running = batch
-            self._call_started = time.monotonic()
             return batch
 
     def _loop(self) -> None:
         while True:
             batch = [request for request in self._take() if not self._skipped(request)]
-            if not batch:
+            if not batch:  # every job was revoked while it waited: nothing runs, and nothing is left for the watchdog
+                with self._cond:
+                    self._running = []
                 continue
             for request in batch:
                 if request.box is not None:
@@ -216,7 +216,6 @@ class GpuRunner:
                 outcomes = [Denoised(error=exc) for _ in batch]
             with self._cond:
                 self._running = []
-                self._call_started = None
             for request, outcome in zip(batch, outcomes, strict=True):
                 self._settle(request, outcome)
             if self.on_idle is not None and not self._waiting:

@@ -238,3 +238,15 @@ def test_a_call_waits_for_a_job_this_worker_holds_that_is_still_being_checked(
         wait_until(lambda: runner.gathering == "alone", timeout=60, what="the lone job's call waiting for arrivals")
     thread.join(120)
     assert runner.calls[-1] == ["alone"] and results[-1].batched_with == []
+
+
+def test_a_job_revoked_while_it_waited_never_runs_and_leaves_nothing_for_the_watchdog(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    exits: list[int] = []
+    runner = GpuRunner(registry, grace=0.0, exit_process=exits.append)
+    prepared = prepare(JobContext(make_spec(), "gone"), registry, LocalStorage(tmp_path))
+    outcome = runner.run(prepared, deadline=0.0, skip=lambda: JobRevoked(0))
+    assert isinstance(outcome.stop, JobRevoked) and outcome.images == [] and runner.calls == []
+    wait_until(lambda: runner._running == [], timeout=60, what="the GPU thread done with the skipped job")
+    assert exits == []
