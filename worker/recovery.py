@@ -72,6 +72,8 @@ class RecoveryScanner(PeriodicThread):
                 continue
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue  # another worker is on it
+            if not self.client.hexists(RUNNING_TASKS, task_id):
+                continue  # it ended between the listing and the lease check: its release removed both at once
             _drop(qos, stale)  # the dead worker's delivery: the job is re-sent below, or already final
             if self._is_final(task_id):
                 self.client.hdel(RUNNING_TASKS, task_id)

@@ -134,7 +134,9 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
     if (done := finished_manifest(state.storage, task_id)) is not None:
         return done.model_dump(mode="json")  # a redelivery of a finished job
     if state.redis.exists(revoked_key(task_id)):
-        _finish_revoked(task, state, revoked_before_start(job, state.storage), spec)
+        revoked = revoked_before_start(job, state.storage)
+        _publish(state, revoked)
+        _finish_revoked(task, state, revoked, spec)
 
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner, renew_client=state.control)
     record = {
@@ -172,6 +174,7 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
             arrival=arrival,
         )
         manifest = store(prepared, outcome, state.storage)
+        _publish(state, manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
     except LeaseLost:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
         log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
@@ -187,7 +190,6 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
         raise
     finally:
         lease.release()
-    _publish(state, manifest)
     metrics.record(manifest)
     if manifest.status == "revoked":
         _finish_revoked(task, state, manifest, spec)
@@ -232,7 +234,7 @@ def _notify(
 
 
 def _finish_revoked(task: Task, state: ProcessState, manifest: Manifest, spec: RenderSpec) -> None:
-    _publish(state, manifest)
+    """The job's REVOKED state and event, its webhook; its manifest is already published."""
     _notify(state, spec, manifest.task_id, manifest)
     reason = f"revoked after {manifest.steps_completed} of {manifest.steps_planned} steps"
     task.backend.mark_as_revoked(task.request.id, reason, request=task.request)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import time
+from typing import Any
 
 import pytest
+import redis
 
-from producer.keys import PRIORITIES, RUNNING_TASKS, model_queue
+from producer.keys import PRIORITIES, RUNNING_TASKS, lease_key, model_queue
 from tests.integration.conftest import Farm, spec, wait_for
+from worker.celery_app import create_app
+from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -39,3 +43,28 @@ def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> 
     # A third delivery (the broker's own, after its visibility timeout) must not render again.
     again = farm.client.app.send_task("render.run", args=[json.dumps(manifest.spec)], task_id=handle.task_id)
     assert again.get(timeout=60)["finished_at"] == manifest.finished_at
+
+
+def test_a_job_that_ends_while_the_scanner_looks_is_not_sent_again(redis_server: Any) -> None:
+    """The scan lists running jobs, then checks each lease: a job that releases both in between has ended."""
+    url = f"redis://127.0.0.1:{redis_server.port}/60"
+    direct = redis.Redis.from_url(url)
+    direct.flushdb()
+    app = create_app(WorkerSettings(redis_url=url))
+    scanner = app.recovery_scanner
+    record = {"spec": json.dumps(spec()), "queue": "render.tiny-sd15", "attempt": 1, "worker": "gone@host:1"}
+    direct.hset(RUNNING_TASKS, "ending", json.dumps(record))
+    real_exists = scanner.client.exists
+
+    def exists(*names: Any) -> Any:
+        if lease_key("ending") in names:  # the job's own release lands between the listing and this check
+            direct.hdel(RUNNING_TASKS, "ending")
+        return real_exists(*names)
+
+    scanner.client.exists = exists
+    try:
+        assert scanner.scan_once() == []
+        assert direct.llen("render.tiny-sd15") == 0, "an ended job was sent again"
+    finally:
+        app.close()
+        direct.close()
