@@ -168,6 +168,8 @@ def store(prepared: Prepared, outcome: Denoised, storage: Storage) -> Manifest:
     """Encode and upload the job's images, wait for its frames, write its manifest (last); see `render()`."""
     prepared.record.batched_with = outcome.batched_with
     if outcome.error is not None and outcome.before_any_step:
+        if prepared.stack.frames:  # built by `prepare`, before the load that failed
+            prepared.stack.frames.abandon()
         raise outcome.error
     if isinstance(outcome.stop, JobRevoked):
         return _revoked(prepared, outcome.stop, storage)

@@ -250,3 +250,15 @@ def test_a_job_revoked_while_it_waited_never_runs_and_leaves_nothing_for_the_wat
     assert isinstance(outcome.stop, JobRevoked) and outcome.images == [] and runner.calls == []
     wait_until(lambda: runner._running == [], timeout=60, what="the GPU thread done with the skipped job")
     assert exits == []
+
+
+def test_a_job_whose_model_never_loaded_raises_its_error_and_shuts_its_frame_writer(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path)
+    prepared = prepare(JobContext(make_spec(callbacks=[{"type": "frames"}]), "no-model"), registry, storage)
+    assert prepared.stack.frames is not None
+    with pytest.raises(RuntimeError, match="cannot load"):
+        store(prepared, Denoised(error=RuntimeError("cannot load"), before_any_step=True), storage)
+    assert prepared.stack.frames._pool._shutdown, "the writer's pool was left open"
+    assert storage.get("no-model/manifest.json") is None, "an error before any step stores no manifest"
