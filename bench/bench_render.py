@@ -2,7 +2,8 @@
 
 1. Callback costs: each callback of the worker's stack called on the pipeline's real tensors
    (`latents`, `prompt_embeds`, ...), each call timed alone, median µs. The revocation check is the
-   worker's own `RevocationCheck` and `ProgressReport` against a private redis-server; the progress report is the
+   worker's own `RevocationCheck`, kept by a `RevocationWatch` subscribed to a private redis-server (a flag read:
+   no step asks Redis); the progress report is the
    worker's `_progress` (Celery result backend write + task event + the `render workers` advert) on a real
    Celery app.
 2. CFG cutoff at several step ratios vs none: whole `render()` jobs, interleaved, medians.
@@ -37,7 +38,7 @@ from worker import tasks
 from worker.callbacks import StepControlCallback, StepInfo, build_callbacks
 from worker.celery_app import create_app
 from worker.fleet import JobAdvert
-from worker.jobcontrol import ProgressReport, RevocationCheck, control_client
+from worker.jobcontrol import ProgressReport, RevocationWatch, control_client
 from worker.local_cluster import RedisServer
 from worker.metrics import StepTimer
 from worker.models.registry import ModelRegistry
@@ -161,11 +162,12 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
         report_micros = time_calls(
             lambda i: tasks._progress(task, i, case.steps, advert), 100, bench.sync, lambda: None
         )
+        watch = RevocationWatch(control_client(redis_url), "bench@localhost:1").start()
         hooks = [
-            RevocationCheck(control_client(redis_url), "bench"),
+            watch.watch("bench"),
             ProgressReport(lambda step, total: tasks._progress(task, step, total, advert), interval=PROGRESS_INTERVAL),
         ]
-        revocation_only = RevocationCheck(control_client(redis_url), "bench-2")
+        revocation_only = watch.watch("bench-2")
         stack = build_callbacks(
             spec, bench.family, task_id="bench", storage=bench.storage, hooks=[*hooks, StepTimer(bench.model)]
         )
@@ -179,7 +181,7 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
         info = StepInfo("bench", 1, case.steps, 0.0)
         timer = StepTimer(bench.model)
         micros = {
-            "revocation check (RevocationCheck: GET on loopback Redis)": time_calls(
+            "revocation check (RevocationCheck: a flag RevocationWatch keeps)": time_calls(
                 lambda i: revocation_only.on_step(info), calls, bench.sync, drain
             ),
             "metrics.StepTimer hook": time_calls(lambda i: timer.on_step(info), calls, bench.sync, drain),
@@ -202,6 +204,7 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
         )
         if frames is not None:
             frames.finish()
+        watch.close()
     finally:
         task.pop_request()
     step = median(interleaved({"bare": bare_call(bench, case)}, 3)["bare"]) / case.steps

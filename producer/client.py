@@ -26,6 +26,7 @@ from producer.keys import (
     ATTEMPT_HEADER,
     DEFAULT_PRIORITY,
     PRIORITIES,
+    RUNNING_TASKS,
     SUBMITTED_AT_HEADER,
     TASK_RENDER,
     Priority,
@@ -34,6 +35,7 @@ from producer.keys import (
     manifest_key,
     model_queue,
     priority_lists,
+    revocations_channel,
     revoked_key,
 )
 from producer.manifest import Manifest
@@ -100,6 +102,17 @@ def _message_id(raw: bytes | str) -> str | None:
     except (ValueError, TypeError, KeyError, RecursionError):
         return None
     return task_id if isinstance(task_id, str) else None
+
+
+def _running_worker(record: Any) -> str | None:
+    """The worker (`host:pid`) a job record of `render:running` names, if it names one."""
+    if not record:
+        return None
+    try:
+        worker = json.loads(record).get("worker")
+    except (ValueError, AttributeError):
+        return None
+    return worker if isinstance(worker, str) and worker else None
 
 
 def _from_meta(task_id: str, state: str, info: Any, manifest: Manifest | None) -> TaskStatus:
@@ -408,7 +421,7 @@ class RenderClient:
         if current.state == "unknown":
             return "unknown"
         with self._reaching():
-            self.redis.set(revoked_key(task_id), json.dumps({"at": time.time()}), ex=self.settings.revoke_ttl)
+            self._mark_revoked_keys([task_id])
             self.app.control.revoke(task_id)
         return "revoked"
 
@@ -439,17 +452,33 @@ class RenderClient:
         if not unfinished:
             return counts
         with self._reaching():
-            writes = self.redis.pipeline(transaction=False)
-            marker = json.dumps({"at": time.time()})
-            for task_id in unfinished:
-                writes.set(revoked_key(task_id), marker, ex=self.settings.revoke_ttl)
-                writes.hget(job_key(task_id), "queue")
-            queues = {batch.as_text(q) for q in writes.execute()[1::2] if q}
+            queues = {batch.as_text(q) for q in self._mark_revoked_keys(unfinished) if q}
             removed = self._dequeue(queues, set(unfinished))
             self._mark_revoked(removed)
         counts["dequeued"] = len(removed)
         counts["stopping"] = len(unfinished) - len(removed)
         return counts
+
+    def _mark_revoked_keys(self, task_ids: Sequence[str]) -> list[Any]:
+        """Set each job's revocation key, then tell the worker rendering it (its record in `render:running`) on that
+        worker's pub/sub channel, so the job's step reads a flag instead of asking Redis. Returns each job's queue.
+
+        The key is written before the record is read: a worker that takes the job's lease after that read finds the
+        key when it reads it, right after taking the lease, and one that took it before is told."""
+        at = time.time()
+        writes = self.redis.pipeline(transaction=False)
+        for task_id in task_ids:
+            writes.set(revoked_key(task_id), json.dumps({"at": at}), ex=self.settings.revoke_ttl)
+            writes.hget(job_key(task_id), "queue")
+            writes.hget(RUNNING_TASKS, task_id)
+        replies = writes.execute()
+        notices = self.redis.pipeline(transaction=False)
+        for task_id, record in zip(task_ids, replies[2::3], strict=True):
+            if (worker := _running_worker(record)) is not None:
+                notices.publish(revocations_channel(worker), json.dumps({"task_id": task_id, "at": at}))
+        if len(notices):
+            notices.execute()
+        return list(replies[1::3])
 
     def _mark_revoked(self, task_ids: set[str]) -> None:
         """State REVOKED for jobs taken off their queue (no worker will ever see them), in one pipeline."""

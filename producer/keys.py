@@ -57,6 +57,12 @@ def revoked_key(task_id: str) -> str:
     return f"{KEY_PREFIX}:revoked:{task_id}"
 
 
+def revocations_channel(worker: str) -> str:
+    """Pub/sub channel on which `revoke` tells `worker` (the `worker` of a job's record in `render:running`, a
+    worker process's `host:pid`) that one of its jobs is revoked; the revocation key stays the durable record."""
+    return f"{KEY_PREFIX}:revocations:{worker}"
+
+
 def lease_key(task_id: str) -> str:
     """Redis key a running task renews while it renders."""
     return f"{KEY_PREFIX}:lease:{task_id}"

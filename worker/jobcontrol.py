@@ -1,13 +1,15 @@
 """Per-job control through Redis, as three step hooks: the lease that keeps two workers off one job (a flag
-its renewal thread keeps), the revocation check, and the throttled progress report.
+its renewal thread keeps), the revocation check (a flag `RevocationWatch` keeps from pushed revocations and
+the revocation keys), and the throttled progress report. No step waits on Redis.
 
-Redis trouble inside the step hook fails **open**: the render goes on, the check is retried at the
-next step, and a warning is logged once. A Redis blip must not throw away a GPU-hour of work; the
-price is that a revoke sent during an outage takes effect when Redis answers again.
+Redis trouble fails **open**: the render goes on, the threads retry, and a warning is logged once. A Redis
+blip must not throw away a GPU-hour of work; the price is that a revoke sent during an outage takes effect
+when Redis answers again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -20,7 +22,7 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from producer.keys import RUNNING_TASKS, lease_key, revoked_key
+from producer.keys import RUNNING_TASKS, lease_key, revocations_channel, revoked_key
 from worker.callbacks.control import StepInfo
 from worker.stops import JobRevoked, LeaseLost
 
@@ -134,44 +136,46 @@ class Lease:
             log.warning("could not release lease %s (it expires by itself): %s", self.key, exc)
 
 
-class RevocationCheck:
-    """A step hook: read `render:revoked:<id>` at every step and stop the job once it is set (`JobRevoked`)."""
+def _revoked_at(value: Any) -> float | None:
+    """When a revocation was written: the `at` of its key's value or its message, if it has one."""
+    try:
+        return float(json.loads(value)["at"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
-    def __init__(self, client: redis.Redis, task_id: str, *, backoff: float = 1.0) -> None:
-        self.client = client
+
+class RevocationCheck:
+    """A step hook: stop the job at the end of the step in flight once its revocation is known here.
+
+    The flag is set by `RevocationWatch` (pushed, or read from the key by its thread) or by `read` on the job's
+    own thread: a step reads a flag and never waits on Redis.
+    """
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
         self.key = revoked_key(task_id)
-        self.backoff = backoff
+        self._revoked = threading.Event()
         self._step_ends: list[float] = []
-        self._warned = False
-        self._retry_at = float("-inf")
         self.revoked_at: float | None = None
 
-    def is_revoked(self) -> bool:
-        value = self._read()
-        if value is None:
-            return False
-        try:
-            self.revoked_at = float(json.loads(value)["at"])
-        except (ValueError, KeyError, TypeError):
-            self.revoked_at = None
-        return True
+    def mark(self, revoked_at: float | None) -> None:
+        if not self._revoked.is_set():
+            self.revoked_at = revoked_at
+            self._revoked.set()
 
-    def _read(self) -> Any:
-        now = time.monotonic()
-        if now < self._retry_at:  # Redis just failed: do not make every step wait on it
-            return None
-        try:
-            return self.client.get(self.key)
-        except redis.RedisError as exc:
-            self._retry_at = now + self.backoff
-            if not self._warned:
-                log.warning("revocation check failed (rendering on; retried every %.1f s): %s", self.backoff, exc)
-                self._warned = True
-            return None
+    def read(self, client: redis.Redis) -> bool:
+        """Read the revocation key now (one GET); whether the job is revoked."""
+        value = client.get(self.key)
+        if value is not None:
+            self.mark(_revoked_at(value))
+        return self.is_revoked()
+
+    def is_revoked(self) -> bool:
+        return self._revoked.is_set()
 
     def on_step(self, info: StepInfo) -> None:
         self._step_ends.append(time.time())
-        if self.is_revoked():
+        if self._revoked.is_set():
             raise JobRevoked(
                 info.steps_completed, revoked_at=self.revoked_at, steps_after_revoke=self.steps_after_revoke()
             )
@@ -181,6 +185,118 @@ class RevocationCheck:
         if self.revoked_at is None:
             return None
         return sum(1 for end in self._step_ends if end > self.revoked_at)
+
+
+class RevocationWatch:
+    """The revocations of the jobs this worker process holds, pushed by Redis and kept as local flags.
+
+    `revoke` sets `render:revoked:<id>`, then publishes the id on the channel of the worker that the job's record
+    in `render:running` names (`render:revocations:<host:pid>`, written with the lease). This process subscribes to
+    its channel once, on this thread and its own connection. A job thread `watch`es its job before it takes the
+    lease and `read`s the key once after: a revoke that read the record before the lease was taken had already
+    set the key, and one that read it after is published here.
+
+    The key stays the durable record, read by this thread in one MGET for every job watched after each
+    (re)subscription and every `poll` seconds: a message lost to a dropped connection costs at most `poll`
+    seconds, never the revoke. Redis trouble fails open (rendering goes on; one warning per outage) and the
+    thread reconnects every `backoff` seconds. Redis cost per worker: one subscription, one MGET per `poll`,
+    nothing per step.
+    """
+
+    def __init__(self, client: redis.Redis, owner: str, *, poll: float = 2.0, backoff: float = 1.0) -> None:
+        self.client = client
+        self.channel = revocations_channel(owner)
+        self.poll = poll
+        self.backoff = backoff
+        self._checks: dict[str, RevocationCheck] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.subscribed = threading.Event()  # set while the subscription is live
+        self._thread = threading.Thread(target=self._run, name="render-revocations", daemon=True)
+
+    def start(self) -> RevocationWatch:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def watch(self, task_id: str) -> RevocationCheck:
+        """The job's step hook, kept up to date from now until `forget`."""
+        check = RevocationCheck(task_id)
+        with self._lock:
+            self._checks[task_id] = check
+        return check
+
+    def forget(self, check: RevocationCheck) -> None:
+        with self._lock:
+            if self._checks.get(check.task_id) is check:
+                del self._checks[check.task_id]
+
+    def read_all(self) -> None:
+        """Read the key of every job watched, in one MGET (raises Redis errors)."""
+        with self._lock:
+            checks = [check for check in self._checks.values() if not check.is_revoked()]
+        if not checks:
+            return
+        for check, value in zip(checks, self.client.mget([check.key for check in checks]), strict=True):
+            if value is not None:
+                check.mark(_revoked_at(value))
+
+    def _run(self) -> None:
+        warned = False
+        while not self._stop.is_set():
+            pubsub = self.client.pubsub()  # type: ignore[no-untyped-call]
+            try:
+                self._listen(pubsub)
+            except (redis.RedisError, OSError) as exc:
+                self.subscribed.clear()
+                if not warned:
+                    log.warning(
+                        "revocation channel %s unreachable (rendering on; a revoke applies once it is back, retried "
+                        "every %.1f s): %s",
+                        self.channel,
+                        self.backoff,
+                        exc,
+                    )
+                    warned = True
+                self._stop.wait(self.backoff)
+                continue
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
+            warned = False
+
+    def _listen(self, pubsub: Any) -> None:
+        pubsub.subscribe(self.channel)
+        while (message := pubsub.get_message(timeout=self.backoff)) is None or message["type"] != "subscribe":
+            if self._stop.is_set():
+                return
+        # Subscribed: whatever was revoked while this thread was not listening is in the keys.
+        self.subscribed.set()
+        self.read_all()
+        next_read = time.monotonic() + self.poll
+        while not self._stop.is_set():
+            message = pubsub.get_message(timeout=max(0.0, min(1.0, next_read - time.monotonic())))
+            if message is not None and message["type"] == "message":
+                self._pushed(message["data"])
+            if time.monotonic() >= next_read:
+                self.read_all()
+                next_read = time.monotonic() + self.poll
+        self.subscribed.clear()
+
+    def _pushed(self, data: Any) -> None:
+        try:
+            notice = json.loads(data)
+            task_id = str(notice["task_id"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed revocation on %s: %r", self.channel, data)
+            return
+        with self._lock:
+            check = self._checks.get(task_id)
+        if check is not None:
+            check.mark(_revoked_at(data))
 
 
 class ProgressReport:

@@ -134,6 +134,13 @@ class WorkerSettings(ClientSettings):
     lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
     recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
     progress_interval: float = Field(default=0.5, ge=0.0, description="minimum seconds between progress reports")
+    revocation_poll_interval: float = Field(
+        default=2.0,
+        gt=0.0,
+        le=60.0,
+        description="seconds between the worker's reads of its jobs' revocation keys, the fallback for a revoke whose "
+        "push it missed (a revoke normally arrives by pub/sub at once)",
+    )
     heartbeat_interval: float = Field(default=5.0, gt=0.0, description="seconds between a worker's heartbeats")
     switch_after_seconds: float = Field(
         default=60.0,

@@ -22,7 +22,7 @@ from celery.exceptions import Ignore
 from redis import Redis
 
 from producer.errors import RenderFailed, StorageError
-from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, manifest_key, revoked_key
+from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, manifest_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
 from producer.webhooks import parse_allowed_hosts
@@ -31,7 +31,7 @@ from worker.fleet import JobAdvert
 from worker.gpu import Arrival, Deadline, GpuRunner, ProgressBox
 from worker.inputs import load_inputs
 from worker.job import JobContext
-from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, control_client, patient_client
+from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, RevocationWatch, control_client, patient_client
 from worker.models.registry import ModelRegistry
 from worker.rendering import finished_manifest, prepare, revoked_before_start, store
 from worker.settings import WorkerSettings
@@ -56,6 +56,7 @@ class ProcessState:
     webhooks: WebhookSender  # its own thread: a slow receiver never delays the next job
     advert: JobAdvert
     gpu: GpuRunner
+    revocations: RevocationWatch  # its own thread: pushed revocations of the jobs in hand, as flags the steps read
 
 
 _STATE_LOCK = threading.Lock()  # the first jobs in hand arrive together, on several threads
@@ -89,6 +90,7 @@ def _build_state(task: Task) -> ProcessState:
         timeout=settings.webhook_timeout,
     )
     webhooks.start()
+    owner = f"{task.request.hostname or socket.gethostname()}:{os.getpid()}"
     return ProcessState(
         pid=os.getpid(),
         settings=settings,
@@ -98,7 +100,7 @@ def _build_state(task: Task) -> ProcessState:
         ),
         redis=redis_client,
         control=control,
-        owner=f"{task.request.hostname or socket.gethostname()}:{os.getpid()}",
+        owner=owner,
         webhooks=webhooks,
         advert=advert,
         gpu=GpuRunner(
@@ -107,6 +109,7 @@ def _build_state(task: Task) -> ProcessState:
             on_call=lambda ids: advert.job_started(ids[0]),
             on_idle=advert.job_ended,
         ),
+        revocations=RevocationWatch(control, owner, poll=settings.revocation_poll_interval).start(),
     )
 
 
@@ -133,25 +136,30 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
 
     if (done := finished_manifest(state.storage, task_id)) is not None:
         return done.model_dump(mode="json")  # a redelivery of a finished job
-    if state.redis.exists(revoked_key(task_id)):
-        revoked = revoked_before_start(job, state.storage)
-        _publish(state, revoked)
-        _finish_revoked(task, state, revoked, spec)
+    revocation = state.revocations.watch(task_id)  # before the lease, which tells `revoke` where to push
+    try:
+        return _leased(task, state, job, revocation, deadline, arrival)
+    finally:
+        state.revocations.forget(revocation)
 
+
+def _leased(
+    task: Task, state: ProcessState, job: JobContext, revocation: RevocationCheck, deadline: Deadline, arrival: Arrival
+) -> dict[str, Any]:
+    spec, task_id = job.spec, job.task_id
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner, renew_client=state.control)
     record = {
         "spec": spec.model_dump_json(),
         "queue": _queue(task),
         "priority": (task.request.delivery_info or {}).get("priority"),
         "attempt": job.attempt,
-        "submitted_at": submitted,
+        "submitted_at": task.request.get(SUBMITTED_AT_HEADER),
         "worker": state.owner,
     }
     if not lease.acquire(record):
         log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
         raise Ignore()
     box = ProgressBox()
-    revocation = RevocationCheck(state.control, task_id)
     job.hooks = [  # in this order: a job whose lease is lost or that is revoked reports no more progress
         lease,
         revocation,
@@ -162,18 +170,21 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
     job.before_store = lease.check
 
     try:
-        job.inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
-        prepared = prepare(job, state.registry, state.storage)
-        outcome = state.gpu.run(
-            prepared,
-            deadline=deadline.at,
-            box=box,
-            report=lambda step, total: _progress(task, step, total, state.advert),
-            started=lambda: _started(task),
-            skip=lambda: JobRevoked(0, revoked_at=revocation.revoked_at) if revocation.is_revoked() else None,
-            arrival=arrival,
-        )
-        manifest = store(prepared, outcome, state.storage)
+        if revocation.read(state.redis):  # revoked while queued (or before the lease named this worker)
+            manifest = revoked_before_start(job, state.storage)
+        else:
+            job.inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
+            prepared = prepare(job, state.registry, state.storage)
+            outcome = state.gpu.run(
+                prepared,
+                deadline=deadline.at,
+                box=box,
+                report=lambda step, total: _progress(task, step, total, state.advert),
+                started=lambda: _started(task),
+                skip=lambda: JobRevoked(0, revoked_at=revocation.revoked_at) if revocation.is_revoked() else None,
+                arrival=arrival,
+            )
+            manifest = store(prepared, outcome, state.storage)
         _publish(state, manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
     except LeaseLost:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).

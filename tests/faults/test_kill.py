@@ -28,11 +28,11 @@ def test_killed_after_delivery_before_start_the_job_is_put_back_and_done_once(
     farm = chaos_farm()
     (first,) = farm.start_workers("early")
     assert farm.redis_proxy is not None
-    # The task's first Redis command is its revocation check, before the lease: held there, the job has reached
+    # The task's first Redis command is taking its lease: held there, before Redis sees it, the job has reached
     # the worker (it is in kombu's unacked hash) and has not started, however slow this machine is.
-    held = farm.redis_proxy.hold_at(b"render:revoked:")
+    held = farm.redis_proxy.hold_at(b"render:lease:")
     handle = farm.client.submit(job(1))
-    wait_until(held.is_set, timeout=60, what="the delivered job's revocation check")
+    wait_until(held.is_set, timeout=60, what="the delivered job's lease request")
     wait_until(lambda: farm.direct.hlen("unacked") == 1, timeout=20, what="the delivery to the worker")
     assert not farm.direct.hexists(RUNNING_TASKS, handle.task_id), "the job must not have started"
     first.kill(signal.SIGKILL)

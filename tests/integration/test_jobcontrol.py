@@ -10,10 +10,12 @@ from typing import Any
 import pytest
 import redis
 
-from producer.keys import RUNNING_TASKS, lease_key, revoked_key
+from producer.client import RenderClient
+from producer.keys import RUNNING_TASKS, lease_key, revocations_channel, revoked_key
+from producer.settings import ClientSettings
 from tests.helpers import free_port, wait_until
 from worker.callbacks import StepInfo
-from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, control_client
+from worker.jobcontrol import Lease, ProgressReport, RevocationWatch, control_client
 from worker.local_cluster import RedisServer
 from worker.stops import JobRevoked, LeaseLost
 
@@ -55,22 +57,6 @@ def test_an_unrenewed_lease_expires(client: redis.Redis) -> None:
     assert Lease(client, "dead", ttl=5, owner="w2").acquire({"spec": "{}"})
 
 
-def test_revocation_is_seen_at_the_next_step_and_counts_the_steps_after(client: redis.Redis) -> None:
-    reports: list[tuple[int, int]] = []
-    hooks: list[Any] = [RevocationCheck(client, "job"), ProgressReport(lambda s, t: reports.append((s, t)), interval=0)]
-    for hook in hooks:
-        hook.on_step(step(1))
-    for hook in hooks:
-        hook.on_step(step(2))
-    client.set(revoked_key("job"), json.dumps({"at": time.time()}))
-    with pytest.raises(JobRevoked) as caught:
-        for hook in hooks:  # as the stack runs them: the revoked job reports nothing more
-            hook.on_step(step(3))
-    assert caught.value.steps_completed == 3 and caught.value.steps_after_revoke == 1
-    assert caught.value.revoked_at is not None
-    assert reports == [(1, 10), (2, 10)]
-
-
 def test_progress_is_throttled_but_the_last_step_always_reported(client: redis.Redis) -> None:
     reports: list[int] = []
     control = ProgressReport(lambda s, t: reports.append(s), interval=60)
@@ -79,21 +65,97 @@ def test_progress_is_throttled_but_the_last_step_always_reported(client: redis.R
     assert reports == [1, 10]
 
 
-def test_redis_down_fails_open_and_does_not_slow_the_steps(caplog: pytest.LogCaptureFixture) -> None:
-    dead = control_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
-    reads: list[str] = []
-    real_get = dead.get
+@pytest.fixture
+def watch(client: redis.Redis) -> Iterator[RevocationWatch]:
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/15"
+    watch = RevocationWatch(control_client(url), "w1:1", poll=60).start()  # no poll inside a test: push only
+    assert watch.subscribed.wait(30), "the watch never subscribed"
+    yield watch
+    watch.close()
 
-    def counting_get(name: str) -> Any:
-        reads.append(name)
-        return real_get(name)
 
-    dead.get = counting_get  # type: ignore[method-assign,assignment]
-    control = RevocationCheck(dead, "job", backoff=60)
-    for n in range(1, 50):
-        control.on_step(step(n, 50))  # keeps rendering
-    assert reads == [revoked_key("job")], "one failed check, then none until the backoff ends"
-    assert sum("revocation check failed" in r.message for r in caplog.records) == 1
+def revoke(client: redis.Redis, task_id: str) -> None:
+    """What `RenderClient.revoke` writes: the key, then the push to the worker the job's record names."""
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/15"
+    producer = RenderClient(ClientSettings(redis_url=url))
+    try:
+        producer._mark_revoked_keys([task_id])
+    finally:
+        producer.close()
+
+
+def test_a_revoke_is_pushed_to_the_worker_holding_the_job_and_stops_it_at_the_next_step(
+    client: redis.Redis, watch: RevocationWatch
+) -> None:
+    lease = Lease(client, "job", ttl=30, owner="w1:1")  # the job's record names this worker's channel
+    check = watch.watch("job")
+    assert lease.acquire({"spec": "{}", "worker": "w1:1"})
+    reports: list[tuple[int, int]] = []
+    hooks: list[Any] = [check, ProgressReport(lambda s, t: reports.append((s, t)), interval=0)]
+    commands_before = client.info("stats")["total_commands_processed"]
+    for n in (1, 2):
+        for hook in hooks:
+            hook.on_step(step(n))
+    assert client.info("stats")["total_commands_processed"] == commands_before + 1, "a step never asks Redis"
+    revoke(client, "job")
+    wait_until(check.is_revoked, timeout=30, what="the pushed revocation")
+    with pytest.raises(JobRevoked) as caught:
+        for hook in hooks:  # as the stack runs them: the revoked job reports nothing more
+            hook.on_step(step(3))
+    assert caught.value.steps_completed == 3 and caught.value.steps_after_revoke == 1
+    assert caught.value.revoked_at is not None
+    assert reports == [(1, 10), (2, 10)]
+    lease.release()
+
+
+def test_a_revoke_of_a_job_not_yet_leased_is_found_by_the_read_after_the_lease(
+    client: redis.Redis, watch: RevocationWatch
+) -> None:
+    revoke(client, "queued")  # no record in render:running yet: nobody is told, the key is written
+    check = watch.watch("queued")
+    assert not check.is_revoked()
+    assert check.read(client) and check.revoked_at is not None
+    other = watch.watch("other")
+    assert not other.read(client)
+
+
+def test_a_revoke_whose_push_was_missed_is_read_from_its_key(client: redis.Redis) -> None:
+    url = f"redis://127.0.0.1:{client.connection_pool.connection_kwargs['port']}/15"
+    watch = RevocationWatch(control_client(url), "w2:1", poll=0.2).start()
+    try:
+        check = watch.watch("missed")
+        client.set(revoked_key("missed"), json.dumps({"at": time.time()}))  # written, never published
+        wait_until(check.is_revoked, timeout=30, what="the revocation read by the poll")
+        watch.forget(check)
+        later = watch.watch("missed")  # a new delivery of the job watches afresh
+        wait_until(later.is_revoked, timeout=30, what="the revocation read again")
+    finally:
+        watch.close()
+
+
+def test_redis_down_fails_open_then_the_watch_reconnects_and_hears_revokes(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    watch = RevocationWatch(control_client(url, timeout=0.5), "w3:1", poll=60, backoff=0.1).start()
+    try:
+        check = watch.watch("job")
+        for n in range(1, 50):
+            check.on_step(step(n, 50))  # keeps rendering: the steps read a flag
+        wait_until(
+            lambda: any("revocation channel" in r.message for r in caplog.records), timeout=30, what="the warning"
+        )
+        with RedisServer(port=port, workdir=tmp_path) as server:
+            assert watch.subscribed.wait(30), "the watch never reconnected"
+            back = redis.Redis.from_url(server.url)
+            back.set(revoked_key("job"), json.dumps({"at": time.time()}))
+            back.publish(revocations_channel("w3:1"), json.dumps({"task_id": "job", "at": time.time()}))
+            wait_until(check.is_revoked, timeout=30, what="the revocation after the reconnect")
+            back.close()
+        assert sum("revocation channel" in r.message for r in caplog.records) == 1, "one warning per outage"
+    finally:
+        watch.close()
 
 
 def test_a_lease_taken_over_is_lost_and_the_step_hook_stops_the_render(client: redis.Redis) -> None:
