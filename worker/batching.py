@@ -144,20 +144,23 @@ class _Batch:
             with torch.inference_mode():
                 arguments.update(clip_skip_arguments(self.pipe, spec))
                 output = self.pipe(
-                    **arguments, callback_on_step_end=self, callback_on_step_end_tensor_inputs=self.tensor_inputs
+                    **arguments,
+                    output_type="pt",
+                    callback_on_step_end=self,
+                    callback_on_step_end_tensor_inputs=self.tensor_inputs,
                 )
         except _AllLeft:
             return
-        images = list(output.images)
+        pixels = output.images.cpu()
         for member in list(self.active):
-            self.leave(member, Denoised(images=images[: member.rows]))
-            images = images[member.rows :]
+            self.leave(member, Denoised(pixels=pixels[: member.rows]))
+            pixels = pixels[member.rows :]
 
     def leave(self, member: _Member, outcome: Denoised) -> None:
         """`member` is out of the call: its outcome and its record (steps done, denoise to its last step, decode)."""
         control = member.stack.control
         now = time.perf_counter()
-        decoded = now if outcome.images else None
+        decoded = now if outcome.pixels is not None else None
         member.prepared.record.ran(
             self.pipe, self.started, control.last_step_end or now, control.steps_completed, decoded
         )
@@ -220,7 +223,7 @@ class _Batch:
             else:
                 keep.extend(range(rows.start, rows.stop))
         for member, rows in leaving:
-            outcome = stopped.get(member.index) or Denoised(images=decode_latents(self.pipe, latents[rows].clone()))
+            outcome = stopped.get(member.index) or Denoised(pixels=decode_latents(self.pipe, latents[rows].clone()))
             self.leave(member, outcome)
         if not keep:
             raise _AllLeft()
@@ -250,8 +253,9 @@ def _slice_scheduler_rows(scheduler: Any, rows: int, ndim: int, index: torch.Ten
             setattr(scheduler, name, [item[index] if per_row(item) else item for item in value])
 
 
-def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
-    """The VAE decode and post-processing that ends a text2img call, for SD1.5- and SDXL-family pipelines."""
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE decode and post-processing that ends a text2img call, for SD1.5- and SDXL-family pipelines: pixels
+    as the pipeline's `output_type="pt"` gives them, on the CPU (`Denoised.images` makes the PIL images)."""
     vae = pipe.vae
     upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae")
     if upcast:
@@ -275,4 +279,5 @@ def decode_latents(pipe: Any, latents: torch.Tensor) -> list[Any]:
             denormalize = denormalize if nsfw is None else [not flagged for flagged in nsfw]
         if getattr(pipe, "watermark", None) is not None:
             image = pipe.watermark.apply_watermark(image)
-        return list(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize))
+        pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+        return pixels.cpu()

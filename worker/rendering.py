@@ -15,6 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from pydantic import ValidationError
 
@@ -99,11 +100,19 @@ class Prepared:
 class Denoised:
     """How one job's time on the GPU ended: its images, a stop signal from a hook, or an error."""
 
-    images: list[Image.Image] = field(default_factory=list)
+    pixels: torch.Tensor | None = None  # the decoded images: (n, 3, h, w) floats in [0, 1], on the CPU
     stop: JobStopped | None = None
     error: Exception | None = None
     before_any_step: bool = False  # the error came before the pipeline ran (a model that will not load)
     batched_with: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """The decoded images as PIL images, made on the thread that asks (the job's own, in `store`): turning
+        pixels into 8-bit images is CPU work the GPU thread leaves to it, as it leaves the PNG encoding."""
+        if self.pixels is None:
+            return []
+        return list(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.pixels)))
 
 
 def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepared:
@@ -157,7 +166,7 @@ def denoise(prepared: Prepared, registry: ModelRegistry) -> Denoised:
         return Denoised(error=exc, before_any_step=True)
     try:
         with job_setup(pipe, [prepared], registry):
-            return Denoised(images=_run(pipe, prepared))
+            return Denoised(pixels=_run(pipe, prepared))
     except JobStopped as stop:
         return Denoised(stop=stop)
     except Exception as exc:
@@ -287,7 +296,7 @@ def pipeline_arguments(spec: RenderSpec, inputs: Mapping[str, Image.Image], seed
     }
 
 
-def _run(pipe: Any, prepared: Prepared) -> list[Any]:
+def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
     spec, record, stack = prepared.spec, prepared.record, prepared.stack
     arguments = pipeline_arguments(spec, prepared.job.inputs, [record.image_seed(i) for i in range(spec.num_images)])
     stack.start()
@@ -296,13 +305,14 @@ def _run(pipe: Any, prepared: Prepared) -> list[Any]:
     try:
         with torch.inference_mode():
             arguments.update(clip_skip_arguments(pipe, spec))
-            output = pipe(**arguments, callback_on_step_end=stack.multi)
+            output = pipe(**arguments, output_type="pt", callback_on_step_end=stack.multi)
+            pixels: torch.Tensor = output.images.cpu()
         decoded = time.perf_counter()
     finally:
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
         last_step = stack.control.last_step_end or time.perf_counter()
         record.ran(pipe, started, last_step, stack.control.steps_completed, decoded)
-    return list(output.images)
+    return pixels
 
 
 class _Record:
