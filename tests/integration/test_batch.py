@@ -127,7 +127,9 @@ def test_three_bad_lines_among_twenty_are_all_reported_and_nothing_is_sent(farm:
 def test_revoking_a_running_batch_leaves_nothing_queued_or_running_and_finished_jobs_untouched(
     farm: Farm, tmp_path: Path
 ) -> None:
-    specs = [spec(seed=i, num_inference_steps=150, width=128, height=128) for i in range(10)]
+    specs = [
+        spec(seed=i, num_inference_steps=150, width=320, height=320) for i in range(10)
+    ]  # seconds each: none ends while the CLI starts
     path = write_batch(tmp_path / "long.jsonl", [specs[0] | {"num_inference_steps": 2}, *specs[1:]])
     detached = render_cli("batch", str(path), "--name", "to-revoke", "--detach", env=env(farm))
     assert detached.returncode == 0 and "10 new" in detached.stdout, detached.stderr
