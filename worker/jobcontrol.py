@@ -163,11 +163,14 @@ class RevocationCheck:
             self.revoked_at = revoked_at
             self._revoked.set()
 
-    def read(self, client: redis.Redis) -> bool:
-        """Read the revocation key now (one GET); whether the job is revoked."""
-        value = client.get(self.key)
+    def found(self, value: Any) -> None:
+        """`value` is what the revocation key (or a pushed notice) holds; None: not revoked."""
         if value is not None:
             self.mark(_revoked_at(value))
+
+    def read(self, client: redis.Redis) -> bool:
+        """Read the revocation key now (one GET); whether the job is revoked."""
+        self.found(client.get(self.key))
         return self.is_revoked()
 
     def is_revoked(self) -> bool:
@@ -241,8 +244,7 @@ class RevocationWatch:
         if not checks:
             return
         for check, value in zip(checks, self.client.mget([check.key for check in checks]), strict=True):
-            if value is not None:
-                check.mark(_revoked_at(value))
+            check.found(value)
 
     def _run(self) -> None:
         warned = False
@@ -296,7 +298,7 @@ class RevocationWatch:
         with self._lock:
             check = self._checks.get(task_id)
         if check is not None:
-            check.mark(_revoked_at(data))
+            check.found(data)
 
 
 class ProgressReport:
