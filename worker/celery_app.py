@@ -12,13 +12,14 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
 from producer.keys import TASK_RENDER, model_queue, priority_lists
 from worker.affinity import Affinity, AffinityWatcher
 from worker.fleet import Heartbeat
+from worker.gpu import Deliveries
 from worker.jobcontrol import control_client
 from worker.recovery import RecoveryScanner
 from worker.settings import WorkerSettings, load_settings
@@ -63,6 +64,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     app.conf.update(conf)
     app.render_settings = settings
+    app.render_deliveries = deliveries = Deliveries()
 
     # Spec, model and config errors are the caller's: logged as one line, no traceback.
     @app.task(name=TASK_RENDER, bind=True, shared=False, throws=(SpecError, ModelError, ConfigError))  # type: ignore[untyped-decorator]
@@ -105,7 +107,12 @@ def create_app(settings: WorkerSettings) -> Celery:
         scanner.stop()
         watcher.stop()
 
+    def delivered(sender: Any = None, **_: Any) -> None:  # on the consumer's thread, before the job's own starts
+        if getattr(sender, "app", None) is app:
+            deliveries.mark()
+
     worker_ready.connect(start_threads, weak=False)
+    task_received.connect(delivered, weak=False)
     worker_shutting_down.connect(stop_threads, weak=False)
     app.recovery_scanner = scanner
     app.heartbeat = heartbeat

@@ -4,7 +4,8 @@ Each job's own thread (a Celery task) prepares it, hands it here with `GpuRunner
 reports the job's progress; once the call ends it encodes, uploads and writes the manifest while this thread
 already runs the next job. Jobs with one `worker.batching.batch_key` that are waiting when the GPU frees
 run as one call of up to `max_batch` images. A call waits for no job that is not yet delivered: only, for at
-most `GATHER_SECONDS`, for jobs this worker already holds that are still being checked.
+most `GATHER_SECONDS`, for jobs this worker already holds that are still being checked, and while a burst of
+jobs is still being delivered to it (a message within `BURST_GAP`). A lone job starts at once.
 
 A job past its hard time limit is stopped at its next step (`TimeLimitExceeded`, a `failed` manifest). A
 call stuck outside the steps (a decode or a load that never returns) cannot be stopped from Python: past
@@ -39,6 +40,29 @@ GATHER_SECONDS = 0.25
 """The longest a call waits for jobs already delivered to this worker that are still being checked (lease, inputs):
 they reach the GPU queue milliseconds after the first of a burst. A call never waits for jobs not yet delivered."""
 
+BURST_GAP = 0.01
+"""A call being formed keeps gathering while the broker is still delivering a burst to this worker: a message
+received after its first job was taken and less than this long ago. Celery takes a burst one message every
+1-8 ms (measured on 2 busy cores), and the first job's checks can finish between two of them: without this the
+first call of a burst of 24 often started with 1-3 of them and the stream took four calls instead of three."""
+
+
+class Deliveries:
+    """When this process last received a job's message from the broker (Celery's `task_received`, on the
+    consumer's thread, before the job's own thread starts): the signal that a burst is still being delivered."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")
+        self._listeners: list[Callable[[], None]] = []
+
+    def listen(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def mark(self) -> None:
+        self.last = time.monotonic()
+        for listener in self._listeners:
+            listener()
+
 
 class Deadline:
     """A step hook: stop the job at its next step once `limit` seconds have passed since it was taken."""
@@ -69,6 +93,7 @@ class Arrival:
     """A job on its way to the GPU queue (see `GpuRunner.arriving`)."""
 
     pending: bool = True
+    at: float = field(default_factory=time.monotonic)  # when its job thread took it
 
 
 @dataclass
@@ -78,6 +103,7 @@ class _Request:
     deadline: float
     box: ProgressBox | None
     skip: Callable[[], JobStopped | None] | None = None
+    taken_at: float = field(default_factory=time.monotonic)
     outcome: Denoised | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -98,6 +124,7 @@ class GpuRunner:
         on_idle: Callable[[], None] | None = None,
         grace: float = 60.0,
         exit_process: Callable[[int], None] = os._exit,
+        deliveries: Deliveries | None = None,
     ) -> None:
         self.registry = registry
         self.max_batch = max_batch
@@ -105,6 +132,7 @@ class GpuRunner:
         self.on_idle = on_idle
         self.grace = grace
         self.exit_process = exit_process
+        self.deliveries = deliveries or Deliveries()
         self._waiting: list[_Request] = []
         self._arriving = 0  # jobs taken by a job thread and not yet queued here
         self.gathering: str | None = None  # the first job of a call waiting for arriving jobs, while it waits
@@ -115,6 +143,11 @@ class GpuRunner:
         self._watchdog = threading.Thread(target=self._watch, name="render-gpu-watchdog", daemon=True)
         self._thread.start()
         self._watchdog.start()
+        self.deliveries.listen(self._wake)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[Arrival]:
@@ -155,6 +188,8 @@ class GpuRunner:
         """
         key = batch_key(prepared.spec) if self.max_batch > 1 else None
         request = _Request(prepared, key, deadline if deadline is not None else float("inf"), box, skip)
+        if arrival is not None:
+            request.taken_at = arrival.at
         with self._cond:
             self._waiting.append(request)
             self._arrived(arrival)
@@ -181,12 +216,12 @@ class GpuRunner:
             first = self._waiting.pop(0)
             batch = [first]
             if first.key is not None:
-                images = first.images
                 gather_until = time.monotonic() + GATHER_SECONDS
-                while self._arriving > 0 and images < self.max_batch and (left := gather_until - time.monotonic()) > 0:
+                while (wait := self._gather_wait(first, gather_until)) > 0:
                     self.gathering = first.prepared.job.task_id
-                    self._cond.wait(left)
+                    self._cond.wait(wait)
                 self.gathering = None
+                images = first.images
                 for request in list(self._waiting):
                     if request.key == first.key and images + request.images <= self.max_batch:
                         batch.append(request)
@@ -194,6 +229,19 @@ class GpuRunner:
                         images += request.images
             self._running = batch
             return batch
+
+    def _gather_wait(self, first: _Request, until: float) -> float:
+        """With the lock held: how long the call of `first` may wait for more jobs now (0: it starts)."""
+        now = time.monotonic()
+        compatible = first.images + sum(r.images for r in self._waiting if r.key == first.key)
+        if now >= until or compatible >= self.max_batch:
+            return 0.0
+        if self._arriving > 0:  # a job this worker holds is still being checked
+            return until - now
+        last = self.deliveries.last
+        if last > first.taken_at and now - last < BURST_GAP:  # a burst is still being delivered
+            return min(until, last + BURST_GAP) - now
+        return 0.0
 
     def _loop(self) -> None:
         while True:

@@ -108,6 +108,7 @@ def _build_state(task: Task) -> ProcessState:
             max_batch=settings.max_batch,
             on_call=lambda ids: advert.job_started(ids[0]),
             on_idle=advert.job_ended,
+            deliveries=getattr(task.app, "render_deliveries", None),
         ),
         revocations=RevocationWatch(control, owner, poll=settings.revocation_poll_interval).start(),
     )

@@ -14,7 +14,7 @@ from producer import RenderFailed, RenderSpec
 from tests.helpers import wait_until
 from worker.batching import batch_key, denoise_batch
 from worker.callbacks import StepInfo
-from worker.gpu import Deadline, GpuRunner
+from worker.gpu import Deadline, Deliveries, GpuRunner
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.rendering import Denoised, Prepared, denoise, prepare, store
@@ -238,6 +238,52 @@ def test_a_call_waits_for_a_job_this_worker_holds_that_is_still_being_checked(
         wait_until(lambda: runner.gathering == "alone", timeout=60, what="the lone job's call waiting for arrivals")
     thread.join(120)
     assert runner.calls[-1] == ["alone"] and results[-1].batched_with == []
+
+
+def test_a_call_keeps_gathering_while_a_burst_is_still_being_delivered_and_a_lone_job_starts_at_once(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)  # in production 0.25 s and 10 ms: here the jobs decide
+    monkeypatch.setattr("worker.gpu.BURST_GAP", 120.0)
+    storage = LocalStorage(tmp_path)
+    deliveries = Deliveries()
+    runner = GpuRunner(registry, max_batch=2, deliveries=deliveries)
+    first = prepare(JobContext(make_spec(i=0, num_images=1), "early"), registry, storage)
+    second = prepare(JobContext(make_spec(i=1, num_images=1), "late"), registry, storage)
+    results: dict[str, Denoised] = {}
+    with runner.arriving() as arrival:
+        deliveries.mark()  # the next job's message came in after "early" was taken; its own thread has not started
+        thread = threading.Thread(target=lambda: results.update(early=runner.run(first, arrival=arrival)))
+        thread.start()
+    wait_until(lambda: runner.gathering == "early", timeout=60, what="the call waiting for the burst")
+    results["late"] = runner.run(second)  # two compatible images: the call is full and starts
+    thread.join(120)
+    assert [sorted(call) for call in runner.calls] == [["early", "late"]]
+    assert results["early"].batched_with == ["late"]
+
+    deliveries.mark()  # a message before the job was taken: its own
+    lone = prepare(JobContext(make_spec(i=2), "alone"), registry, storage)
+    with runner.arriving() as arrival:
+        thread = threading.Thread(target=lambda: results.update(alone=runner.run(lone, arrival=arrival)))
+        thread.start()
+    thread.join(60)  # a wait would last the 120 s the burst gap is set to here
+    assert not thread.is_alive() and runner.calls[-1] == ["alone"]
+
+
+def test_a_full_call_starts_without_waiting_for_jobs_still_being_checked(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)
+    storage = LocalStorage(tmp_path)
+    runner = GpuRunner(registry, max_batch=2)
+    jobs = [prepare(JobContext(make_spec(i=i, num_images=1), f"job-{i}"), registry, storage) for i in range(2)]
+    with runner.arriving():  # a third job still being checked: the call is full without it
+        thread = threading.Thread(target=runner.run, args=(jobs[0],))
+        thread.start()
+        wait_until(lambda: runner.gathering == "job-0", timeout=60, what="the call waiting for the checked job")
+        runner.run(jobs[1])
+        thread.join(60)
+        assert not thread.is_alive() and [sorted(call) for call in runner.calls] == [["job-0", "job-1"]]
 
 
 def test_a_job_revoked_while_it_waited_never_runs_and_leaves_nothing_for_the_watchdog(

@@ -6,9 +6,11 @@ import gc
 import logging
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from celery.signals import task_received
 
 from producer.celery_config import tls_options
 from producer.client import RenderClient, redacted
@@ -33,6 +35,20 @@ def test_gpu_settings() -> None:
 def test_the_task_is_registered_under_its_one_name() -> None:
     app = create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
     assert TASK_RENDER in app.tasks
+
+
+class _Consumer:  # what Celery sends `task_received` from: the worker's consumer, which knows its app
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+
+def test_a_message_the_consumer_receives_marks_its_own_apps_deliveries() -> None:
+    """Celery sends `task_received` on the consumer's thread; the GPU thread reads it as "a burst is arriving"."""
+    app, other = (create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0")) for _ in range(2))
+    before = app.render_deliveries.last
+    task_received.send(sender=_Consumer(app), request=None)
+    assert app.render_deliveries.last > before
+    assert other.render_deliveries.last == float("-inf"), "another app in the process is not marked"
 
 
 def test_worker_flags() -> None:
