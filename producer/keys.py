@@ -34,6 +34,7 @@ def priority_lists(queue: str) -> dict[str, str]:
 
 MANIFEST_NAME = "manifest.json"
 FRAMES_DIR = "frames"
+CHECKPOINT_NAME = "checkpoint.pt"
 
 
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -74,6 +75,11 @@ def image_object(task_id: str, index: int) -> str:
 
 def frame_object(task_id: str, steps_completed: int, extension: str) -> str:
     return f"{task_id}/{FRAMES_DIR}/step-{steps_completed:03d}.{extension}"
+
+
+def checkpoint_object(task_id: str) -> str:
+    """A running job's latest checkpoint (what a resume needs); deleted when the job ends."""
+    return f"{task_id}/{CHECKPOINT_NAME}"
 
 
 def manifest_object(task_id: str) -> str:

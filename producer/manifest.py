@@ -68,5 +68,6 @@ class Manifest(BaseModel):
     error: str | None = None
     steps_after_revoke: int | None = None
     batched_with: list[str] = Field(default_factory=list)  # the other jobs that shared this job's UNet calls
+    resumed_from_step: int | None = None  # the checkpoint's step this attempt started from; None: from the start
     started_at: str
     finished_at: str

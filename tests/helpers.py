@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 from PIL import Image
 
+from producer import RenderSpec
 from producer.errors import FarmUnavailable
 from producer.keys import RUNNING_TASKS
 from worker.local_cluster import free_port, wait_until
@@ -123,3 +125,35 @@ class UNetCalls:
 def running(client: Any) -> set[str]:
     """The task ids in `render:running`: the jobs whose lease a worker holds."""
     return {key.decode() if isinstance(key, bytes) else str(key) for key in client.hkeys(RUNNING_TASKS)}
+
+
+SIZE = 64  # the side of the tiny pipelines' test images
+
+
+def png(path: Path, size: tuple[int, int] = (SIZE, SIZE), mode: str = "RGB") -> str:
+    rng = np.random.default_rng(len(str(path)))
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
+    return path.as_uri()
+
+
+def pipeline_spec(kind: str, folder: Path, model: str = "tiny-sd15", **overrides: Any) -> RenderSpec:
+    images: dict[str, str] = {}
+    if kind in ("img2img", "inpaint"):
+        images["image"] = png(folder / "image.png")
+    if kind == "inpaint":
+        images["mask_image"] = png(folder / "mask.png", mode="L")
+    if kind == "controlnet":
+        images["control_image"] = png(folder / "edges.png")
+    data = {
+        "model": model,
+        "pipeline": kind,
+        "prompt": "a lighthouse",
+        "num_inference_steps": 10,
+        "width": SIZE,
+        "height": SIZE,
+        "seed": 3,
+        **images,
+        **overrides,
+    }
+    return RenderSpec.parse(data)

@@ -186,7 +186,7 @@ class GpuRunner:
         `deadline` (time.monotonic()) is when the job's hard limit is over, for the watchdog. `skip()` runs when
         the GPU takes the job: a stop it returns (a revoke that came while the job waited) ends the job there.
         """
-        key = batch_key(prepared.spec) if self.max_batch > 1 else None
+        key = batch_key(prepared.spec) if self.max_batch > 1 and not prepared.resuming else None
         request = _Request(prepared, key, deadline if deadline is not None else float("inf"), box, skip)
         if arrival is not None:
             request.taken_at = arrival.at

@@ -24,6 +24,8 @@ class JobContext:
       the job before the decode.
     - `before_store(steps)`: runs after the decode, before the first upload (the worker's last lease check).
     - `frame_threads`: threads that encode and upload this job's frames.
+    - `checkpoint_seconds`: seconds of denoising between checkpoints (0: none); an `attempt` above 1 resumes from
+      the job's checkpoint when there is one (`worker.checkpoints`).
     """
 
     spec: RenderSpec
@@ -35,6 +37,7 @@ class JobContext:
     hooks: Sequence[StepHook] = ()
     before_store: Callable[[int], None] | None = None
     frame_threads: int = 2
+    checkpoint_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.task_id = check_task_id(self.task_id)

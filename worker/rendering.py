@@ -25,6 +25,7 @@ from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecor
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.callbacks import CallbackStack, build_callbacks
 from worker.callbacks.steps import sampler_steps
+from worker.checkpoints import CheckpointWriter, load_checkpoint
 from worker.job import JobContext
 from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
@@ -95,6 +96,11 @@ class Prepared:
     def spec(self) -> RenderSpec:
         return self.job.spec
 
+    @property
+    def resuming(self) -> bool:
+        """Whether the job starts from a checkpoint (it then runs alone: no batch is at its step)."""
+        return self.stack.checkpoint is not None and self.stack.checkpoint.resume is not None
+
 
 @dataclass
 class Denoised:
@@ -123,10 +129,26 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
     if missing := sorted(needed - set(job.inputs)):
         raise ValueError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
     family = registry.source(spec.model).family
+    record = _Record(job)
+    resume = load_checkpoint(storage, job.task_id, spec) if job.attempt > 1 else None
+    if resume is not None:
+        record.seed, record.resumed_from_step = resume.seed, resume.step
     stack = build_callbacks(
-        spec, family, task_id=job.task_id, storage=storage, hooks=job.hooks, frame_threads=job.frame_threads
+        spec,
+        family,
+        task_id=job.task_id,
+        storage=storage,
+        hooks=job.hooks,
+        frame_threads=job.frame_threads,
+        checkpoint_seconds=job.checkpoint_seconds,
+        seed=record.seed,
+        resume=resume,
     )
-    return Prepared(job, _Record(job), stack, family)
+    record.checkpoints = stack.checkpoint.writer if stack.checkpoint is not None else None
+    if job.attempt > 1:  # an earlier attempt's checkpoint, resumable or not, goes with the final state
+        record.checkpoints = record.checkpoints or CheckpointWriter(storage, job.task_id)
+        record.checkpoints.exists = True
+    return Prepared(job, record, stack, family)
 
 
 def load_pipeline(prepared: Sequence[Prepared], registry: ModelRegistry) -> Any:
@@ -175,6 +197,14 @@ def denoise(prepared: Prepared, registry: ModelRegistry) -> Denoised:
 
 def store(prepared: Prepared, outcome: Denoised, storage: Storage) -> Manifest:
     """Encode and upload the job's images, wait for its frames, write its manifest (last); see `render()`."""
+    try:
+        return _store(prepared, outcome, storage)
+    finally:  # whatever the end, no checkpoint write outlives the job's attempt (a final state deletes the checkpoint)
+        if prepared.record.checkpoints is not None:
+            prepared.record.checkpoints.close()
+
+
+def _store(prepared: Prepared, outcome: Denoised, storage: Storage) -> Manifest:
     prepared.record.batched_with = outcome.batched_with
     if outcome.error is not None and outcome.before_any_step:
         if prepared.stack.frames:  # built by `prepare`, before the load that failed
@@ -247,8 +277,11 @@ def _upload(prepared: Prepared, images: list[Image.Image], storage: Storage) -> 
 
 
 def revoked_before_start(job: JobContext, storage: Storage) -> Manifest:
-    """Record a job revoked before it started: no model loaded, no step run."""
-    return _Record(job).finish(storage, "revoked")
+    """Record a job revoked before it started: no model loaded, no step run; an earlier attempt's checkpoint goes."""
+    record = _Record(job)
+    if job.attempt > 1:
+        record.checkpoints = CheckpointWriter(storage, job.task_id, exists=True)
+    return record.finish(storage, "revoked")
 
 
 def _ip_adapter(pipe: Any, spec: RenderSpec, registry: ModelRegistry) -> contextlib.AbstractContextManager[None]:
@@ -302,6 +335,8 @@ def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
     stack.start()
     started = time.perf_counter()
     decoded = None
+    if stack.checkpoint is not None:
+        stack.checkpoint.bind(pipe, arguments["generator"])
     try:
         with torch.inference_mode():
             arguments.update(clip_skip_arguments(pipe, spec))
@@ -309,6 +344,8 @@ def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
             pixels: torch.Tensor = output.images.cpu()
         decoded = time.perf_counter()
     finally:
+        if stack.checkpoint is not None:
+            stack.checkpoint.release()
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
         last_step = stack.control.last_step_end or time.perf_counter()
         record.ran(pipe, started, last_step, stack.control.steps_completed, decoded)
@@ -332,6 +369,8 @@ class _Record:
         self.scheduler: SchedulerRecord | None = None
         self.loras: list[LoraRecord] = []
         self.batched_with: list[str] = []
+        self.resumed_from_step: int | None = None
+        self.checkpoints: CheckpointWriter | None = None
         self.started_at = _now()
 
     def ran(self, pipe: Any, started: float, last_step: float, steps_completed: int, decoded: float | None) -> None:
@@ -378,10 +417,13 @@ class _Record:
             error=error,
             steps_after_revoke=self.steps_after_revoke,
             batched_with=self.batched_with,
+            resumed_from_step=self.resumed_from_step,
             started_at=self.started_at,
             finished_at=_now(),
         )
         storage.put(manifest_object(self.task_id), manifest.model_dump_json(indent=2).encode(), "application/json")
+        if self.checkpoints is not None:  # a final state: nothing resumes from here
+            self.checkpoints.discard()
         return manifest
 
 

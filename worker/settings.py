@@ -141,6 +141,12 @@ class WorkerSettings(ClientSettings):
         description="seconds between the worker's reads of its jobs' revocation keys, the fallback for a revoke whose "
         "push it missed (a revoke normally arrives by pub/sub at once)",
     )
+    checkpoint_seconds: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="seconds of denoising between a job's checkpoints (latents, sampler state), which a redelivered "
+        "job resumes from; 0: off",
+    )
     heartbeat_interval: float = Field(default=5.0, gt=0.0, description="seconds between a worker's heartbeats")
     switch_after_seconds: float = Field(
         default=60.0,

@@ -132,6 +132,7 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
         queue_wait=max(0.0, time.time() - float(submitted)) if submitted else None,
         worker=state.owner,
         frame_threads=state.settings.frame_upload_threads,
+        checkpoint_seconds=state.settings.checkpoint_seconds,
     )
     deadline = Deadline(state.settings.task_time_limit)  # counted from here, as Celery's time limit was
 

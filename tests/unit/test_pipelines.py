@@ -7,12 +7,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from producer import RenderSpec, SpecError
-from tests.helpers import pixels
+from tests.helpers import SIZE, pipeline_spec, pixels, png
 from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
@@ -20,15 +19,6 @@ from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.stops import JobRevoked
 from worker.storage import LocalStorage
-
-SIZE = 64
-
-
-def png(path: Path, size: tuple[int, int] = (SIZE, SIZE), mode: str = "RGB") -> str:
-    rng = np.random.default_rng(len(str(path)))
-    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-    Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(path)
-    return path.as_uri()
 
 
 @pytest.fixture
@@ -41,28 +31,6 @@ def inputs_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(inputs_dir: Path) -> WorkerSettings:
     return WorkerSettings(input_roots=[str(inputs_dir)], max_input_bytes=200_000, max_input_pixels=1024 * 1024)
-
-
-def pipeline_spec(kind: str, folder: Path, model: str = "tiny-sd15", **overrides: Any) -> RenderSpec:
-    images: dict[str, str] = {}
-    if kind in ("img2img", "inpaint"):
-        images["image"] = png(folder / "image.png")
-    if kind == "inpaint":
-        images["mask_image"] = png(folder / "mask.png", mode="L")
-    if kind == "controlnet":
-        images["control_image"] = png(folder / "edges.png")
-    data = {
-        "model": model,
-        "pipeline": kind,
-        "prompt": "a lighthouse",
-        "num_inference_steps": 10,
-        "width": SIZE,
-        "height": SIZE,
-        "seed": 3,
-        **images,
-        **overrides,
-    }
-    return RenderSpec.parse(data)
 
 
 class Spy:

@@ -9,9 +9,11 @@ from typing import Any
 from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget
 from worker.callbacks.budget import StepBudgetCallback
 from worker.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
+from worker.callbacks.checkpoint import CheckpointCallback
 from worker.callbacks.control import StepControlCallback, StepHook
 from worker.callbacks.frames import FramesCallback, FrameWriter
 from worker.callbacks.steps import SamplerStepCallbacks
+from worker.checkpoints import Checkpoint, CheckpointWriter, spec_digest
 from worker.storage import Storage
 
 
@@ -23,6 +25,7 @@ class CallbackStack:
     budget: StepBudgetCallback | None
     frames: FrameWriter | None
     multi: SamplerStepCallbacks
+    checkpoint: CheckpointCallback | None = None
 
     def start(self) -> None:
         self.control.start()
@@ -38,7 +41,12 @@ def build_callbacks(
     storage: Storage,
     hooks: Sequence[StepHook] = (),
     frame_threads: int = 2,
+    checkpoint_seconds: float = 0.0,
+    seed: int = 0,
+    resume: Checkpoint | None = None,
 ) -> CallbackStack:
+    """The job's callbacks. With `checkpoint_seconds` > 0 it checkpoints (`seed` is the job's, for its checkpoints);
+    with `resume` it starts from that checkpoint."""
     # Control first, so a revoked job stops before anything else happens at that step; frames last,
     # so a frame shows the latents every other callback has settled on.
     control = StepControlCallback(task_id, hooks)
@@ -54,5 +62,18 @@ def build_callbacks(
     writer = None
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)
-        chain.append(FramesCallback(writer, family))
-    return CallbackStack(control=control, budget=budget, frames=writer, multi=SamplerStepCallbacks(control, chain))
+        frames_callback = FramesCallback(writer, family)
+        if resume is not None:
+            writer.adopt(resume.frames)
+            frames_callback.skip_through = resume.step
+        chain.append(frames_callback)
+    checkpoint = None
+    if checkpoint_seconds > 0 or resume is not None:
+        checkpoints = CheckpointWriter(storage, task_id, exists=resume is not None)  # a resumed one goes at the end
+        digest = spec_digest(spec)
+        checkpoint = CheckpointCallback(
+            checkpoints, checkpoint_seconds, seed=seed, digest=digest, resume=resume, budget=budget, frames=writer
+        )
+        chain.append(checkpoint)
+    multi = SamplerStepCallbacks(control, chain)
+    return CallbackStack(control=control, budget=budget, frames=writer, multi=multi, checkpoint=checkpoint)

@@ -30,6 +30,11 @@ class FrameWriter:
         self.spec = spec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"frames-{task_id[:8]}")
         self._futures: list[Future[str]] = []
+        self._steps: list[int] = []
+        self.adopted: list[str] = []  # frames an earlier attempt stored (a resumed job's), before this one's
+
+    def adopt(self, urls: list[str]) -> None:
+        self.adopted = list(urls)
 
     def submit(self, steps_completed: int, rgb: torch.Tensor) -> None:
         event = None
@@ -39,7 +44,12 @@ class FrameWriter:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
             rgb = host
+        self._steps.append(steps_completed)
         self._futures.append(self._pool.submit(self._store, steps_completed, rgb, event))
+
+    def stored_through(self, step: int) -> list[str]:
+        """The URLs of every frame through `step`, once stored (a checkpoint's); raises the first upload error."""
+        return self.adopted + [f.result() for s, f in zip(self._steps, list(self._futures), strict=False) if s <= step]
 
     def _store(self, steps_completed: int, rgb: torch.Tensor, event: Any) -> str:
         if event is not None:
@@ -54,7 +64,7 @@ class FrameWriter:
     def finish(self) -> list[str]:
         """Wait for every frame; raise the first upload error."""
         try:
-            return [future.result() for future in self._futures]
+            return self.adopted + [future.result() for future in self._futures]
         finally:
             self._pool.shutdown(wait=True)
 
@@ -73,8 +83,9 @@ class FramesCallback(PipelineCallback):
         self.writer = writer
         self.family = family
         self.every = writer.spec.every
+        self.skip_through = 0  # a resumed job's frames through its checkpoint's step are stored already
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
-        if (step_index + 1) % self.every == 0:
+        if (step_index + 1) % self.every == 0 and step_index + 1 > self.skip_through:
             self.writer.submit(step_index + 1, latents_to_rgb(callback_kwargs["latents"], self.family))
         return callback_kwargs

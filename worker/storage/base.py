@@ -47,6 +47,11 @@ class Storage(ABC):
         check_name(name)
         return self._retrying(lambda: self._get(name))
 
+    def delete(self, name: str) -> None:
+        """Remove the object `name`; nothing happens when there is none."""
+        check_name(name)
+        self._retrying(lambda: self._delete(name))
+
     def _retrying(self, call: Callable[[], T]) -> T:
         """Run `call`, retrying `StorageUnavailable` with exponential backoff (0.5 s doubling to 15 s) for
         `retry_seconds`; then raise it, saying how long it tried. Other errors (a missing bucket, refused
@@ -94,3 +99,6 @@ class Storage(ABC):
 
     @abstractmethod
     def _get(self, name: str) -> bytes | None: ...
+
+    @abstractmethod
+    def _delete(self, name: str) -> None: ...

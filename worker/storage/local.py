@@ -45,6 +45,12 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
+    def _delete(self, name: str) -> None:
+        try:
+            self._path(name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {self._path(name)}: {exc.strerror or exc}") from exc
+
     def _get(self, name: str) -> bytes | None:
         path = self._path(name)
         try:

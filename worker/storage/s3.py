@@ -107,6 +107,12 @@ class S3Storage(Storage):
                 return None
             raise self._error("read", name, exc) from exc
 
+    def _delete(self, name: str) -> None:
+        try:  # S3 answers 204 whether or not the key existed
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        except self._errors as exc:
+            raise self._error("delete", name, exc) from exc
+
     def _error(self, verb: str, name: str, exc: Exception) -> StorageError:
         from botocore.exceptions import (
             ConnectionClosedError,

@@ -1,0 +1,143 @@
+"""The step callback that checkpoints a job every few seconds of denoising and resumes it from a checkpoint.
+
+See `worker.checkpoints` for what a checkpoint holds and why a resume replays the steps before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from diffusers.callbacks import PipelineCallback
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from worker.callbacks.budget import StepBudgetCallback
+from worker.callbacks.frames import FrameWriter
+from worker.checkpoints import (
+    Checkpoint,
+    CheckpointUnsupported,
+    CheckpointWriter,
+    restore_scheduler,
+    scheduler_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCallback(PipelineCallback):
+    """Last in a job's chain, so a checkpoint holds the latents every other callback settled on.
+
+    `bind(pipe, generators)` before the pipeline call, `release()` after it, whatever happened.
+    """
+
+    tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        writer: CheckpointWriter,
+        interval: float,
+        *,
+        seed: int,
+        digest: str,
+        resume: Checkpoint | None = None,
+        budget: StepBudgetCallback | None = None,
+        frames: FrameWriter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # PipelineCallback.__init__ validates cutoff arguments that a checkpoint does not have.
+        self.writer = writer
+        self.interval = interval
+        self.seed = seed
+        self.digest = digest
+        self.resume = resume
+        self.budget = budget
+        self.frames = frames
+        self.clock = clock
+        self.last = clock()
+        self.generators: Sequence[torch.Generator] = ()
+        self._unet_off: _UnetOff | None = None
+        self.unsupported = False
+
+    def bind(self, pipe: Any, generators: Sequence[torch.Generator]) -> None:
+        """The run is starting on `pipe` with these generators; a resume turns the UNet off until its step."""
+        self.generators = generators
+        self.last = self.clock()
+        if self.resume is not None:
+            self._unet_off = _UnetOff(pipe.unet)
+
+    def release(self) -> None:
+        if self._unet_off is not None:
+            self._unet_off.close()
+            self._unet_off = None
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        done = step_index + 1
+        if self.resume is not None and done <= self.resume.step:
+            if done == self.resume.step:
+                callback_kwargs["latents"] = self._restore(pipeline, callback_kwargs["latents"])
+            return callback_kwargs
+        now = self.clock()
+        due = self.interval > 0 and now - self.last >= self.interval
+        if due and not self.unsupported and done < pipeline.num_timesteps:
+            self.last = now
+            self._capture(pipeline, done, callback_kwargs["latents"])
+        return callback_kwargs
+
+    def _capture(self, pipeline: Any, done: int, latents: torch.Tensor) -> None:
+        try:
+            state = scheduler_state(pipeline.scheduler)
+        except CheckpointUnsupported as exc:
+            self.unsupported = True
+            log.warning("task %s: no checkpoints for this job: %s", self.writer.task_id, exc)
+            return
+        budget_seconds = None
+        if self.budget is not None and self.budget.max_seconds is not None:
+            budget_seconds = self.budget.clock() - self.budget.started
+        checkpoint = Checkpoint(
+            step=done,
+            latents=latents.detach().to("cpu", copy=True),
+            scheduler=state,
+            scheduler_class=type(pipeline.scheduler).__name__,
+            generators=[generator.get_state() for generator in self.generators],
+            seed=self.seed,
+            spec_digest=self.digest,
+            budget_seconds=budget_seconds,
+        )
+        self.writer.submit(checkpoint, self.frames)
+
+    def _restore(self, pipeline: Any, latents: torch.Tensor) -> torch.Tensor:
+        checkpoint = self.resume
+        assert checkpoint is not None
+        self.release()
+        restore_scheduler(pipeline.scheduler, checkpoint.scheduler)
+        for generator, state in zip(self.generators, checkpoint.generators, strict=True):
+            generator.set_state(state)
+        if self.budget is not None and checkpoint.budget_seconds is not None:
+            self.budget.started = self.budget.clock() - checkpoint.budget_seconds
+        self.last = self.clock()
+        return checkpoint.latents.to(latents.device, latents.dtype)
+
+
+class _UnetOff:
+    """While a resume replays the steps before its checkpoint, the UNet returns zeros without running: the
+    latents of those steps are thrown away at the checkpoint's step, and only the callbacks' effects matter."""
+
+    def __init__(self, unet: Any) -> None:
+        self.unet = unet
+        self.before = unet.__dict__.get("forward")  # an instance-level forward (accelerate's offload hook) stays
+        channels = int(unet.config.out_channels)
+
+        def forward(sample: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+            zeros = sample.new_zeros((sample.shape[0], channels, *sample.shape[2:]))
+            return UNet2DConditionOutput(sample=zeros) if return_dict else (zeros,)
+
+        unet.forward = forward
+
+    def close(self) -> None:
+        if self.before is not None:
+            self.unet.forward = self.before
+        else:
+            self.unet.__dict__.pop("forward", None)
