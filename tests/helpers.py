@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -157,3 +158,15 @@ def pipeline_spec(kind: str, folder: Path, model: str = "tiny-sd15", **overrides
         **overrides,
     }
     return RenderSpec.parse(data)
+
+
+class Gate:
+    """A hook that holds the GPU thread at the first step until released."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self.open = threading.Event()
+
+    def on_step(self, info: Any) -> None:
+        self.reached.set()
+        assert self.open.wait(60)

@@ -7,6 +7,7 @@ module's `app` is built on first use from the same `RENDER_*` settings a worker 
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from typing import Any
 
@@ -107,11 +108,26 @@ def create_app(settings: WorkerSettings) -> Celery:
         scanner.stop()
         watcher.stop()
 
+    signals_seen: list[Any] = []
+
+    def drain(sig: Any = None, **_: Any) -> None:
+        """SIGTERM (or a first SIGINT): hand the jobs in hand back (`worker.drain`) while Celery's warm shutdown
+        waits for their threads. A second signal exits at once: the leases lapse and recovery moves the jobs, from
+        their last checkpoints."""
+        signals_seen.append(sig)
+        if len(signals_seen) > 1:
+            os._exit(1)
+        state = getattr(app, "render_state", None)
+        if state is not None:
+            state.drain.begin(settings.drain_seconds)
+            state.gpu.drain()
+
     def delivered(sender: Any = None, **_: Any) -> None:  # on the consumer's thread, before the job's own starts
         if getattr(sender, "app", None) is app:
             deliveries.mark()
 
     worker_ready.connect(start_threads, weak=False)
+    worker_shutting_down.connect(drain, weak=False)
     task_received.connect(delivered, weak=False)
     worker_shutting_down.connect(stop_threads, weak=False)
     app.recovery_scanner = scanner

@@ -29,7 +29,7 @@ from worker.batching import batch_key, denoise_batch
 from worker.callbacks.control import StepInfo
 from worker.models.registry import ModelRegistry
 from worker.rendering import Denoised, Prepared
-from worker.stops import JobStopped, TimeLimitExceeded
+from worker.stops import HandedOff, JobStopped, TimeLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class GpuRunner:
         self._waiting: list[_Request] = []
         self._arriving = 0  # jobs taken by a job thread and not yet queued here
         self.gathering: str | None = None  # the first job of a call waiting for arriving jobs, while it waits
+        self.draining = False  # set by `drain`: no job is taken any more
         self._cond = threading.Condition()
         self._running: list[_Request] = []
         self.calls: list[list[str]] = []  # task ids of each call, newest last (kept short)
@@ -144,6 +145,16 @@ class GpuRunner:
         self._thread.start()
         self._watchdog.start()
         self.deliveries.listen(self._wake)
+
+    def drain(self) -> None:
+        """The worker is shutting down: every job waiting for the GPU, and any queued from now on, is handed back
+        (`HandedOff`) at once; the call in flight goes on (its jobs' `DrainHook`s decide)."""
+        with self._cond:
+            self.draining = True
+            waiting, self._waiting = self._waiting, []
+            self._cond.notify_all()
+        for request in waiting:
+            self._settle(request, Denoised(stop=HandedOff(0)))
 
     def _wake(self) -> None:
         with self._cond:
@@ -191,6 +202,9 @@ class GpuRunner:
         if arrival is not None:
             request.taken_at = arrival.at
         with self._cond:
+            if self.draining:
+                self._arrived(arrival)
+                return Denoised(stop=HandedOff(0))
             self._waiting.append(request)
             self._arrived(arrival)
         if box is None:
@@ -245,7 +259,14 @@ class GpuRunner:
 
     def _loop(self) -> None:
         while True:
-            batch = [request for request in self._take() if not self._skipped(request)]
+            taken = self._take()
+            if self.draining:  # `drain` came while the call was being formed
+                with self._cond:
+                    self._running = []
+                for request in taken:
+                    self._settle(request, Denoised(stop=HandedOff(0)))
+                continue
+            batch = [request for request in taken if not self._skipped(request)]
             if not batch:  # every job was revoked while it waited: nothing runs, and nothing is left for the watchdog
                 with self._cond:
                     self._running = []

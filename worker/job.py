@@ -11,6 +11,7 @@ from PIL import Image
 from producer.keys import check_task_id
 from producer.spec import RenderSpec
 from worker.callbacks.control import StepHook
+from worker.drain import Drain
 
 
 @dataclass
@@ -26,6 +27,8 @@ class JobContext:
     - `frame_threads`: threads that encode and upload this job's frames.
     - `checkpoint_seconds`: seconds of denoising between checkpoints (0: none); an `attempt` above 1 resumes from
       the job's checkpoint when there is one (`worker.checkpoints`).
+    - `drain`: the worker's SIGTERM hand-off (`worker.drain`); the job then checkpoints and is handed back when
+      it will not finish in time, whatever `checkpoint_seconds` says.
     """
 
     spec: RenderSpec
@@ -38,6 +41,7 @@ class JobContext:
     before_store: Callable[[int], None] | None = None
     frame_threads: int = 2
     checkpoint_seconds: float = 0.0
+    drain: Drain | None = None
 
     def __post_init__(self) -> None:
         self.task_id = check_task_id(self.task_id)

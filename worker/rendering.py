@@ -26,6 +26,7 @@ from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.callbacks import CallbackStack, build_callbacks
 from worker.callbacks.steps import sampler_steps
 from worker.checkpoints import CheckpointWriter, load_checkpoint
+from worker.drain import DrainHook
 from worker.job import JobContext
 from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
@@ -143,7 +144,10 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
         checkpoint_seconds=job.checkpoint_seconds,
         seed=record.seed,
         resume=resume,
+        hand_off=job.drain is not None,
     )
+    if job.drain is not None:
+        stack.control.hooks = (*stack.control.hooks, DrainHook(job.drain, stack.checkpoint))
     record.checkpoints = stack.checkpoint.writer if stack.checkpoint is not None else None
     if job.attempt > 1:  # an earlier attempt's checkpoint, resumable or not, goes with the final state
         record.checkpoints = record.checkpoints or CheckpointWriter(storage, job.task_id)

@@ -147,6 +147,12 @@ class WorkerSettings(ClientSettings):
         description="seconds of denoising between a job's checkpoints (latents, sampler state), which a redelivered "
         "job resumes from; 0: off",
     )
+    drain_seconds: float = Field(
+        default=20.0,
+        ge=0.0,
+        description="on SIGTERM, a job on the GPU that will not finish within this many seconds checkpoints and goes "
+        "back to its queue; jobs waiting go back at once",
+    )
     heartbeat_interval: float = Field(default=5.0, gt=0.0, description="seconds between a worker's heartbeats")
     switch_after_seconds: float = Field(
         default=60.0,

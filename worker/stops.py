@@ -43,3 +43,11 @@ class TimeLimitExceeded(JobStopped):
     def __init__(self, steps_completed: int, limit: float) -> None:
         super().__init__(f"past its time limit of {limit:.0f} s", steps_completed)
         self.limit = limit
+
+
+class HandedOff(JobStopped):
+    """Raised when a draining worker (SIGTERM) gives the job back to its queue: it goes on elsewhere, from its
+    checkpoint; this delivery writes no state and no manifest."""
+
+    def __init__(self, steps_completed: int) -> None:
+        super().__init__("handed off: the worker is shutting down", steps_completed)

@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,11 +22,12 @@ from celery.exceptions import Ignore
 from redis import Redis
 
 from producer.errors import RenderFailed, StorageError
-from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, check_task_id, manifest_key
+from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, check_task_id, manifest_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
 from producer.webhooks import parse_allowed_hosts
 from worker import metrics
+from worker.drain import Drain
 from worker.fleet import JobAdvert
 from worker.gpu import Arrival, Deadline, GpuRunner, ProgressBox
 from worker.inputs import load_inputs
@@ -35,7 +36,7 @@ from worker.jobcontrol import Lease, ProgressReport, RevocationCheck, Revocation
 from worker.models.registry import ModelRegistry
 from worker.rendering import finished_manifest, prepare, revoked_before_start, store
 from worker.settings import WorkerSettings
-from worker.stops import JobRevoked, LeaseLost
+from worker.stops import HandedOff, JobRevoked, LeaseLost
 from worker.storage import Storage, open_storage
 from worker.webhooks import WebhookSender
 
@@ -57,6 +58,7 @@ class ProcessState:
     advert: JobAdvert
     gpu: GpuRunner
     revocations: RevocationWatch  # its own thread: pushed revocations of the jobs in hand, as flags the steps read
+    drain: Drain = field(default_factory=Drain)  # begun on SIGTERM (`worker.celery_app`)
 
 
 _STATE_LOCK = threading.Lock()  # the first jobs in hand arrive together, on several threads
@@ -133,6 +135,7 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
         worker=state.owner,
         frame_threads=state.settings.frame_upload_threads,
         checkpoint_seconds=state.settings.checkpoint_seconds,
+        drain=state.drain,
     )
     deadline = Deadline(state.settings.task_time_limit)  # counted from here, as Celery's time limit was
 
@@ -188,6 +191,9 @@ def _leased(
             )
             manifest = store(prepared, outcome, state.storage)
         _publish(state, manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
+    except HandedOff as handed:
+        _hand_off(task, state, job, lease, handed)
+        raise Ignore() from None
     except LeaseLost:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
         log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
@@ -208,6 +214,29 @@ def _leased(
         _finish_revoked(task, state, manifest, spec)
     _notify(state, spec, task_id, manifest)
     return manifest.model_dump(mode="json")
+
+
+def _hand_off(task: Task, state: ProcessState, job: JobContext, lease: Lease, handed: HandedOff) -> None:
+    """Put a job this draining worker will not finish back on its queue as its next attempt (same id, queue and
+    priority), which resumes from the checkpoint it just stored. The lease goes first, so the next worker can
+    take it at once; the result is forgotten, so `render status` shows it queued. A crash between the two
+    leaves the job unleased and unacknowledged, which the recovery scanner puts back."""
+    lease.release()
+    task.backend.forget(job.task_id)
+    task.app.send_task(
+        TASK_RENDER,
+        args=[job.spec.model_dump_json()],
+        task_id=job.task_id,
+        queue=_queue(task),
+        priority=(task.request.delivery_info or {}).get("priority"),
+        headers={ATTEMPT_HEADER: job.attempt + 1, SUBMITTED_AT_HEADER: task.request.get(SUBMITTED_AT_HEADER)},
+    )
+    log.warning(
+        "task %s handed back to its queue at step %d (the worker is shutting down); attempt %d resumes it",
+        job.task_id,
+        handed.steps_completed,
+        job.attempt + 1,
+    )
 
 
 def _queue(task: Task) -> str | None:

@@ -4,13 +4,14 @@ and makes the image an uninterrupted run makes."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable
 
 import boto3
 import pytest
 
-from tests.faults.conftest import ChaosFarm, assert_complete, holder, job
-from tests.helpers import pixels
+from tests.faults.conftest import ChaosFarm, assert_complete, holder, job, progressed
+from tests.helpers import pixels, running
 from worker.checkpoints import decode
 from worker.local_cluster import wait_until
 from worker.storage import open_storage
@@ -58,3 +59,47 @@ def test_a_150_step_job_killed_past_step_100_resumes_elsewhere_from_its_checkpoi
     assert whole.resumed_from_step is None and whole.seed == manifest.seed
     storage = open_storage(f"s3://{farm.bucket}/renders", s3_endpoint_url=farm.s3_endpoint)
     assert pixels(storage, manifest.images[0]) == pixels(storage, whole.images[0]), "the resumed image differs"
+
+
+def test_sigterm_hands_back_a_long_job_and_a_waiting_one_the_worker_exits_in_seconds_and_both_go_on_elsewhere(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    (first,) = farm.start_workers("term-a", drain_seconds="2")  # checkpoints at their default (30 s): none by then
+    spec = job(78, num_inference_steps=150, width=512, height=512, scheduler="euler_a")
+    long, waiting = farm.client.submit(spec), farm.client.submit(job(79, num_inference_steps=20))
+    wait_until(progressed(farm, long.task_id, 20), timeout=240, what="the long job past step 20")
+    wait_until(lambda: waiting.task_id in running(farm.direct), timeout=60, what="the second job in the worker's hands")
+    signalled = time.monotonic()
+    first.kill(signal.SIGTERM)
+    first.process.wait(timeout=60)
+    assert time.monotonic() - signalled < 10, "the worker must exit in seconds, not at the job's end"
+    assert first.process.returncode == 0
+    assert {farm.client.status(h.task_id).state for h in (long, waiting)} == {"queued"}
+    log = first.log_path.read_text(errors="replace")
+    assert f"task {long.task_id} handed back to its queue" in log and f"task {waiting.task_id} handed back" in log
+
+    farm.start_workers("term-b")
+    manifest, second = farm.finish([long, waiting])
+    assert manifest.status == second.status == "succeeded"
+    assert manifest.attempt == 2 and manifest.worker.startswith("term-b@") and manifest.resumed_from_step
+    assert manifest.resumed_from_step >= 20, "resumed from the hand-off's checkpoint"
+    assert second.attempt == 2 and second.resumed_from_step is None, "the waiting job had not started"
+    assert_complete(farm, long.task_id, manifest)
+
+    (whole,) = farm.finish([farm.client.submit(spec)])
+    storage = open_storage(f"s3://{farm.bucket}/renders", s3_endpoint_url=farm.s3_endpoint)
+    assert pixels(storage, manifest.images[0]) == pixels(storage, whole.images[0]), "the resumed image differs"
+
+
+def test_sigterm_lets_a_job_that_ends_within_the_drain_time_finish_on_the_same_worker(
+    chaos_farm: Callable[..., ChaosFarm],
+) -> None:
+    farm = chaos_farm()
+    (first,) = farm.start_workers("drain-a", drain_seconds="120")
+    handle = farm.client.submit(job(80, num_inference_steps=60, width=512, height=512))
+    wait_until(progressed(farm, handle.task_id, 5), timeout=240, what="the job past step 5")
+    first.kill(signal.SIGTERM)
+    first.process.wait(timeout=240)
+    (manifest,) = farm.finish([handle])
+    assert manifest.status == "succeeded" and manifest.attempt == 1 and manifest.worker.startswith("drain-a@")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from producer import RenderFailed, RenderSpec
-from tests.helpers import wait_until
+from tests.helpers import Gate, wait_until
 from worker.batching import batch_key, denoise_batch
 from worker.callbacks import StepInfo
 from worker.gpu import Deadline, Deliveries, GpuRunner
@@ -151,18 +151,6 @@ def test_the_key_keeps_apart_what_one_call_cannot_share() -> None:
     ):
         assert batch_key(other) != batch_key(base)
     assert batch_key(make_spec(pipeline="img2img", image="file:///x.png")) is None
-
-
-class Gate:
-    """A hook that holds the GPU thread at the first step until released."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self.open = threading.Event()
-
-    def on_step(self, info: StepInfo) -> None:
-        self.reached.set()
-        assert self.open.wait(60)
 
 
 def test_the_gpu_thread_batches_only_compatible_jobs_already_waiting(registry: ModelRegistry, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,18 +13,20 @@ import pytest
 import torch
 
 from producer import RenderSpec
-from producer.keys import checkpoint_object, image_object
+from producer.keys import checkpoint_object, image_object, manifest_object
 from producer.manifest import Manifest
-from tests.helpers import pipeline_spec, png
+from tests.helpers import Gate, pipeline_spec, png, wait_until
 from worker.callbacks import StepInfo
 from worker.checkpoints import FORMAT, Checkpoint, decode, encode, scheduler_state
+from worker.drain import Drain
+from worker.gpu import GpuRunner
 from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import SAMPLERS, make_scheduler
-from worker.rendering import denoise, prepare, render, store
+from worker.rendering import Denoised, denoise, prepare, render, store
 from worker.settings import WorkerSettings
-from worker.stops import LeaseLost
+from worker.stops import HandedOff, LeaseLost
 from worker.storage import LocalStorage, Storage
 
 EVERY_STEP = 1e-9  # checkpoint at every step's end
@@ -238,3 +241,71 @@ def test_the_steps_before_the_checkpoint_are_replayed_without_running_the_unet(
         handle.remove()
     assert manifest.resumed_from_step == 5 and len(calls) == 10 - 5
     assert "forward" not in vars(registry.pipeline("tiny-sd15").unet), "the UNet is itself again after the resume"
+
+
+class DrainAt:
+    """SIGTERM at `step`: the worker's drain begins with no time left, so the job must leave at once."""
+
+    def __init__(self, drain: Drain, step: int) -> None:
+        self.drain, self.step = drain, step
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.steps_completed >= self.step:
+            self.drain.begin(0.0)
+
+
+@pytest.mark.parametrize("scheduler", ["heun", "dpmpp_2m_sde_karras"])
+def test_a_drained_job_checkpoints_at_its_step_end_is_handed_off_and_resumes_byte_for_byte(
+    registry: ModelRegistry, tmp_path: Path, scheduler: str
+) -> None:
+    spec = spec_of(scheduler=scheduler)
+    whole_storage, storage = LocalStorage(tmp_path / "whole"), LocalStorage(tmp_path / "resumed")
+    whole = render(JobContext(spec, TASK), registry=registry, storage=whole_storage)
+    drain = Drain()
+    job = JobContext(spec, TASK, hooks=[DrainAt(drain, 4)], drain=drain)  # no periodic checkpoints
+    prepared = prepare(job, registry, storage)
+    with pytest.raises(HandedOff) as handed:
+        store(prepared, denoise(prepared, registry), storage)
+    assert handed.value.steps_completed == 4 and storage.get(manifest_object(TASK)) is None
+    manifest = resumed(spec, registry, storage)
+    assert manifest.resumed_from_step == 4 and image_bytes(storage, manifest) == image_bytes(whole_storage, whole)
+
+
+def test_a_drain_hands_off_a_job_that_will_not_finish_in_time_and_keeps_one_that_will() -> None:
+    now = [100.0]
+    drain = Drain(clock=lambda: now[0])
+    info = StepInfo("t", steps_completed=10, steps_planned=30, elapsed=5.0)  # 0.5 s a step: 10 s left
+    assert not drain.leaves(info), "no drain yet"
+    drain.begin(20.0)
+    assert not drain.leaves(info), "done in 10 s, within the 20 s"
+    drain.begin(1.0)  # a second begin keeps the first deadline
+    now[0] = 111.0
+    assert drain.leaves(info), "10 s left at 111 s: past the deadline of 120 s"
+    now[0] = 121.0
+    assert drain.leaves(StepInfo("t", steps_completed=29, steps_planned=30, elapsed=1.0)), "past the deadline"
+
+
+def test_a_drained_gpu_hands_back_the_jobs_waiting_for_it_and_any_queued_later(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path)
+    runner = GpuRunner(registry)
+    gate = Gate()
+    first = prepare(JobContext(spec_of(), "first", hooks=[gate]), registry, storage)
+    waiting = prepare(JobContext(spec_of(seed=2), "waiting"), registry, storage)
+    late = prepare(JobContext(spec_of(seed=3), "late"), registry, storage)
+    outcomes: dict[str, Denoised] = {}
+    running = threading.Thread(target=lambda: outcomes.update(first=runner.run(first)))
+    running.start()
+    assert gate.reached.wait(60)
+    queued = threading.Thread(target=lambda: outcomes.update(waiting=runner.run(waiting)))
+    queued.start()
+    wait_until(lambda: len(runner._waiting) == 1, timeout=60, what="a job waiting for the GPU")
+    runner.drain()
+    queued.join(60)
+    assert isinstance(outcomes["waiting"].stop, HandedOff)
+    assert isinstance(runner.run(late).stop, HandedOff)
+    gate.open.set()
+    running.join(60)
+    assert outcomes["first"].pixels is not None, "the call in flight goes on: its own hooks decide"
+    assert runner.calls == [["first"]]

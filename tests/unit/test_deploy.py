@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from producer.keys import model_queue, priority_lists
+from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -41,7 +42,8 @@ def test_the_worker_reserves_a_gpu_and_has_time_to_finish_a_step(compose: dict[s
     device = worker["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["capabilities"] == ["gpu"] and device["count"] == 1
     assert worker["deploy"]["replicas"] == "${WORKERS:-1}", "one setting runs one worker per GPU"
-    assert worker["stop_grace_period"] == "5m"
+    # The SIGTERM hand-off: the drain, then a finishing job's decode and upload, well within the grace period.
+    assert worker["stop_grace_period"] == "1m" and WorkerSettings().drain_seconds + 30 <= 60
     assert worker["command"][:2] == ["render", "worker"]
     assert "ping" in " ".join(worker["healthcheck"]["test"])
 

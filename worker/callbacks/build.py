@@ -44,9 +44,10 @@ def build_callbacks(
     checkpoint_seconds: float = 0.0,
     seed: int = 0,
     resume: Checkpoint | None = None,
+    hand_off: bool = False,
 ) -> CallbackStack:
     """The job's callbacks. With `checkpoint_seconds` > 0 it checkpoints (`seed` is the job's, for its checkpoints);
-    with `resume` it starts from that checkpoint."""
+    with `resume` it starts from that checkpoint; with `hand_off` it can checkpoint when its worker drains."""
     # Control first, so a revoked job stops before anything else happens at that step; frames last,
     # so a frame shows the latents every other callback has settled on.
     control = StepControlCallback(task_id, hooks)
@@ -68,7 +69,7 @@ def build_callbacks(
             frames_callback.skip_through = resume.step
         chain.append(frames_callback)
     checkpoint = None
-    if checkpoint_seconds > 0 or resume is not None:
+    if checkpoint_seconds > 0 or resume is not None or hand_off:
         checkpoints = CheckpointWriter(storage, task_id, exists=resume is not None)  # a resumed one goes at the end
         digest = spec_digest(spec)
         checkpoint = CheckpointCallback(

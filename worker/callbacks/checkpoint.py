@@ -23,6 +23,7 @@ from worker.checkpoints import (
     restore_scheduler,
     scheduler_state,
 )
+from worker.stops import HandedOff
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 class CheckpointCallback(PipelineCallback):
     """Last in a job's chain, so a checkpoint holds the latents every other callback settled on.
 
-    `bind(pipe, generators)` before the pipeline call, `release()` after it, whatever happened.
+    `bind(pipe, generators)` before the pipeline call, `release()` after it, whatever happened. With `hand_off` set
+    (a draining worker's `DrainHook`), the next step's end stores a checkpoint, waits for it, and raises `HandedOff`.
     """
 
     tensor_inputs = ["latents"]
@@ -60,15 +62,22 @@ class CheckpointCallback(PipelineCallback):
         self.generators: Sequence[torch.Generator] = ()
         self._unet_off: _UnetOff | None = None
         self.unsupported = False
+        self.bound = False  # in a pipeline call of this job alone (a batch runs no checkpoints)
+        self.hand_off = False
 
     def bind(self, pipe: Any, generators: Sequence[torch.Generator]) -> None:
         """The run is starting on `pipe` with these generators; a resume turns the UNet off until its step."""
         self.generators = generators
         self.last = self.clock()
+        self.bound = True
         if self.resume is not None:
             self._unet_off = _UnetOff(pipe.unet)
 
     def release(self) -> None:
+        self.bound = False
+        self._release_unet()
+
+    def _release_unet(self) -> None:
         if self._unet_off is not None:
             self._unet_off.close()
             self._unet_off = None
@@ -76,9 +85,16 @@ class CheckpointCallback(PipelineCallback):
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
         done = step_index + 1
         if self.resume is not None and done <= self.resume.step:
+            if done < self.resume.step and self.hand_off:  # still replaying: the stored checkpoint stands
+                raise HandedOff(done)
             if done == self.resume.step:
                 callback_kwargs["latents"] = self._restore(pipeline, callback_kwargs["latents"])
-            return callback_kwargs
+            if not self.hand_off:
+                return callback_kwargs
+        if self.hand_off and done < pipeline.num_timesteps:
+            self._capture(pipeline, done, callback_kwargs["latents"])
+            self.writer.flush()  # the process is about to go: this one must be stored before the job is handed back
+            raise HandedOff(done)
         now = self.clock()
         due = self.interval > 0 and now - self.last >= self.interval
         if due and not self.unsupported and done < pipeline.num_timesteps:
@@ -111,7 +127,7 @@ class CheckpointCallback(PipelineCallback):
     def _restore(self, pipeline: Any, latents: torch.Tensor) -> torch.Tensor:
         checkpoint = self.resume
         assert checkpoint is not None
-        self.release()
+        self._release_unet()
         restore_scheduler(pipeline.scheduler, checkpoint.scheduler)
         for generator, state in zip(self.generators, checkpoint.generators, strict=True):
             generator.set_state(state)
