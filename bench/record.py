@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import bench_batch
+import bench_checkpoint
 import bench_gpu
 import bench_lora
 import bench_queue
@@ -55,6 +56,8 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
 - Throughput times streams of same-shape jobs through a real worker, submit to the last final state,
   against the bare serial `pipe()` loop and bare batched calls over the same specs, interleaved: overlap at
   the production-like size with RENDER_MAX_BATCH=1, overlap and batching at the small size.
+- Checkpoints: in-process `render()` with checkpoints at every step against none (interleaved), the GPU
+  thread's capture timed alone, and a job stopped at 90 % done again from its checkpoint and from step 0.
 - The GPU section runs the same benchmarks on full-size SD 1.5 / SDXL with random fp16 weights
   where CUDA is present; otherwise it says it was skipped and only checks the full-size configs.
 """
@@ -66,6 +69,7 @@ def summary(
     rendered: bench_render.RenderResults,
     recovery: list[bench_recovery.Recovery],
     throughput: str,
+    checkpoints: bench_checkpoint.CheckpointResults,
 ) -> Section:
     section = Section("Targets")
     prod = worker[-1]
@@ -86,6 +90,11 @@ def summary(
         section.line(
             f"- recovery after SIGKILL (lease {r.lease_ttl} s, scan {r.interval} s): {r.status} after {r.seconds:.1f} s"
         )
+    section.line(
+        f"- checkpoints: {checkpoints.capture_ms:.2f} ms of the GPU thread each ({checkpoints.step_ratio - 1:+.1%} per "
+        f"step at one every step); a job stopped at 90 % done again in {checkpoints.resumed:.2f} s from its "
+        f"checkpoint vs {checkpoints.scratch:.2f} s from step 0"
+    )
     return section
 
 
@@ -143,9 +152,10 @@ def main() -> None:
     throughput_section, throughput = bench_throughput.run(
         jobs=4 if args.quick else 8, max_batch=4 if args.quick else 8, repeats=1 if args.quick else 3
     )
+    checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
-        summary(worker, queue, rendered, recovery, throughput),
+        summary(worker, queue, rendered, recovery, throughput, checkpoints),
         worker_section,
         *rendered.sections,
         lora_section,
@@ -154,6 +164,7 @@ def main() -> None:
         routing_section,
         batch_section,
         throughput_section,
+        checkpoint_section,
         *gpu_sections,
     ]
     write(args.out, command, time.monotonic() - started, started_at, sections)
