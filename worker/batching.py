@@ -31,7 +31,7 @@ from worker.callbacks.steps import SamplerStepView, ends_a_step, steps_over
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import clip_skip_arguments
 from worker.rendering import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
-from worker.stops import JobStopped
+from worker.stops import HandedOff, JobStopped
 
 
 def batch_key(spec: RenderSpec) -> Hashable | None:
@@ -139,6 +139,8 @@ class _Batch:
         self.generators = arguments["generator"]  # the list the loop hands the scheduler: rows leave it in place
         for member in self.active:
             member.stack.start()
+            if member.stack.checkpoint is not None:
+                member.stack.checkpoint.bind_batch()
         self.started = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -151,6 +153,10 @@ class _Batch:
                 )
         except _AllLeft:
             return
+        finally:
+            for each in self.prepared:
+                if each.stack.checkpoint is not None:
+                    each.stack.checkpoint.release()
         pixels = output.images.cpu()
         for member in list(self.active):
             self.leave(member, Denoised(pixels=pixels[: member.rows]))
@@ -189,11 +195,14 @@ class _Batch:
     def _step_end(
         self, view: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any], stopped: dict[int, Denoised]
     ) -> list[_Member]:
-        """Each job's budget and frames on its own rows; the jobs whose budget is spent."""
+        """Each job's budget, frames and checkpoint on its own rows; the jobs whose budget is spent. A job handed
+        off (its worker drains) checkpoints its rows and joins `stopped`."""
         spent = []
         start = 0
+        total = callback_kwargs["latents"].shape[0]
         for member in self.active:
-            rows = callback_kwargs["latents"][start : start + member.rows]
+            mine = slice(start, start + member.rows)
+            rows = callback_kwargs["latents"][mine]
             start += member.rows
             if member.index in stopped:
                 continue
@@ -204,6 +213,11 @@ class _Batch:
                     spent.append(member)
             if (frames := self.frames.get(member.index)) is not None:
                 frames.callback_fn(view, step, timestep, {"latents": rows})
+            checkpoint = member.stack.checkpoint
+            if checkpoint is not None and member not in spent and checkpoint.due(step + 1, view.num_timesteps):
+                checkpoint.capture(view.scheduler, step + 1, rows, self.generators[mine], rows=(mine, total))
+                if checkpoint.hand_off:
+                    stopped[member.index] = Denoised(stop=HandedOff(step + 1))
         return spent
 
     def _drop(

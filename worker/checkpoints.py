@@ -71,13 +71,19 @@ class Checkpoint:
     frames: list[str] = field(default_factory=list)  # frames stored through `step`
 
 
-def _capture(value: Any, where: str) -> Any:
+Rows = tuple[slice, int, int]
+"""A batch member's rows of the call: its slice, the call's row count, and the latents' number of dimensions."""
+
+
+def _capture(value: Any, where: str, rows: Rows | None) -> Any:
     if isinstance(value, torch.Tensor):
+        if rows is not None and value.ndim == rows[2] and value.shape[0] == rows[1]:
+            value = value[rows[0]]  # a per-row tensor of the batch (the latents' shape): this job's rows only
         return {_TENSOR: value.detach().to("cpu", copy=True), "device": str(value.device)}
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list | tuple):
-        return type(value)(_capture(item, where) for item in value)
+        return type(value)(_capture(item, where, rows) for item in value)
     raise CheckpointUnsupported(f"{where} holds a {type(value).__name__}, which a checkpoint cannot capture")
 
 
@@ -89,11 +95,12 @@ def _restored(value: Any) -> Any:
     return value
 
 
-def scheduler_state(scheduler: Any) -> dict[str, Any]:
-    """Every data attribute of `scheduler` (its config aside), tensors copied to the CPU with their device."""
+def scheduler_state(scheduler: Any, rows: Rows | None = None) -> dict[str, Any]:
+    """Every data attribute of `scheduler` (its config aside), tensors copied to the CPU with their device; with
+    `rows`, a batch member's rows of the per-row ones (as `worker.batching` slices them when a job leaves)."""
     name = type(scheduler).__name__
     return {
-        attribute: _capture(value, f"{name}.{attribute}")
+        attribute: _capture(value, f"{name}.{attribute}", rows)
         for attribute, value in vars(scheduler).items()
         if attribute != "_internal_dict"
     }

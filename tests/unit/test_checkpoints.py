@@ -9,13 +9,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from producer import RenderSpec
 from producer.keys import checkpoint_object, image_object, manifest_object
 from producer.manifest import Manifest
 from tests.helpers import Gate, pipeline_spec, png, wait_until
+from worker.batching import batch_key, denoise_batch
 from worker.callbacks import StepInfo
 from worker.checkpoints import FORMAT, Checkpoint, decode, encode, scheduler_state
 from worker.drain import Drain
@@ -309,3 +312,35 @@ def test_a_drained_gpu_hands_back_the_jobs_waiting_for_it_and_any_queued_later(
     running.join(60)
     assert outcomes["first"].pixels is not None, "the call in flight goes on: its own hooks decide"
     assert runner.calls == [["first"]]
+
+
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a", "heun"])
+def test_jobs_handed_off_from_a_batch_checkpoint_their_own_rows_and_resume_alone_as_their_image_alone(
+    registry: ModelRegistry, tmp_path: Path, scheduler: str
+) -> None:
+    storage, alone_storage = LocalStorage(tmp_path / "batch"), LocalStorage(tmp_path / "alone")
+    specs = [
+        spec_of(scheduler=scheduler, seed=40 + i, num_images=1 + i % 2, prompt=f"a lighthouse {i}") for i in range(3)
+    ]
+    assert len({batch_key(spec) for spec in specs}) == 1
+    expected = [
+        render(JobContext(spec, f"job-{i}"), registry=registry, storage=alone_storage) for i, spec in enumerate(specs)
+    ]
+    drain = Drain()
+    prepared = [
+        prepare(JobContext(spec, f"job-{i}", hooks=[DrainAt(drain, 4)], drain=drain), registry, storage)
+        for i, spec in enumerate(specs)
+    ]
+    for outcome in denoise_batch(prepared, registry):
+        assert isinstance(outcome.stop, HandedOff) and outcome.stop.steps_completed == 4
+    for i, spec in enumerate(specs):
+        manifest = render(JobContext(spec, f"job-{i}", attempt=2), registry=registry, storage=storage)
+        assert manifest.resumed_from_step == 4 and manifest.batched_with == []
+        got = [Image.open(io.BytesIO(data)) for data in image_bytes(storage, manifest)]
+        want = [Image.open(io.BytesIO(data)) for data in image_bytes(alone_storage, expected[i])]
+        assert max_diff(got, want) <= 1, f"job {i}: its first steps ran batched (float noise), the rest alone"
+
+
+def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
+    assert len(a) == len(b)
+    return max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b, strict=True))

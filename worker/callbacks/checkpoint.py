@@ -91,20 +91,38 @@ class CheckpointCallback(PipelineCallback):
                 callback_kwargs["latents"] = self._restore(pipeline, callback_kwargs["latents"])
             if not self.hand_off:
                 return callback_kwargs
-        if self.hand_off and done < pipeline.num_timesteps:
-            self._capture(pipeline, done, callback_kwargs["latents"])
-            self.writer.flush()  # the process is about to go: this one must be stored before the job is handed back
-            raise HandedOff(done)
-        now = self.clock()
-        due = self.interval > 0 and now - self.last >= self.interval
-        if due and not self.unsupported and done < pipeline.num_timesteps:
-            self.last = now
-            self._capture(pipeline, done, callback_kwargs["latents"])
+        if self.due(done, pipeline.num_timesteps):
+            self.capture(pipeline.scheduler, done, callback_kwargs["latents"], self.generators)
+            if self.hand_off:
+                raise HandedOff(done)
         return callback_kwargs
 
-    def _capture(self, pipeline: Any, done: int, latents: torch.Tensor) -> None:
+    def bind_batch(self) -> None:
+        """The job runs in a batch of several: `worker.batching` captures its rows at its steps' ends."""
+        self.last = self.clock()
+        self.bound = True
+
+    def due(self, done: int, steps: int) -> bool:
+        """Whether a checkpoint is to be taken at the end of step `done` of `steps`: the interval is over, or the
+        job is being handed off (never at the last step: the job is about to end)."""
+        if done >= steps or self.unsupported:
+            return False
+        return self.hand_off or (self.interval > 0 and self.clock() - self.last >= self.interval)
+
+    def capture(
+        self,
+        scheduler: Any,
+        done: int,
+        latents: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        rows: tuple[slice, int] | None = None,
+    ) -> None:
+        """Checkpoint step `done`: `latents` and `generators` are the job's; in a batch, `rows` (this job's rows of
+        the call, and the call's row count) picks its rows of the scheduler's per-row state. A hand-off waits for
+        the write: the process is about to go."""
+        self.last = self.clock()
         try:
-            state = scheduler_state(pipeline.scheduler)
+            state = scheduler_state(scheduler, rows=(rows[0], rows[1], latents.ndim) if rows else None)
         except CheckpointUnsupported as exc:
             self.unsupported = True
             log.warning("task %s: no checkpoints for this job: %s", self.writer.task_id, exc)
@@ -116,13 +134,15 @@ class CheckpointCallback(PipelineCallback):
             step=done,
             latents=latents.detach().to("cpu", copy=True),
             scheduler=state,
-            scheduler_class=type(pipeline.scheduler).__name__,
-            generators=[generator.get_state() for generator in self.generators],
+            scheduler_class=type(scheduler).__name__,
+            generators=[generator.get_state() for generator in generators],
             seed=self.seed,
             spec_digest=self.digest,
             budget_seconds=budget_seconds,
         )
         self.writer.submit(checkpoint, self.frames)
+        if self.hand_off:
+            self.writer.flush()
 
     def _restore(self, pipeline: Any, latents: torch.Tensor) -> torch.Tensor:
         checkpoint = self.resume
