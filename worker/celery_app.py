@@ -7,6 +7,7 @@ module's `app` is built on first use from the same `RENDER_*` settings a worker 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 from typing import Any
@@ -26,6 +27,8 @@ from worker.recovery import RecoveryScanner
 from worker.settings import WorkerSettings, load_settings
 from worker.tasks import run_render
 from worker.transport import AFFINITY_OPTION
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -117,6 +120,11 @@ def create_app(settings: WorkerSettings) -> Celery:
         signals_seen.append(sig)
         if len(signals_seen) > 1:
             os._exit(1)
+        log.warning(
+            "shutting down: jobs that will not finish within %.0f s go back to their queues (a second signal exits "
+            "at once)",
+            settings.drain_seconds,
+        )
         state = getattr(app, "render_state", None)
         if state is not None:
             state.drain.begin(settings.drain_seconds)

@@ -67,8 +67,9 @@ def test_sigterm_hands_back_a_long_job_and_a_waiting_one_the_worker_exits_in_sec
     farm = chaos_farm()
     (first,) = farm.start_workers("term-a", drain_seconds="2")  # checkpoints at their default (30 s): none by then
     spec = job(78, num_inference_steps=150, width=512, height=512, scheduler="euler_a")
-    long, waiting = farm.client.submit(spec), farm.client.submit(job(79, num_inference_steps=20))
+    long = farm.client.submit(spec)
     wait_until(progressed(farm, long.task_id, 20), timeout=240, what="the long job past step 20")
+    waiting = farm.client.submit(job(79, num_inference_steps=20))  # behind it: the worker holds it, waiting
     wait_until(lambda: waiting.task_id in running(farm.direct), timeout=60, what="the second job in the worker's hands")
     signalled = time.monotonic()
     first.kill(signal.SIGTERM)
@@ -103,3 +104,18 @@ def test_sigterm_lets_a_job_that_ends_within_the_drain_time_finish_on_the_same_w
     first.process.wait(timeout=240)
     (manifest,) = farm.finish([handle])
     assert manifest.status == "succeeded" and manifest.attempt == 1 and manifest.worker.startswith("drain-a@")
+
+
+def test_a_second_sigterm_ends_a_draining_worker_at_once(chaos_farm: Callable[..., ChaosFarm]) -> None:
+    farm = chaos_farm()
+    (first,) = farm.start_workers("twice-a", drain_seconds="600")  # the first SIGTERM lets the job finish
+    handle = farm.client.submit(job(81, num_inference_steps=150, width=512, height=512))
+    wait_until(progressed(farm, handle.task_id, 5), timeout=240, what="the job past step 5")
+    first.kill(signal.SIGTERM)
+    wait_until(lambda: "a second signal exits" in first.log_path.read_text(errors="replace"), timeout=60, what="drain")
+    signalled = time.monotonic()
+    first.kill(signal.SIGTERM)
+    assert first.process is not None
+    first.process.wait(timeout=60)
+    assert time.monotonic() - signalled < 10 and first.process.returncode == 1
+    assert handle.status().state != "succeeded", "the job was cut short: recovery moves it (test above)"
