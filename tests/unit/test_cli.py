@@ -1,4 +1,5 @@
-"""The `render` command, run as a real process."""
+"""The `render` command: as a real process where the process matters (the entry point, settings read at start,
+Redis), and through the same entry point in this process where a render's own work is what is checked."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import render_cli as run
+from tests.helpers import render_here as here
 
 ROOT = Path(__file__).parents[2]
 
@@ -23,7 +25,8 @@ def test_schema_prints_the_spec_json_schema() -> None:
     "example", sorted(p.name for p in (ROOT / "examples").glob("*.json") if not p.name.startswith("bad-"))
 )
 def test_local_renders_an_example_into_a_directory(tmp_path: Path, example: str) -> None:
-    result = run("local", f"examples/{example}", "--storage", tmp_path.as_uri(), "--task-id", "cli-job")
+    command = run if example == "text2img-sd15.json" else here  # one as a real process: the entry point itself
+    result = command("local", f"examples/{example}", "--storage", tmp_path.as_uri(), "--task-id", "cli-job")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
     assert manifest["task_id"] == "cli-job" and manifest["status"] in ("succeeded", "interrupted")
@@ -33,7 +36,7 @@ def test_local_renders_an_example_into_a_directory(tmp_path: Path, example: str)
 
 
 def test_storage_defaults_to_the_setting(tmp_path: Path) -> None:
-    result = run("local", "examples/text2img-sd15.json", env={"RENDER_STORAGE_URL": tmp_path.as_uri()})
+    result = here("local", "examples/text2img-sd15.json", env={"RENDER_STORAGE_URL": tmp_path.as_uri()})
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images"][0].startswith(tmp_path.as_uri())
 
@@ -57,7 +60,7 @@ def test_user_errors_are_one_line_without_traceback(args: list[str], message: st
 def test_model_outside_the_allowlist_is_one_line(tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"model": "sdxl-turbo", "prompt": "x", "width": 64, "height": 64}))
-    result = run("local", str(spec), "--storage", tmp_path.as_uri())
+    result = here("local", str(spec), "--storage", tmp_path.as_uri())
     assert result.returncode == 2
     assert result.stderr == (
         "error: model 'sdxl-turbo' is not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl "
@@ -85,7 +88,7 @@ def test_bad_setting_is_one_line_naming_the_variable(env: dict[str, str], messag
 def test_the_lora_example_records_its_sampler_and_lora_and_the_lora_changes_the_pixels(tmp_path: Path) -> None:
     from PIL import Image
 
-    result = run("local", "examples/lora-sd15.json", "--storage", tmp_path.as_uri(), "--task-id", "with-lora")
+    result = here("local", "examples/lora-sd15.json", "--storage", tmp_path.as_uri(), "--task-id", "with-lora")
     assert result.returncode == 0, result.stderr
     manifest = json.loads(result.stdout)
     assert manifest["status"] == "succeeded"
@@ -98,7 +101,7 @@ def test_the_lora_example_records_its_sampler_and_lora_and_the_lora_changes_the_
 
     without = {k: v for k, v in json.loads((ROOT / "examples/lora-sd15.json").read_text()).items() if k != "loras"}
     (tmp_path / "no-lora.json").write_text(json.dumps(without))
-    result = run("local", str(tmp_path / "no-lora.json"), "--storage", tmp_path.as_uri(), "--task-id", "no-lora")
+    result = here("local", str(tmp_path / "no-lora.json"), "--storage", tmp_path.as_uri(), "--task-id", "no-lora")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["loras"] == []
     plain = Image.open(tmp_path / "no-lora" / "image-0.png")
@@ -117,7 +120,7 @@ def test_a_bad_scheduler_or_lora_name_is_one_line_naming_the_field(
 ) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"model": "tiny-sd15", "prompt": "x", "width": 64, "height": 64, **field}))
-    result = run("local", str(spec), "--storage", tmp_path.as_uri())
+    result = here("local", str(spec), "--storage", tmp_path.as_uri())
     assert result.returncode == 2
     assert result.stderr.startswith(message), result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -125,7 +128,7 @@ def test_a_bad_scheduler_or_lora_name_is_one_line_naming_the_field(
 
 @pytest.mark.parametrize("task_id", ["", " ", "\t"])
 def test_an_empty_or_blank_task_id_is_refused_not_replaced(tmp_path: Path, task_id: str) -> None:
-    result = run("local", "examples/text2img-sd15.json", "--storage", tmp_path.as_uri(), "--task-id", task_id)
+    result = here("local", "examples/text2img-sd15.json", "--storage", tmp_path.as_uri(), "--task-id", task_id)
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: task_id: {task_id!r} is not a valid task id;"), result.stderr
     assert result.stderr.count("\n") == 1 and not any(tmp_path.iterdir())
