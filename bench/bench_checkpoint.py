@@ -55,11 +55,11 @@ def spec(steps: int, seed: int = 1, size: int = 256) -> RenderSpec:
 
 
 class CaptureTimer:
-    """Times `CheckpointCallback._capture`, the part of a checkpoint the GPU thread runs."""
+    """Times `CheckpointCallback.capture`, the part of a checkpoint the GPU thread runs."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._original = CheckpointCallback._capture
+        self._original = CheckpointCallback.capture
 
     def __enter__(self) -> CaptureTimer:
         original, seconds = self._original, self.seconds
@@ -69,11 +69,11 @@ class CaptureTimer:
             original(callback, *args)
             seconds.append(time.perf_counter() - started)
 
-        CheckpointCallback._capture = timed  # type: ignore[method-assign]
+        CheckpointCallback.capture = timed  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        CheckpointCallback._capture = self._original  # type: ignore[method-assign]
+        CheckpointCallback.capture = self._original  # type: ignore[method-assign]
 
 
 @dataclass
