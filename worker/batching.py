@@ -214,10 +214,13 @@ class _Batch:
             if (frames := self.frames.get(member.index)) is not None:
                 frames.callback_fn(view, step, timestep, {"latents": rows})
             checkpoint = member.stack.checkpoint
-            if checkpoint is not None and member not in spent and checkpoint.due(step + 1, view.num_timesteps):
+            if checkpoint is None or member in spent:
+                continue
+            leaving = checkpoint.leaving(step + 1, view.num_timesteps)
+            if leaving or checkpoint.due(step + 1, view.num_timesteps):
                 checkpoint.capture(view.scheduler, step + 1, rows, self.generators[mine], rows=(mine, total))
-                if checkpoint.hand_off:
-                    stopped[member.index] = Denoised(stop=HandedOff(step + 1))
+            if leaving:
+                stopped[member.index] = Denoised(stop=HandedOff(step + 1))
         return spent
 
     def _drop(

@@ -20,7 +20,7 @@ from producer.manifest import Manifest
 from tests.helpers import Gate, pipeline_spec, png, wait_until
 from worker.batching import batch_key, denoise_batch
 from worker.callbacks import StepInfo
-from worker.checkpoints import FORMAT, Checkpoint, decode, encode, scheduler_state
+from worker.checkpoints import FORMAT, Checkpoint, CheckpointUnsupported, decode, encode, scheduler_state
 from worker.drain import Drain
 from worker.gpu import GpuRunner
 from worker.inputs import load_inputs
@@ -344,3 +344,20 @@ def test_jobs_handed_off_from_a_batch_checkpoint_their_own_rows_and_resume_alone
 def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
     assert len(a) == len(b)
     return max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b, strict=True))
+
+
+def test_a_drained_job_whose_sampler_state_cannot_be_captured_is_still_handed_off(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise CheckpointUnsupported("FancyScheduler.noise_sampler holds a BrownianTree")
+
+    monkeypatch.setattr("worker.callbacks.checkpoint.scheduler_state", refuse)
+    storage = LocalStorage(tmp_path)
+    drain = Drain()
+    prepared = prepare(JobContext(spec_of(), TASK, hooks=[DrainAt(drain, 3)], drain=drain), registry, storage)
+    with caplog.at_level(logging.WARNING, logger="worker.callbacks.checkpoint"):
+        outcome = denoise(prepared, registry)
+    assert isinstance(outcome.stop, HandedOff) and outcome.stop.steps_completed == 3
+    assert storage.get(checkpoint_object(TASK)) is None, "no checkpoint: the next attempt starts from step 0"
+    assert any("no checkpoints for this job" in record.getMessage() for record in caplog.records)

@@ -62,7 +62,7 @@ class CheckpointCallback(PipelineCallback):
         self.generators: Sequence[torch.Generator] = ()
         self._unet_off: _UnetOff | None = None
         self.unsupported = False
-        self.bound = False  # in a pipeline call of this job alone (a batch runs no checkpoints)
+        self.bound = False  # in a pipeline call (alone, or a batch's: `bind_batch`)
         self.hand_off = False
 
     def bind(self, pipe: Any, generators: Sequence[torch.Generator]) -> None:
@@ -91,10 +91,12 @@ class CheckpointCallback(PipelineCallback):
                 callback_kwargs["latents"] = self._restore(pipeline, callback_kwargs["latents"])
             if not self.hand_off:
                 return callback_kwargs
-        if self.due(done, pipeline.num_timesteps):
+        steps = pipeline.num_timesteps
+        if self.leaving(done, steps):
             self.capture(pipeline.scheduler, done, callback_kwargs["latents"], self.generators)
-            if self.hand_off:
-                raise HandedOff(done)
+            raise HandedOff(done)
+        if self.due(done, steps):
+            self.capture(pipeline.scheduler, done, callback_kwargs["latents"], self.generators)
         return callback_kwargs
 
     def bind_batch(self) -> None:
@@ -102,12 +104,13 @@ class CheckpointCallback(PipelineCallback):
         self.last = self.clock()
         self.bound = True
 
+    def leaving(self, done: int, steps: int) -> bool:
+        """Whether the job is handed off at the end of step `done` of `steps` (not at the last: it is ending)."""
+        return self.hand_off and done < steps
+
     def due(self, done: int, steps: int) -> bool:
-        """Whether a checkpoint is to be taken at the end of step `done` of `steps`: the interval is over, or the
-        job is being handed off (never at the last step: the job is about to end)."""
-        if done >= steps or self.unsupported:
-            return False
-        return self.hand_off or (self.interval > 0 and self.clock() - self.last >= self.interval)
+        """Whether the interval calls for a checkpoint at the end of step `done` of `steps` (never the last)."""
+        return done < steps and self.interval > 0 and self.clock() - self.last >= self.interval
 
     def capture(
         self,
@@ -119,8 +122,10 @@ class CheckpointCallback(PipelineCallback):
     ) -> None:
         """Checkpoint step `done`: `latents` and `generators` are the job's; in a batch, `rows` (this job's rows of
         the call, and the call's row count) picks its rows of the scheduler's per-row state. A hand-off waits for
-        the write: the process is about to go."""
+        the write: the process is about to go. A scheduler whose state cannot be captured gets none (logged once)."""
         self.last = self.clock()
+        if self.unsupported:
+            return
         try:
             state = scheduler_state(scheduler, rows=(rows[0], rows[1], latents.ndim) if rows else None)
         except CheckpointUnsupported as exc:
