@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +342,7 @@ def test_jobs_handed_off_from_a_batch_checkpoint_their_own_rows_and_resume_alone
         assert max_diff(got, want) <= 1, f"job {i}: its first steps ran batched (float noise), the rest alone"
 
 
-def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
+def max_diff(a: Sequence[Image.Image], b: Sequence[Image.Image]) -> int:
     assert len(a) == len(b)
     return max(int(np.abs(np.asarray(x, np.int16) - np.asarray(y, np.int16)).max()) for x, y in zip(a, b, strict=True))
 
