@@ -32,7 +32,10 @@ def test_a_batch_spreads_over_two_workers_and_every_job_succeeds(farm: Farm) -> 
 
 
 def test_a_running_job_revoked_stops_within_one_step_without_decode_or_upload(farm: Farm) -> None:
-    handle = farm.client.submit(LONG | {"callbacks": [{"type": "frames", "every": 50}]})
+    # 512²: steps of tens of ms. The revoke is pushed to the worker's revocation thread; beside a CPU-bound
+    # process on two cores that thread took 14 ms to be scheduled, two of LONG's 7 ms steps (the step reads a
+    # flag, so the stop comes at the end of the step in flight once the notice is there).
+    handle = farm.client.submit(LONG | {"width": 512, "height": 512, "callbacks": [{"type": "frames", "every": 50}]})
     wait_for(farm, handle.task_id, lambda s: s.state == "progress" and (s.step or 0) >= 3)
     assert handle.revoke() == "revoked"
     final = wait_for(farm, handle.task_id, lambda s: s.done)
