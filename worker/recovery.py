@@ -26,6 +26,7 @@ import redis
 from celery import Celery, states
 from celery.result import AsyncResult
 
+from producer.errors import RenderFailed
 from producer.keys import (
     ATTEMPT_HEADER,
     RUNNING_TASKS,
@@ -76,6 +77,7 @@ class RecoveryScanner(PeriodicThread):
                 continue  # it ended between the listing and the lease check: its release removed both at once
             _drop(qos, stale)  # the dead worker's delivery: the job is re-sent below, or already final
             if self._is_final(task_id):
+                self._settle(task_id)
                 self.client.hdel(RUNNING_TASKS, task_id)
                 continue
             record = json.loads(raw_record)
@@ -116,6 +118,7 @@ class RecoveryScanner(PeriodicThread):
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue
             if self._is_final(task_id):  # its acknowledgement was lost (a Redis outage at the end)
+                self._settle(task_id)
                 _drop(qos, tags)
                 continue
             qos.restore_by_tag(tags[0], leftmost=True)
@@ -123,6 +126,26 @@ class RecoveryScanner(PeriodicThread):
             log.warning("task %s was delivered %.0f+ s ago and never started; back on its queue", task_id, self.grace)
             restored.append(task_id)
         return restored
+
+    def _settle(self, task_id: str) -> None:
+        """A job whose manifest is published but whose result is not final: its worker died between the two (after
+        the lease went, before Celery stored the result). The manifest becomes the result, as the task would have
+        stored it, so `status`, `wait` and `AsyncResult.get` see the job end."""
+        backend = self.app.backend
+        if AsyncResult(task_id, app=self.app).state in states.READY_STATES:
+            return
+        raw = self.client.get(manifest_key(task_id))
+        if raw is None:
+            return
+        manifest = json.loads(raw)
+        status = manifest.get("status")
+        if status == "revoked":
+            backend.mark_as_revoked(task_id, f"revoked after {manifest.get('steps_completed')} steps")
+        elif status == "failed":
+            backend.mark_as_failure(task_id, RenderFailed(f"task {task_id} failed: {manifest.get('error')}"))
+        else:
+            backend.mark_as_done(task_id, manifest)
+        log.warning("task %s ended (%s) but its worker died before storing the result; stored it", task_id, status)
 
     def _is_final(self, task_id: str) -> bool:
         if self.client.exists(manifest_key(task_id)):

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 import redis
+from celery.result import AsyncResult
 
-from producer.keys import PRIORITIES, RUNNING_TASKS, lease_key, model_queue
+from producer.keys import PRIORITIES, RUNNING_TASKS, lease_key, manifest_key, model_queue
 from tests.integration.conftest import Farm, spec, wait_for
 from worker.celery_app import create_app
 from worker.settings import WorkerSettings
@@ -65,6 +66,30 @@ def test_a_job_that_ends_while_the_scanner_looks_is_not_sent_again(redis_server:
     try:
         assert scanner.scan_once() == []
         assert direct.llen("render.tiny-sd15") == 0, "an ended job was sent again"
+    finally:
+        app.close()
+        direct.close()
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")  # Celery's Redis backend (upstream)
+def test_a_job_whose_worker_died_after_its_manifest_and_before_its_result_ends_with_its_manifest(
+    redis_server: Any,
+) -> None:
+    """Killed between the lease's release and Celery's result write: the job is done, its state said `progress`."""
+    url = f"redis://127.0.0.1:{redis_server.port}/61"
+    direct = redis.Redis.from_url(url)
+    direct.flushdb()
+    app = create_app(WorkerSettings(redis_url=url))
+    manifest = {"task_id": "done-job", "status": "succeeded", "steps_completed": 60, "images": ["file:///x.png"]}
+    record = {"spec": json.dumps(spec()), "queue": "render.tiny-sd15", "attempt": 1, "worker": "gone@host:1"}
+    direct.set(manifest_key("done-job"), json.dumps(manifest))
+    direct.hset(RUNNING_TASKS, "done-job", json.dumps(record))
+    app.backend.store_result("done-job", {"step": 60, "total": 60}, "PROGRESS")
+    try:
+        assert app.recovery_scanner.scan_once() == []
+        result = AsyncResult("done-job", app=app)
+        assert result.state == "SUCCESS" and result.result == manifest
+        assert direct.llen("render.tiny-sd15") == 0 and not direct.hexists(RUNNING_TASKS, "done-job")
     finally:
         app.close()
         direct.close()
