@@ -156,6 +156,14 @@ def worker_argv(settings: WorkerSettings, *, hostname: str | None, loglevel: str
         f"--concurrency={settings.jobs_in_hand}",
         "--prefetch-multiplier=1",
         "--events",
+        # Mingle (at start, ask every other worker for its revoked ids and logical clock) and gossip (hear every
+        # other worker's events, for clock sync and leader election) are off: a revocation lives in Redis
+        # (`render:revoked:<id>`, read before a job starts and pushed while it runs), nothing here elects a
+        # leader, and gossip makes each worker consume the fleet's whole event stream, N² messages. Mingle
+        # also cost every start a second of waiting for replies. Flower and `render workers` do not use
+        # either: they read the task and heartbeat events (`--events`) and the workers' adverts.
+        "--without-mingle",
+        "--without-gossip",
         f"--queues={','.join(consumed_queues(settings))}",
         f"--loglevel={loglevel}",
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -90,8 +91,13 @@ def worker(
 
     settings = load_settings()
     status = run_worker(create_app(settings), worker_argv(settings, hostname=hostname, loglevel=loglevel))
-    if status:
-        raise typer.Exit(status)
+    # Celery's warm shutdown has ended every job (finished, handed back or recorded): exit now. Python's own
+    # teardown of torch and the cached pipelines took another ~0.7 s that a stopping pod or spot machine spends
+    # for nothing.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _client() -> Any:

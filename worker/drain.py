@@ -4,17 +4,18 @@ Spot and preemptible machines get a notice (about 2 minutes on AWS, 30 s on GCP,
 Kubernetes) and then vanish. Once `Drain.begin` is called, the GPU takes no new job (`GpuRunner.drain` hands the
 waiting ones back at once), and a job on the GPU stays only if its remaining steps, at its own pace so far, end
 before the deadline; otherwise it checkpoints at its next step's end and is handed back too (`HandedOff`), and the
-task puts it on its queue again as its next attempt, which resumes from that checkpoint.
+task puts it on its queue again as its next attempt, which resumes from that checkpoint. The step hook that decides
+is `worker.callbacks.drain.DrainHook`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from worker.callbacks.control import StepInfo
-from worker.stops import HandedOff
+if TYPE_CHECKING:
+    from worker.callbacks.control import StepInfo
 
 
 class Drain:
@@ -41,20 +42,3 @@ class Drain:
             return now >= self.deadline
         left = (info.steps_planned - info.steps_completed) * info.elapsed / info.steps_completed
         return now + left > self.deadline
-
-
-class DrainHook:
-    """A step hook: once the job must leave, ask its checkpoint callback to checkpoint at this step's end and hand
-    it off there (`checkpoint.hand_off`); a job without one (a batch member) is handed off at once."""
-
-    def __init__(self, drain: Drain, checkpoint: Any = None) -> None:
-        self.drain = drain
-        self.checkpoint = checkpoint  # the job's `CheckpointCallback`, set once its callbacks are built
-
-    def on_step(self, info: StepInfo) -> None:
-        if not self.drain.leaves(info):
-            return
-        if self.checkpoint is not None and self.checkpoint.bound:
-            self.checkpoint.hand_off = True
-        else:
-            raise HandedOff(info.steps_completed)

@@ -46,6 +46,11 @@ class JobContext:
     def __post_init__(self) -> None:
         self.task_id = check_task_id(self.task_id)
 
+    @property
+    def earlier_attempt(self) -> bool:
+        """An earlier delivery of this job ran (and may have stored a checkpoint, which goes when this one ends)."""
+        return self.attempt > 1
+
     @classmethod
     def of(cls, job: JobContext | RenderSpec) -> JobContext:
         """`job` itself, or a bare spec as a job with a new task id."""

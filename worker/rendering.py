@@ -26,7 +26,6 @@ from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.callbacks import CallbackStack, build_callbacks
 from worker.callbacks.steps import sampler_steps
 from worker.checkpoints import CheckpointWriter, load_checkpoint
-from worker.drain import DrainHook
 from worker.job import JobContext
 from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
@@ -131,7 +130,7 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
         raise ValueError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
     family = registry.source(spec.model).family
     record = _Record(job)
-    resume = load_checkpoint(storage, job.task_id, spec) if job.attempt > 1 else None
+    resume = load_checkpoint(storage, job.task_id, spec) if job.earlier_attempt else None
     if resume is not None:
         record.seed, record.resumed_from_step = resume.seed, resume.step
     stack = build_callbacks(
@@ -144,14 +143,10 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
         checkpoint_seconds=job.checkpoint_seconds,
         seed=record.seed,
         resume=resume,
-        hand_off=job.drain is not None,
+        drain=job.drain,
+        earlier_attempt=job.earlier_attempt,
     )
-    if job.drain is not None:
-        stack.control.hooks = (*stack.control.hooks, DrainHook(job.drain, stack.checkpoint))
-    record.checkpoints = stack.checkpoint.writer if stack.checkpoint is not None else None
-    if job.attempt > 1:  # an earlier attempt's checkpoint, resumable or not, goes with the final state
-        record.checkpoints = record.checkpoints or CheckpointWriter(storage, job.task_id)
-        record.checkpoints.exists = True
+    record.checkpoints = stack.checkpoints
     return Prepared(job, record, stack, family)
 
 
@@ -283,7 +278,7 @@ def _upload(prepared: Prepared, images: list[Image.Image], storage: Storage) -> 
 def revoked_before_start(job: JobContext, storage: Storage) -> Manifest:
     """Record a job revoked before it started: no model loaded, no step run; an earlier attempt's checkpoint goes."""
     record = _Record(job)
-    if job.attempt > 1:
+    if job.earlier_attempt:
         record.checkpoints = CheckpointWriter(storage, job.task_id, exists=True)
     return record.finish(storage, "revoked")
 

@@ -11,9 +11,11 @@ from worker.callbacks.budget import StepBudgetCallback
 from worker.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
 from worker.callbacks.checkpoint import CheckpointCallback
 from worker.callbacks.control import StepControlCallback, StepHook
+from worker.callbacks.drain import DrainHook
 from worker.callbacks.frames import FramesCallback, FrameWriter
 from worker.callbacks.steps import SamplerStepCallbacks
 from worker.checkpoints import Checkpoint, CheckpointWriter, spec_digest
+from worker.drain import Drain
 from worker.storage import Storage
 
 
@@ -26,6 +28,7 @@ class CallbackStack:
     frames: FrameWriter | None
     multi: SamplerStepCallbacks
     checkpoint: CheckpointCallback | None = None
+    checkpoints: CheckpointWriter | None = None  # stores (and at the end deletes) the job's checkpoint
 
     def start(self) -> None:
         self.control.start()
@@ -44,13 +47,16 @@ def build_callbacks(
     checkpoint_seconds: float = 0.0,
     seed: int = 0,
     resume: Checkpoint | None = None,
-    hand_off: bool = False,
+    drain: Drain | None = None,
+    earlier_attempt: bool = False,
 ) -> CallbackStack:
     """The job's callbacks. With `checkpoint_seconds` > 0 it checkpoints (`seed` is the job's, for its checkpoints);
-    with `resume` it starts from that checkpoint; with `hand_off` it can checkpoint when its worker drains."""
+    with `resume` it starts from that checkpoint; with `drain` it checkpoints and leaves when its worker drains.
+    `earlier_attempt`: an earlier delivery may have stored a checkpoint, which goes once this one ends."""
     # Control first, so a revoked job stops before anything else happens at that step; frames last,
     # so a frame shows the latents every other callback has settled on.
     control = StepControlCallback(task_id, hooks)
+    checkpoints = CheckpointWriter(storage, task_id, exists=True) if earlier_attempt else None
     chain: list[Any] = []
     budget = None
     if (budget_spec := spec.callback(StepBudget)) is not None:
@@ -69,12 +75,14 @@ def build_callbacks(
             frames_callback.skip_through = resume.step
         chain.append(frames_callback)
     checkpoint = None
-    if checkpoint_seconds > 0 or resume is not None or hand_off:
-        checkpoints = CheckpointWriter(storage, task_id, exists=resume is not None)  # a resumed one goes at the end
+    if checkpoint_seconds > 0 or resume is not None or drain is not None:
+        checkpoints = checkpoints or CheckpointWriter(storage, task_id)
         digest = spec_digest(spec)
         checkpoint = CheckpointCallback(
             checkpoints, checkpoint_seconds, seed=seed, digest=digest, resume=resume, budget=budget, frames=writer
         )
         chain.append(checkpoint)
+    if drain is not None:
+        control.hooks = (*control.hooks, DrainHook(drain, checkpoint))
     multi = SamplerStepCallbacks(control, chain)
-    return CallbackStack(control=control, budget=budget, frames=writer, multi=multi, checkpoint=checkpoint)
+    return CallbackStack(control, budget, writer, multi, checkpoint, checkpoints)
