@@ -158,15 +158,19 @@ class JobAdvert:
         self._script = client.register_script(_SET_IF_LIVE)
         self._sent: dict[str, str] = {}  # loaded and loads as last written: sent again only when they change
         self._retry_at = float("-inf")
+        self._progress: dict[str, str] = {}  # the step last written
 
     def job_started(self, task_id: str) -> None:
         """The worker took `task_id`; its step is not known yet."""
+        self._progress = {}
         self._write({"job": task_id, "step": "", "total": ""})
 
     def progress(self, step: int, total: int) -> None:
         """The job in hand reached `step` of `total` (called with the throttled progress report)."""
-        if time.monotonic() >= self._retry_at:
-            self._write({"step": str(step), "total": str(total)})
+        fields = {"step": str(step), "total": str(total)}
+        if fields != self._progress and time.monotonic() >= self._retry_at:  # a batch's jobs share their step
+            self._progress = fields
+            self._write(fields)
 
     def job_ended(self) -> None:
         """The job in hand ended, however it ended."""

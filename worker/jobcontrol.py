@@ -314,10 +314,12 @@ class ProgressReport:
         self.report = report
         self.interval = interval
         self.clock = clock
-        self._last = float("-inf")
+        self._last: float | None = None
 
     def on_step(self, info: StepInfo) -> None:
         now = self.clock()
+        if self._last is None:  # the first report comes `interval` after the steps began (STARTED says they did)
+            self._last = now - info.elapsed
         if info.steps_completed >= info.steps_planned or now - self._last >= self.interval:
             self._last = now
             try:

@@ -62,7 +62,17 @@ def test_progress_is_throttled_but_the_last_step_always_reported(client: redis.R
     control = ProgressReport(lambda s, t: reports.append(s), interval=60)
     for n in range(1, 11):
         control.on_step(step(n))
-    assert reports == [1, 10]
+    assert reports == [10]
+
+
+def test_progress_reports_come_an_interval_apart_counted_from_the_first_step() -> None:
+    reports: list[int] = []
+    now = [100.0]
+    control = ProgressReport(lambda s, t: reports.append(s), interval=1.0, clock=lambda: now[0])
+    for n in range(1, 11):  # 0.3 s a step, from t = 100
+        now[0] = 100 + 0.3 * n
+        control.on_step(StepInfo("job", n, 10, 0.3 * n))
+    assert reports == [4, 8, 10]  # at 1.2 s, 2.4 s, and the last step
 
 
 @pytest.fixture
