@@ -7,17 +7,27 @@ STAMP := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install format lint typecheck test test-fast test-faults bench demo clean
+.PHONY: install lock format lint typecheck test test-fast test-faults bench demo clean
 
 install: $(STAMP)
 
 # torch goes first, pinned, so that nothing later pulls a multi-GB CUDA build onto a CPU machine.
-$(STAMP): pyproject.toml
+# Every version comes from constraints.txt, the lock the worker image uses too.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -e '.[worker,dev]'
+	$(PIP) install --quiet -c constraints.txt torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -c constraints.txt -e '.[worker,dev]'
 	touch $(STAMP)
+
+# Re-pin constraints.txt to what pyproject.toml resolves to now, in a fresh environment of its own.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet torch==$(TORCH_VERSION)
+	.lock-venv/bin/pip install --quiet '.[worker,dev]'
+	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^render-farm' \
+	  | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 format: install
 	$(VENV)/bin/ruff format producer worker tests bench
@@ -26,6 +36,9 @@ format: install
 lint: install
 	$(VENV)/bin/ruff check producer worker tests bench
 	$(VENV)/bin/ruff format --check producer worker tests bench
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
+	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml
+	$(VENV)/bin/hadolint infra/worker.Dockerfile
 
 typecheck: install
 	$(VENV)/bin/mypy

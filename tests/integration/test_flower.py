@@ -36,11 +36,11 @@ def flower(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
                 "flower",
                 f"--port={port}",
                 "--address=127.0.0.1",
-                f"--basic-auth={AUTH[0]}:{AUTH[1]}",
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "RENDER_REDIS_URL": farm.redis_url},
+            # Basic auth from the environment, as docker-compose.yml gives it: no password on the command line.
+            env={**os.environ, "RENDER_REDIS_URL": farm.redis_url, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"},
         )
         url = f"http://127.0.0.1:{port}"
         try:

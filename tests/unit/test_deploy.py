@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from producer.keys import model_queue, priority_lists
 from worker.settings import WorkerSettings
@@ -52,14 +57,50 @@ def test_secrets_are_required_and_listed_in_env_example(compose: dict[str, Any])
     text = COMPOSE.read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
     assert {"REDIS_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD"} <= required
-    example = dict(
-        line.split("=", 1)
-        for line in (ROOT / ".env.example").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
+    example = env_example()
     assert required <= set(example), f"missing from .env.example: {required - set(example)}"
-    assert "--basic-auth=${FLOWER_USER:?Variable not set}:${FLOWER_PASSWORD:?Variable not set}" in text
-    assert "--requirepass" in " ".join(compose["services"]["redis"]["command"])
+    flower = compose["services"]["flower"]["environment"]
+    assert flower["FLOWER_BASIC_AUTH"] == "${FLOWER_USER:?Variable not set}:${FLOWER_PASSWORD:?Variable not set}"
+    assert "--include /tmp/auth.conf" in " ".join(compose["services"]["redis"]["command"])
+
+
+def env_example() -> dict[str, str]:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def rendered_compose(env: dict[str, str]) -> dict[str, Any]:
+    """The compose file as `docker compose config` renders it with `env`: `${VAR}`, `${VAR:-default}`,
+    `${VAR:?error}` replaced, `$$` left as one `$` for the container's shell (compose-spec interpolation)."""
+
+    def value(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        if env.get(name):
+            return env[name]
+        assert op != ":?", f"{name} is required: {arg}"
+        return arg or ""
+
+    pattern = re.compile(r"\$\$|\$\{(\w+)(?:(:[-?])([^}]*))?\}")
+    return yaml.safe_load(pattern.sub(value, COMPOSE.read_text()))
+
+
+def test_no_secret_is_on_any_service_s_command_line() -> None:
+    env = env_example()
+    secrets = {name: env[name] for name in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD")}
+    services = rendered_compose(env)["services"]
+    for name, service in services.items():
+        parts = (service.get("entrypoint"), service.get("command"), (service.get("healthcheck") or {}).get("test"))
+        shown = " ".join(" ".join(part) if isinstance(part, list) else str(part or "") for part in parts)
+        for secret, text in secrets.items():
+            assert text not in shown, f"{secret} is on the command line of service {name}: {shown}"
+    # They reach the services through the environment instead.
+    assert services["redis"]["environment"]["REDIS_PASSWORD"] == secrets["REDIS_PASSWORD"]
+    assert secrets["REDIS_PASSWORD"] in services["flower"]["environment"]["CELERY_BROKER_URL"]
+    assert secrets["FLOWER_PASSWORD"] in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
+    assert secrets["MINIO_ROOT_PASSWORD"] in services["minio-init"]["environment"]["MC_HOST_farm"]
+    assert secrets["REDIS_PASSWORD"] in services["worker"]["environment"]["RENDER_REDIS_URL"]
 
 
 def test_worker_image_runs_as_a_non_root_user_with_a_model_cache() -> None:
@@ -67,6 +108,115 @@ def test_worker_image_runs_as_a_non_root_user_with_a_model_cache() -> None:
     users = re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)
     assert users and users[-1] not in ("root", "0")
     assert 'VOLUME ["/models"]' in dockerfile and "HF_HUB_OFFLINE=1" in dockerfile
+
+
+def _dockerignore_patterns() -> list[tuple[bool, str]]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [(line.startswith("!"), line.removeprefix("!")) for line in lines if line and not line.startswith("#")]
+
+
+def _matches(pattern: str, path: str) -> bool:
+    """Docker's rule: a pattern (`*` and `?` within a name, `**` any depth) matches a path or a parent dir of it."""
+    regex = "/".join(
+        "(?:.*)"
+        if part == "**"
+        else "".join("[^/]*" if c == "*" else "[^/]" if c == "?" else re.escape(c) for c in part)
+        for part in pattern.split("/")
+    ).replace("(?:.*)/", "(?:.*/)?")
+    parts = path.split("/")
+    return any(re.fullmatch(regex, "/".join(parts[: i + 1])) for i in range(len(parts)))
+
+
+def build_context(root: Path) -> list[str]:
+    """The files `docker build` would send from `root` under its .dockerignore (the last matching pattern wins)."""
+    patterns = _dockerignore_patterns()
+
+    def included(path: str) -> bool:
+        keep = True
+        for exception, pattern in patterns:
+            if _matches(pattern, path):
+                keep = exception
+        return keep
+
+    def may_hold_included(path: str) -> bool:  # an excluded directory is walked only if an exception names below it
+        return included(path) or any(exc and pat.startswith(path + "/") for exc, pat in patterns)
+
+    found: list[str] = []
+    for directory, dirs, files in os.walk(root):
+        base = Path(directory).relative_to(root).as_posix()
+        prefix = "" if base == "." else base + "/"
+        dirs[:] = [d for d in dirs if may_hold_included(prefix + d)]
+        found.extend(prefix + name for name in files if included(prefix + name))
+    return sorted(found)
+
+
+def test_the_build_context_holds_the_code_and_nothing_else() -> None:
+    context = build_context(ROOT)
+    assert {"pyproject.toml", "README.md", "constraints.txt", "producer/__init__.py", "worker/cli.py"} <= set(context)
+    tops = {path.split("/")[0] for path in context}
+    assert tops == {"pyproject.toml", "README.md", "constraints.txt", "producer", "worker"}, tops
+    assert not [path for path in context if "__pycache__" in path or path.endswith(".pyc")]
+    # Every file the Dockerfile copies is in the context.
+    dockerfile = (ROOT / "infra" / "worker.Dockerfile").read_text()
+    for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.MULTILINE):
+        for name in source.split():
+            assert any(path == name or path.startswith(name.rstrip("/") + "/") for path in context), name
+
+
+def test_the_dockerignore_rules_follow_docker_s_matching(tmp_path: Path) -> None:
+    for name in (
+        ".venv/lib/x.py",
+        ".git/HEAD",
+        "render-output/a.png",
+        ".env",
+        "worker/__pycache__/a.pyc",
+        "worker/a.py",
+    ):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert build_context(tmp_path) == ["worker/a.py"]
+
+
+def locked() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    pins = [line.split("==", 1) for line in lines if line and not line.startswith("#")]
+    return {str(canonicalize_name(name)): version for name, version in pins}
+
+
+def test_make_install_and_the_image_resolve_to_the_same_versions() -> None:
+    pins = locked()
+    # This environment is the one `make install` built: every locked distribution is installed at its version
+    # (torch's CPU build carries a local label, +cpu; the image's CUDA build from PyPI has none).
+    installed: dict[str, str] = {
+        str(canonicalize_name(d.metadata["Name"])): d.version for d in importlib.metadata.distributions()
+    }
+    wrong = {
+        name: (version, installed.get(name))
+        for name, version in pins.items()
+        if (installed.get(name) or "").split("+")[0] != version
+    }
+    assert not wrong, f"installed versions differ from constraints.txt (run `make install` or `make lock`): {wrong}"
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"TORCH_VERSION ?= {pins['torch']}" in makefile
+    assert makefile.count("-c constraints.txt") == 2, "make install pins torch and the project through the lock"
+    dockerfile = (ROOT / "infra" / "worker.Dockerfile").read_text()
+    assert "pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt" in dockerfile
+    assert "COPY pyproject.toml constraints.txt ./" in dockerfile
+    # What the image installs is pyproject's own list, and all of it is locked.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + project["optional-dependencies"]["worker"]:
+        assert canonicalize_name(Requirement(requirement).name) in pins, requirement
+
+
+def test_the_image_layers_dependencies_before_code_and_runs_as_a_numeric_user_under_an_init() -> None:
+    dockerfile = (ROOT / "infra" / "worker.Dockerfile").read_text()
+    steps = [line.split()[0] for line in dockerfile.splitlines() if line and not line[0].isspace() and line[0] != "#"]
+    copies = re.findall(r"^COPY (.+) \S+$", dockerfile, re.MULTILINE)
+    assert copies[0] == "pyproject.toml constraints.txt", "the dependency layer needs only these"
+    install = dockerfile.index("-r /tmp/requirements.txt")
+    assert all(dockerfile.index(f"COPY {code}") > install for code in ("producer", "worker")), "code after deps"
+    assert re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)[-1] == "10001"
+    assert 'ENTRYPOINT ["dumb-init", "--"]' in dockerfile and "HEALTHCHECK" in steps
 
 
 def test_redis_keeps_queued_jobs() -> None:
