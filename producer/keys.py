@@ -69,6 +69,13 @@ def lease_key(task_id: str) -> str:
     return f"{KEY_PREFIX}:lease:{task_id}"
 
 
+def active_list(queue: str | None) -> str:
+    """Redis list of the task ids leased from `queue` (one entry per running job, held or denoising): what an
+    autoscaler that reads list lengths (KEDA's redis scaler) counts, so it never scales a running job's worker to
+    zero. Pushed with the lease, removed with its release or by the recovery scan that re-enqueues a dead job."""
+    return f"{KEY_PREFIX}:active:{queue or 'default'}"
+
+
 def image_object(task_id: str, index: int) -> str:
     return f"{task_id}/image-{index}.png"
 

@@ -22,22 +22,23 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from producer.keys import RUNNING_TASKS, lease_key, revocations_channel, revoked_key
+from producer.keys import RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
 from worker.callbacks.control import StepInfo
 from worker.stops import JobRevoked, LeaseLost
 
 log = logging.getLogger(__name__)
 
-# Take the lease and record the job as running in one step, so a scanner never sees one without the other.
+# Take the lease and record the job as running in one step, so a scanner never sees one without the other;
+# the job's id also goes on its queue's active list (`active_list`), which autoscalers count.
 _ACQUIRE = (
     "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
-    "redis.call('hset', KEYS[2], ARGV[3], ARGV[4]) return 1 end return 0"
+    "redis.call('hset', KEYS[2], ARGV[3], ARGV[4]) redis.call('rpush', KEYS[3], ARGV[3]) return 1 end return 0"
 )
 # Renew only while we still hold it: a lease that expired and was taken by another worker stays theirs.
 _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('hdel', KEYS[2], ARGV[2]) "
-    "return redis.call('del', KEYS[1]) end return 0"
+    "redis.call('lrem', KEYS[3], 1, ARGV[2]) return redis.call('del', KEYS[1]) end return 0"
 )
 
 
@@ -83,11 +84,14 @@ class Lease:
         self._thread: threading.Thread | None = None
         self.lost = threading.Event()
         self._renewed_at = 0.0
+        self.active = active_list(None)
 
     def acquire(self, record: dict[str, Any]) -> bool:
-        """Take the lease if nobody holds it and record the job in `render:running`; start renewing it."""
+        """Take the lease if nobody holds it and record the job in `render:running` and on the active list of its
+        `record["queue"]`; start renewing it."""
+        self.active = active_list(record.get("queue"))
         taken = self.client.eval(
-            _ACQUIRE, 2, self.key, RUNNING_TASKS, self.token, self.ttl_ms, self.task_id, json.dumps(record)
+            _ACQUIRE, 3, self.key, RUNNING_TASKS, self.active, self.token, self.ttl_ms, self.task_id, json.dumps(record)
         )
         if not taken:
             return False
@@ -131,7 +135,7 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self.client.eval(_RELEASE, 2, self.key, RUNNING_TASKS, self.token, self.task_id)
+            self.client.eval(_RELEASE, 3, self.key, RUNNING_TASKS, self.active, self.token, self.task_id)
         except redis.RedisError as exc:
             log.warning("could not release lease %s (it expires by itself): %s", self.key, exc)
 

@@ -32,6 +32,7 @@ from producer.keys import (
     RUNNING_TASKS,
     SUBMITTED_AT_HEADER,
     TASK_RENDER,
+    active_list,
     lease_key,
     manifest_key,
     recovery_lock_key,
@@ -76,11 +77,11 @@ class RecoveryScanner(PeriodicThread):
             if not self.client.hexists(RUNNING_TASKS, task_id):
                 continue  # it ended between the listing and the lease check: its release removed both at once
             _drop(qos, stale)  # the dead worker's delivery: the job is re-sent below, or already final
+            record = json.loads(raw_record)
             if self._is_final(task_id):
                 self._settle(task_id)
-                self.client.hdel(RUNNING_TASKS, task_id)
+                self._unlist(task_id, record)
                 continue
-            record = json.loads(raw_record)
             attempt = int(record.get("attempt") or 1) + 1
             self.app.send_task(
                 TASK_RENDER,
@@ -90,10 +91,17 @@ class RecoveryScanner(PeriodicThread):
                 priority=record.get("priority"),
                 headers={ATTEMPT_HEADER: attempt, SUBMITTED_AT_HEADER: record.get("submitted_at")},
             )
-            self.client.hdel(RUNNING_TASKS, task_id)
+            self._unlist(task_id, record)
             log.warning("task %s lost its worker %s; re-enqueued as attempt %d", task_id, record.get("worker"), attempt)
             recovered.append(task_id)
         return recovered
+
+    def _unlist(self, task_id: str, record: dict[str, Any]) -> None:
+        """The dead job is no longer running: out of `render:running` and its queue's active list."""
+        unlist = self.client.pipeline(transaction=True)
+        unlist.hdel(RUNNING_TASKS, task_id)
+        unlist.lrem(active_list(record.get("queue")), 1, task_id)
+        unlist.execute()
 
     def _deliveries(self, qos: Any) -> dict[str, list[str]]:
         """Unacknowledged deliveries older than `grace`, by task id (kombu's `unacked` hash and its index)."""

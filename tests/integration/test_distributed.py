@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from producer import RenderSpec, SpecError
-from producer.keys import TASK_RENDER, job_key
+from producer.keys import TASK_RENDER, job_key, model_queue
 from tests.integration.conftest import LONG, Farm, spec, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+ROOT = Path(__file__).parents[2]
 
 
 def test_a_batch_spreads_over_two_workers_and_every_job_succeeds(farm: Farm) -> None:
@@ -47,6 +49,28 @@ def test_a_running_job_revoked_stops_within_one_step_without_decode_or_upload(fa
     assert [name for name in farm.objects(handle.task_id) if name.startswith("image")] == []
     assert "manifest.json" in farm.objects(handle.task_id)
     assert handle.revoke() == "already-finished"
+
+
+def keda_demand(farm: Farm, model: str) -> tuple[int, bool]:
+    """What the KEDA example's ScaledObject asks for on this farm's Redis, with its model's lists renamed for
+    `model`: HPA's replica count (the largest ceil(length / listLength)) and KEDA's activation (a list non-empty)."""
+    documents = list(yaml.safe_load_all((ROOT / "infra" / "k8s" / "worker.yaml").read_text()))
+    scaled = next(d for d in documents if d["kind"] == "ScaledObject")
+    lengths = []
+    for trigger in scaled["spec"]["triggers"]:
+        name = trigger["metadata"]["listName"].replace("render.sd15", model_queue("render", model))
+        lengths.append((farm.redis.llen(name), int(trigger["metadata"]["listLength"])))
+    return max(-(-length // target) for length, target in lengths), any(length > 0 for length, _ in lengths)
+
+
+def test_the_kubernetes_autoscaler_example_counts_a_running_job(farm: Farm) -> None:
+    running = farm.client.submit(LONG)
+    wait_for(farm, running.task_id, lambda s: s.state == "progress")
+    assert farm.redis.llen(model_queue("render", "tiny-sd15")) == 0, "the job is off its queue: only running"
+    assert keda_demand(farm, "tiny-sd15") == (1, True), "zero replicas must be impossible while a job runs"
+    running.revoke()
+    running.wait(timeout=60)
+    assert keda_demand(farm, "tiny-sd15") == (0, False), "and once it ended, nothing is counted"
 
 
 def test_a_queued_job_revoked_never_starts(farm: Farm) -> None:

@@ -11,7 +11,7 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from producer.keys import PRIORITIES, RUNNING_TASKS, lease_key, manifest_key, model_queue
+from producer.keys import PRIORITIES, RUNNING_TASKS, active_list, lease_key, manifest_key, model_queue
 from tests.integration.conftest import Farm, spec, wait_for
 from worker.celery_app import create_app
 from worker.settings import WorkerSettings
@@ -28,6 +28,7 @@ def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> 
     record = json.loads(farm.redis.hget(RUNNING_TASKS, handle.task_id) or b"{}")
     # What recovery re-enqueues it with: its model's queue and its priority.
     assert (record["queue"], record["priority"]) == (model_queue("render", "tiny-sd15"), PRIORITIES["low"])
+    assert farm.redis.lrange(active_list(record["queue"]), 0, -1) == [handle.task_id.encode()]
     victim = next(w for name, w in workers.items() if record["worker"].startswith(name + ":"))
     survivor = next(w for w in workers.values() if w is not victim)
     victim.kill(signal.SIGKILL)
@@ -40,6 +41,7 @@ def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> 
     assert recovered_in < 60, f"the job took {recovered_in:.1f} s to complete after its worker died"
     assert farm.objects(handle.task_id) == ["image-0.png", "image-1.png", "manifest.json"]
     assert not farm.redis.hexists(RUNNING_TASKS, handle.task_id)
+    assert farm.redis.llen(active_list(record["queue"])) == 0, "the dead attempt's entry went with its recovery"
 
     # A third delivery (the broker's own, after its visibility timeout) must not render again.
     again = farm.client.app.send_task("render.run", args=[json.dumps(manifest.spec)], task_id=handle.task_id)

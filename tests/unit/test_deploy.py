@@ -17,7 +17,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from producer.keys import model_queue, priority_lists
+from producer.keys import active_list, model_queue, priority_lists
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).parents[2]
@@ -231,9 +231,23 @@ def test_kubernetes_example_scales_on_the_queue() -> None:
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     models = json.loads(next(e["value"] for e in container["env"] if e["name"] == "RENDER_MODELS"))
-    lists = {t["metadata"]["listName"] for t in kinds["ScaledObject"]["spec"]["triggers"] if t["type"] == "redis"}
+    triggers = kinds["ScaledObject"]["spec"]["triggers"]
+    lists = {t["metadata"]["listName"] for t in triggers if t["type"] == "redis"}
     (model,) = models
-    assert lists == set(priority_lists(model_queue("render", model)).values()), "every priority list of its model"
+    queued = set(priority_lists(model_queue("render", model)).values())
+    assert lists == queued | {active_list(model_queue("render", model))}, "every priority list and the running jobs"
+    # The triggers' credentials are defined, from the workers' own Secret.
+    auth = kinds["TriggerAuthentication"]
+    assert {t["authenticationRef"]["name"] for t in triggers} == {auth["metadata"]["name"]}
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "render-redis", "key": "password"}]
+    # A running worker's jobs keep it: the running-jobs trigger's target is the jobs one worker holds.
+    held = WorkerSettings().jobs_in_hand
+    assert any(t["metadata"]["listName"] not in queued and int(t["metadata"]["listLength"]) == held for t in triggers)
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] == 10001
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(container)
+    assert "ping" in " ".join(container["livenessProbe"]["exec"]["command"])
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
 
 
 def test_compose_runs_two_worker_services_with_different_models(compose: dict[str, Any]) -> None:
