@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from common import PROMPT, Section, interleaved, median, percent, set_threads, s
 from producer import RenderSpec
 from producer.client import RenderClient
 from producer.settings import ClientSettings
-from worker.local_cluster import RedisServer, WorkerProcess
+from worker.local_cluster import RedisServer, WorkerProcess, free_port
 from worker.models.registry import ModelRegistry
 from worker.rendering import pipeline_arguments
 from worker.settings import WorkerSettings
@@ -58,6 +61,7 @@ class OverheadResult:
     worker_step: list[float]
     bare_job: list[float]
     worker_job: list[float]
+    hook_seconds: float | None = None  # the step hooks' mean cost per model call, timed inside the worker
 
     @property
     def step_ratio(self) -> float:
@@ -109,6 +113,21 @@ class BareCall:
         if self.decode_started is None:
             raise RuntimeError("the VAE decode never ran: cannot tell the denoising time of the bare call")
         self.denoise.append(self.decode_started - started)
+
+
+def hook_totals(metrics_url: str, model: str) -> tuple[float, float]:
+    """The worker's own step-hook counters (`worker.metrics`): seconds and model calls so far."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=10) as response:
+            text = response.read().decode()
+    except urllib.error.URLError:  # served from the worker's first job on: none has run, so nothing counted yet
+        return 0.0, 0.0
+
+    def total(name: str) -> float:
+        found = re.search(rf'^{name}{{model="{re.escape(model)}"}} (\S+)$', text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    return total("render_step_hook_seconds_total"), total("render_step_hook_calls_total")
 
 
 def measure(client: RenderClient, pipe: Any, model: str, case: Case, repeats: int) -> OverheadResult:
@@ -171,6 +190,21 @@ def report(results: list[OverheadResult], model: str, threads: int, repeats: int
         f"    target: the worker adds < {TARGET:.0%} per step at a production-like step time "
         f"({median(prod.bare_step) * 1e3:.0f} ms): {target_verdict(prod)}"
     )
+    section.line()
+    for r in results:
+        section.line(f"- {hooks_line(r)}")
+
+
+HOOKS_TARGET = 50e-6
+
+
+def hooks_line(result: OverheadResult) -> str:
+    """The step hooks' cost per model call as the worker timed it (its render_step_hook_* counters)."""
+    c, cost = result.case, result.hook_seconds or 0.0
+    return (
+        f"step hooks inside the worker ({c.label}, {c.size}x{c.size}, {c.steps} steps): {cost * 1e6:.1f} µs per "
+        f"model call (target < {HOOKS_TARGET * 1e6:.0f} µs): {verdict(cost < HOOKS_TARGET)}"
+    )
 
 
 def ratio_uncertainty(result: OverheadResult) -> float:
@@ -210,16 +244,25 @@ def run(
     work = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     with RedisServer(workdir=work) as server:
         client = RenderClient(ClientSettings(redis_url=server.url))
+        port = free_port()
         env = {
             "RENDER_REDIS_URL": server.url,
             "RENDER_STORAGE_URL": (work / "out").as_uri(),
             "RENDER_DEVICE": device,
             "RENDER_TORCH_THREADS": str(threads),
+            "RENDER_METRICS_PORT": str(port),  # the worker's own timing of its step hooks
         }
+        metrics_url = f"http://127.0.0.1:{port}/metrics"
         try:
             with WorkerProcess("overhead", env, work / "worker.log") as worker:
                 worker.wait_ready(client.app)
-                results = [measure(client, pipe, model, case, repeats) for case in cases]
+                results = []
+                for case in cases:
+                    seconds, calls = hook_totals(metrics_url, model)
+                    result = measure(client, pipe, model, case, repeats)
+                    after_seconds, after_calls = hook_totals(metrics_url, model)
+                    result.hook_seconds = (after_seconds - seconds) / max(1.0, after_calls - calls)
+                    results.append(result)
         finally:
             client.close()
     report(results, model, threads, repeats, section)

@@ -78,6 +78,7 @@ def summary(
         f"target < {bench_worker.TARGET:.0%}: **{bench_worker.target_verdict(prod)}**; "
         f"at the small step ({median(worker[0].bare_step) * 1e3:.1f} ms): {worker[0].step_ratio - 1:+.2%}"
     )
+    section.line(f"- {bench_worker.hooks_line(prod)}")
     worst = max(queue.steps_after_revoke)
     section.line(f"- revoke latency: at most {worst} step(s) after the revoke (target <= 1): **{verdict(worst <= 1)}**")
     for case, threads, ratio in rendered.frames:

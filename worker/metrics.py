@@ -25,6 +25,10 @@ REVOKE_TO_STOP = Histogram("render_revoke_to_stop_seconds", "Seconds from a revo
 FRAME_UPLOAD = Histogram("render_frame_upload_seconds", "Seconds to encode and store one step frame.", buckets=_FAST)
 MODEL_LOADS = Counter("render_model_loads_total", "Pipelines loaded (cache hits not counted).", ["model"])
 PIPELINE_LOAD = Histogram("render_pipeline_load_seconds", "Seconds to get a pipeline (cached: near 0).", buckets=_SLOW)
+# The step hooks' cost on the denoising thread (lease and revocation flags, progress post, time limit, StepTimer):
+# seconds / calls is their mean per model call, as bench/bench_worker.py reads it from a real worker.
+STEP_HOOK_SECONDS = Counter("render_step_hook_seconds_total", "Seconds the step hooks took, per model.", ["model"])
+STEP_HOOK_CALLS = Counter("render_step_hook_calls_total", "Model calls whose step hooks ran, per model.", ["model"])
 
 
 def serve(port: int | None) -> None:
@@ -50,6 +54,12 @@ class StepTimer:
         elif info.steps_completed > 0:
             self.histogram.observe(info.elapsed / info.steps_completed)
         self.last = now
+
+
+def record_hooks(model: str, seconds: float, calls: int) -> None:
+    """A job's step-hook time (`StepControlCallback.hook_seconds` over `hook_calls`), once, when it ends."""
+    STEP_HOOK_SECONDS.labels(model=model).inc(seconds)
+    STEP_HOOK_CALLS.labels(model=model).inc(calls)
 
 
 def record(manifest: Manifest) -> None:

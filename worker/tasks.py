@@ -190,6 +190,8 @@ def _leased(
                 arrival=arrival,
             )
             manifest = store(prepared, outcome, state.storage)
+            control = prepared.stack.control
+            metrics.record_hooks(spec.model, control.hook_seconds, control.hook_calls)
         _publish(state, manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
     except HandedOff as handed:
         _hand_off(task, state, job, lease, handed)

@@ -42,3 +42,7 @@ def test_metrics_after_real_jobs(farm_factory: Callable[[], Farm]) -> None:
     assert sample(text, "render_pipeline_load_seconds_count") == 3
     assert sample(text, "render_revoke_to_stop_seconds_count") == 1
     assert sample(text, "render_frame_upload_seconds_count") == 5
+    # The step hooks timed on the denoising thread: every model call of the three jobs, a small positive cost.
+    calls = sample(text, "render_step_hook_calls_total", '{model="tiny-sd15"}')
+    assert calls >= 10 + 4 + 3
+    assert 0 < sample(text, "render_step_hook_seconds_total", '{model="tiny-sd15"}') / calls < 0.01

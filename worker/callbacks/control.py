@@ -46,6 +46,8 @@ class StepControlCallback(PipelineCallback):
         self.started = clock()
         self.last_step_end: float | None = None
         self.steps_completed = 0
+        self.hook_seconds = 0.0  # what the hooks cost the denoising thread, over `hook_calls` model calls
+        self.hook_calls = 0
 
     def start(self) -> None:
         self.started = self.clock()
@@ -61,9 +63,13 @@ class StepControlCallback(PipelineCallback):
         self.steps_completed = steps_completed
         self.last_step_end = self.clock()
         info = StepInfo(self.task_id, steps_completed, pipeline.num_timesteps, self.last_step_end - self.started)
-        for hook in self.hooks:
-            try:
-                hook.on_step(info)
-            except JobStopped:
-                pipeline._interrupt = True
-                raise
+        try:
+            for hook in self.hooks:
+                try:
+                    hook.on_step(info)
+                except JobStopped:
+                    pipeline._interrupt = True
+                    raise
+        finally:
+            self.hook_seconds += self.clock() - self.last_step_end
+            self.hook_calls += 1
