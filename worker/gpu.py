@@ -134,7 +134,7 @@ class GpuRunner:
         self.exit_process = exit_process
         self.deliveries = deliveries or Deliveries()
         self._waiting: list[_Request] = []
-        self._arriving = 0  # jobs taken by a job thread and not yet queued here
+        self._arrivals: list[Arrival] = []  # jobs taken by a job thread and not yet queued here
         self.gathering: str | None = None  # the first job of a call waiting for arriving jobs, while it waits
         self.draining = False  # set by `drain`: no job is taken any more
         self._cond = threading.Condition()
@@ -166,7 +166,7 @@ class GpuRunner:
         gives up on it, so that a call being formed can wait for it (at most `GATHER_SECONDS`)."""
         arrival = Arrival()
         with self._cond:
-            self._arriving += 1
+            self._arrivals.append(arrival)
         try:
             yield arrival
         finally:
@@ -177,7 +177,7 @@ class GpuRunner:
         """With the lock held: `arrival`'s job is queued or given up."""
         if arrival is not None and arrival.pending:
             arrival.pending = False
-            self._arriving -= 1
+            self._arrivals.remove(arrival)
         self._cond.notify_all()
 
     def run(
@@ -223,11 +223,10 @@ class GpuRunner:
         return request.outcome
 
     def _take(self) -> list[_Request]:
-        """The oldest waiting job and the compatible ones waiting behind it, up to `max_batch` images."""
+        """The job delivered first and the compatible ones waiting behind it, up to `max_batch` images."""
         with self._cond:
-            while not self._waiting:
-                self._cond.wait()
-            first = self._waiting.pop(0)
+            first = self._first()
+            self._waiting.remove(first)
             batch = [first]
             if first.key is not None:
                 gather_until = time.monotonic() + GATHER_SECONDS
@@ -244,13 +243,32 @@ class GpuRunner:
             self._running = batch
             return batch
 
+    def _first(self) -> _Request:
+        """With the lock held: the waiting job this worker was delivered first. Jobs arrive here in delivery order
+        only as long as their checks take alike: one delivered earlier whose checks are slower (its inputs, a busy
+        machine) is waited for, at most `GATHER_SECONDS`, so a high-priority job the broker handed over before a
+        normal one also starts before it."""
+        until: float | None = None
+        while True:
+            while not self._waiting:
+                self._cond.wait()
+            first = min(self._waiting, key=lambda request: request.taken_at)
+            if not any(arrival.at < first.taken_at for arrival in self._arrivals):
+                return first
+            until = until if until is not None else time.monotonic() + GATHER_SECONDS
+            if (left := until - time.monotonic()) <= 0:
+                return first
+            self.gathering = first.prepared.job.task_id
+            self._cond.wait(left)
+            self.gathering = None
+
     def _gather_wait(self, first: _Request, until: float) -> float:
         """With the lock held: how long the call of `first` may wait for more jobs now (0: it starts)."""
         now = time.monotonic()
         compatible = first.images + sum(r.images for r in self._waiting if r.key == first.key)
         if now >= until or compatible >= self.max_batch:
             return 0.0
-        if self._arriving > 0:  # a job this worker holds is still being checked
+        if self._arrivals:  # a job this worker holds is still being checked
             return until - now
         last = self.deliveries.last
         if last > first.taken_at and now - last < BURST_GAP:  # a burst is still being delivered

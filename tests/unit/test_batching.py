@@ -258,6 +258,25 @@ def test_a_call_keeps_gathering_while_a_burst_is_still_being_delivered_and_a_lon
     assert not thread.is_alive() and runner.calls[-1] == ["alone"]
 
 
+def test_a_job_delivered_first_runs_first_though_its_checks_end_after_a_later_one_s(
+    registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A high-priority job the broker handed over before a normal one, whose checks were slower (a busy machine),
+    still starts first: the GPU waits for it (at most GATHER_SECONDS in production; here the job decides)."""
+    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)
+    storage = LocalStorage(tmp_path)
+    runner = GpuRunner(registry, max_batch=1)
+    early = prepare(JobContext(make_spec(i=0), "early"), registry, storage)
+    late = prepare(JobContext(make_spec(i=1), "late"), registry, storage)
+    with runner.arriving() as delivered_first:
+        thread = threading.Thread(target=runner.run, args=(late,))
+        thread.start()
+        wait_until(lambda: runner.gathering == "late", timeout=60, what="the GPU waiting for the job delivered first")
+        runner.run(early, arrival=delivered_first)
+    thread.join(60)
+    assert not thread.is_alive() and runner.calls == [["early"], ["late"]]
+
+
 def test_a_full_call_starts_without_waiting_for_jobs_still_being_checked(
     registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -265,7 +284,8 @@ def test_a_full_call_starts_without_waiting_for_jobs_still_being_checked(
     storage = LocalStorage(tmp_path)
     runner = GpuRunner(registry, max_batch=2)
     jobs = [prepare(JobContext(make_spec(i=i, num_images=1), f"job-{i}"), registry, storage) for i in range(2)]
-    with runner.arriving():  # a third job still being checked: the call is full without it
+    with runner.arriving() as third:  # a third job, delivered after these two, still being checked
+        third.at = float("inf")  # (delivered first, it would go first: GpuRunner._first)
         thread = threading.Thread(target=runner.run, args=(jobs[0],))
         thread.start()
         wait_until(lambda: runner.gathering == "job-0", timeout=60, what="the call waiting for the checked job")
