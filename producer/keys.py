@@ -96,6 +96,13 @@ def manifest_object(task_id: str) -> str:
 RUNNING_TASKS = f"{KEY_PREFIX}:running"
 """Hash task_id -> JSON record (spec, queue, attempt, worker) of every task a worker is rendering."""
 
+LEASE_DEADLINES = f"{KEY_PREFIX}:lease-deadlines"
+"""Sorted set task_id -> when its lease lapses unless renewed (Redis server time, ms): the recovery scan reads
+only the lapsed ones, so its cost grows with the dead jobs, not with the running ones."""
+
+RECOVERY_TURN = f"{KEY_PREFIX}:recovery-turn"
+"""Held for one `recovery_interval` by the worker whose turn it is to scan: one scan per interval for the fleet."""
+
 SUBMITTED_AT_HEADER = "render_submitted_at"
 ATTEMPT_HEADER = "render_attempt"
 

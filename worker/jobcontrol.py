@@ -22,23 +22,31 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from producer.keys import RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
+from producer.keys import LEASE_DEADLINES, RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
 from worker.callbacks.control import StepInfo
 from worker.stops import JobRevoked, LeaseLost
 
 log = logging.getLogger(__name__)
 
 # Take the lease and record the job as running in one step, so a scanner never sees one without the other;
-# the job's id also goes on its queue's active list (`active_list`), which autoscalers count.
+# the job's id also goes on its queue's active list (`active_list`), which autoscalers count, and its lease's
+# deadline (server time) on `render:lease-deadlines`, which the recovery scan reads.
+_DEADLINE = "local t = redis.call('time') local at = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]) "
 _ACQUIRE = (
     "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    + _DEADLINE
+    + "redis.call('zadd', KEYS[4], at, ARGV[3]) "
     "redis.call('hset', KEYS[2], ARGV[3], ARGV[4]) redis.call('rpush', KEYS[3], ARGV[3]) return 1 end return 0"
 )
 # Renew only while we still hold it: a lease that expired and was taken by another worker stays theirs.
-_RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+_RENEW = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then " + _DEADLINE + "redis.call('zadd', KEYS[2], at, ARGV[3]) "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('hdel', KEYS[2], ARGV[2]) "
-    "redis.call('lrem', KEYS[3], 1, ARGV[2]) return redis.call('del', KEYS[1]) end return 0"
+    "redis.call('lrem', KEYS[3], 1, ARGV[2]) redis.call('zrem', KEYS[4], ARGV[2]) "
+    "return redis.call('del', KEYS[1]) end return 0"
 )
 
 
@@ -90,9 +98,8 @@ class Lease:
         """Take the lease if nobody holds it and record the job in `render:running` and on the active list of its
         `record["queue"]`; start renewing it."""
         self.active = active_list(record.get("queue"))
-        taken = self.client.eval(
-            _ACQUIRE, 3, self.key, RUNNING_TASKS, self.active, self.token, self.ttl_ms, self.task_id, json.dumps(record)
-        )
+        keys = (self.key, RUNNING_TASKS, self.active, LEASE_DEADLINES)
+        taken = self.client.eval(_ACQUIRE, 4, *keys, self.token, self.ttl_ms, self.task_id, json.dumps(record))
         if not taken:
             return False
         self._renewed_at = time.monotonic()
@@ -107,7 +114,7 @@ class Lease:
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_ms / 3000):
             try:
-                if not self.renew_client.eval(_RENEW, 1, self.key, self.token, self.ttl_ms):
+                if not self.renew():
                     self._lose("it is held by another worker or expired")
                     return
                 self._renewed_at = time.monotonic()
@@ -116,6 +123,11 @@ class Lease:
                     self._lose(f"Redis did not answer for a whole lease ttl ({exc})")
                     return
                 log.warning("could not renew lease %s (retrying): %s", self.key, exc)
+
+    def renew(self) -> bool:
+        """One renewal (the renewing thread's): False once the lease is not ours any more."""
+        keys = (self.key, LEASE_DEADLINES)
+        return bool(self.renew_client.eval(_RENEW, 2, *keys, self.token, self.ttl_ms, self.task_id))
 
     def check(self, steps_completed: int) -> None:
         """Raise `LeaseLost` once the lease is no longer ours; called at every step and before the upload."""
@@ -135,7 +147,8 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self.client.eval(_RELEASE, 3, self.key, RUNNING_TASKS, self.active, self.token, self.task_id)
+            keys = (self.key, RUNNING_TASKS, self.active, LEASE_DEADLINES)
+            self.client.eval(_RELEASE, 4, *keys, self.token, self.task_id)
         except redis.RedisError as exc:
             log.warning("could not release lease %s (it expires by itself): %s", self.key, exc)
 

@@ -1,10 +1,12 @@
 """Fast recovery of jobs whose worker died: re-enqueue a running job once its lease has expired.
 
-Celery on Redis redelivers an unacknowledged job only after the visibility timeout (hours). Each
-worker's main process scans `render:running` every `recovery_interval` seconds; a job listed there
-whose lease is gone and whose result is not final is sent again under the same task id, by exactly
-one worker (a short `SET NX` lock). The broker's late redelivery then finds the manifest and does
-nothing.
+Celery on Redis redelivers an unacknowledged job only after the visibility timeout (hours). Every
+`recovery_interval` seconds one worker of the fleet scans (the one that takes `render:recovery-turn`, a
+`SET NX` that lapses just before the next interval): it reads only the leases that lapsed, from
+`render:lease-deadlines` (each lease's deadline, kept by its acquire and renewals in Redis server time),
+so a scan costs O(dead jobs), and the fleet one scan per interval, however many jobs run. A lapsed job
+whose result is not final is sent again under the same task id (a short per-task `SET NX` lock keeps
+it to one sender). The broker's late redelivery then finds the manifest and does nothing.
 
 A worker can also die after the broker handed it a job but before the job took its lease (between
 delivery and the first lines of the task). That job is only in kombu's `unacked` hash, which Redis
@@ -29,6 +31,8 @@ from celery.result import AsyncResult
 from producer.errors import RenderFailed
 from producer.keys import (
     ATTEMPT_HEADER,
+    LEASE_DEADLINES,
+    RECOVERY_TURN,
     RUNNING_TASKS,
     SUBMITTED_AT_HEADER,
     TASK_RENDER,
@@ -55,6 +59,10 @@ class RecoveryScanner(PeriodicThread):
         self.grace = grace
 
     def tick(self) -> list[str]:
+        """Scan if it is this worker's turn: one worker of the fleet per interval."""
+        turn = int(self.interval * 1000 * 0.9)  # lapses before the holder's next tick: a lone worker scans each time
+        if not self.client.set(RECOVERY_TURN, self.owner, nx=True, px=max(1, turn)):
+            return []
         return self.scan_once()
 
     def scan_once(self) -> list[str]:
@@ -65,12 +73,21 @@ class RecoveryScanner(PeriodicThread):
             running = self._recover_running(deliveries, qos)
             return running + self._restore_orphans(deliveries, qos)
 
+    def lapsed(self) -> list[str]:
+        """The jobs whose lease deadline has passed (Redis server time): dead workers' jobs, and jobs ending now."""
+        seconds, micros = self.client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        return [_text(raw) for raw in self.client.zrangebyscore(LEASE_DEADLINES, "-inf", now_ms)]
+
     def _recover_running(self, deliveries: dict[str, list[str]], qos: Any) -> list[str]:
         recovered = []
-        for raw_id, raw_record in self.client.hgetall(RUNNING_TASKS).items():
-            task_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        for task_id in self.lapsed():
             stale = deliveries.pop(task_id, [])  # handled here, not as an orphan
             if self.client.exists(lease_key(task_id)):
+                continue  # taken again meanwhile: its new holder's deadline replaced this one
+            raw_record = self.client.hget(RUNNING_TASKS, task_id)
+            if raw_record is None:  # it ended: its release removed the record (and the deadline, unless Redis failed)
+                self.client.zrem(LEASE_DEADLINES, task_id)
                 continue
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue  # another worker is on it
@@ -101,6 +118,7 @@ class RecoveryScanner(PeriodicThread):
         unlist = self.client.pipeline(transaction=True)
         unlist.hdel(RUNNING_TASKS, task_id)
         unlist.lrem(active_list(record.get("queue")), 1, task_id)
+        unlist.zrem(LEASE_DEADLINES, task_id)
         unlist.execute()
 
     def _deliveries(self, qos: Any) -> dict[str, list[str]]:
@@ -159,6 +177,10 @@ class RecoveryScanner(PeriodicThread):
         if self.client.exists(manifest_key(task_id)):
             return True
         return AsyncResult(task_id, app=self.app).state in states.READY_STATES
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _drop(qos: Any, tags: list[str]) -> None:

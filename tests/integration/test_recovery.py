@@ -11,7 +11,16 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
-from producer.keys import PRIORITIES, RUNNING_TASKS, active_list, lease_key, manifest_key, model_queue
+from producer.keys import (
+    LEASE_DEADLINES,
+    PRIORITIES,
+    RECOVERY_TURN,
+    RUNNING_TASKS,
+    active_list,
+    lease_key,
+    manifest_key,
+    model_queue,
+)
 from tests.integration.conftest import Farm, spec, wait_for
 from worker.celery_app import create_app
 from worker.settings import WorkerSettings
@@ -57,6 +66,7 @@ def test_a_job_that_ends_while_the_scanner_looks_is_not_sent_again(redis_server:
     scanner = app.recovery_scanner
     record = {"spec": json.dumps(spec()), "queue": "render.tiny-sd15", "attempt": 1, "worker": "gone@host:1"}
     direct.hset(RUNNING_TASKS, "ending", json.dumps(record))
+    direct.zadd(LEASE_DEADLINES, {"ending": 0})  # its lease has lapsed
     real_exists = scanner.client.exists
 
     def exists(*names: Any) -> Any:
@@ -86,6 +96,7 @@ def test_a_job_whose_worker_died_after_its_manifest_and_before_its_result_ends_w
     record = {"spec": json.dumps(spec()), "queue": "render.tiny-sd15", "attempt": 1, "worker": "gone@host:1"}
     direct.set(manifest_key("done-job"), json.dumps(manifest))
     direct.hset(RUNNING_TASKS, "done-job", json.dumps(record))
+    direct.zadd(LEASE_DEADLINES, {"done-job": 0})
     app.backend.store_result("done-job", {"step": 60, "total": 60}, "PROGRESS")
     try:
         assert app.recovery_scanner.scan_once() == []
@@ -94,4 +105,50 @@ def test_a_job_whose_worker_died_after_its_manifest_and_before_its_result_ends_w
         assert direct.llen("render.tiny-sd15") == 0 and not direct.hexists(RUNNING_TASKS, "done-job")
     finally:
         app.close()
+        direct.close()
+
+
+def test_a_scan_reads_only_lapsed_leases_and_one_worker_of_the_fleet_scans_per_interval(redis_server: Any) -> None:
+    """O(dead jobs): 300 jobs running under live leases and one whose worker died; the scan re-sends the dead one
+    with a few commands, whatever the number running. Of several workers' scanners, one scans per interval."""
+    url = f"redis://127.0.0.1:{redis_server.port}/62"
+    direct = redis.Redis.from_url(url)
+    direct.flushdb()
+    apps = [create_app(WorkerSettings(redis_url=url, recovery_interval=30)) for _ in range(3)]
+    record = {"spec": json.dumps(spec()), "queue": "render.tiny-sd15", "attempt": 1, "worker": "w@host:1"}
+    live = direct.pipeline()
+    for i in range(300):
+        live.set(lease_key(f"alive-{i}"), "w@host:1:token", px=60_000)
+        live.hset(RUNNING_TASKS, f"alive-{i}", json.dumps(record))
+        live.zadd(LEASE_DEADLINES, {f"alive-{i}": (time.time() + 60) * 1000})
+    live.hset(RUNNING_TASKS, "dead", json.dumps(record))
+    live.zadd(LEASE_DEADLINES, {"dead": (time.time() - 1) * 1000})  # lapsed a second ago, its lease key gone
+    live.execute()
+    try:
+        before = direct.info("stats")["total_commands_processed"]
+        assert apps[0].recovery_scanner.scan_once() == ["dead"]
+        commands = direct.info("stats")["total_commands_processed"] - before
+        assert commands < 100, f"the scan took {commands} commands for one dead job among 300 running"  # was 300+
+        assert direct.llen("render.tiny-sd15") == 1 and not direct.hexists(RUNNING_TASKS, "dead")
+        assert direct.zscore(LEASE_DEADLINES, "dead") is None and direct.zcard(LEASE_DEADLINES) == 300
+
+        scans: list[str] = []
+
+        def counted(real: Any) -> Any:
+            def scan() -> list[str]:
+                scans.append("scan")
+                return real()
+
+            return scan
+
+        for app in apps:
+            app.recovery_scanner.scan_once = counted(app.recovery_scanner.scan_once)
+        direct.delete(RECOVERY_TURN)
+        for app in apps:
+            app.recovery_scanner.tick()
+        assert scans == ["scan"], "one worker of the three scanned this interval"
+        assert 20_000 < direct.pttl(RECOVERY_TURN) <= 27_000, "its turn lasts most of the 30 s interval"
+    finally:
+        for app in apps:
+            app.close()
         direct.close()
