@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bench_batch
 import bench_checkpoint
+import bench_fleet
 import bench_gpu
 import bench_lora
 import bench_queue
@@ -53,6 +54,9 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
   pipeline that never held one: tiny-sd15 through the worker's `loras_applied`, and a UNet of SD 1.5's widths.
 - Batch submission times the real `render batch FILE --detach` process with 2,000 one-step specs against a
   private redis-server (no worker, jobs stay queued), then the same command again (the resume path).
+- The fleet benchmark runs N simulated workers' real control-plane code (leases, revocation polls, progress
+  through Celery's own backend and events, adverts, heartbeats, the recovery scan) on their default intervals in
+  simulated time against one redis-server, and reads Redis's own counters per simulated second.
 - Throughput times streams of same-shape jobs through a real worker, submit to the last final state,
   against the bare serial `pipe()` loop and bare batched calls over the same specs, interleaved: overlap at
   the production-like size with RENDER_MAX_BATCH=1, overlap and batching at the small size.
@@ -70,6 +74,7 @@ def summary(
     recovery: list[bench_recovery.Recovery],
     throughput: str,
     checkpoints: bench_checkpoint.CheckpointResults,
+    fleet: list[bench_fleet.FleetLoad],
 ) -> Section:
     section = Section("Targets")
     prod = worker[-1]
@@ -95,6 +100,15 @@ def summary(
         f"- checkpoints: {checkpoints.capture_ms:.2f} ms of the GPU thread each ({checkpoints.step_ratio - 1:+.1%} per "
         f"step at one every step); a job stopped at 90 % done again in {checkpoints.resumed:.2f} s from its "
         f"checkpoint vs {checkpoints.scratch:.2f} s from step 0"
+    )
+    big = fleet[-1]
+    per_worker = [load.commands / load.workers for load in fleet]
+    fleet_met = big.commands < 20_000 and big.net_bytes < 5e6 and max(per_worker) <= 2 * min(per_worker)
+    section.line(
+        f"- control plane at {big.workers} simulated workers: {big.commands:,.0f} Redis commands/s "
+        f"(before: {big.before_commands:,.0f}), {big.net_bytes / 1e6:.2f} MB/s (before: {big.before_bytes / 1e6:.1f}); "
+        f"per worker x{max(per_worker) / min(per_worker):.2f} from N={fleet[0].workers} (targets: < 20,000/s, "
+        f"< 5 MB/s, within 2x): **{verdict(fleet_met)}**"
     )
     return section
 
@@ -154,9 +168,10 @@ def main() -> None:
         jobs=4 if args.quick else 8, max_batch=4 if args.quick else 8, repeats=1 if args.quick else 3
     )
     checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
+    fleet_section, fleet = bench_fleet.run((10, 100) if args.quick else (10, 100, 1000), 10.0 if args.quick else 20.0)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
-        summary(worker, queue, rendered, recovery, throughput, checkpoints),
+        summary(worker, queue, rendered, recovery, throughput, checkpoints, fleet),
         worker_section,
         *rendered.sections,
         lora_section,
@@ -166,6 +181,7 @@ def main() -> None:
         batch_section,
         throughput_section,
         checkpoint_section,
+        fleet_section,
         *gpu_sections,
     ]
     write(args.out, command, time.monotonic() - started, started_at, sections)

@@ -94,15 +94,18 @@ class Lease:
         self._renewed_at = 0.0
         self.active = active_list(None)
 
-    def acquire(self, record: dict[str, Any]) -> bool:
+    def acquire(self, record: dict[str, Any], *, renewing: bool = True) -> bool:
         """Take the lease if nobody holds it and record the job in `render:running` and on the active list of its
-        `record["queue"]`; start renewing it."""
+        `record["queue"]`; start renewing it (unless not `renewing`: the caller calls `renew`, as a benchmark's
+        simulated fleet does)."""
         self.active = active_list(record.get("queue"))
         keys = (self.key, RUNNING_TASKS, self.active, LEASE_DEADLINES)
         taken = self.client.eval(_ACQUIRE, 4, *keys, self.token, self.ttl_ms, self.task_id, json.dumps(record))
         if not taken:
             return False
         self._renewed_at = time.monotonic()
+        if not renewing:
+            return True
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.key}", daemon=True)
         self._thread.start()
         return True

@@ -133,7 +133,9 @@ class WorkerSettings(ClientSettings):
     )
     lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
     recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
-    progress_interval: float = Field(default=0.5, ge=0.0, description="minimum seconds between progress reports")
+    progress_interval: float = Field(
+        default=1.0, ge=0.0, description="minimum seconds between a job's progress reports (Redis load: docs/operations.md)"
+    )
     revocation_poll_interval: float = Field(
         default=2.0,
         gt=0.0,

@@ -31,3 +31,21 @@ def test_full_size_gpu_configs_match_the_published_parameter_counts() -> None:
     rows = [line for line in result.stdout.splitlines() if line.startswith(("| sd15 |", "| sdxl |"))]
     assert len(rows) >= 6 and all(line.rstrip().endswith("| yes |") for line in rows), result.stdout
     assert "| sd15 | unet | 859,520,964 |" in result.stdout
+
+
+def test_the_fleet_benchmark_measures_redis_load_per_worker_before_and_after() -> None:
+    """A small fleet through bench/bench_fleet.py: its table has a row per fleet, from Redis's own counters."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_fleet.py"), "--fleets", "5,40", "--seconds", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "bench",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| 5 |", "| 40 |"))]
+    assert len(rows) == 2, result.stdout
+    for workers, before, after, *_ in rows:
+        per_worker = float(after.replace(",", "")) / int(workers)
+        assert 1 < per_worker < 100, result.stdout  # a worker's real control plane: a few commands a second
+        assert float(before.replace(",", "")) >= float(after.replace(",", "")), result.stdout
