@@ -29,7 +29,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> None:
+    """In a fleet of a thousand: 1,000 other jobs run under live leases (other workers'), and the scan still
+    finds the dead one within the lease ttl (2 s) and its interval (0.5 s), and only it."""
     farm: Farm = farm_factory()
+    fleet = farm.redis.pipeline()
+    for i in range(1000):
+        other = {"spec": json.dumps(spec()), "queue": "render.elsewhere", "attempt": 1, "worker": f"w{i}@far:1"}
+        fleet.set(lease_key(f"far-{i}"), f"w{i}@far:1:token", px=600_000)
+        fleet.hset(RUNNING_TASKS, f"far-{i}", json.dumps(other))
+        fleet.zadd(LEASE_DEADLINES, {f"far-{i}": (time.time() + 600) * 1000})
+    fleet.execute()
     workers = {w.hostname: w for w in farm.start_workers("left", "right")}
     handle = farm.client.submit(spec(num_inference_steps=150, width=320, height=320, num_images=2), priority="low")
     wait_for(farm, handle.task_id, lambda s: s.state == "progress" and (s.step or 0) >= 5)
@@ -51,6 +60,7 @@ def test_sigkilled_worker_job_completes_elsewhere_exactly_once(farm_factory) -> 
     assert farm.objects(handle.task_id) == ["image-0.png", "image-1.png", "manifest.json"]
     assert not farm.redis.hexists(RUNNING_TASKS, handle.task_id)
     assert farm.redis.llen(active_list(record["queue"])) == 0, "the dead attempt's entry went with its recovery"
+    assert farm.redis.llen("render.elsewhere") == 0 and farm.redis.zcard(LEASE_DEADLINES) == 1000, "only it"
 
     # A third delivery (the broker's own, after its visibility timeout) must not render again.
     again = farm.client.app.send_task("render.run", args=[json.dumps(manifest.spec)], task_id=handle.task_id)
