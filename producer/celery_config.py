@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.utils.url import parse_ssl_cert_reqs
 
 from producer.keys import DEFAULT_PRIORITY, DEFAULT_QUEUE, PRIORITIES, PRIORITY_STEPS, TASK_RENDER
+from producer.redis_connect import is_sentinel
 
 
 class PollingRedisBackend(RedisBackend):
@@ -44,10 +45,37 @@ def tls_options(redis_url: str) -> dict[str, Any]:
     return {"broker_use_ssl": options, "redis_backend_use_ssl": options}
 
 
-def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int = 7 * 24 * 3600) -> dict[str, Any]:
+class PollingSentinelBackend(SentinelBackend):
+    """`PollingRedisBackend` through Redis Sentinel (a `sentinel://` URL)."""
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        return None
+
+
+def sentinel_options(redis_url: str, master_name: str | None, sentinel_password: str | None) -> dict[str, Any]:
+    """Celery's settings for a `sentinel://` URL: the master's name (and the sentinels' password) for the
+    broker transport and the result backend alike. Empty for `redis://` and `rediss://`."""
+    if not is_sentinel(redis_url):
+        return {}
+    options: dict[str, Any] = {"master_name": master_name}
+    if sentinel_password:
+        options["sentinel_kwargs"] = {"password": sentinel_password}
+    return {"result_backend_transport_options": options, "render_sentinel": options}
+
+
+def base_config(
+    redis_url: str,
+    *,
+    queue: str = DEFAULT_QUEUE,
+    result_ttl: int = 7 * 24 * 3600,
+    master_name: str | None = None,
+    sentinel_password: str | None = None,
+) -> dict[str, Any]:
+    backend = PollingSentinelBackend if is_sentinel(redis_url) else PollingRedisBackend
+    sentinel = sentinel_options(redis_url, master_name, sentinel_password)
     return {
         "broker_url": redis_url,
-        "result_backend": f"{PollingRedisBackend.__module__}.{PollingRedisBackend.__name__}+{redis_url}",
+        "result_backend": f"{backend.__module__}.{backend.__name__}+{redis_url}",
         # JSON only: a pickled message is refused, never executed.
         "task_serializer": "json",
         "result_serializer": "json",
@@ -70,7 +98,9 @@ def base_config(redis_url: str, *, queue: str = DEFAULT_QUEUE, result_ttl: int =
             "socket_keepalive": True,
             "health_check_interval": 10,
             "priority_steps": PRIORITY_STEPS,
+            **sentinel.pop("render_sentinel", {}),
         },
         "task_default_priority": PRIORITIES[DEFAULT_PRIORITY],
+        **sentinel,
         **tls_options(redis_url),
     }

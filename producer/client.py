@@ -39,6 +39,7 @@ from producer.keys import (
     revoked_key,
 )
 from producer.manifest import Manifest
+from producer.redis_connect import connect
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
 
@@ -145,8 +146,14 @@ class RenderClient:
             self.settings = self.settings.model_copy(update={"redis_url": redis_url})
         url = self.settings.redis_url
         self.app = Celery("render-producer", set_as_current=False)
-        self.app.conf.update(base_config(url, queue=self.settings.queue, result_ttl=self.settings.result_ttl))
-        self.redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+        sentinel = {
+            "master_name": self.settings.redis_master_name,
+            "sentinel_password": self.settings.redis_sentinel_password,
+        }
+        self.app.conf.update(
+            base_config(url, queue=self.settings.queue, result_ttl=self.settings.result_ttl, **sentinel)
+        )
+        self.redis = connect(url, socket_connect_timeout=5, socket_timeout=10, **sentinel)
 
     # -- submitting -----------------------------------------------------------------------------------
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from typing import TypeVar
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from producer.errors import ConfigError
 from producer.fleet import HEARTBEAT_TTL, MAX_HEARTBEAT_TTL
 from producer.keys import DEFAULT_QUEUE
+from producer.redis_connect import is_sentinel, sentinel_addresses
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -21,7 +22,16 @@ class ClientSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RENDER_", extra="ignore")
 
-    redis_url: str = Field(default="redis://localhost:6379/0", description="broker, result backend and keys")
+    redis_url: str = Field(
+        default="redis://localhost:6379/0",
+        description="broker, result backend and keys: redis://, rediss:// (TLS) or sentinel://host:port;... (Sentinel)",
+    )
+    redis_master_name: str | None = Field(
+        default=None, description="with a sentinel:// URL: the name the sentinels monitor the master under"
+    )
+    redis_sentinel_password: str | None = Field(
+        default=None, description="with a sentinel:// URL: the sentinels' own password, if they require one"
+    )
     queue: str = Field(default=DEFAULT_QUEUE, min_length=1)
     revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives")
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live")
@@ -36,6 +46,16 @@ class ClientSettings(BaseSettings):
         le=MAX_HEARTBEAT_TTL,
         description="seconds a worker stays listed after its last heartbeat; > heartbeat_interval",
     )
+
+    @model_validator(mode="after")
+    def _sentinel_needs_a_master(self) -> ClientSettings:
+        if is_sentinel(self.redis_url):
+            if not self.redis_master_name:
+                raise ValueError(
+                    "RENDER_REDIS_URL is a sentinel:// URL: set RENDER_REDIS_MASTER_NAME to the master's name"
+                )
+            sentinel_addresses(self.redis_url)  # each entry well-formed, or a clear ValueError
+        return self
 
 
 def load(cls: type[S]) -> S:

@@ -12,13 +12,13 @@ import os
 import socket
 from typing import Any
 
-import redis
 from celery import Celery, Task
 from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
 from producer.keys import TASK_RENDER, model_queue, priority_lists
+from producer.redis_connect import connect, is_sentinel
 from worker.affinity import Affinity, AffinityWatcher
 from worker.fleet import Heartbeat
 from worker.gpu import Deliveries
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app for one GPU worker; `settings` were validated (visibility timeout > time limit)."""
     app = Celery("render-worker", set_as_current=True)
-    conf = base_config(settings.redis_url, queue=settings.queue, result_ttl=settings.result_ttl)
+    conf = base_config(settings.redis_url, queue=settings.queue, result_ttl=settings.result_ttl, **settings.sentinel)
     affinity = Affinity([model_queue(settings.queue, model) for model in settings.models])
     conf["broker_transport_options"] = {
         **conf["broker_transport_options"],
@@ -43,7 +43,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     }
     conf.update(
         # kombu's Redis transport, except that a non-JSON item pushed onto the queue is dropped, not fatal.
-        broker_transport="worker.transport:Transport",
+        broker_transport=f"worker.transport:{'SentinelTransport' if is_sentinel(settings.redis_url) else 'Transport'}",
         # A job is acknowledged when it ends, and handed back if its process dies: never lost.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -77,14 +77,14 @@ def create_app(settings: WorkerSettings) -> Celery:
 
     scanner = RecoveryScanner(
         app,
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+        connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10, **settings.sentinel),
         interval=settings.recovery_interval,
         owner=socket.gethostname(),
         grace=settings.lease_ttl,
     )
 
     watcher = AffinityWatcher(
-        redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=10),
+        connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10, **settings.sentinel),
         affinity,
         [name for queue in consumed_queues(settings) for name in priority_lists(queue).values()],
         switch_after=settings.switch_after_seconds,
@@ -92,7 +92,7 @@ def create_app(settings: WorkerSettings) -> Celery:
 
     # The fast-failing client: a beat in flight cannot hold up a shutdown for long.
     heartbeat = Heartbeat(
-        control_client(settings.redis_url),
+        control_client(settings.redis_url, **settings.sentinel),
         hostname=socket.gethostname(),
         models=list(settings.models),
         queues=consumed_queues(settings),

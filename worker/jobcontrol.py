@@ -16,13 +16,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Unpack
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from producer.keys import LEASE_DEADLINES, RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
+from producer.redis_connect import SentinelOptions, connect
 from worker.callbacks.control import StepInfo
 from worker.stops import JobRevoked, LeaseLost
 
@@ -50,22 +51,22 @@ _RELEASE = (
 )
 
 
-def control_client(url: str, timeout: float = 2.0) -> redis.Redis:
-    """A Redis client for per-step checks: short timeouts, no retries (redis-py's default retries for seconds)."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
-    )
+def control_client(url: str, *, timeout: float = 2.0, **sentinel: Unpack[SentinelOptions]) -> redis.Redis:
+    """A Redis client for per-step checks: short timeouts, no retries (redis-py's default retries for seconds).
+    `sentinel`: `master_name` and `sentinel_password` for a `sentinel://` URL (`producer.redis_connect`)."""
+    return connect(url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0), **sentinel)
 
 
-def patient_client(url: str) -> redis.Redis:
-    """A Redis client for the writes that end a job: it rides through a Redis restart of up to about 30 s
-    (10 retries, 0.2 s doubling to 5 s) rather than lose a finished job's state."""
-    return redis.Redis.from_url(
+def patient_client(url: str, **sentinel: Unpack[SentinelOptions]) -> redis.Redis:
+    """A Redis client for the writes that end a job: it rides through a Redis restart (or a Sentinel failover)
+    of up to about 30 s (10 retries, 0.2 s doubling to 5 s) rather than lose a finished job's state."""
+    return connect(
         url,
         socket_connect_timeout=5,
         socket_timeout=10,
         retry=Retry(ExponentialBackoff(cap=5.0, base=0.2), 10),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        **sentinel,
     )
 
 

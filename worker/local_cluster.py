@@ -13,15 +13,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import redis
-
 from producer.errors import ConfigError
 from producer.keys import worker_key
+from producer.redis_connect import connect
 
 
 def free_port() -> int:
@@ -70,6 +69,7 @@ class RedisServer:
         workdir: Path | None = None,
         appendonly: bool = False,
         password: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -82,6 +82,7 @@ class RedisServer:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="render-redis-"))
         self.appendonly = appendonly
         self.password = password
+        self.extra_args = list(extra_args)  # e.g. --replicaof HOST PORT
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -111,6 +112,7 @@ class RedisServer:
                 "--logfile",
                 str(log),
                 *(["--requirepass", self.password] if self.password else []),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -167,7 +169,8 @@ class WorkerProcess:
 
     def wait_ready(self, app: Any, timeout: float = 60) -> None:
         """Wait until the worker answers a Celery ping (it consumes) and advertises itself (its models are served)."""
-        advert = redis.Redis.from_url(app.conf.broker_url, socket_timeout=5)
+        options = app.conf.broker_transport_options or {}
+        advert = connect(app.conf.broker_url, socket_timeout=5, master_name=options.get("master_name"))
 
         def ready() -> bool:
             pinged = bool(app.control.ping(destination=[self.hostname], timeout=0.5))

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_core import PydanticCustomError
 from pydantic_settings import SettingsConfigDict
 
+from producer.redis_connect import SentinelOptions
 from producer.settings import ClientSettings, load
 from producer.spec import LORA_NAME_PATTERN
 
@@ -134,7 +135,9 @@ class WorkerSettings(ClientSettings):
     lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
     recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
     progress_interval: float = Field(
-        default=1.0, ge=0.0, description="minimum seconds between a job's progress reports (Redis load: docs/operations.md)"
+        default=1.0,
+        ge=0.0,
+        description="minimum seconds between a job's progress reports (Redis load: docs/operations.md)",
     )
     revocation_poll_interval: float = Field(
         default=2.0,
@@ -196,6 +199,11 @@ class WorkerSettings(ClientSettings):
                 "heartbeats; three intervals is a good TTL"
             )
         return self
+
+    @property
+    def sentinel(self) -> SentinelOptions:
+        """`master_name` and `sentinel_password`, the keywords `producer.redis_connect.connect` takes."""
+        return SentinelOptions(master_name=self.redis_master_name, sentinel_password=self.redis_sentinel_password)
 
     @property
     def jobs_in_hand(self) -> int:

@@ -79,8 +79,8 @@ def _build_state(task: Task) -> ProcessState:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     metrics.serve(settings.metrics_port)
-    redis_client = patient_client(settings.redis_url)
-    control = control_client(settings.redis_url)
+    redis_client = patient_client(settings.redis_url, **settings.sentinel)
+    control = control_client(settings.redis_url, **settings.sentinel)
     registry = ModelRegistry.from_settings(settings)
     advert = JobAdvert(control, task.request.hostname, registry)
     webhooks = WebhookSender(

@@ -144,5 +144,14 @@ class Transport(kombu_redis.Transport):
             _dropped(exc)
 
 
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The hardened channel, reaching the master through Redis Sentinel (a `sentinel://` broker URL)."""
+
+
+class SentinelTransport(Transport):
+    default_port = 26379  # type: ignore[assignment]  # kombu declares it None
+    Channel = SentinelChannel
+
+
 def _dropped(exc: Undecodable) -> None:
     log.error("dropped an item on the queue that is not a task message (%s)", exc)

@@ -69,7 +69,7 @@ def env_example() -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
-def rendered_compose(env: dict[str, str]) -> dict[str, Any]:
+def rendered_compose(env: dict[str, str], path: Path = COMPOSE) -> dict[str, Any]:
     """The compose file as `docker compose config` renders it with `env`: `${VAR}`, `${VAR:-default}`,
     `${VAR:?error}` replaced, `$$` left as one `$` for the container's shell (compose-spec interpolation)."""
 
@@ -83,14 +83,15 @@ def rendered_compose(env: dict[str, str]) -> dict[str, Any]:
         return arg or ""
 
     pattern = re.compile(r"\$\$|\$\{(\w+)(?:(:[-?])([^}]*))?\}")
-    return yaml.safe_load(pattern.sub(value, COMPOSE.read_text()))
+    return yaml.safe_load(pattern.sub(value, path.read_text()))
 
 
 def test_no_secret_is_on_any_service_s_command_line() -> None:
     env = env_example()
     secrets = {name: env[name] for name in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD")}
     services = rendered_compose(env)["services"]
-    for name, service in services.items():
+    sentinel = rendered_compose(env, ROOT / "docker-compose.sentinel.yml")["services"]
+    for name, service in [*services.items(), *sentinel.items()]:
         parts = (service.get("entrypoint"), service.get("command"), (service.get("healthcheck") or {}).get("test"))
         shown = " ".join(" ".join(part) if isinstance(part, list) else str(part or "") for part in parts)
         for secret, text in secrets.items():
@@ -271,3 +272,17 @@ def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_sentinel_variant_points_workers_and_flower_at_the_sentinels() -> None:
+    services = rendered_compose(env_example(), ROOT / "docker-compose.sentinel.yml")["services"]
+    assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
+    for name in ("worker", "worker-sdxl"):
+        env = services[name]["environment"]
+        assert env["RENDER_REDIS_URL"].count("sentinel://") == 3 and env["RENDER_REDIS_MASTER_NAME"] == "farm"
+        WorkerSettings(redis_url=env["RENDER_REDIS_URL"], redis_master_name=env["RENDER_REDIS_MASTER_NAME"])
+    assert "sentinel monitor farm redis 6379 2" in " ".join(services["sentinel-1"]["command"])
+    assert services["flower"]["environment"]["CELERY_BROKER_URL"].startswith("sentinel://")
+    config: dict[str, Any] = {}
+    exec((ROOT / "infra" / "flower" / "celeryconfig.py").read_text(), config)
+    assert config["broker_transport_options"] == {"master_name": "farm"}
