@@ -53,14 +53,14 @@ class PollingSentinelBackend(SentinelBackend):
 
 
 def sentinel_options(redis_url: str, master_name: str | None, sentinel_password: str | None) -> dict[str, Any]:
-    """Celery's settings for a `sentinel://` URL: the master's name (and the sentinels' password) for the
-    broker transport and the result backend alike. Empty for `redis://` and `rediss://`."""
+    """The transport options a `sentinel://` URL needs, for the broker and the result backend alike: the master's
+    name (and the sentinels' password). Empty for `redis://` and `rediss://`."""
     if not is_sentinel(redis_url):
         return {}
     options: dict[str, Any] = {"master_name": master_name}
     if sentinel_password:
         options["sentinel_kwargs"] = {"password": sentinel_password}
-    return {"result_backend_transport_options": options, "render_sentinel": options}
+    return options
 
 
 def base_config(
@@ -98,9 +98,9 @@ def base_config(
             "socket_keepalive": True,
             "health_check_interval": 10,
             "priority_steps": PRIORITY_STEPS,
-            **sentinel.pop("render_sentinel", {}),
+            **sentinel,
         },
         "task_default_priority": PRIORITIES[DEFAULT_PRIORITY],
-        **sentinel,
+        **({"result_backend_transport_options": sentinel} if sentinel else {}),
         **tls_options(redis_url),
     }

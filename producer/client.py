@@ -146,10 +146,7 @@ class RenderClient:
             self.settings = self.settings.model_copy(update={"redis_url": redis_url})
         url = self.settings.redis_url
         self.app = Celery("render-producer", set_as_current=False)
-        sentinel = {
-            "master_name": self.settings.redis_master_name,
-            "sentinel_password": self.settings.redis_sentinel_password,
-        }
+        sentinel = self.settings.sentinel
         self.app.conf.update(
             base_config(url, queue=self.settings.queue, result_ttl=self.settings.result_ttl, **sentinel)
         )

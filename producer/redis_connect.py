@@ -13,6 +13,7 @@ from typing import Any, TypedDict, cast
 from urllib.parse import unquote, urlparse
 
 import redis
+from kombu.utils.url import maybe_sanitize_url
 from redis.sentinel import Sentinel
 
 SENTINEL_SCHEME = "sentinel"
@@ -37,7 +38,8 @@ def sentinel_addresses(url: str) -> tuple[list[tuple[str, int]], dict[str, Any]]
     for index, chunk in enumerate(part for part in url.split(";") if part.strip()):
         parsed = urlparse(chunk.strip())
         if parsed.scheme != SENTINEL_SCHEME or not parsed.hostname:
-            raise ValueError(f"{chunk!r} in the Redis URL: each entry is sentinel://host:port, separated by ';'")
+            shown = maybe_sanitize_url(chunk.strip())  # never a password in an error
+            raise ValueError(f"{shown!r} in the Redis URL: each entry is sentinel://host:port, separated by ';'")
         hosts.append((parsed.hostname, parsed.port or SENTINEL_PORT))
         if index == 0:
             if parsed.password:

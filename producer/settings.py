@@ -12,7 +12,7 @@ from pydantic_settings.exceptions import SettingsError
 from producer.errors import ConfigError
 from producer.fleet import HEARTBEAT_TTL, MAX_HEARTBEAT_TTL
 from producer.keys import DEFAULT_QUEUE
-from producer.redis_connect import is_sentinel, sentinel_addresses
+from producer.redis_connect import SentinelOptions, is_sentinel, sentinel_addresses
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -46,6 +46,11 @@ class ClientSettings(BaseSettings):
         le=MAX_HEARTBEAT_TTL,
         description="seconds a worker stays listed after its last heartbeat; > heartbeat_interval",
     )
+
+    @property
+    def sentinel(self) -> SentinelOptions:
+        """`master_name` and `sentinel_password`, the keywords `producer.redis_connect.connect` takes."""
+        return SentinelOptions(master_name=self.redis_master_name, sentinel_password=self.redis_sentinel_password)
 
     @model_validator(mode="after")
     def _sentinel_needs_a_master(self) -> ClientSettings:

@@ -126,7 +126,7 @@ class RecoveryScanner(PeriodicThread):
         old = self.client.zrangebyscore(qos.unacked_index_key, "-inf", time.time() - self.grace)
         found: dict[str, list[str]] = defaultdict(list)
         for raw_tag in old:
-            tag = raw_tag.decode() if isinstance(raw_tag, bytes) else str(raw_tag)
+            tag = _text(raw_tag)
             raw = self.client.hget(qos.unacked_key, tag)
             try:
                 task_id = json.loads(raw)[0]["headers"]["id"] if raw else None

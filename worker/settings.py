@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_core import PydanticCustomError
 from pydantic_settings import SettingsConfigDict
 
-from producer.redis_connect import SentinelOptions
 from producer.settings import ClientSettings, load
 from producer.spec import LORA_NAME_PATTERN
 
@@ -199,11 +198,6 @@ class WorkerSettings(ClientSettings):
                 "heartbeats; three intervals is a good TTL"
             )
         return self
-
-    @property
-    def sentinel(self) -> SentinelOptions:
-        """`master_name` and `sentinel_password`, the keywords `producer.redis_connect.connect` takes."""
-        return SentinelOptions(master_name=self.redis_master_name, sentinel_password=self.redis_sentinel_password)
 
     @property
     def jobs_in_hand(self) -> int:

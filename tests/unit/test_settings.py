@@ -38,9 +38,12 @@ def test_a_sentinel_url_needs_the_master_s_name_and_well_formed_entries(monkeypa
         load_settings()
     monkeypatch.setenv("RENDER_REDIS_MASTER_NAME", "farm")
     assert load_settings().redis_master_name == "farm"
-    monkeypatch.setenv("RENDER_REDIS_URL", "sentinel://10.0.0.1:26379;redis://10.0.0.2")
-    with pytest.raises(ConfigError, match=r"'redis://10.0.0.2' in the Redis URL: each entry is sentinel://host:port"):
+    monkeypatch.setenv("RENDER_REDIS_URL", "sentinel://10.0.0.1:26379;redis://:t0psecret@10.0.0.2")
+    with pytest.raises(
+        ConfigError, match=r"'redis://:\*\*@10.0.0.2/' in the Redis URL: each entry is sentinel://"
+    ) as err:
         load_settings()
+    assert "t0psecret" not in str(err.value), "the password is never in the error"
 
 
 def test_sentinel_settings_reach_the_broker_the_result_backend_and_every_client() -> None:
