@@ -170,7 +170,13 @@ class WorkerProcess:
     def wait_ready(self, app: Any, timeout: float = 60) -> None:
         """Wait until the worker answers a Celery ping (it consumes) and advertises itself (its models are served)."""
         options = app.conf.broker_transport_options or {}
-        advert = connect(app.conf.broker_url, socket_timeout=5, master_name=options.get("master_name"))
+        sentinel_password = (options.get("sentinel_kwargs") or {}).get("password")
+        advert = connect(
+            app.conf.broker_url,
+            socket_timeout=5,
+            master_name=options.get("master_name"),
+            sentinel_password=sentinel_password,
+        )
 
         def ready() -> bool:
             pinged = bool(app.control.ping(destination=[self.hostname], timeout=0.5))

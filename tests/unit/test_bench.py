@@ -45,7 +45,6 @@ def test_the_fleet_benchmark_measures_redis_load_per_worker_before_and_after() -
     assert result.returncode == 0, result.stderr
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| 5 |", "| 40 |"))]
     assert len(rows) == 2, result.stdout
-    for workers, before, after, *_ in rows:
-        per_worker = float(after.replace(",", "")) / int(workers)
-        assert 1 < per_worker < 100, result.stdout  # a worker's real control plane: a few commands a second
-        assert float(before.replace(",", "")) >= float(after.replace(",", "")), result.stdout
+    per_worker = [float(after.replace(",", "")) / int(workers) for workers, _before, after, *_ in rows]
+    assert all(1 < load < 100 for load in per_worker), result.stdout  # a worker's real control plane: a few a second
+    assert max(per_worker) <= 2 * min(per_worker), result.stdout  # flat from 5 to 40 workers
