@@ -9,7 +9,7 @@
    projection, loaded with diffusers' `load_lora_adapter` as `load_lora_weights` does. Its rounds are fewer
    (`--wide-repeats`): a forward takes seconds on a CPU.
 
-Rounds are interleaved (A B C, C B A, ...) after a warm-up round; figures are medians.
+Rounds are interleaved (A B C, B C A, C A B, ...) after a warm-up round; figures are medians.
 
     python bench/bench_lora.py [--repeats 7] [--wide-repeats 4] [--torch-threads 1] [--parts tiny,wide]
 """

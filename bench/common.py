@@ -75,7 +75,13 @@ def interleaved(
     sync: Callable[[], None] = lambda: None,
     self_timed: bool = False,
 ) -> dict[str, list[float]]:
-    """Seconds of each case per round, rounds run A B C, C B A, A B C ... so drift and order hit every case alike.
+    """Seconds of each case per round; round r runs the cases rotated by r (A B C, B C A, C A B, A B C ...).
+
+    On the shared 2-core machine a run right after another is slower: whichever of two 12 s streams went second
+    took 2-5 % longer, in each of six rounds (bench_throughput at 640², the worker and bare serial alternating who
+    goes first). So each case takes each place in a round equally often over `len(cases)` rounds (and a steady
+    drift through the run weighs on every case alike); an older A B C, C B A order gave the first case the first
+    place twice in three rounds and biased every ratio against the last. Use a multiple of `len(cases)` rounds.
 
     With `self_timed`, each case returns its own seconds (so set-up inside it is not counted).
     """
@@ -85,7 +91,8 @@ def interleaved(
     samples: dict[str, list[float]] = {name: [] for name in cases}
     order = list(cases)
     for round_ in range(repeats):
-        for name in order if round_ % 2 == 0 else reversed(order):
+        shift = round_ % len(order)
+        for name in order[shift:] + order[:shift]:
             sync()
             started = time.perf_counter()
             result = cases[name]()

@@ -165,7 +165,11 @@ def main() -> None:
     routing_section = bench_routing.run(jobs=100)
     batch_section = bench_batch.run(jobs=2000)
     throughput_section, throughput = bench_throughput.run(
-        jobs=4 if args.quick else 8, max_batch=4 if args.quick else 8, repeats=1 if args.quick else 3
+        jobs=4 if args.quick else 8,
+        batch_jobs=8 if args.quick else None,
+        max_batch=4 if args.quick else 8,
+        repeats=1 if args.quick else 3,
+        batch_repeats=1 if args.quick else 6,
     )
     checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
     fleet_section, fleet = bench_fleet.run((10, 100) if args.quick else (10, 100, 1000), 10.0 if args.quick else 20.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,19 @@ def test_the_fleet_benchmark_measures_redis_load_per_worker_before_and_after() -
     per_worker = [float(after.replace(",", "")) / int(workers) for workers, _before, after, *_ in rows]
     assert all(1 < load < 100 for load in per_worker), result.stdout  # a worker's real control plane: a few a second
     assert max(per_worker) <= 2 * min(per_worker), result.stdout  # flat from 5 to 40 workers
+
+
+def test_interleaved_rounds_give_every_case_every_place_equally_often() -> None:
+    """A run right after another is slower on a shared machine: over len(cases) rounds each case goes first, second
+    and last once (the old A B C, C B A order put the first case first twice in three rounds)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        interleaved = importlib.import_module("common").interleaved
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    calls: list[str] = []
+    cases = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    samples = interleaved(cases, 6, warmup=1)
+    rounds = [calls[i : i + 3] for i in range(3, len(calls), 3)]  # after the warm-up round
+    assert rounds == [list("abc"), list("bca"), list("cab")] * 2
+    assert {name: len(seconds) for name, seconds in samples.items()} == {"a": 6, "b": 6, "c": 6}
