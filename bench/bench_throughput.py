@@ -18,8 +18,11 @@ jobs to be delivered and checked (about 30 ms of Celery delivering one message e
 last call's PNG encoding, storage and manifests, which no next call overlaps (about 80 ms for 8 images at 256²).
 The batched stream is six calls' worth (`--batch-jobs`, default 6 x max-batch): they weigh half what they did in
 the three calls' worth it used to be (~2 % of the stream instead of ~4 %), nearer a backlog's, and a round stays
-under half a minute. The case is cheap, so it runs `--batch-repeats` (6) rounds against the noise of a shared 2-core machine (a multiple of
-three: `common.interleaved` puts each of the three contestants in each place of a round equally often).
+under half a minute. The case is cheap, so it runs `--batch-repeats` (6) rounds against the noise of a shared
+2-core machine (a multiple of three: `common.interleaved` puts each of the three contestants in each place of a
+round equally often).
+
+The output ends with the `throughput: ...` line.
 
     python bench/bench_throughput.py [--quick] [--jobs 8] [--max-batch 8] [--batch-jobs N]
 """
@@ -276,12 +279,10 @@ def main() -> None:
     parser.add_argument("--batch-jobs", type=int, default=None, help="jobs per small stream (default: 6 x max-batch)")
     parser.add_argument("--batch-repeats", type=int, default=6, help="rounds at the small size")
     args = parser.parse_args()
-    started = time.monotonic()
     if args.quick:
         run(jobs=2, batch_jobs=8, max_batch=min(args.max_batch, 4), repeats=1, batch_repeats=1)
     else:
         run(jobs=args.jobs, batch_jobs=args.batch_jobs, max_batch=args.max_batch, batch_repeats=args.batch_repeats)
-    print(f"(took {time.monotonic() - started:.0f} s)")
 
 
 if __name__ == "__main__":
