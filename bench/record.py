@@ -35,8 +35,10 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
 
 - One run of `bench/record.py` measures everything below, on one machine, in one sitting; compare
   figures only within one generated page. Nothing here is edited by hand: rerun `make bench`.
-- Comparisons are **interleaved** (A B, B A, A B ...) after a warm-up round, so drift and
-  background load hit every case alike; figures are **medians** over the rounds, with ± = half the
+- Comparisons are **interleaved** after a warm-up round, round r running the cases rotated by r
+  (A B, B A ...; A B C, B C A, C A B ...), so each case takes each place in a round equally often (on
+  this shared machine a run right after another is 2-5 % slower) and drift and background load hit
+  every case alike; figures are **medians** over the rounds, with ± = half the
   interquartile range over the median (the run's own noise), and ratios printed next to them.
 - The CPU suite uses the tiny offline models (`tiny-sd15`, random weights) with **one torch thread
   per process** (RENDER_TORCH_THREADS=1 in workers, `torch.set_num_threads(1)` in-process), the
