@@ -9,7 +9,7 @@ from celery.backends.redis import RedisBackend, SentinelBackend
 from kombu.utils.url import parse_ssl_cert_reqs
 
 from producer.keys import DEFAULT_PRIORITY, DEFAULT_QUEUE, PRIORITIES, PRIORITY_STEPS, TASK_RENDER
-from producer.redis_connect import is_sentinel
+from producer.redis_connect import SentinelOptions, is_sentinel
 
 
 class PollingRedisBackend(RedisBackend):
@@ -61,6 +61,16 @@ def sentinel_options(redis_url: str, master_name: str | None, sentinel_password:
     if sentinel_password:
         options["sentinel_kwargs"] = {"password": sentinel_password}
     return options
+
+
+def sentinel_of(transport_options: dict[str, Any] | None) -> SentinelOptions:
+    """The other way: `master_name` and `sentinel_password` back from a Celery app's broker transport options
+    (`sentinel_options`' output), as `producer.redis_connect.connect` takes them."""
+    options = transport_options or {}
+    return SentinelOptions(
+        master_name=options.get("master_name"),
+        sentinel_password=(options.get("sentinel_kwargs") or {}).get("password"),
+    )
 
 
 def base_config(

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from producer.celery_config import sentinel_of
 from producer.errors import ConfigError
 from producer.keys import worker_key
 from producer.redis_connect import connect
@@ -169,14 +170,7 @@ class WorkerProcess:
 
     def wait_ready(self, app: Any, timeout: float = 60) -> None:
         """Wait until the worker answers a Celery ping (it consumes) and advertises itself (its models are served)."""
-        options = app.conf.broker_transport_options or {}
-        sentinel_password = (options.get("sentinel_kwargs") or {}).get("password")
-        advert = connect(
-            app.conf.broker_url,
-            socket_timeout=5,
-            master_name=options.get("master_name"),
-            sentinel_password=sentinel_password,
-        )
+        advert = connect(app.conf.broker_url, socket_timeout=5, **sentinel_of(app.conf.broker_transport_options))
 
         def ready() -> bool:
             pinged = bool(app.control.ping(destination=[self.hostname], timeout=0.5))

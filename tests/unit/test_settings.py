@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from producer import ConfigError
-from producer.celery_config import base_config
+from producer.celery_config import base_config, sentinel_of
 from producer.redis_connect import connect, sentinel_addresses
 from worker.celery_app import create_app
 from worker.settings import WorkerSettings, load_settings
@@ -55,6 +55,11 @@ def test_sentinel_settings_reach_the_broker_the_result_backend_and_every_client(
     assert conf["broker_transport_options"]["master_name"] == "farm"
     assert conf["broker_transport_options"]["sentinel_kwargs"] == options["sentinel_kwargs"]
     assert conf["result_backend_transport_options"] == options
+    assert sentinel_of(conf["broker_transport_options"]) == {"master_name": "farm", "sentinel_password": "sentinel-pw"}
+    assert sentinel_of(base_config("redis://localhost:6379/0")["broker_transport_options"]) == {
+        "master_name": None,
+        "sentinel_password": None,
+    }
     assert conf["result_backend"].startswith("producer.celery_config.PollingSentinelBackend+sentinel://")
     app = create_app(WorkerSettings(redis_url=SENTINELS, redis_master_name="farm"))
     assert app.conf.broker_transport == "worker.transport:SentinelTransport"
