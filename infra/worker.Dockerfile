@@ -28,7 +28,7 @@ print('\n'.join(p['dependencies'] + p['optional-dependencies']['worker']))" > /t
     && pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt dumb-init==1.2.5.post1 \
     && rm /tmp/requirements.txt
 
-COPY README.md ./
+COPY README.md LICENSE ./
 COPY producer ./producer
 COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps .
