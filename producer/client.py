@@ -269,11 +269,10 @@ class RenderClient:
         in RENDER_WEBHOOK_HOSTS (`SpecError`), before anything is enqueued; workers check again when they POST."""
         if not urls:
             return
-        from producer.webhooks import check_webhook_url, parse_allowed_hosts
+        from producer.webhooks import check_webhook_url
 
-        allowed = parse_allowed_hosts(self.settings.webhook_hosts)
         for url in sorted(urls):
-            check_webhook_url(url, allowed)
+            check_webhook_url(url, self.settings.webhook_hosts)
 
     def _check_served(self, models: list[str]) -> None:
         """Raise `NoWorkerForModel` for the first model no live worker serves: one Redis round trip when all are."""

@@ -2,19 +2,53 @@
 
 from __future__ import annotations
 
+import json
 import re
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
 from producer.errors import ConfigError
 from producer.fleet import HEARTBEAT_TTL, MAX_HEARTBEAT_TTL
 from producer.keys import DEFAULT_QUEUE
 from producer.redis_connect import SentinelOptions, is_sentinel, sentinel_addresses
+from producer.webhooks import parse_allowed_hosts
 
 S = TypeVar("S", bound=BaseSettings)
+
+
+def listed(value: Any) -> Any:
+    """A list setting as people write it: a JSON list (`'["a", "b"]'`) or the comma form (`a, b`); a list as is."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f'starts with \'[\' but is not a JSON list ({exc.msg}); write ["a", "b"] or a, b'
+            ) from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError('must be a JSON list of strings, like ["a", "b"], or the comma form a, b')
+        return items
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _allowed_hosts(value: Any) -> tuple[str, ...]:
+    try:
+        # The comma form also takes spaces between entries, as it always has; a JSON list's entries are one host each.
+        return parse_allowed_hosts(
+            value if isinstance(value, str) and not value.lstrip().startswith("[") else listed(value)
+        )
+    except ConfigError as exc:  # its message names the setting and the entry; pydantic wants a ValueError
+        raise ValueError(str(exc).removeprefix("RENDER_WEBHOOK_HOSTS: ")) from None
+
+
+ListSetting = Annotated[list[str], NoDecode, BeforeValidator(listed)]
+"""A `RENDER_*` list that takes a JSON list or the comma form (`RENDER_INPUT_ROOTS`, ...)."""
 
 
 class ClientSettings(BaseSettings):
@@ -35,9 +69,10 @@ class ClientSettings(BaseSettings):
     queue: str = Field(default=DEFAULT_QUEUE, min_length=1)
     revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives")
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live")
-    webhook_hosts: str = Field(
-        default="",
-        description="hosts, IPs or CIDR networks a webhook may reach although private or loopback (comma-separated)",
+    webhook_hosts: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_allowed_hosts)] = Field(
+        default=(),
+        description="hosts, IPs or CIDR networks a webhook may reach although private or loopback: a JSON list "
+        '(["hooks.internal", "10.0.0.0/8"]) or the comma form (hooks.internal, 10.0.0.0/8)',
     )
     # Workers expire their advertisement after it; clients count a worker live for as long (set both alike).
     heartbeat_ttl: float = Field(
@@ -79,5 +114,5 @@ def load(cls: type[S]) -> S:
                 continue
             field, *rest = (str(part) for part in err["loc"])
             where = f"RENDER_{field.upper()}" + (f" ({'.'.join(rest)})" if rest else "")
-            problems.append(f"{where}: {err['msg']}; got {err.get('input')!r}")
+            problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}; got {err.get('input')!r}")
         raise ConfigError("invalid setting: " + "; ".join(problems)) from None

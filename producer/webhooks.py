@@ -53,12 +53,12 @@ def verify(secret: str, body: bytes, header: str | None) -> bool:
 def parse_allowed_hosts(value: str | Sequence[str]) -> tuple[str, ...]:
     """`RENDER_WEBHOOK_HOSTS` as normalised entries: lower-case hostnames, IP addresses and CIDR networks.
 
-    `value` is comma or space separated (`"hooks.internal, 10.0.0.0/8, 127.0.0.1"`) or already a list.
+    `value` is comma or space separated (`"hooks.internal, 10.0.0.0/8, 127.0.0.1"`) or a list of single entries.
     A malformed entry raises ConfigError naming it.
     """
-    text = value if isinstance(value, str) else " ".join(value)
+    listed = value.replace(",", " ").split() if isinstance(value, str) else [entry.strip() for entry in value]
     entries: list[str] = []
-    for entry in text.replace(",", " ").split():
+    for entry in listed:
         normalised = _normalise_entry(entry)
         if normalised not in entries:
             entries.append(normalised)

@@ -25,7 +25,6 @@ from producer.errors import RenderFailed, StorageError
 from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, check_task_id, manifest_key
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
-from producer.webhooks import parse_allowed_hosts
 from worker import metrics
 from worker.drain import Drain
 from worker.fleet import JobAdvert
@@ -86,7 +85,7 @@ def _build_state(task: Task) -> ProcessState:
     webhooks = WebhookSender(
         redis_client,
         secret=settings.webhook_secret.get_secret_value() if settings.webhook_secret else None,
-        allowed_hosts=parse_allowed_hosts(settings.webhook_hosts),
+        allowed_hosts=settings.webhook_hosts,
         max_attempts=settings.webhook_attempts,
         backoff=settings.webhook_backoff_seconds,
         timeout=settings.webhook_timeout,

@@ -47,3 +47,31 @@ def test_an_unrecoverable_consumer_error_exits_non_zero(redis_server: RedisServe
     )
     assert "Unrecoverable error: RuntimeError('a consumer step that cannot start')" in done.stderr + done.stdout
     assert done.returncode == 1, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "names"),
+    [
+        ("RENDER_MODELS", '{"real": {"family": "sd15", "source": "/nonexistent/models/sd15"}}', "RENDER_MODELS: "),
+        ("RENDER_STORAGE_URL", "s3://no-such-bucket-here/renders", "RENDER_STORAGE_URL="),
+        ("RENDER_WEBHOOK_HOSTS", "bad host!", "RENDER_WEBHOOK_HOSTS: "),
+    ],
+)
+def test_a_worker_whose_settings_cannot_work_exits_2_with_one_line_and_takes_nothing(
+    redis_server: RedisServer, s3_server: str, tmp_path: Path, setting: str, value: str, names: str
+) -> None:
+    """`render worker` checks every setting before it consumes: one line naming the setting, exit 2, no advert."""
+    import redis
+
+    from tests.helpers import render_here
+
+    url = redis_server.url.replace("/0", "/14")
+    connection = redis.Redis.from_url(url)
+    connection.flushdb()
+    env = {"RENDER_REDIS_URL": url, "RENDER_STORAGE_URL": tmp_path.as_uri(), "RENDER_S3_ENDPOINT_URL": s3_server}
+    done = render_here("worker", "--hostname", "refused@test", env={**env, setting: value})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: {names}") or done.stderr.startswith(f"error: invalid setting: {names}")
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert connection.dbsize() == 0, "the refused worker wrote to Redis (an advert, a queue, a heartbeat)"
+    connection.close()

@@ -146,7 +146,7 @@ def test_a_webhook_to_an_internal_address_is_refused_before_anything_is_sent(cli
         with pytest.raises(SpecError, match="^webhook: "):
             client.submit_batch([GOOD], name="ssrf", webhook=url, wait_for_worker=True)
     assert client.redis.dbsize() == 0
-    allowed = RenderClient(client.settings.model_copy(update={"webhook_hosts": "127.0.0.1"}))
+    allowed = RenderClient(client.settings.model_copy(update={"webhook_hosts": ("127.0.0.1",)}))
     handle = allowed.submit(GOOD | {"webhook": "http://127.0.0.1:8080/hook"}, wait_for_worker=True)
     assert handle.status().state == "queued"
     allowed.close()

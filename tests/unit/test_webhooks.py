@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -45,6 +46,8 @@ class Receiver:
 
     statuses: list[int] = field(default_factory=list)
     stall: threading.Event | None = None  # when set up, each request waits for it before answering
+    trickle: threading.Event | None = None  # when set up, the answer goes out a byte a second until it is set
+    trickled: int = 0  # bytes of the trickled answer sent so far
     requests: list[Received] = field(default_factory=list)
     port: int = 0
 
@@ -52,11 +55,26 @@ class Receiver:
         return f"http://{host}:{self.port}{path}"
 
 
+TRICKLED = b"HTTP/1.1 204 No Content\r\nX-Padding: " + b"." * 100 + b"\r\nContent-Length: 0\r\n\r\n"
+"""A valid answer of 140 bytes: sent a byte a second, it takes over two minutes, each read well inside the timeout."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         receiver: Receiver = self.server.receiver  # type: ignore[attr-defined]
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         receiver.requests.append(Received(self.path, dict(self.headers.items()), body, time.monotonic()))
+        if receiver.trickle is not None:
+            self.close_connection = True
+            try:
+                for byte in TRICKLED:
+                    self.wfile.write(bytes([byte]))
+                    receiver.trickled += 1
+                    if receiver.trickle.wait(1):
+                        return
+            except OSError:
+                pass  # the sender hung up
+            return
         if receiver.stall is not None:
             receiver.stall.wait(10)
         status = receiver.statuses.pop(0) if receiver.statuses else 204
@@ -81,8 +99,9 @@ def serve(receiver: Receiver, wrap: ssl.SSLContext | None = None) -> Iterator[Re
     try:
         yield receiver
     finally:
-        if receiver.stall is not None:
-            receiver.stall.set()
+        for gate in (receiver.stall, receiver.trickle):
+            if gate is not None:
+                gate.set()
         server.shutdown()
         server.server_close()
         thread.join(5)
@@ -212,6 +231,76 @@ def test_a_redirect_is_not_followed_and_a_stalled_receiver_times_out(client: red
         assert found["last_error"] == "timed out after 0.2 s"
 
 
+def test_a_trickling_receiver_is_cut_at_the_timeout_while_other_jobs_webhooks_go_out(client: redis.Redis) -> None:
+    for slow in serve(Receiver(trickle=threading.Event())):
+        for fast in serve(Receiver()):
+            sender = make_sender(client, timeout=5, backoff=60)
+            sender.start()
+            try:
+                sender.enqueue("job-slow", slow.url(), body_of("job-slow"))
+                wait_until(lambda: slow.trickled >= 1, timeout=10, what="the trickled answer to begin")
+                sender.enqueue("job-fast", fast.url(), body_of("job-fast"))
+                wait_until(
+                    lambda: state(client, "job-fast")["state"] == "delivered",
+                    timeout=30,
+                    what="the other job's webhook, while the trickling one is in flight",
+                )
+                assert state(client, "job-slow")["state"] == "pending"  # its attempt is still in flight
+                wait_until(
+                    lambda: state(client, "job-slow")["state"] != "pending",
+                    timeout=30,  # the whole answer would take 140 s; its reads alone would never time out
+                    what="the trickling receiver's attempt to be cut",
+                )
+                sent = slow.trickled
+            finally:
+                sender.stop(timeout=10)
+            found = state(client, "job-slow")
+            assert (found["state"], found["attempts"], found["last_status"], found["last_error"]) == (
+                "retrying",
+                1,
+                None,
+                "timed out after 5 s",
+            )
+            assert sent < len(TRICKLED)  # cut mid-answer, not after it
+            assert len(slow.requests) == len(fast.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        # The producer refused names that did not resolve at submit: one that stops resolving by delivery is a
+        # resolver's glitch, a propagation delay or a negative cache more often than a name that went away.
+        (socket.EAI_NONAME, "Name or service not known"),
+    ],
+)
+def test_a_dns_failure_at_delivery_is_retried_and_the_webhook_then_delivered(
+    client: redis.Redis, receiver: Receiver, code: int, reason: str
+) -> None:
+    looked_up: list[tuple[str, int]] = []
+
+    def failing_twice(host: str, port: int, family: int = 0, kind: int = 0) -> list[tuple[Any, ...]]:
+        looked_up.append((host, port))
+        if len(looked_up) <= 2:
+            raise socket.gaierror(code, reason)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+
+    sender = make_sender(client, allowed_hosts=("hooks.test",), backoff=10, resolve=failing_twice)
+    sender.enqueue("job-dns", receiver.url(host="hooks.test"), body_of("job-dns"))
+    t = time.time() + 1
+    for attempt, now in ((1, t), (2, t + 10)):
+        assert sender.deliver_due(now=now) == 1
+        found = state(client, "job-dns")
+        assert (found["state"], found["attempts"], found["last_status"]) == ("retrying", attempt, None)
+        assert found["last_error"] == f"could not resolve hooks.test ({reason})"
+    assert receiver.requests == []
+    assert sender.deliver_due(now=t + 30) == 1
+    found = state(client, "job-dns")
+    assert (found["state"], found["attempts"], found["last_status"], found["last_error"]) == ("delivered", 3, 204, None)
+    assert looked_up == [("hooks.test", receiver.port)] * 3
+    assert [r.headers["Host"] for r in receiver.requests] == [f"hooks.test:{receiver.port}"]
+
+
 REFUSED = [
     ("http://169.254.169.254/latest/meta-data", "cloud metadata"),
     ("http://127.0.0.1:{port}/x", "loopback"),
@@ -262,7 +351,9 @@ def test_allowed_hosts_are_parsed_and_malformed_entries_named() -> None:
         "127.0.0.1",
         "::1",
     )
-    assert parse_allowed_hosts(["a.example, b.example", "::ffff:10.0.0.1"]) == ("a.example", "b.example", "10.0.0.1")
+    assert parse_allowed_hosts(["a.example", " b.example ", "::ffff:10.0.0.1"]) == ("a.example", "b.example", "10.0.0.1")
+    with pytest.raises(ConfigError, match="'a.example, b.example' is not"):  # a list's entry is one host
+        parse_allowed_hosts(["a.example, b.example"])
     assert parse_allowed_hosts("") == ()
     for bad in ("10.0.0.0/33", "10.0.0.1/8", "http://hooks", "a..b", "300.1.1.1", "-x.example"):
         with pytest.raises(ConfigError, match="RENDER_WEBHOOK_HOSTS") as refused:

@@ -1,0 +1,143 @@
+"""Start-up checks: a worker whose settings cannot work says so in one line and exits before it takes a job.
+
+A setting that is wrong at start (a model folder that does not exist, a bucket nobody created, a device that is not
+there) would otherwise let the worker say `ready`, advertise its models and then fail every job it takes, while
+its probes stay green. Each check here reads only what it must: a model's `model_index.json` and component
+configs, a LoRA file's safetensors header, one probe object written and deleted under the storage prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from producer.errors import ConfigError, ModelError, StorageError
+from worker.settings import TINY, Family, LoraSource, ModelSource, WorkerSettings
+
+PROBE_PREFIX = ".render-probe"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_FIX_MODELS = "fix the entry in RENDER_MODELS or remove it"
+
+
+def check_worker(settings: WorkerSettings) -> None:
+    """Raise `ConfigError` (one sentence naming the setting and the fix) for the first setting that cannot work."""
+    check_device(settings)
+    check_models(settings.models)
+    check_loras(settings.loras)
+    check_storage(settings)
+
+
+def check_device(settings: WorkerSettings) -> None:
+    from worker.models.registry import resolve_device
+
+    try:
+        resolve_device(settings.device)
+    except (ModelError, RuntimeError) as exc:  # RuntimeError: torch's own word on a malformed device string
+        raise ConfigError(f"RENDER_DEVICE={settings.device!r}: {exc}") from None
+
+
+def check_models(models: Mapping[str, ModelSource]) -> None:
+    for name, model in models.items():
+        if model.source != TINY:
+            index = _config_file(model.source, "model_index.json")
+            if index is None:
+                raise ConfigError(
+                    f"RENDER_MODELS: model {name!r}: {model.source!r} is neither a diffusers directory (with "
+                    f"model_index.json) nor a hub id in the local cache; {_FIX_MODELS}"
+                )
+            _check_index(name, model.family, index)
+        if model.controlnet and _config_file(model.controlnet, "config.json") is None:
+            raise ConfigError(
+                f"RENDER_MODELS: model {name!r}: controlnet {model.controlnet!r} is neither a directory with "
+                f"config.json nor a hub id in the local cache; {_FIX_MODELS}"
+            )
+        if model.image_encoder and _config_file(model.image_encoder, "config.json") is None:
+            raise ConfigError(
+                f"RENDER_MODELS: model {name!r}: image_encoder {model.image_encoder!r} is not a directory with "
+                f"config.json; {_FIX_MODELS}"
+            )
+        if model.ip_adapter and not os.path.isfile(model.ip_adapter):
+            raise ConfigError(
+                f"RENDER_MODELS: model {name!r}: ip_adapter {model.ip_adapter!r} is not a file; {_FIX_MODELS}"
+            )
+
+
+def check_loras(loras: Mapping[str, LoraSource]) -> None:
+    from worker.models.loras import file_problem
+
+    for name, lora in loras.items():
+        problem = None if lora.path == TINY else file_problem(lora.path)
+        if problem:
+            raise ConfigError(f"RENDER_LORAS: LoRA {name!r}: {problem}; fix its path or remove it")
+
+
+def check_storage(settings: WorkerSettings) -> None:
+    """Open the storage and write, read back and delete one probe object under its prefix."""
+    from worker.storage import S3Storage, open_storage
+
+    try:
+        storage = open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, retry_seconds=settings.storage_retry_seconds
+        )
+        try:
+            name = f"{PROBE_PREFIX}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            storage.put(name, b"probe", "text/plain")
+            try:
+                if storage.get(name) != b"probe":
+                    raise StorageError(f"a probe object written to {storage.url(name)} did not read back")
+            finally:
+                storage.delete(name)
+        finally:
+            if isinstance(storage, S3Storage):
+                storage.close()
+    except StorageError as exc:
+        raise ConfigError(f"RENDER_STORAGE_URL={settings.storage_url!r} cannot be used: {exc}") from None
+
+
+def _config_file(source: str, filename: str) -> Path | None:
+    """`filename` in a local directory `source`, or in the local hub cache's snapshot of hub id `source`."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        path = folder / filename
+        return path if path.is_file() else None
+    if folder.exists() or not _HUB_ID.fullmatch(source):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, filename)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _check_index(name: str, family: Family, index: Path) -> None:
+    """The pipeline class in model_index.json is of `family`, and each component it lists has its folder."""
+    try:
+        config: dict[str, Any] = json.loads(index.read_text())
+        pipeline = str(config["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"RENDER_MODELS: model {name!r}: {index} cannot be read ({exc}); {_FIX_MODELS}") from None
+    if _family_of(pipeline) != family:
+        raise ConfigError(
+            f'RENDER_MODELS: model {name!r} says "family": "{family}" but {index} holds a {pipeline}; '
+            f'set "family" to "{_family_of(pipeline) or "a family this worker runs"}" or point it at a {family} model'
+        )
+    for component, value in config.items():
+        listed = isinstance(value, list) and len(value) == 2 and value[0] is not None
+        if listed and not component.startswith("_") and not (index.parent / component).is_dir():
+            raise ConfigError(
+                f"RENDER_MODELS: model {name!r}: {index} lists {component!r} but {index.parent / component} is "
+                f"missing (an incomplete download?); {_FIX_MODELS}"
+            )
+
+
+def _family_of(pipeline: str) -> Family | None:
+    if pipeline.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if pipeline.startswith("StableDiffusion") and not pipeline.startswith("StableDiffusion3"):
+        return "sd15"
+    return None
