@@ -85,7 +85,8 @@ class Farm:
             "RENDER_TORCH_THREADS": "1",
             # Webhooks to a receiver the test runs on loopback, signed with a known key, retried quickly.
             "RENDER_WEBHOOK_SECRET": WEBHOOK_SECRET,
-            "RENDER_WEBHOOK_HOSTS": '["127.0.0.1"]',  # the JSON-list form; tests/integration/test_batch.py uses the comma form
+            # The JSON-list form; tests/integration/test_batch.py's workers use the comma form.
+            "RENDER_WEBHOOK_HOSTS": '["127.0.0.1"]',
             "RENDER_WEBHOOK_BACKOFF_SECONDS": "0.2",
             **{f"RENDER_{k.upper()}": v for k, v in settings.items()},
         }
