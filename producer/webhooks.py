@@ -17,7 +17,7 @@ import hmac
 import ipaddress
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
@@ -32,6 +32,8 @@ HOSTS_SETTING = "RENDER_WEBHOOK_HOSTS"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Resolver = Callable[[str, int, int, int], Sequence[tuple[Any, ...]]]
+"""`socket.getaddrinfo(host, port, family, type)`, or a stand-in with its signature and errors."""
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
@@ -88,13 +90,16 @@ def _normalise_entry(entry: str) -> str:
     return name
 
 
-def check_webhook_url(url: str, allowed_hosts: Sequence[str], *, field: str = "webhook") -> list[IPAddress]:
+def check_webhook_url(
+    url: str, allowed_hosts: Sequence[str], *, field: str = "webhook", resolve: Resolver = socket.getaddrinfo
+) -> list[IPAddress]:
     """Refuse a URL a worker must not POST to; return the addresses it may connect to (to pin them).
 
     Raises SpecError (the message starts with `field`) for a scheme other than http/https, a missing host,
     credentials in the URL, a URL over 2048 characters, a name that does not resolve, or a host that is or
     resolves to any loopback, private, link-local, reserved, multicast or unspecified address, unless the
-    host (by name, or by address within a listed address or network) is in `allowed_hosts`.
+    host (by name, or by address within a listed address or network) is in `allowed_hosts`. Names are looked up
+    with `resolve`.
     """
     parts = _split(url, field)
     host = (parts.hostname or "").rstrip(".")
@@ -103,7 +108,7 @@ def check_webhook_url(url: str, allowed_hosts: Sequence[str], *, field: str = "w
         literal: IPAddress | None = _unmapped(ipaddress.ip_address(host.split("%")[0]))
     except ValueError:
         literal = None
-    addresses = [literal] if literal is not None else _resolve(host, parts, field)
+    addresses = [literal] if literal is not None else _resolve(host, parts, field, resolve)
     if host in names:
         return addresses
     for address in addresses:
@@ -136,10 +141,10 @@ def _split(url: str, field: str) -> SplitResult:
     return parts
 
 
-def _resolve(host: str, parts: SplitResult, field: str) -> list[IPAddress]:
+def _resolve(host: str, parts: SplitResult, field: str, resolve: Resolver) -> list[IPAddress]:
     port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = resolve(host, port, 0, socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
         raise SpecError(f"{field}: the host {host} does not resolve ({exc}); check the URL's spelling") from None
     addresses: list[IPAddress] = []

@@ -27,7 +27,8 @@ from producer.webhooks import SIGNATURE_HEADER, check_webhook_url, delivery_stat
 from tests.helpers import free_port, wait_until
 from worker.jobcontrol import control_client
 from worker.local_cluster import RedisServer
-from worker.webhooks import NO_SECRET, PinnedHTTPSConnection, WebhookSender, _Outcome
+from worker.pinned_http import PinnedHTTPSConnection
+from worker.webhooks import NO_SECRET, WebhookSender, _Outcome
 
 SECRET = "s3cret-for-tests"
 
@@ -231,38 +232,43 @@ def test_a_redirect_is_not_followed_and_a_stalled_receiver_times_out(client: red
         assert found["last_error"] == "timed out after 0.2 s"
 
 
-def test_a_trickling_receiver_is_cut_at_the_timeout_while_other_jobs_webhooks_go_out(client: redis.Redis) -> None:
-    for slow in serve(Receiver(trickle=threading.Event())):
-        for fast in serve(Receiver()):
-            sender = make_sender(client, timeout=5, backoff=60)
-            sender.start()
-            try:
-                sender.enqueue("job-slow", slow.url(), body_of("job-slow"))
-                wait_until(lambda: slow.trickled >= 1, timeout=10, what="the trickled answer to begin")
-                sender.enqueue("job-fast", fast.url(), body_of("job-fast"))
-                wait_until(
-                    lambda: state(client, "job-fast")["state"] == "delivered",
-                    timeout=30,
-                    what="the other job's webhook, while the trickling one is in flight",
-                )
-                assert state(client, "job-slow")["state"] == "pending"  # its attempt is still in flight
-                wait_until(
-                    lambda: state(client, "job-slow")["state"] != "pending",
-                    timeout=30,  # the whole answer would take 140 s; its reads alone would never time out
-                    what="the trickling receiver's attempt to be cut",
-                )
-                sent = slow.trickled
-            finally:
-                sender.stop(timeout=10)
-            found = state(client, "job-slow")
-            assert (found["state"], found["attempts"], found["last_status"], found["last_error"]) == (
-                "retrying",
-                1,
-                None,
-                "timed out after 5 s",
-            )
-            assert sent < len(TRICKLED)  # cut mid-answer, not after it
-            assert len(slow.requests) == len(fast.requests) == 1
+@pytest.fixture
+def trickling() -> Iterator[Receiver]:
+    yield from serve(Receiver(trickle=threading.Event()))
+
+
+def test_a_trickling_receiver_is_cut_at_the_timeout_while_other_jobs_webhooks_go_out(
+    client: redis.Redis, trickling: Receiver, receiver: Receiver
+) -> None:
+    sender = make_sender(client, timeout=5, backoff=60)
+    sender.start()
+    try:
+        sender.enqueue("job-slow", trickling.url(), body_of("job-slow"))
+        wait_until(lambda: trickling.trickled >= 1, timeout=10, what="the trickled answer to begin")
+        sender.enqueue("job-fast", receiver.url(), body_of("job-fast"))
+        wait_until(
+            lambda: state(client, "job-fast")["state"] == "delivered",
+            timeout=30,
+            what="the other job's webhook, while the trickling one is in flight",
+        )
+        assert state(client, "job-slow")["state"] == "pending"  # its attempt is still in flight
+        wait_until(
+            lambda: state(client, "job-slow")["state"] != "pending",
+            timeout=30,  # the whole answer would take 140 s; its reads alone would never time out
+            what="the trickling receiver's attempt to be cut",
+        )
+        sent = trickling.trickled
+    finally:
+        sender.stop(timeout=10)
+    found = state(client, "job-slow")
+    assert (found["state"], found["attempts"], found["last_status"], found["last_error"]) == (
+        "retrying",
+        1,
+        None,
+        "timed out after 5 s",
+    )
+    assert sent < len(TRICKLED)  # cut mid-answer, not after it
+    assert len(trickling.requests) == len(receiver.requests) == 1
 
 
 @pytest.mark.parametrize(
@@ -351,7 +357,11 @@ def test_allowed_hosts_are_parsed_and_malformed_entries_named() -> None:
         "127.0.0.1",
         "::1",
     )
-    assert parse_allowed_hosts(["a.example", " b.example ", "::ffff:10.0.0.1"]) == ("a.example", "b.example", "10.0.0.1")
+    assert parse_allowed_hosts(["a.example", " b.example ", "::ffff:10.0.0.1"]) == (
+        "a.example",
+        "b.example",
+        "10.0.0.1",
+    )
     with pytest.raises(ConfigError, match="'a.example, b.example' is not"):  # a list's entry is one host
         parse_allowed_hosts(["a.example, b.example"])
     assert parse_allowed_hosts("") == ()
