@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -22,6 +23,11 @@ from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
+SENTINEL = ROOT / "docker-compose.sentinel.yml"
+# The settings .env.example leaves empty for the operator to fill in; every other one has a working default.
+SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD")
+# The SHA-256 of each license's text as its steward publishes it (www.apache.org/licenses/LICENSE-2.0.txt).
+LICENSE_TEXTS = {"Apache-2.0": "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"}
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +37,18 @@ def compose() -> dict[str, Any]:
 
 def test_every_stateful_service_has_a_healthcheck_and_dependents_wait_for_it(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert {"redis", "minio", "minio-init", "worker", "flower"} <= set(services)
-    for name in ("redis", "minio", "worker", "flower"):
+    assert {"redis", "minio", "minio-init", "worker-gpu0", "worker-gpu1", "flower"} <= set(services)
+    for name in ("redis", "minio", "worker-gpu0", "worker-gpu1", "flower"):
         assert "test" in services[name]["healthcheck"], name
-    assert services["worker"]["depends_on"] == {
-        "redis": {"condition": "service_healthy"},
-        "minio-init": {"condition": "service_completed_successfully"},
-    }
+    ready = {"redis": {"condition": "service_healthy"}, "minio-init": {"condition": "service_completed_successfully"}}
+    for name in ("worker-gpu0", "worker-gpu1"):
+        assert services[name]["depends_on"] == ready, name
     assert services["minio-init"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
     assert services["flower"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
 
 
-def test_the_worker_reserves_a_gpu_and_has_time_to_finish_a_step(compose: dict[str, Any]) -> None:
-    worker = compose["services"]["worker"]
-    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
-    assert device["capabilities"] == ["gpu"] and device["count"] == 1
-    assert worker["deploy"]["replicas"] == "${WORKERS:-1}", "one setting runs one worker per GPU"
+def test_the_worker_has_time_to_finish_a_step(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker-gpu0"]
     # The SIGTERM hand-off: the drain, then a finishing job's decode and upload, well within the grace period.
     assert worker["stop_grace_period"] == "1m" and WorkerSettings().drain_seconds + 30 <= 60
     assert worker["command"][:2] == ["render", "worker"]
@@ -60,13 +62,18 @@ def test_secrets_are_required_and_listed_in_env_example(compose: dict[str, Any])
     example = env_example()
     assert required <= set(example), f"missing from .env.example: {required - set(example)}"
     flower = compose["services"]["flower"]["environment"]
-    assert flower["FLOWER_BASIC_AUTH"] == "${FLOWER_USER:?Variable not set}:${FLOWER_PASSWORD:?Variable not set}"
+    assert flower["FLOWER_BASIC_AUTH"] == "${FLOWER_USER:?set it in .env}:${FLOWER_PASSWORD:?set it in .env}"
     assert "--include /tmp/auth.conf" in " ".join(compose["services"]["redis"]["command"])
 
 
 def env_example() -> dict[str, str]:
     lines = (ROOT / ".env.example").read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+def filled_env() -> dict[str, str]:
+    """.env.example as an operator fills it in: each empty setting given a value of its own."""
+    return {name: value or f"{name.lower().replace('_', '-')}-4f9c2a7e" for name, value in env_example().items()}
 
 
 def rendered_compose(env: dict[str, str], path: Path = COMPOSE) -> dict[str, Any]:
@@ -79,18 +86,36 @@ def rendered_compose(env: dict[str, str], path: Path = COMPOSE) -> dict[str, Any
         name, op, arg = match.group(1), match.group(2), match.group(3)
         if env.get(name):
             return env[name]
-        assert op != ":?", f"{name} is required: {arg}"
+        if op == ":?":  # compose stops here, before it creates, pulls or builds anything
+            raise ValueError(f"required variable {name} is missing a value: {arg}")
         return arg or ""
 
     pattern = re.compile(r"\$\$|\$\{(\w+)(?:(:[-?])([^}]*))?\}")
     return yaml.safe_load(pattern.sub(value, path.read_text()))
 
 
+def merged(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """`docker compose -f base -f override`'s model (compose-spec merge rules): mappings merge, sequences append,
+    except the shell commands, which the later file replaces."""
+    result = dict(base)
+    for key, value in override.items():
+        here = f"{path}.{key}"
+        if key not in base or re.search(r"^\.services\.[^.]+\.(command|entrypoint|healthcheck\.test)$", here):
+            result[key] = value
+        elif isinstance(value, dict):
+            result[key] = merged(base[key], value, here)
+        elif isinstance(value, list):
+            result[key] = [*base[key], *value]
+        else:
+            result[key] = value
+    return result
+
+
 def test_no_secret_is_on_any_service_s_command_line() -> None:
-    env = env_example()
-    secrets = {name: env[name] for name in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD")}
+    env = filled_env()
+    secrets = {name: env[name] for name in SECRETS}
     services = rendered_compose(env)["services"]
-    sentinel = rendered_compose(env, ROOT / "docker-compose.sentinel.yml")["services"]
+    sentinel = rendered_compose(env, SENTINEL)["services"]
     for name, service in [*services.items(), *sentinel.items()]:
         parts = (service.get("entrypoint"), service.get("command"), (service.get("healthcheck") or {}).get("test"))
         shown = " ".join(" ".join(part) if isinstance(part, list) else str(part or "") for part in parts)
@@ -101,7 +126,7 @@ def test_no_secret_is_on_any_service_s_command_line() -> None:
     assert secrets["REDIS_PASSWORD"] in services["flower"]["environment"]["CELERY_BROKER_URL"]
     assert secrets["FLOWER_PASSWORD"] in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
     assert secrets["MINIO_ROOT_PASSWORD"] in services["minio-init"]["environment"]["MC_HOST_farm"]
-    assert secrets["REDIS_PASSWORD"] in services["worker"]["environment"]["RENDER_REDIS_URL"]
+    assert secrets["REDIS_PASSWORD"] in services["worker-gpu0"]["environment"]["RENDER_REDIS_URL"]
 
 
 def test_worker_image_runs_as_a_non_root_user_with_a_model_cache() -> None:
@@ -155,13 +180,18 @@ def test_the_build_context_holds_the_code_and_nothing_else() -> None:
     context = build_context(ROOT)
     assert {"pyproject.toml", "README.md", "constraints.txt", "producer/__init__.py", "worker/cli.py"} <= set(context)
     tops = {path.split("/")[0] for path in context}
-    assert tops == {"pyproject.toml", "README.md", "constraints.txt", "producer", "worker"}, tops
+    assert tops == {"pyproject.toml", "README.md", "LICENSE", "constraints.txt", "producer", "worker"}, tops
     assert not [path for path in context if "__pycache__" in path or path.endswith(".pyc")]
-    # Every file the Dockerfile copies is in the context.
+    # Every file the Dockerfile copies is in the context; LICENSE too, which the wheel built there carries.
     dockerfile = (ROOT / "infra" / "worker.Dockerfile").read_text()
-    for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.MULTILINE):
-        for name in source.split():
-            assert any(path == name or path.startswith(name.rstrip("/") + "/") for path in context), name
+    copied = [
+        name
+        for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.MULTILINE)
+        for name in source.split()
+    ]
+    assert "LICENSE" in copied
+    for name in copied:
+        assert any(path == name or path.startswith(name.rstrip("/") + "/") for path in context), name
 
 
 def test_the_dockerignore_rules_follow_docker_s_matching(tmp_path: Path) -> None:
@@ -253,9 +283,9 @@ def test_kubernetes_example_scales_on_the_queue() -> None:
 
 def test_compose_runs_two_worker_services_with_different_models(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    served = [json.loads(services[name]["environment"]["RENDER_MODELS"]) for name in ("worker", "worker-sdxl")]
+    served = [json.loads(services[name]["environment"]["RENDER_MODELS"]) for name in ("worker-gpu0", "worker-gpu1")]
     assert set(served[0]).isdisjoint(served[1])
-    assert services["worker-sdxl"]["stop_grace_period"] == services["worker"]["stop_grace_period"]
+    assert services["worker-gpu1"]["stop_grace_period"] == services["worker-gpu0"]["stop_grace_period"]
 
 
 @pytest.mark.skipif(
@@ -263,21 +293,26 @@ def test_compose_runs_two_worker_services_with_different_models(compose: dict[st
     or subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0,
     reason="the docker compose client is not installed",
 )
-def test_docker_compose_config_accepts_the_file(tmp_path: Path) -> None:
-    env = tmp_path / ".env"
-    env.write_text((ROOT / ".env.example").read_text())
-    result = subprocess.run(
-        ["docker", "compose", "--env-file", str(env), "-f", str(COMPOSE), "config", "-q"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
+def test_docker_compose_config_accepts_the_files_once_the_secrets_are_filled_in(tmp_path: Path) -> None:
+    filled, example = tmp_path / "filled.env", tmp_path / "example.env"
+    filled.write_text("".join(f"{name}={value}\n" for name, value in filled_env().items()))
+    example.write_text((ROOT / ".env.example").read_text())
+
+    def config(env: Path) -> subprocess.CompletedProcess[str]:
+        files = ["-f", str(COMPOSE), "-f", str(SENTINEL)]
+        return subprocess.run(
+            ["docker", "compose", "--env-file", str(env), *files, "config", "-q"], capture_output=True, text=True
+        )
+
+    assert config(filled).returncode == 0, config(filled).stderr
+    refused = config(example)
+    assert refused.returncode != 0 and "set it in .env" in refused.stderr, refused.stderr
 
 
 def test_the_sentinel_variant_points_workers_and_flower_at_the_sentinels() -> None:
-    services = rendered_compose(env_example(), ROOT / "docker-compose.sentinel.yml")["services"]
+    services = rendered_compose(filled_env(), SENTINEL)["services"]
     assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
-    for name in ("worker", "worker-sdxl"):
+    for name in ("worker-gpu0", "worker-gpu1"):
         env = services[name]["environment"]
         assert env["RENDER_REDIS_URL"].count("sentinel://") == 3 and env["RENDER_REDIS_MASTER_NAME"] == "farm"
         WorkerSettings(redis_url=env["RENDER_REDIS_URL"], redis_master_name=env["RENDER_REDIS_MASTER_NAME"])
@@ -286,3 +321,58 @@ def test_the_sentinel_variant_points_workers_and_flower_at_the_sentinels() -> No
     config: dict[str, Any] = {}
     exec((ROOT / "infra" / "flower" / "celeryconfig.py").read_text(), config)
     assert config["broker_transport_options"] == {"master_name": "farm"}
+
+
+def gpu_of_each_worker(services: dict[str, Any]) -> dict[str, str]:
+    """The one GPU each worker service reserves, by device id; fails where two containers could share one."""
+    gpus: dict[str, str] = {}
+    for name, service in services.items():
+        if service.get("command", [])[:2] != ["render", "worker"]:
+            continue
+        deploy = service["deploy"]
+        # A service's replicas share its reservation, and Docker gives `count: 1` the first GPU, every time.
+        assert deploy.get("replicas", 1) == 1, f"{name}: its replicas would share one GPU"
+        (device,) = deploy["resources"]["reservations"]["devices"]
+        assert "count" not in device, f"{name} reserves a GPU by count, which is GPU 0 for every container"
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+        (gpus[name],) = device["device_ids"]
+    return gpus
+
+
+def test_each_worker_service_reserves_a_gpu_of_its_own() -> None:
+    env = filled_env()
+    main = rendered_compose(env)
+    for project in (main, merged(main, rendered_compose(env, SENTINEL))):
+        gpus = gpu_of_each_worker(project["services"])
+        assert len(gpus) >= 2, gpus
+        assert len(set(gpus.values())) == len(gpus), f"two workers on one GPU: {gpus}"
+
+
+def test_the_sentinel_file_only_adds_to_services_of_the_main_file() -> None:
+    main = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name, service in yaml.safe_load(SENTINEL.read_text())["services"].items():
+        # A service without an image is an override: one whose name the main file lacks would not start.
+        assert "image" in service or name in main, f"{name} in {SENTINEL.name} overrides no service"
+
+
+def test_compose_refuses_to_start_until_every_secret_is_filled_in() -> None:
+    example = env_example()
+    assert {name for name, value in example.items() if not value} == set(SECRETS)
+    for path in (COMPOSE, SENTINEL):
+        text = path.read_text()
+        # No use of a secret has a default to fall back on: an empty one stops compose before any container.
+        uses = re.findall(r"\$\{(" + "|".join(SECRETS) + r")(:\?|:-|\?|-|\})", text)
+        assert uses and {op for _, op in uses} == {":?"}, uses
+        for secret in {name for name, _ in uses}:
+            with pytest.raises(ValueError, match=f"^required variable {secret} is missing a value: set it in .env$"):
+                rendered_compose({**filled_env(), secret: ""}, path)
+        with pytest.raises(ValueError, match="required variable REDIS_PASSWORD"):
+            rendered_compose(example, path)  # `cp .env.example .env && docker compose up` as it stands
+        rendered_compose(filled_env(), path)
+
+
+def test_the_license_file_is_the_one_pyproject_names() -> None:
+    spdx = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    text = (ROOT / "LICENSE").read_bytes()
+    assert text.split()[:4] == [b"Apache", b"License", b"Version", b"2.0,"] and spdx == "Apache-2.0"
+    assert hashlib.sha256(text).hexdigest() == LICENSE_TEXTS[spdx], "LICENSE is not the license's published text"
