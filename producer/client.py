@@ -17,18 +17,15 @@ from celery.exceptions import BackendError, TaskRevokedError
 from kombu.exceptions import OperationalError
 from kombu.utils.url import sanitize_url
 
-from producer import batch
+from producer import batch, unsent
 from producer.batch import BatchHandle
 from producer.celery_config import base_config
 from producer.errors import FarmUnavailable, NoWorkerForModel, RenderFailed, SpecError, WaitTimeout
 from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
 from producer.keys import (
-    ATTEMPT_HEADER,
     DEFAULT_PRIORITY,
     PRIORITIES,
     RUNNING_TASKS,
-    SUBMITTED_AT_HEADER,
-    TASK_RENDER,
     Priority,
     check_task_id,
     job_key,
@@ -282,22 +279,17 @@ class RenderClient:
 
     def _enqueue(self, parsed: list[RenderSpec], ids: list[str], queues: list[str], priority: int) -> list[JobHandle]:
         now = time.time()
-        records = self.redis.pipeline(transaction=False)
-        for task_id, queue in zip(ids, queues, strict=True):
-            records.hset(job_key(task_id), mapping={"queue": queue, "priority": priority, "submitted_at": now})
-            records.expire(job_key(task_id), self.settings.result_ttl)
-        records.execute()
+        messages = [
+            unsent.Unsent(task_id, spec.model_dump_json(), queue, priority, now)
+            for task_id, spec, queue in zip(ids, parsed, queues, strict=True)
+        ]
+        # Records and messages-to-send in one transaction, then the sends: a submitter that dies in between leaves
+        # its messages for the workers' recovery scan to send (producer.unsent), never a record without a message.
+        unsent.stage(self.redis, messages, record_ttl=self.settings.result_ttl)
         with self.app.producer_or_acquire() as producer, producer.batch():
-            for task_id, spec, queue in zip(ids, parsed, queues, strict=True):
-                self.app.send_task(
-                    TASK_RENDER,
-                    args=[spec.model_dump_json()],
-                    task_id=task_id,
-                    queue=queue,
-                    priority=priority,
-                    producer=producer,
-                    headers={SUBMITTED_AT_HEADER: now, ATTEMPT_HEADER: 1},
-                )
+            for message in messages:
+                unsent.send(self.app, message, producer=producer)
+        unsent.sent(self.redis, messages)
         return [JobHandle(task_id, self) for task_id in ids]
 
     # -- asking ---------------------------------------------------------------------------------------

@@ -103,6 +103,10 @@ only the lapsed ones, so its cost grows with the dead jobs, not with the running
 RECOVERY_TURN = f"{KEY_PREFIX}:recovery-turn"
 """Held for one `recovery_interval` by the worker whose turn it is to scan: one scan per interval for the fleet."""
 
+UNSENT_JOBS = f"{KEY_PREFIX}:unsent"
+"""Sorted set: a task message a producer staged with its job's record (JSON) -> when (epoch seconds); removed once
+sent. What is left in it longer than the recovery grace, its submitter died before sending: recovery sends it."""
+
 SUBMITTED_AT_HEADER = "render_submitted_at"
 ATTEMPT_HEADER = "render_attempt"
 

@@ -41,6 +41,7 @@ from producer.keys import (
     manifest_key,
     recovery_lock_key,
 )
+from producer.unsent import resend_unsent
 from worker.periodic import PeriodicThread
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,15 @@ class RecoveryScanner(PeriodicThread):
         return self.scan_once()
 
     def scan_once(self) -> list[str]:
-        """Re-enqueue every running job whose lease expired and every orphaned delivery; return their ids."""
+        """Re-enqueue every running job whose lease expired, every orphaned delivery and every message a submitter
+        staged and never sent; return their ids."""
         with self.app.connection_for_write() as connection:
             qos = connection.default_channel.qos
             deliveries = self._deliveries(qos)
             running = self._recover_running(deliveries, qos)
-            return running + self._restore_orphans(deliveries, qos)
+            orphans = self._restore_orphans(deliveries, qos)
+        # Messages a submitter staged with their jobs' records and died before sending (producer.unsent).
+        return running + orphans + resend_unsent(self.app, self.client, grace=self.grace)
 
     def lapsed(self) -> list[str]:
         """The jobs whose lease deadline has passed (Redis server time): dead workers' jobs, and jobs ending now."""
