@@ -4,6 +4,11 @@ Accepted references: `s3://bucket/key` (the worker's S3 endpoint and credentials
 one of `RENDER_INPUT_ROOTS`, or inline `data:image/<png|jpeg|webp>;base64,...`. Every failure is a
 `SpecError` naming the field, except S3 that cannot be reached: retried with backoff for
 `RENDER_STORAGE_RETRY_SECONDS`, as outputs are, then `StorageUnavailable`.
+
+`RENDER_INPUT_ROOTS` lists directories for `file://` inputs and `s3://bucket/prefix/` entries for `s3://`
+inputs. With no `s3://` entry, any bucket the worker's credentials can read is allowed, as it was before the
+setting took them. No input is read past `RENDER_MAX_INPUT_BYTES`: a file's or an object's size is checked
+first (an S3 HEAD), and the read itself stops one byte past the cap in case the object changed meanwhile.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from producer.errors import SpecError, StorageError, StorageUnavailable
 from producer.spec import RenderSpec
 from worker.settings import WorkerSettings
 from worker.storage import S3Storage
+from worker.storage.base import check_name
+
+S3 = "s3://"
+_MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
 def load_inputs(spec: RenderSpec, settings: WorkerSettings) -> dict[str, Image.Image]:
@@ -58,8 +67,16 @@ def fetch(field: str, ref: str, settings: WorkerSettings) -> bytes:
     else:
         data = _read_s3(field, ref, settings)
     if len(data) > cap:
-        raise SpecError(f"{field}: the image is {len(data)} bytes, over the {cap}-byte cap (RENDER_MAX_INPUT_BYTES)")
+        raise _too_large(field, len(data), cap)
     return data
+
+
+def _too_large(field: str, size: int | None, cap: int) -> SpecError:
+    shown = f"{size} bytes" if size is not None else f"more than {cap} bytes"
+    return SpecError(
+        f"{field}: the image is {shown}, over the {cap}-byte cap (RENDER_MAX_INPUT_BYTES); "
+        "send a smaller image or raise the cap"
+    )
 
 
 def _read_file(field: str, ref: str, settings: WorkerSettings) -> bytes:
@@ -67,15 +84,23 @@ def _read_file(field: str, ref: str, settings: WorkerSettings) -> bytes:
     if parsed.netloc not in ("", "localhost"):
         raise SpecError(f"{field}: file:// URLs name no host; use file:///absolute/path")
     path = Path(unquote(parsed.path)).resolve()
-    roots = [Path(root).resolve() for root in settings.input_roots]
+    roots = [Path(root).resolve() for root in settings.input_roots if not root.startswith(S3)]
     if not any(path.is_relative_to(root) for root in roots):
-        allowed = ", ".join(str(r) for r in roots) or "none (RENDER_INPUT_ROOTS is empty)"
-        raise SpecError(f"{field}: {path} is outside the allowed input roots ({allowed})")
+        allowed = ", ".join(str(r) for r in roots) or "none: RENDER_INPUT_ROOTS lists no directory"
+        raise SpecError(
+            f"{field}: {path} is outside the allowed input roots ({allowed}); use a file under one of them "
+            "or add its directory to RENDER_INPUT_ROOTS"
+        )
+    cap = settings.max_input_bytes
     try:
         size = path.stat().st_size
-        if size > settings.max_input_bytes:
-            raise SpecError(f"{field}: the image is {size} bytes, over the {settings.max_input_bytes}-byte cap")
-        return path.read_bytes()
+        if size > cap:
+            raise _too_large(field, size, cap)
+        with path.open("rb") as file:
+            data = file.read(cap + 1)  # the file may have grown since
+        if len(data) > cap:
+            raise _too_large(field, None, cap)
+        return data
     except FileNotFoundError:
         raise SpecError(f"{field}: {path} does not exist") from None
     except IsADirectoryError:
@@ -86,16 +111,21 @@ def _read_file(field: str, ref: str, settings: WorkerSettings) -> bytes:
 
 def _read_s3(field: str, ref: str, settings: WorkerSettings) -> bytes:
     parsed = urlparse(ref)
-    key = parsed.path.lstrip("/")
-    if not parsed.netloc or not key:
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket or not key:
         raise SpecError(f"{field}: {ref!r} needs a bucket and a key (s3://bucket/key)")
+    try:
+        check_name(key)
+    except StorageError as exc:
+        raise SpecError(f"{field}: {exc}") from None
+    _check_s3_root(field, ref, bucket, key, settings.input_roots)
     # An outage is retried for the budget outputs get, then fails as storage (the spec is not at fault);
     # a missing bucket or refused access is the spec's reference, named by its field.
-    source = S3Storage(
-        parsed.netloc, endpoint_url=settings.s3_endpoint_url, retry_seconds=settings.storage_retry_seconds
-    )
+    source = _InputBucket(bucket, endpoint_url=settings.s3_endpoint_url, retry_seconds=settings.storage_retry_seconds)
     try:
-        data = source.get(key)
+        data = source.read(key, settings.max_input_bytes)
+    except _OverCap as exc:
+        raise _too_large(field, exc.size, settings.max_input_bytes) from None
     except StorageUnavailable:
         raise
     except StorageError as exc:
@@ -105,6 +135,74 @@ def _read_s3(field: str, ref: str, settings: WorkerSettings) -> bytes:
     if data is None:
         raise SpecError(f"{field}: {ref} does not exist")
     return data
+
+
+def _check_s3_root(field: str, ref: str, bucket: str, key: str, roots: list[str]) -> None:
+    allowed = [root for root in roots if root.startswith(S3)]
+    if not allowed:
+        return  # no s3:// entry: any bucket, as before RENDER_INPUT_ROOTS took s3:// entries
+    for root in allowed:
+        root_bucket, _, prefix = root.removeprefix(S3).partition("/")
+        prefix = prefix.strip("/")
+        if bucket == root_bucket and (not prefix or key.startswith(prefix + "/")):
+            return
+    raise SpecError(
+        f"{field}: {ref} is outside the allowed input roots ({', '.join(allowed)}); use an input under one of them "
+        "or add its bucket or prefix to RENDER_INPUT_ROOTS"
+    )
+
+
+class _OverCap(Exception):
+    """Raised when an object holds more bytes than the cap (`size` None: how many more is not known)."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+class _InputBucket(S3Storage):
+    """The bucket an input comes from, read no further than a cap (with `S3Storage`'s retries and errors)."""
+
+    def read(self, key: str, cap: int) -> bytes | None:
+        """The object's bytes; None when there is none; `_OverCap` when it holds more than `cap` bytes."""
+        return self._retrying(lambda: self._read(key, cap))
+
+    def _read(self, key: str, cap: int) -> bytes | None:
+        try:
+            size = self._size(key)
+            if size is not None and size > cap:
+                raise _OverCap(size)
+            if size == 0:
+                return b""  # a range of an empty object is refused; the decoder names the problem
+            answer = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes=0-{cap}")
+            body, data = answer["Body"], b""
+            try:
+                while len(data) <= cap and (chunk := body.read(cap + 1 - len(data))):
+                    data += chunk
+            finally:
+                body.close()  # a server that ignored the range sends the rest to a closed connection
+        except self._errors as exc:
+            if _error_code(exc) in _MISSING:
+                return None
+            raise self._error("read", key, exc) from exc
+        if len(data) > cap:  # it grew since its HEAD
+            total = answer.get("ContentRange", "").rpartition("/")[2]
+            raise _OverCap(int(total) if total.isdigit() else None)
+        return data
+
+    def _size(self, key: str) -> int | None:
+        """The size HEAD reports; None when it finds nothing (the GET tells a missing key from a missing bucket)."""
+        try:
+            return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+        except self._errors as exc:
+            if _error_code(exc) in _MISSING:
+                return None
+            raise
+
+
+def _error_code(exc: Exception) -> str | None:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+    return str(code) if code is not None else None
 
 
 def decode(field: str, data: bytes, max_pixels: int) -> Image.Image:

@@ -9,11 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_core import PydanticCustomError
 from pydantic_settings import SettingsConfigDict
 
-from producer.settings import ClientSettings, load
+from producer.settings import ClientSettings, ListSetting, load
 from producer.spec import LORA_NAME_PATTERN
 
 Family = Literal["sd15", "sdxl"]
 TINY = "tiny"
+_S3_ROOT = re.compile(r"s3://[a-zA-Z0-9._-]{1,255}(/(?!\.\.?(/|$))[^/]+)*/?")
+"""An s3:// entry of RENDER_INPUT_ROOTS: a bucket, then a prefix without empty, '.' or '..' segments."""
 
 
 class ModelSource(BaseModel):
@@ -103,7 +105,11 @@ class WorkerSettings(ClientSettings):
         default=2.0, gt=0.0, le=3600.0, description="wait before the second try; doubles after each failure"
     )
     webhook_timeout: float = Field(default=10.0, gt=0.0, le=120.0, description="seconds one webhook POST may take")
-    input_roots: list[str] = Field(default_factory=list, description="directories file:// inputs may come from")
+    input_roots: ListSetting = Field(
+        default_factory=list,
+        description="where input images may come from: directories (file://) and s3://bucket/prefix/ entries (with "
+        "no s3:// entry, any bucket); a JSON list or the comma form",
+    )
     max_input_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="cap on one input image's bytes")
     max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="cap on one input image's pixels")
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus /metrics port; unset: off")
@@ -174,6 +180,19 @@ class WorkerSettings(ClientSettings):
                     "LoRA name '{name}' cannot be used in a spec; use letters, digits, '.', '_' and '-' "
                     "(at most 100, the first a letter or digit)",
                     {"name": name},
+                )
+        return value
+
+    @field_validator("input_roots")
+    @classmethod
+    def _s3_roots_name_a_bucket(cls, value: list[str]) -> list[str]:
+        for root in value:
+            if root.startswith("s3://") and not _S3_ROOT.fullmatch(root):
+                raise PydanticCustomError(
+                    "input_root",
+                    "'{root}' is not s3://bucket or s3://bucket/prefix/ (a bucket name, then a prefix without "
+                    "empty, '.' or '..' segments)",
+                    {"root": root},
                 )
         return value
 

@@ -24,6 +24,7 @@ class FaultProxy:
         self.port = port or free_port()
         self.delay = 0.0  # seconds added before each chunk forwarded from the server to the client
         self.connections = 0  # accepted so far: shows that clients came back after an outage
+        self.downstream = 0  # bytes forwarded from the server to clients so far: shows what a client was sent
         self._flowing = threading.Event()  # cleared by hold(): answers from the server wait
         self._flowing.set()
         self.held = 0  # answers waiting now because of hold(): a client is mid-request
@@ -144,6 +145,9 @@ class FaultProxy:
                     with self._lock:
                         self.held -= 1
                 sink.sendall(chunk)
+                if delay is None:
+                    with self._lock:
+                        self.downstream += len(chunk)
         except OSError:
             pass
         finally:
