@@ -276,6 +276,24 @@ class GpuRunner:
         return 0.0
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: B036 - whatever ended it, no job can run here any more
+            log.critical(
+                "the GPU thread died (%s: %s): exiting, so the process restarts and the lease recovery hands its jobs "
+                "to another worker",
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+            )
+            with self._cond:
+                self.draining = True  # nothing is taken any more
+                doomed, self._waiting, self._running = self._waiting + self._running, [], []
+            for request in doomed:
+                self._settle(request, Denoised(error=RuntimeError(f"the worker's GPU thread died: {exc!r}")))
+            self.exit_process(70)
+
+    def _serve(self) -> None:
         while True:
             taken = self._take()
             if self.draining:  # `drain` came while the call was being formed

@@ -43,7 +43,7 @@ def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
     if spec.loras:
         registry.check_loras(spec.model, spec.loras)
     if spec.ip_adapter is not None:
-        registry.ip_adapter(spec.model)
+        registry.check_ip_adapter(spec.model)  # its weights load on the GPU thread, with the pipeline
 
 
 def read_manifest(storage: Storage, task_id: str) -> Manifest | None:

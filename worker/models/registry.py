@@ -102,14 +102,19 @@ class ModelRegistry:
                 pipes[kind] = variants.variant(pipes["text2img"], kind, source, self.dtype)
             return pipes[kind]
 
-    def ip_adapter(self, name: str) -> ip_adapter.IpAdapterParts:
-        """The model's IP-Adapter parts, built (tiny) or read from disk once per process."""
+    def check_ip_adapter(self, name: str) -> None:
+        """Refuse an IP-Adapter job for a model that has none configured; reads nothing, loads nothing."""
         source = self.source(name)
         if source.source != TINY and not (source.ip_adapter and source.image_encoder):
             raise UnsupportedSpecError(
                 f'ip_adapter: no IP-Adapter is configured for {name!r}; add "ip_adapter" (weights file) and '
                 '"image_encoder" (directory) to its RENDER_MODELS entry'
             )
+
+    def ip_adapter(self, name: str) -> ip_adapter.IpAdapterParts:
+        """The model's IP-Adapter parts, built (tiny) or read from disk once per process: on the GPU thread."""
+        source = self.source(name)
+        self.check_ip_adapter(name)
         with self._lock:
             if name not in self._ip_adapters:
                 if source.ip_adapter and source.image_encoder:
@@ -120,11 +125,13 @@ class ModelRegistry:
             return self._ip_adapters[name]
 
     def check_loras(self, model: str, refs: Sequence[LoraRef]) -> None:
-        """Refuse, before any model loading, a LoRA this worker cannot apply to `model`; the message names loras[i]."""
+        """Refuse, before any model loading, a LoRA this worker cannot apply to `model`; the message names loras[i].
+
+        On a job's thread, without the registry's lock: its file reads (header, hash) never wait for a model the
+        GPU thread is loading under the lock, nor make the GPU thread wait for them."""
         source = self.source(model)
-        with self._lock:
-            for index, ref in enumerate(refs):
-                self._lora_source(index, ref, model, source)
+        for index, ref in enumerate(refs):
+            self._lora_source(index, ref, model, source)
 
     def loras_applied(
         self, model: str, pipe: Any, refs: Sequence[LoraRef]
