@@ -25,6 +25,7 @@ from worker.gpu import Deliveries
 from worker.jobcontrol import control_client
 from worker.recovery import RecoveryScanner
 from worker.settings import WorkerSettings, load_settings
+from worker.storage import open_storage
 from worker.tasks import run_render
 from worker.transport import AFFINITY_OPTION
 
@@ -80,7 +81,12 @@ def create_app(settings: WorkerSettings) -> Celery:
         connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10, **settings.sentinel),
         interval=settings.recovery_interval,
         owner=socket.gethostname(),
+        storage=lambda: open_storage(
+            settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url, retry_seconds=settings.storage_retry_seconds
+        ),
         grace=settings.lease_ttl,
+        max_attempts=settings.max_attempts,
+        result_ttl=settings.result_ttl,
     )
 
     watcher = AffinityWatcher(

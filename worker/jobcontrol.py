@@ -98,9 +98,11 @@ class Lease:
     def acquire(self, record: dict[str, Any], *, renewing: bool = True) -> bool:
         """Take the lease if nobody holds it and record the job in `render:running` and on the active list of its
         `record["queue"]`; start renewing it (unless not `renewing`: the caller calls `renew`, as a benchmark's
-        simulated fleet does)."""
+        simulated fleet does). The record names this run by its lease token (`lease`), which the recovery scan
+        counts a death by."""
         self.active = active_list(record.get("queue"))
         keys = (self.key, RUNNING_TASKS, self.active, LEASE_DEADLINES)
+        record = {**record, "lease": self.token}
         taken = self.client.eval(_ACQUIRE, 4, *keys, self.token, self.ttl_ms, self.task_id, json.dumps(record))
         if not taken:
             return False

@@ -8,6 +8,14 @@ so a scan costs O(dead jobs), and the fleet one scan per interval, however many 
 whose result is not final is sent again under the same task id (a short per-task `SET NX` lock keeps
 it to one sender). The broker's late redelivery then finds the manifest and does nothing.
 
+A job that kills its worker (out of memory, a wedged decode) would kill worker after worker. Each dead run is
+counted in `render:deaths:<task_id>` (`deaths_key`), a set of the dead runs' lease tokens beside the running record:
+the record goes with each run and a count in the task's message would restart from the broker's late redelivery of
+the first one, while this key outlives both, and a scan that sees one death twice (it stopped before unlisting the
+run) counts it once. Drain hand-offs re-enqueue a job without this scan, so they are no deaths. At
+`max_attempts` deaths the job ends `failed` instead, as its task would have ended it: a `failed` manifest in storage
+(the checkpoint deleted) and in Redis, Celery's FAILURE result, its webhook.
+
 A worker can also die after the broker handed it a job but before the job took its lease (between
 delivery and the first lines of the task). That job is only in kombu's `unacked` hash, which Redis
 would restore after the visibility timeout. The scanner restores it sooner: an unacknowledged
@@ -22,13 +30,14 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Celery, states
 from celery.result import AsyncResult
 
-from producer.errors import RenderFailed
+from producer.errors import RenderFailed, StorageError
 from producer.keys import (
     ATTEMPT_HEADER,
     LEASE_DEADLINES,
@@ -37,14 +46,29 @@ from producer.keys import (
     SUBMITTED_AT_HEADER,
     TASK_RENDER,
     active_list,
+    deaths_key,
     lease_key,
     manifest_key,
     recovery_lock_key,
 )
+from producer.spec import RenderSpec
 from producer.unsent import resend_unsent
+from worker import metrics
+from worker.job import JobContext
 from worker.periodic import PeriodicThread
+from worker.rendering import failed_outside_render
+from worker.storage import Storage
+from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
+
+# A dead run leaves the running jobs: one entry of its queue's active list goes, and its record and lease deadline
+# too while they are still its own (a new run of the job, sent just before, may have replaced them already).
+_UNLIST = (
+    "redis.call('lrem', KEYS[2], 1, ARGV[1]) if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
+    "redis.call('hdel', KEYS[1], ARGV[1]) redis.call('zrem', KEYS[3], ARGV[1]) end return 1"
+)
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 class RecoveryScanner(PeriodicThread):
@@ -52,12 +76,29 @@ class RecoveryScanner(PeriodicThread):
 
     thread_name = "render-recovery"
 
-    def __init__(self, app: Celery, client: redis.Redis, *, interval: float, owner: str, grace: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: Celery,
+        client: redis.Redis,
+        *,
+        interval: float,
+        owner: str,
+        storage: Callable[[], Storage],
+        grace: float = 30.0,
+        max_attempts: int = 3,
+        result_ttl: int = 7 * 24 * 3600,
+    ) -> None:
+        """`storage` opens the storage a failed job's manifest goes to (on the first one); `max_attempts`: the
+        worker deaths after which a job ends failed; `result_ttl`: how long its manifest and death count live."""
         super().__init__(interval)
         self.app = app
         self.client = client
         self.owner = owner
         self.grace = grace
+        self.max_attempts = max_attempts
+        self.result_ttl = result_ttl
+        self._open_storage = storage
+        self._storage: Storage | None = None
 
     def tick(self) -> list[str]:
         """Scan if it is this worker's turn: one worker of the fleet per interval."""
@@ -93,37 +134,91 @@ class RecoveryScanner(PeriodicThread):
             if raw_record is None:  # it ended: its release removed the record (and the deadline, unless Redis failed)
                 self.client.zrem(LEASE_DEADLINES, task_id)
                 continue
-            if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
+            lock = recovery_lock_key(task_id)
+            if not self.client.set(lock, self.owner, nx=True, ex=60):
                 continue  # another worker is on it
-            if not self.client.hexists(RUNNING_TASKS, task_id):
-                continue  # it ended between the listing and the lease check: its release removed both at once
-            _drop(qos, stale)  # the dead worker's delivery: the job is re-sent below, or already final
-            record = json.loads(raw_record)
-            if self._is_final(task_id):
-                self._settle(task_id)
-                self._unlist(task_id, record)
-                continue
-            attempt = int(record.get("attempt") or 1) + 1
-            self.app.send_task(
-                TASK_RENDER,
-                args=[record["spec"]],
-                task_id=task_id,
-                queue=record.get("queue"),
-                priority=record.get("priority"),
-                headers={ATTEMPT_HEADER: attempt, SUBMITTED_AT_HEADER: record.get("submitted_at")},
-            )
-            self._unlist(task_id, record)
-            log.warning("task %s lost its worker %s; re-enqueued as attempt %d", task_id, record.get("worker"), attempt)
-            recovered.append(task_id)
+            try:
+                # Under the lock, the record must still be the dead run's: it ended between the listing and the
+                # lease check (its release removed both at once), or another scan handled it and a new run began.
+                if self.client.hget(RUNNING_TASKS, task_id) == raw_record and self._recover(
+                    task_id, raw_record, stale, qos
+                ):
+                    recovered.append(task_id)
+            finally:
+                self.client.eval(_UNLOCK, 1, lock, self.owner)  # the job's next death is recovered at once
         return recovered
 
-    def _unlist(self, task_id: str, record: dict[str, Any]) -> None:
-        """The dead job is no longer running: out of `render:running` and its queue's active list."""
-        unlist = self.client.pipeline(transaction=True)
-        unlist.hdel(RUNNING_TASKS, task_id)
-        unlist.lrem(active_list(record.get("queue")), 1, task_id)
-        unlist.zrem(LEASE_DEADLINES, task_id)
-        unlist.execute()
+    def _recover(self, task_id: str, raw_record: bytes | str, stale: list[str], qos: Any) -> bool:
+        """Send the dead run's job again, or end it: whether it was sent again."""
+        _drop(qos, stale)  # the dead worker's delivery: the job is re-sent below, or already final
+        record = json.loads(raw_record)
+        if self._is_final(task_id):
+            self._settle(task_id)
+            self._unlist(task_id, raw_record, record)
+            return False
+        deaths = self._count_death(task_id, record)
+        if deaths >= self.max_attempts:
+            try:
+                self._fail(task_id, record, deaths)
+            except StorageError as exc:  # the record stays: the next scan tries again, counting no new death
+                log.error("task %s: its failed manifest could not be stored (retried next scan): %s", task_id, exc)
+                return False
+            self._unlist(task_id, raw_record, record)
+            return False
+        attempt = int(record.get("attempt") or 1) + 1
+        self.app.send_task(
+            TASK_RENDER,
+            args=[record["spec"]],
+            task_id=task_id,
+            queue=record.get("queue"),
+            priority=record.get("priority"),
+            headers={ATTEMPT_HEADER: attempt, SUBMITTED_AT_HEADER: record.get("submitted_at")},
+        )
+        self._unlist(task_id, raw_record, record)
+        log.warning(
+            "task %s lost its worker %s (death %d of %d allowed); re-enqueued as attempt %d",
+            task_id,
+            record.get("worker"),
+            deaths,
+            self.max_attempts,
+            attempt,
+        )
+        return True
+
+    def _count_death(self, task_id: str, record: dict[str, Any]) -> int:
+        """Add the dead run to the job's deaths (once, however many scans see it); return how many it has had."""
+        run = record.get("lease") or f"{record.get('attempt')}:{record.get('worker')}"  # older workers' records
+        count = self.client.pipeline(transaction=True)
+        count.sadd(deaths_key(task_id), run)
+        count.expire(deaths_key(task_id), self.result_ttl)
+        count.scard(deaths_key(task_id))
+        return int(count.execute()[-1])
+
+    def _fail(self, task_id: str, record: dict[str, Any], deaths: int) -> None:
+        """End a job whose workers kept dying as its task ends a failed one: the manifest in storage and Redis,
+        Celery's FAILURE result, its webhook."""
+        reason = (
+            f"its worker died {deaths} times during this job (RENDER_MAX_ATTEMPTS is {self.max_attempts}), so it is "
+            "not sent again; look for the workers' out-of-memory kills or crashes in their logs"
+        )
+        spec = RenderSpec.parse(record["spec"])
+        job = JobContext(spec, task_id, attempt=int(record.get("attempt") or 1), worker=record.get("worker"))
+        progress = AsyncResult(task_id, app=self.app)
+        reached = progress.info.get("step") if progress.state == "PROGRESS" and isinstance(progress.info, dict) else 0
+        if self._storage is None:
+            self._storage = self._open_storage()
+        manifest = failed_outside_render(job, self._storage, reason, steps_completed=int(reached or 0))
+        self.client.set(manifest_key(task_id), manifest.model_dump_json(), ex=self.result_ttl)
+        self.app.backend.mark_as_failure(task_id, RenderFailed(f"task {task_id} failed: {reason}"))
+        metrics.JOBS.labels(status="failed").inc()
+        if spec.webhook is not None:  # queued in Redis; a worker's sender delivers it, signed with its secret
+            WebhookSender(self.client, secret=None).enqueue(task_id, spec.webhook, manifest.model_dump_json().encode())
+        log.error("task %s failed: %s", task_id, reason)
+
+    def _unlist(self, task_id: str, raw_record: bytes | str, record: dict[str, Any]) -> None:
+        """The dead run is no longer running: out of `render:running`, its queue's active list and the deadlines."""
+        keys = (RUNNING_TASKS, active_list(record.get("queue")), LEASE_DEADLINES)
+        self.client.eval(_UNLIST, 3, *keys, task_id, raw_record)
 
     def _deliveries(self, qos: Any) -> dict[str, list[str]]:
         """Unacknowledged deliveries older than `grace`, by task id (kombu's `unacked` hash and its index)."""

@@ -283,6 +283,15 @@ def revoked_before_start(job: JobContext, storage: Storage) -> Manifest:
     return record.finish(storage, "revoked")
 
 
+def failed_outside_render(job: JobContext, storage: Storage, error: str, *, steps_completed: int = 0) -> Manifest:
+    """Record a job that ends `failed` while no render runs it (the recovery scan's end for a job whose workers kept
+    dying): no image; `steps_completed` its last run's; the checkpoint it may have left goes."""
+    record = _Record(job)
+    record.steps_completed = steps_completed
+    record.checkpoints = CheckpointWriter(storage, job.task_id, exists=True)
+    return record.finish(storage, "failed", error=error)
+
+
 def _ip_adapter(pipe: Any, spec: RenderSpec, registry: ModelRegistry) -> contextlib.AbstractContextManager[None]:
     if spec.ip_adapter is None:
         return contextlib.nullcontext()

@@ -139,6 +139,12 @@ class WorkerSettings(ClientSettings):
     )
     lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
     recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="worker deaths a job may cause (its lease lapsed mid-run) before it ends failed instead of being "
+        "sent again; drain hand-offs on SIGTERM do not count",
+    )
     progress_interval: float = Field(
         default=1.0,
         ge=0.0,

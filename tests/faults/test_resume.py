@@ -10,6 +10,7 @@ from collections.abc import Callable
 import boto3
 import pytest
 
+from producer.keys import deaths_key
 from tests.faults.conftest import ChaosFarm, assert_complete, holder, job, progressed
 from tests.helpers import pixels, running
 from worker.checkpoints import decode
@@ -95,6 +96,7 @@ def test_sigterm_hands_back_a_long_job_and_a_waiting_one_the_worker_exits_in_sec
     assert manifest.attempt == 2 and manifest.worker.startswith("term-b@") and manifest.resumed_from_step
     assert manifest.resumed_from_step >= 20, "resumed from the hand-off's checkpoint"
     assert second.attempt == 2 and second.resumed_from_step is None, "the waiting job had not started"
+    assert not farm.direct.exists(deaths_key(long.task_id), deaths_key(waiting.task_id)), "a hand-off is no death"
     assert_complete(farm, long.task_id, manifest)
 
     (whole,) = farm.finish([farm.client.submit(spec)])

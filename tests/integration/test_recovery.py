@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from celery.result import AsyncResult
 
+from producer.client import RenderClient
 from producer.keys import (
+    ATTEMPT_HEADER,
     LEASE_DEADLINES,
     PRIORITIES,
     RECOVERY_TURN,
@@ -21,6 +24,7 @@ from producer.keys import (
     manifest_key,
     model_queue,
 )
+from producer.settings import ClientSettings
 from tests.integration.conftest import Farm, spec, wait_for
 from worker.celery_app import create_app
 from worker.settings import WorkerSettings
@@ -161,4 +165,58 @@ def test_a_scan_reads_only_lapsed_leases_and_one_worker_of_the_fleet_scans_per_i
     finally:
         for app in apps:
             app.close()
+        direct.close()
+
+
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")  # Celery's Redis backend (upstream)
+def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_and_is_not_sent_again(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """RENDER_MAX_ATTEMPTS=2. The job's run at attempt 3 (two drain hand-offs before it, which are no deaths) dies:
+    sent again. A scan that sees that same dead run again (one that stopped after counting it) counts it once. The
+    next run dies: two deaths, the job ends `failed` as the task would have ended it, and nothing is sent again."""
+    url = f"redis://127.0.0.1:{redis_server.port}/59"
+    direct = redis.Redis.from_url(url)
+    direct.flushdb()
+    app = create_app(WorkerSettings(redis_url=url, storage_url=f"file://{tmp_path}", max_attempts=2))
+    client = RenderClient(ClientSettings(redis_url=url))
+    queue = "render.tiny-sd15"
+
+    def died(attempt: int, worker: str) -> None:  # the record a run's lease left, its lease key gone
+        record = {"spec": json.dumps(spec()), "queue": queue, "attempt": attempt, "worker": worker}
+        direct.hset(RUNNING_TASKS, "poison", json.dumps({**record, "lease": f"{worker}:{attempt}abc"}))
+        direct.rpush(active_list(queue), "poison")
+        direct.zadd(LEASE_DEADLINES, {"poison": 0})
+
+    def sent() -> list[int]:  # the attempt headers of the messages on the queue, taken off it
+        messages = [json.loads(raw)["headers"][ATTEMPT_HEADER] for raw in direct.lrange(queue, 0, -1)]
+        direct.delete(queue)
+        return messages
+
+    (tmp_path / "poison").mkdir()
+    (tmp_path / "poison" / "checkpoint.pt").write_bytes(b"an earlier run's checkpoint")
+    try:
+        died(3, "first@host:1")
+        assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [4]
+        died(3, "first@host:1")
+        assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [4], "one death, seen twice"
+        died(4, "second@host:1")
+        assert app.recovery_scanner.scan_once() == [] and sent() == []
+
+        reason = "its worker died 2 times during this job"
+        result = AsyncResult("poison", app=app)
+        assert result.state == "FAILURE" and reason in str(result.result)
+        status = client.status("poison")
+        assert status.state == "failed" and status.error is not None and reason in status.error
+        stored = json.loads((tmp_path / "poison" / "manifest.json").read_text())
+        assert status.manifest is not None and status.manifest.model_dump(mode="json") == stored
+        assert stored["status"] == "failed" and reason in stored["error"]
+        assert (stored["attempt"], stored["worker"], stored["images"]) == (4, "second@host:1", [])
+        assert not (tmp_path / "poison" / "checkpoint.pt").exists(), "a final state deletes the checkpoint"
+        assert not direct.hexists(RUNNING_TASKS, "poison") and direct.zscore(LEASE_DEADLINES, "poison") is None
+        assert direct.llen(active_list(queue)) == 0
+        assert app.recovery_scanner.scan_once() == [] and sent() == []
+    finally:
+        client.close()
+        app.close()
         direct.close()
