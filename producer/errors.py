@@ -6,6 +6,7 @@ RenderError
  │    └── BatchFileError          lines of a batch file are invalid: every one, as `line N: field: message`
  ├── ConfigError             a setting (RENDER_*) is invalid
  ├── ModelError              a model or LoRA is not allowlisted, or cannot be loaded
+ │    └── ModelLoadError          an allowlisted model failed to load on a worker (its files, the device's memory)
  ├── StorageError            a storage URL is invalid, or an object cannot be read or written
  │    └── StorageUnavailable      storage cannot be reached or answers a transient error, after the retries
  ├── FarmUnavailable         the client cannot reach the farm's Redis
@@ -68,6 +69,10 @@ class ConfigError(RenderError):
 
 class ModelError(RenderError):
     """Raised when a model is not allowlisted or cannot be loaded."""
+
+
+class ModelLoadError(ModelError):
+    """Raised when an allowlisted model fails to load on a worker; the worker withdraws it and hands its jobs on."""
 
 
 class StorageError(RenderError):

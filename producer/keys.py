@@ -109,6 +109,8 @@ sent. What is left in it longer than the recovery grace, its submitter died befo
 
 SUBMITTED_AT_HEADER = "render_submitted_at"
 ATTEMPT_HEADER = "render_attempt"
+LOAD_FAILURES_HEADER = "render_load_failures"
+"""On a job handed on because its model failed to load on a worker: how many times so far (RENDER_MAX_ATTEMPTS)."""
 
 
 def job_key(task_id: str) -> str:

@@ -93,6 +93,22 @@ class Heartbeat:
                     exc,
                 )
 
+    def withdraw_model(self, model: str, queue: str) -> None:
+        """This worker no longer serves `model` (it failed to load here): out of the model's index at once, and out
+        of the advert's models and queues from this beat on, so submits and `render workers` stop counting on it."""
+        with self._lock:
+            if model not in self.models:
+                return
+            self.models.remove(model)
+            self.queues = [name for name in self.queues if name != queue]
+        try:
+            self.client.zrem(model_workers_key(model), self.hostname)
+            self.beat()
+        except redis.RedisError as exc:
+            log.warning(
+                "could not withdraw %s from %s's advert now (the next beat does): %s", model, self.hostname, exc
+            )
+
     def beat(self, now: float | None = None) -> None:
         """Advertise once: the static fields, the hash's TTL and the index scores, in one MULTI/EXEC."""
         with self._lock:

@@ -21,8 +21,16 @@ from celery import Task, states
 from celery.exceptions import Ignore
 from redis import Redis
 
-from producer.errors import RenderFailed, StorageError
-from producer.keys import ATTEMPT_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, check_task_id, manifest_key
+from producer.errors import ModelLoadError, RenderFailed, StorageError
+from producer.keys import (
+    ATTEMPT_HEADER,
+    LOAD_FAILURES_HEADER,
+    SUBMITTED_AT_HEADER,
+    TASK_RENDER,
+    check_task_id,
+    manifest_key,
+    model_queue,
+)
 from producer.manifest import Manifest
 from producer.spec import RenderSpec
 from worker import metrics
@@ -57,6 +65,7 @@ class ProcessState:
     advert: JobAdvert
     gpu: GpuRunner
     revocations: RevocationWatch  # its own thread: pushed revocations of the jobs in hand, as flags the steps read
+    withdrawn: dict[str, str] = field(default_factory=dict)  # model -> why it failed to load here: its jobs go on
     drain: Drain = field(default_factory=Drain)  # begun on SIGTERM (`worker.celery_app`)
 
 
@@ -176,6 +185,8 @@ def _leased(
     try:
         if revocation.read(state.redis):  # revoked while queued (or before the lease named this worker)
             manifest = revoked_before_start(job, state.storage)
+        elif spec.model in state.withdrawn:  # it failed to load here: another worker serving it takes the job
+            raise ModelLoadError(state.withdrawn[spec.model])
         else:
             job.inputs = load_inputs(spec, state.settings)  # a bad input image fails here, before any GPU work
             prepared = prepare(job, state.registry, state.storage)
@@ -195,6 +206,11 @@ def _leased(
     except HandedOff as handed:
         _hand_off(task, state, job, lease, handed)
         raise Ignore() from None
+    except ModelLoadError as exc:
+        if _hand_on(task, state, job, lease, exc):
+            raise Ignore() from None
+        _notify(state, spec, task_id, None, exc)  # it failed to load on RENDER_MAX_ATTEMPTS workers: a failure
+        raise
     except LeaseLost:
         # Another worker may be rendering this job now: this delivery leaves no trace (no state, no manifest).
         log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
@@ -238,6 +254,52 @@ def _hand_off(task: Task, state: ProcessState, job: JobContext, lease: Lease, ha
         handed.steps_completed,
         job.attempt + 1,
     )
+
+
+def _hand_on(task: Task, state: ProcessState, job: JobContext, lease: Lease, error: ModelLoadError) -> bool:
+    """The job's model failed to load on this worker: withdraw the model here (this worker's advert, its queue) and
+    put the job back on its queue for a worker that can load it. False, with nothing done to the job, once this
+    was its `RENDER_MAX_ATTEMPTS`th such attempt: the job then fails with the cause."""
+    model, failures = job.spec.model, int(task.request.get(LOAD_FAILURES_HEADER) or 0) + 1
+    if model not in state.withdrawn:
+        _withdraw(task, state, model, error)
+    if failures >= state.settings.max_attempts:
+        error.args = (f"{error} (on {failures} attempts; RENDER_MAX_ATTEMPTS is {state.settings.max_attempts})",)
+        return False
+    lease.release()
+    task.backend.forget(job.task_id)
+    task.app.send_task(
+        TASK_RENDER,
+        args=[job.spec.model_dump_json()],
+        task_id=job.task_id,
+        queue=_queue(task),
+        priority=(task.request.delivery_info or {}).get("priority"),
+        headers={
+            ATTEMPT_HEADER: job.attempt + 1,
+            SUBMITTED_AT_HEADER: task.request.get(SUBMITTED_AT_HEADER),
+            LOAD_FAILURES_HEADER: failures,
+        },
+    )
+    log.warning(
+        "task %s handed on to another worker (attempt %d of %d): %s",
+        job.task_id,
+        failures,
+        state.settings.max_attempts,
+        error,
+    )
+    return True
+
+
+def _withdraw(task: Task, state: ProcessState, model: str, error: ModelLoadError) -> None:
+    """Stop serving `model` in this process: no more of its jobs are taken, and the fleet is told at once."""
+    state.withdrawn[model] = str(error)
+    queue = model_queue(state.settings.queue, model)
+    log.error("%s; this worker stops serving it (its queue %s) until it restarts", error, queue)
+    heartbeat = getattr(task.app, "heartbeat", None)
+    if heartbeat is not None:
+        heartbeat.withdraw_model(model, queue)
+    if task.request.hostname:
+        task.app.control.cancel_consumer(queue, destination=[task.request.hostname], reply=False)
 
 
 def _queue(task: Task) -> str | None:

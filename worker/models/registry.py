@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from producer.errors import ModelError, UnsupportedSpecError
+from producer.errors import ModelError, ModelLoadError, UnsupportedSpecError
 from producer.spec import LoraRef
 from worker import metrics
 from worker.models import ip_adapter, pretrained, tiny_sd15, tiny_sdxl, variants
@@ -94,13 +94,26 @@ class ModelRegistry:
                     self._model_loras.pop(evicted, None)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-                self._cache[name] = {"text2img": self._load(source)}
+                self._cache[name] = {"text2img": self._loaded(name, source, lambda: self._load(source))}
                 self.loads[name] = self.loads.get(name, 0) + 1
                 metrics.MODEL_LOADS.labels(model=name).inc()
             pipes = self._cache[name]
             if kind not in pipes:
-                pipes[kind] = variants.variant(pipes["text2img"], kind, source, self.dtype)
+                pipes[kind] = self._loaded(
+                    name, source, lambda: variants.variant(pipes["text2img"], kind, source, self.dtype)
+                )
             return pipes[kind]
+
+    @staticmethod
+    def _loaded(name: str, source: ModelSource, load: Callable[[], Any]) -> Any:
+        """`load()`, whose failure (its files, the device's memory) is this model's on this worker: a ModelLoadError."""
+        try:
+            return load()
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
+            raise ModelLoadError(
+                f"model {name!r} ({source.family}, {source.source}) could not be loaded: {detail}"
+            ) from exc
 
     def check_ip_adapter(self, name: str) -> None:
         """Refuse an IP-Adapter job for a model that has none configured; reads nothing, loads nothing."""
