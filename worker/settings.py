@@ -143,7 +143,8 @@ class WorkerSettings(ClientSettings):
         default=3,
         ge=1,
         description="worker deaths a job may cause (its lease lapsed mid-run) before it ends failed instead of being "
-        "sent again; drain hand-offs on SIGTERM do not count",
+        "sent again; drain hand-offs on SIGTERM do not count. Also the attempts whose model fails to load (each such "
+        "worker withdraws the model and hands the job on) before the job fails",
     )
     progress_interval: float = Field(
         default=1.0,
