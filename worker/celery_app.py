@@ -27,20 +27,20 @@ from worker.recovery import RecoveryScanner
 from worker.settings import WorkerSettings, load_settings
 from worker.storage import open_storage
 from worker.tasks import run_render
-from worker.transport import AFFINITY_OPTION
+from worker.transport import AMQP, affinity_option
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: WorkerSettings) -> Celery:
     """A Celery app for one GPU worker; `settings` were validated (visibility timeout > time limit)."""
-    app = Celery("render-worker", set_as_current=True)
+    app = Celery("render-worker", set_as_current=True, amqp=AMQP)
     conf = base_config(settings.redis_url, queue=settings.queue, result_ttl=settings.result_ttl, **settings.sentinel)
     affinity = Affinity([model_queue(settings.queue, model) for model in settings.models])
     conf["broker_transport_options"] = {
         **conf["broker_transport_options"],
         "visibility_timeout": settings.visibility_timeout,
-        AFFINITY_OPTION: affinity,  # read by worker.transport's channel: which list to poll first
+        **affinity_option(affinity),  # read by worker.transport's channel: which list to poll first
     }
     conf.update(
         # kombu's Redis transport, except that a non-JSON item pushed onto the queue is dropped, not fatal.

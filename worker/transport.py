@@ -12,15 +12,21 @@ invalid task message" handling.)
 `_brpop_start`, `_brpop_read` and `_get` follow kombu 5.7's own (pyproject bounds kombu to the versions
 tested), with the decode step guarded and the lists of one poll in the worker's order of preference
 (`worker.affinity`: its loaded model's queue first, unless a job elsewhere has waited too long).
+
+The app's `AMQP` gives it a `Connection` that names its URL by the broker's scheme (`redis://`, `rediss://`,
+`sentinel://`), not by this transport's import path: Flower picks its Broker tab's Redis client by that scheme.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from time import monotonic
 from typing import Any
 
 import redis
+from celery.app.amqp import AMQP as CeleryAMQP
+from kombu.connection import Connection as KombuConnection
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import Empty
 from kombu.transport.virtual import Message as VirtualMessage
@@ -29,9 +35,19 @@ from kombu.utils.json import loads
 
 from worker.affinity import Affinity
 
-AFFINITY_OPTION = "render_affinity"  # the key of the worker's `Affinity` in broker_transport_options
+AFFINITY_OPTION = "render_affinity"  # broker_transport_options: the name the worker's `Affinity` is registered under
 
 log = logging.getLogger(__name__)
+
+# Celery's `inspect stats` sends the broker options as JSON to whoever asks, so they hold a name, not the object.
+_affinities: dict[str, Affinity] = {}  # one per worker app built in this process
+
+
+def affinity_option(affinity: Affinity) -> dict[str, str]:
+    """The broker transport option that hands `affinity` to the channels of the app's connections (this process)."""
+    name = uuid.uuid4().hex
+    _affinities[name] = affinity
+    return {AFFINITY_OPTION: name}
 
 
 class Undecodable(Exception):
@@ -74,8 +90,8 @@ class Channel(kombu_redis.Channel):
     @property
     def affinity(self) -> Affinity | None:
         """The worker's queue preference, when its app put one in `broker_transport_options` (a consumer)."""
-        found = self.connection.client.transport_options.get(AFFINITY_OPTION)
-        return found if isinstance(found, Affinity) else None
+        name = self.connection.client.transport_options.get(AFFINITY_OPTION)
+        return _affinities.get(name) if isinstance(name, str) else None
 
     def _brpop_start(self, timeout: Any = None) -> None:
         # kombu's own, except for the order of the lists named in BRPOP: that order is the worker's preference.
@@ -136,6 +152,7 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+    url_scheme = "redis"  # how `Connection.as_uri` names it
 
     def _deliver(self, message: Any, queue: str) -> None:
         try:
@@ -151,6 +168,26 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 class SentinelTransport(Transport):
     default_port = 26379  # type: ignore[assignment]  # kombu declares it None
     Channel = SentinelChannel
+    url_scheme = "sentinel"
+
+
+class Connection(KombuConnection):
+    """kombu's connection, whose URL begins with the broker's scheme rather than this module's transport path."""
+
+    def as_uri(self, *args: Any, **kwargs: Any) -> str:  # include_password, mask: kombu's
+        uri = str(super().as_uri(*args, **kwargs))
+        transport = self.get_transport_cls()
+        prefix = f"{self.transport_cls}://"
+        if not issubclass(transport, Transport) or not uri.startswith(prefix):
+            return uri
+        scheme = "rediss" if transport.url_scheme == "redis" and self.ssl else transport.url_scheme
+        return f"{scheme}://{uri.removeprefix(prefix)}"
+
+
+class AMQP(CeleryAMQP):
+    """Celery's messaging glue, making this module's `Connection`s (`Celery(amqp=AMQP)`)."""
+
+    Connection = Connection
 
 
 def _dropped(exc: Undecodable) -> None:

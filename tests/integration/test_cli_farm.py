@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from producer.keys import TASK_RENDER
 from tests.helpers import render_cli
 from tests.integration.conftest import LONG, Farm, spec, wait_for
+from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 ROOT = Path(__file__).parents[2]
@@ -80,21 +83,39 @@ def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
 
 
 def test_celery_s_own_cli_finds_the_app_from_the_render_settings(farm: Farm) -> None:
+    """`celery -A worker.celery_app inspect ...` as an operator types it: every live worker answers each command."""
     env = {**os.environ, "RENDER_REDIS_URL": farm.redis_url}
     # Named destinations: Celery then returns once each has answered instead of collecting for the whole timeout.
-    destinations = ",".join(worker.hostname for worker in farm.workers)
-    command = ["inspect", "ping", "--timeout", "30", "--destination", destinations]
-    pinged = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", *command],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
-    assert pinged.returncode == 0, pinged.stderr
-    answered = sorted(
-        line.split(":")[0].removeprefix("->").strip() for line in pinged.stdout.splitlines() if "OK" in line
-    )
-    assert [name.split("@")[0] for name in answered] == ["alpha", "beta"], pinged.stdout
-    assert "pong" in pinged.stdout
+    hostnames = {worker.hostname: worker for worker in farm.workers}
+    destination = ",".join(hostnames)
+    # The commands run side by side: each one's start (importing the worker's modules, ~5 s) is most of its time.
+    commands = {
+        method: subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "inspect", method, "--json"]
+            + ["--timeout", "30", "--destination", destination],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        for method in ("stats", "active", "registered")
+    }
+    replies: dict[str, dict[str, Any]] = {}
+    try:
+        for method, process in commands.items():
+            out, err = process.communicate(timeout=120)
+            assert process.returncode == 0, f"inspect {method}: {err}"
+            replies[method] = json.loads(out)
+    finally:
+        for process in commands.values():
+            process.kill()
+            process.wait()
+    for method, reply in replies.items():
+        assert set(reply) == set(hostnames), f"inspect {method} answered by {sorted(reply)}, not {sorted(hostnames)}"
+    for hostname, worker in hostnames.items():
+        stats = replies["stats"][hostname]
+        assert stats["pid"] == worker.pid and stats["pool"]["max-concurrency"] == WorkerSettings().jobs_in_hand
+        assert stats["broker"]["transport"] == "worker.transport:Transport"
+        assert replies["active"][hostname] == []
+        assert TASK_RENDER in replies["registered"][hostname]

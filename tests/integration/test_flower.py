@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 
 from tests.helpers import free_port, http_answers, wait_until
 from tests.integration.conftest import Farm, spec
+from worker.celery_app import consumed_queues
+from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 AUTH = ("ops", "s3cret-flower")
@@ -51,12 +54,16 @@ def flower(farm: Farm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
             process.wait(timeout=10)
 
 
-def get(url: str, auth: tuple[str, str] | None = AUTH) -> Any:
+def fetch(url: str, auth: tuple[str, str] | None = AUTH) -> str:
     request = urllib.request.Request(url)
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
+    with urllib.request.urlopen(request, timeout=30) as response:  # a worker page waits for the workers' replies
+        return str(response.read().decode())
+
+
+def get(url: str, auth: tuple[str, str] | None = AUTH) -> Any:
+    return json.loads(fetch(url, auth))
 
 
 def test_flower_sees_jobs_and_their_progress(farm: Farm, flower: str) -> None:
@@ -92,3 +99,21 @@ def test_flower_refuses_requests_without_credentials(flower: str) -> None:
         with pytest.raises(urllib.error.HTTPError) as refused:
             get(f"{flower}/api/tasks", auth=auth)
         assert refused.value.code == 401
+
+
+def test_flower_s_worker_pages_broker_tab_and_queue_lengths(farm: Farm, flower: str) -> None:
+    """The pages that read the workers' stats (over Celery's remote control) and the queues (from Redis)."""
+    queues = consumed_queues(WorkerSettings())  # the farm's workers serve the default models
+    for worker in farm.workers:
+        page = fetch(f"{flower}/worker/{urllib.parse.quote(worker.hostname)}")
+        assert "Unable to get stats" not in page
+        # The worker's stats, as its page shows them: its pid, and its broker connection in the Broker tab.
+        assert f">{worker.pid}<" in page.replace(" ", "") and "worker.transport:Transport" in page
+    broker = fetch(f"{flower}/broker")
+    shown = farm.redis_url.replace("redis://", "redis://:**@")  # kombu masks the password, even an absent one
+    assert f">{shown}</p>" in broker, "the Broker tab names the farm's Redis"
+    for queue in queues:
+        assert f"<td>{queue}</td>" in broker, f"the Broker tab does not list {queue}"
+    lengths = get(f"{flower}/api/queues/length")["active_queues"]
+    assert sorted(row["name"] for row in lengths) == sorted(queues)
+    assert all(row["messages"] == 0 for row in lengths), lengths  # every job of the earlier test has run

@@ -10,7 +10,9 @@ import redis
 
 from producer.keys import PRIORITY_STEPS, SUBMITTED_AT_HEADER, priority_lists
 from worker.affinity import Affinity, AffinityWatcher
+from worker.celery_app import create_app
 from worker.local_cluster import RedisServer
+from worker.settings import WorkerSettings
 
 QUEUES = ["render.a", "render.b", "render"]
 
@@ -51,9 +53,27 @@ def test_starved_lists_come_first_longest_wait_first() -> None:
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[redis.Redis]:
-    with RedisServer() as server:
-        yield redis.Redis.from_url(server.url)
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: RedisServer) -> Iterator[redis.Redis]:
+    with redis.Redis.from_url(server.url) as connection:
+        yield connection
+
+
+def test_each_worker_app_s_channel_polls_in_its_own_affinity_s_order(server: RedisServer) -> None:
+    """The app hands its `Affinity` to its broker channel; the transport options stay JSON (`inspect stats`)."""
+    served = ({"tiny-sd15": {"family": "sd15", "source": "tiny"}}, {"tiny-sdxl": {"family": "sdxl", "source": "tiny"}})
+    apps = [create_app(WorkerSettings(redis_url=server.url, models=models)) for models in served]
+    affinities = []
+    for app in apps:
+        json.dumps(app.conf.broker_transport_options)
+        with app.connection_for_read() as connection:
+            affinities.append(connection.default_channel.affinity)
+    assert [a.model_queues if a else None for a in affinities] == [{"render.tiny-sd15"}, {"render.tiny-sdxl"}]
 
 
 def message(submitted_at: float | None, body_size: int = 10) -> str:

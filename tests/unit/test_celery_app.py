@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import ssl
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from celery.signals import task_received
+from flower.utils import broker as flower_broker
 
 from producer.celery_config import tls_options
 from producer.client import RenderClient, redacted
@@ -30,6 +32,42 @@ def test_gpu_settings() -> None:
     assert conf.accept_content == ["json"] and conf.task_serializer == "json" and conf.result_serializer == "json"
     assert conf.worker_send_task_events and conf.task_send_sent_event
     assert not conf.task_track_started  # the task sets STARTED when the GPU takes the job, not when a thread does
+
+
+def test_the_broker_transport_options_are_json_as_inspect_stats_sends_them() -> None:
+    """`celery inspect stats` and Flower's worker page carry the broker connection's options in a JSON reply."""
+    app = create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0"))
+    with app.connection() as connection:
+        info = connection.info()
+    assert json.loads(json.dumps(info["transport_options"])) == app.conf.broker_transport_options
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "client", "shown"),
+    [
+        ("redis://:pw@10.0.0.5:6380/2", {}, flower_broker.Redis, "redis://:**@10.0.0.5:6380/2"),
+        ("rediss://:pw@10.0.0.5:6380/2?ssl_cert_reqs=none", {}, flower_broker.RedisSsl, "rediss://:**@10.0.0.5:6380/2"),
+        (
+            "sentinel://:pw@10.0.0.1:26379/2;sentinel://10.0.0.2:26379",
+            {"redis_master_name": "farm"},
+            flower_broker.RedisSentinel,
+            "sentinel://:**@10.0.0.1:26379/2",
+        ),
+    ],
+)
+def test_flower_finds_its_redis_broker_client_from_the_app_s_connection(
+    url: str, extra: dict[str, Any], client: type[Any], shown: str
+) -> None:
+    """Flower picks its broker client (Broker tab, queue lengths) by the scheme of the connection's URL."""
+    app = create_app(WorkerSettings(redis_url=url, **extra))
+    with app.connection() as connection:
+        assert connection.as_uri() == shown
+        found = flower_broker.Broker(
+            connection.as_uri(include_password=True),
+            broker_options=app.conf.broker_transport_options,
+            broker_use_ssl=app.conf.broker_use_ssl,
+        )
+    assert type(found) is client and found.password == "pw" and found.port in (6380, 26379)
 
 
 def test_the_task_is_registered_under_its_one_name() -> None:
