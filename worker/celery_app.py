@@ -13,12 +13,13 @@ import socket
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import task_received, worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
 from producer.keys import TASK_RENDER, model_queue, priority_lists
 from producer.redis_connect import connect, is_sentinel
+from worker import metrics
 from worker.affinity import Affinity, AffinityWatcher
 from worker.fleet import Heartbeat
 from worker.gpu import Deliveries
@@ -140,6 +141,11 @@ def create_app(settings: WorkerSettings) -> Celery:
         if getattr(sender, "app", None) is app:
             deliveries.mark()
 
+    def serve_metrics(sender: Any = None, **_: Any) -> None:  # from the start: an idle worker is up to Prometheus
+        if getattr(sender, "app", None) is app:
+            metrics.serve(settings.metrics_port)
+
+    worker_init.connect(serve_metrics, weak=False)
     worker_ready.connect(start_threads, weak=False)
     worker_shutting_down.connect(drain, weak=False)
     task_received.connect(delivered, weak=False)

@@ -1,8 +1,12 @@
-"""Prometheus metrics of one worker process, served on `RENDER_METRICS_PORT` by the process that renders."""
+"""Prometheus metrics of one worker process, served on `RENDER_METRICS_PORT` by the process that renders.
+
+The endpoint listens from the worker's start (`worker.celery_app`), so an idle worker is up to Prometheus.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -31,13 +35,18 @@ STEP_HOOK_SECONDS = Counter("render_step_hook_seconds_total", "Seconds the step 
 STEP_HOOK_CALLS = Counter("render_step_hook_calls_total", "Model calls whose step hooks ran, per model.", ["model"])
 
 
+_served: set[tuple[int, int]] = set()  # (pid, port): a forked child serves its own
+
+
 def serve(port: int | None) -> None:
-    """Start the /metrics endpoint once per process (0 or None: off)."""
-    if port:
-        try:
-            start_http_server(port, addr="0.0.0.0")
-        except OSError as exc:
-            log.error("metrics port %d is not free (%s); metrics are off in this process", port, exc)
+    """Start the /metrics endpoint once per process (0 or None: off); a second call for the port does nothing."""
+    if not port or (os.getpid(), port) in _served:
+        return
+    try:
+        start_http_server(port, addr="0.0.0.0")
+    except OSError as exc:
+        log.error("metrics port %d is not free (%s); metrics are off in this process", port, exc)
+    _served.add((os.getpid(), port))
 
 
 class StepTimer:

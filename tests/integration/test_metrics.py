@@ -1,4 +1,4 @@
-"""A worker's Prometheus metrics, scraped over HTTP after real jobs."""
+"""A worker's Prometheus metrics, scraped over HTTP from its start (an idle worker is up) and after real jobs."""
 
 from __future__ import annotations
 
@@ -20,10 +20,18 @@ def sample(text: str, name: str, labels: str = "") -> float:
     return float(match.group(1))
 
 
-def test_metrics_after_real_jobs(farm_factory: Callable[[], Farm]) -> None:
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
+def test_metrics_from_the_start_and_after_real_jobs(farm_factory: Callable[[], Farm]) -> None:
     farm = farm_factory()
     port = free_port()
     farm.start_workers("metered", metrics_port=str(port))
+    # Ready (it answers a ping and advertises its models) and idle: Prometheus already finds it up.
+    idle = scrape(port)
+    assert "# TYPE render_jobs_total counter" in idle and "render_jobs_total{" not in idle, "no job has ended yet"
     assert farm.client.submit(spec(callbacks=[{"type": "frames", "every": 2}])).wait(timeout=60).status == "succeeded"
     assert (
         farm.client.submit(spec(callbacks=[{"type": "step_budget", "max_steps": 4}])).wait(60).status == "interrupted"
@@ -33,8 +41,7 @@ def test_metrics_after_real_jobs(farm_factory: Callable[[], Farm]) -> None:
     long.revoke()
     assert long.wait(timeout=60).status == "revoked"
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = scrape(port)
     for status in ("succeeded", "interrupted", "revoked"):
         assert sample(text, "render_jobs_total", f'{{status="{status}"}}') == 1
     assert sample(text, "render_step_seconds_count", '{model="tiny-sd15"}') >= 10 + 4 + 3

@@ -281,6 +281,18 @@ def test_kubernetes_example_scales_on_the_queue() -> None:
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 1
 
 
+def test_kubernetes_workers_serve_metrics_where_prometheus_scrapes() -> None:
+    """RENDER_METRICS_PORT, the container's `metrics` port and the pod's scrape annotations name one port."""
+    documents = yaml.safe_load_all((ROOT / "infra" / "k8s" / "worker.yaml").read_text())
+    template = next(d for d in documents if d["kind"] == "Deployment")["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    port = WorkerSettings(metrics_port=next(e["value"] for e in container["env"] if e["name"] == "RENDER_METRICS_PORT"))
+    assert {"name": "metrics", "containerPort": port.metrics_port} in container.get("ports", [])
+    annotations = template["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/path") == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == port.metrics_port
+
+
 def test_compose_runs_two_worker_services_with_different_models(compose: dict[str, Any]) -> None:
     services = compose["services"]
     served = [json.loads(services[name]["environment"]["RENDER_MODELS"]) for name in ("worker-gpu0", "worker-gpu1")]
