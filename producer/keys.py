@@ -129,9 +129,10 @@ def recovery_lock_key(task_id: str) -> str:
 
 
 def deaths_key(task_id: str) -> str:
-    """Set of the runs of `task_id` whose worker died (their lease tokens), added by the recovery scan that finds
-    each lapsed: its size is the job's worker deaths, which `RENDER_MAX_ATTEMPTS` bounds. Drain hand-offs, which
-    re-enqueue a job without the scan, are not in it. Lives `result_ttl` from the last death."""
+    """Hash of the runs of `task_id` whose worker died (a field per lease token) and the submission they belong to
+    (`submitted_at`), written by the recovery scan that finds each lapsed: the job's worker deaths, which
+    `RENDER_MAX_ATTEMPTS` bounds. Drain hand-offs, which re-enqueue a job without the scan, are not in it. Lives
+    `result_ttl` from the last death."""
     return f"{KEY_PREFIX}:deaths:{task_id}"
 
 

@@ -9,12 +9,13 @@ whose result is not final is sent again under the same task id (a short per-task
 it to one sender). The broker's late redelivery then finds the manifest and does nothing.
 
 A job that kills its worker (out of memory, a wedged decode) would kill worker after worker. Each dead run is
-counted in `render:deaths:<task_id>` (`deaths_key`), a set of the dead runs' lease tokens beside the running record:
-the record goes with each run and a count in the task's message would restart from the broker's late redelivery of
-the first one, while this key outlives both, and a scan that sees one death twice (it stopped before unlisting the
-run) counts it once. Drain hand-offs re-enqueue a job without this scan, so they are no deaths. At
-`max_attempts` deaths the job ends `failed` instead, as its task would have ended it: a `failed` manifest in storage
-(the checkpoint deleted) and in Redis, Celery's FAILURE result, its webhook.
+counted in `render:deaths:<task_id>` (`deaths_key`), beside the running record, by the run's lease token: the record
+goes with each run and a count in the task's message would restart from the broker's late redelivery of the first
+one, while this key outlives both, and a scan that sees one death twice (it stopped before unlisting the run)
+counts it once. The count belongs to the job's submission: resubmitted under the same id, it starts again. Drain
+hand-offs re-enqueue a job without this scan, so they are no deaths. At `max_attempts` deaths the job ends `failed`
+instead, as its task would have ended it: a `failed` manifest in storage (the checkpoint deleted) and in Redis,
+Celery's FAILURE result, its webhook.
 
 A worker can also die after the broker handed it a job but before the job took its lease (between
 delivery and the first lines of the task). That job is only in kombu's `unacked` hash, which Redis
@@ -67,6 +68,13 @@ log = logging.getLogger(__name__)
 _UNLIST = (
     "redis.call('lrem', KEYS[2], 1, ARGV[1]) if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then "
     "redis.call('hdel', KEYS[1], ARGV[1]) redis.call('zrem', KEYS[3], ARGV[1]) end return 1"
+)
+# A job's deaths: its submission (`submitted_at`, which every re-send and hand-off carries) and a field per dead run
+# (its lease token). A new submission under the same id (a batch resubmitting its failed jobs) counts from 0 again.
+_COUNT_DEATH = (
+    "if redis.call('hget', KEYS[1], 'submitted_at') ~= ARGV[1] then redis.call('del', KEYS[1]) "
+    "redis.call('hset', KEYS[1], 'submitted_at', ARGV[1]) end redis.call('hset', KEYS[1], 'run:' .. ARGV[2], 1) "
+    "redis.call('expire', KEYS[1], ARGV[3]) return redis.call('hlen', KEYS[1]) - 1"
 )
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
@@ -186,13 +194,10 @@ class RecoveryScanner(PeriodicThread):
         return True
 
     def _count_death(self, task_id: str, record: dict[str, Any]) -> int:
-        """Add the dead run to the job's deaths (once, however many scans see it); return how many it has had."""
+        """Add the dead run to its submission's deaths (once, however many scans see it); return how many it has."""
         run = record.get("lease") or f"{record.get('attempt')}:{record.get('worker')}"  # older workers' records
-        count = self.client.pipeline(transaction=True)
-        count.sadd(deaths_key(task_id), run)
-        count.expire(deaths_key(task_id), self.result_ttl)
-        count.scard(deaths_key(task_id))
-        return int(count.execute()[-1])
+        submission = str(record.get("submitted_at"))
+        return int(self.client.eval(_COUNT_DEATH, 1, deaths_key(task_id), submission, run, self.result_ttl))
 
     def _fail(self, task_id: str, record: dict[str, Any], deaths: int) -> None:
         """End a job whose workers kept dying as its task ends a failed one: the manifest in storage and Redis,

@@ -174,7 +174,8 @@ def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_
 ) -> None:
     """RENDER_MAX_ATTEMPTS=2. The job's run at attempt 3 (two drain hand-offs before it, which are no deaths) dies:
     sent again. A scan that sees that same dead run again (one that stopped after counting it) counts it once. The
-    next run dies: two deaths, the job ends `failed` as the task would have ended it, and nothing is sent again."""
+    next run dies: two deaths, the job ends `failed` as the task would have ended it, and nothing is sent again.
+    Submitted again under its id (as a batch resubmits its failed jobs), its deaths count from 0."""
     url = f"redis://127.0.0.1:{redis_server.port}/59"
     direct = redis.Redis.from_url(url)
     direct.flushdb()
@@ -182,8 +183,9 @@ def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_
     client = RenderClient(ClientSettings(redis_url=url))
     queue = "render.tiny-sd15"
 
-    def died(attempt: int, worker: str) -> None:  # the record a run's lease left, its lease key gone
+    def died(attempt: int, worker: str, submitted_at: float = 1000.0) -> None:  # a run's record, its lease key gone
         record = {"spec": json.dumps(spec()), "queue": queue, "attempt": attempt, "worker": worker}
+        record["submitted_at"] = submitted_at
         direct.hset(RUNNING_TASKS, "poison", json.dumps({**record, "lease": f"{worker}:{attempt}abc"}))
         direct.rpush(active_list(queue), "poison")
         direct.zadd(LEASE_DEADLINES, {"poison": 0})
@@ -216,6 +218,10 @@ def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_
         assert not direct.hexists(RUNNING_TASKS, "poison") and direct.zscore(LEASE_DEADLINES, "poison") is None
         assert direct.llen(active_list(queue)) == 0
         assert app.recovery_scanner.scan_once() == [] and sent() == []
+
+        direct.delete(manifest_key("poison"), app.backend.get_key_for_task("poison"))  # what a resubmission clears
+        died(1, "third@host:1", submitted_at=2000.0)
+        assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [2], "a new submission's first death"
     finally:
         client.close()
         app.close()
