@@ -183,6 +183,18 @@ class Connection(KombuConnection):
         scheme = "rediss" if transport.url_scheme == "redis" and self.ssl else transport.url_scheme
         return f"{scheme}://{uri.removeprefix(prefix)}"
 
+    def info(self) -> dict[str, Any]:
+        """kombu's, with the sentinels' password masked: Celery's `inspect stats` sends this to whoever asks (and
+        drops the Redis password itself)."""
+        info = dict(super().info())
+        options = info.get("transport_options") or {}
+        if (options.get("sentinel_kwargs") or {}).get("password"):
+            info["transport_options"] = {**options, "sentinel_kwargs": {**options["sentinel_kwargs"], "password": "**"}}
+        return info
+
+    def __reduce__(self) -> Any:  # kombu's, from the unmasked info
+        return self.__class__, tuple(dict(self._info()).values()), None
+
 
 class AMQP(CeleryAMQP):
     """Celery's messaging glue, making this module's `Connection`s (`Celery(amqp=AMQP)`)."""

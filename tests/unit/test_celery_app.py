@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import pickle
 import ssl
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,23 @@ def test_the_broker_transport_options_are_json_as_inspect_stats_sends_them() -> 
     with app.connection() as connection:
         info = connection.info()
     assert json.loads(json.dumps(info["transport_options"])) == app.conf.broker_transport_options
+
+
+def test_inspect_stats_shows_no_password_of_the_redis_or_its_sentinels() -> None:
+    """The connection's info, which `inspect stats` sends and Flower's worker page shows, masks both passwords."""
+    settings = WorkerSettings(
+        redis_url="sentinel://:redis-pw@10.0.0.1:26379/2;sentinel://:redis-pw@10.0.0.2:26379",
+        redis_master_name="farm",
+        redis_sentinel_password="sentinel-pw",
+    )
+    app = create_app(settings)
+    with app.connection() as connection:
+        shown = json.dumps(connection.info())
+        assert "master_name" in shown and "sentinel-pw" not in shown
+        assert connection.transport_options["sentinel_kwargs"] == {"password": "sentinel-pw"}  # the channel's own
+        copy = pickle.loads(pickle.dumps(connection))
+        assert copy.transport_options == connection.transport_options and copy.as_uri() == connection.as_uri()
+    assert app.conf.broker_transport_options["sentinel_kwargs"] == {"password": "sentinel-pw"}  # Flower's sentinels
 
 
 @pytest.mark.parametrize(
