@@ -77,8 +77,8 @@ def denoise_batch(prepared: Sequence[Prepared], registry: ModelRegistry) -> list
         with job_setup(pipe, prepared, registry):
             batch.run()
     except Exception as exc:  # the call itself failed: every job still in it fails with the cause
-        for row in batch.active:
-            batch.leave(row, Denoised(error=exc))
+        for member in list(batch.active):  # `leave` takes each out of `active`
+            batch.leave(member, Denoised(error=exc))
     ids = [each.job.task_id for each in prepared]
     for job_id, outcome in zip(ids, batch.outcomes, strict=True):
         assert outcome is not None
@@ -144,7 +144,7 @@ class _Batch:
         self.started = time.perf_counter()
         try:
             with torch.inference_mode():
-                arguments.update(clip_skip_arguments(self.pipe, spec))
+                arguments.update(clip_skip_arguments(self.pipe, spec, arguments["prompt"]))
                 output = self.pipe(
                     **arguments,
                     output_type="pt",

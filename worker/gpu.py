@@ -318,7 +318,7 @@ class GpuRunner:
                 outcomes = denoise_batch([request.prepared for request in batch], self.registry)
             except Exception as exc:  # denoise_batch returns errors as outcomes; this is a bug, not a job's failure
                 log.exception("the GPU call of %s failed outside any job", ids)
-                outcomes = [Denoised(error=exc) for _ in batch]
+                outcomes = [Denoised(error=exc, batched_with=[i for i in ids if i != own]) for own in ids]
             with self._cond:
                 self._running = []
             for request, outcome in zip(batch, outcomes, strict=True):

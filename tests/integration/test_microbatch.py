@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -16,15 +19,17 @@ from producer import RenderSpec
 from producer.client import JobHandle
 from tests.helpers import running, wait_until
 from tests.integration.conftest import LONG, Farm, spec, wait_for
+from worker.batching import denoise_batch
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.rendering import render
+from worker.rendering import prepare, render
 from worker.settings import default_models
 from worker.storage import LocalStorage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 BATCHED = spec(num_inference_steps=120, width=96, height=96)
+LORA_EXAMPLE = json.loads((Path(__file__).parents[2] / "examples" / "lora-sd15.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +61,26 @@ def image(farm: Farm, url: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(body)), dtype=np.int16)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread in this process, like the worker's (`RENDER_TORCH_THREADS=1`), for the block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def alone(specs: Sequence[dict[str, Any]], tmp_path: Any) -> list[list[np.ndarray]]:
     """The same specs rendered one by one in this process, with one torch thread like the worker."""
     registry = ModelRegistry(default_models(), device=torch.device("cpu"), dtype=torch.float32)
     storage = LocalStorage(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         manifests = [
             render(JobContext(RenderSpec.parse(s), f"alone-{i}"), registry=registry, storage=storage)
             for i, s in enumerate(specs)
         ]
-    finally:
-        torch.set_num_threads(threads)
     return [
         [np.asarray(Image.open(tmp_path / m.task_id / f"image-{i}.png"), dtype=np.int16) for i in range(len(m.images))]
         for m in manifests
@@ -110,3 +122,34 @@ def test_a_budget_spent_inside_the_batch_leaves_it_interrupted_with_its_partial_
     assert manifests[2].steps_completed == 20 and manifests[2].interrupted_by == "max_steps"
     assert len(manifests[2].images) == 1 and len(manifests[2].batched_with) == 2
     assert [m.steps_completed for m in manifests[:2]] == [40, 40]
+
+
+def test_four_copies_of_the_lora_example_with_clip_skip_share_one_call_and_each_gives_its_image(
+    batching_farm: Farm, tmp_path: Any
+) -> None:
+    """examples/lora-sd15.json (clip skip 1, a LoRA, a negative prompt, a CFG cutoff, frames) with four seeds.
+
+    Each image is compared with the same four rendered in one call in this process. Against its lone render a float32
+    row differs by rounding only, but the tiny LoRA (random, 4x strength) amplifies that to tens of levels (without
+    it, <= 1; in float64, 0): tests/unit/test_batching.py checks batched rows against lone renders in float64."""
+    farm = batching_farm
+    specs = [LORA_EXAMPLE | {"seed": 42 + i} for i in range(4)]
+    manifests = farm.finish(behind_a_blocker(farm, specs))
+
+    ids = [m.task_id for m in manifests]
+    assert [m.status for m in manifests] == ["succeeded"] * 4, [m.error for m in manifests]
+    for manifest in manifests:
+        assert sorted(manifest.batched_with) == sorted(i for i in ids if i != manifest.task_id)
+        assert manifest.clip_skip == 1 and [lora.name for lora in manifest.loras] == ["tiny-lora"]
+    registry = ModelRegistry(default_models(), device=torch.device("cpu"), dtype=torch.float32)
+    storage = LocalStorage(tmp_path)
+    with one_thread():
+        prepared = [
+            prepare(JobContext(RenderSpec.parse(s), f"here-{i}"), registry, storage) for i, s in enumerate(specs)
+        ]
+        together = denoise_batch(prepared, registry)
+    for manifest, want in zip(manifests, together, strict=True):
+        assert want.batched_with, "the jobs in this process shared one call too"
+        got = [image(farm, url) for url in manifest.images]
+        wanted = [np.asarray(each, dtype=np.int16) for each in want.images]
+        assert max(int(np.abs(a - b).max()) for a, b in zip(got, wanted, strict=True)) <= 1

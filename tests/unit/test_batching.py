@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from producer import RenderFailed, RenderSpec
@@ -18,6 +19,7 @@ from worker.gpu import Deadline, Deliveries, GpuRunner
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
 from worker.rendering import Denoised, Prepared, denoise, prepare, store
+from worker.settings import default_models
 from worker.stops import JobRevoked
 from worker.storage import LocalStorage
 
@@ -44,6 +46,17 @@ class RevokeAt:
     def on_step(self, info: StepInfo) -> None:
         if info.steps_completed >= self.step:
             raise JobRevoked(info.steps_completed)
+
+
+class FailAt:
+    """A hook that breaks (an error, not a stop) once `step` steps are done: the whole shared call fails."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, info: StepInfo) -> None:
+        if info.steps_completed >= self.step:
+            raise RuntimeError(f"the hook broke at step {info.steps_completed}")
 
 
 class StepLog:
@@ -122,6 +135,99 @@ def test_revoking_one_job_drops_its_rows_and_the_others_finish_as_alone(
     assert rows[0] == 12 and rows[-1] == 8, rows
 
 
+ENCODED = {"clip_skip": 1, "loras": [{"name": "tiny-lora", "scale": 0.8}]}  # what examples/lora-sd15.json sets
+
+
+@pytest.fixture(scope="module")
+def exact() -> ModelRegistry:
+    """Both tiny pipelines in float64. With the tiny LoRA (4x strength) a float32 batch's rows drift from their lone
+    renders by rounding alone (another batch size, other kernels), up to 18 levels after 8 steps (measured); in
+    float64 they agree, so a difference here is the batch's doing."""
+    return ModelRegistry(default_models(), device=torch.device("cpu"), dtype=torch.float64, max_cached=2)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("negative", ["", "blurry, take {i}"])
+def test_jobs_with_their_own_prompt_negative_prompt_and_seed_under_clip_skip_and_a_lora_each_give_their_lone_image(
+    exact: ModelRegistry, tmp_path: Path, model: str, negative: str
+) -> None:
+    storage = LocalStorage(tmp_path)
+    specs = [make_spec(model, i, negative_prompt=negative.format(i=i), **ENCODED) for i in range(4)]
+    assert len({batch_key(spec) for spec in specs}) == 1
+    expected = [alone(exact, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
+    prepared = [prepare(JobContext(s, f"e-{i}"), exact, storage) for i, s in enumerate(specs)]
+
+    rows: list[int] = []
+    handle = exact.pipeline(model).unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        outcomes = denoise_batch(prepared, exact)
+    finally:
+        handle.remove()
+
+    assert rows == [12] * 8, "one call, guided, for the six images of the four jobs"
+    for i, (outcome, want) in enumerate(zip(outcomes, expected, strict=True)):
+        assert outcome.error is None, f"job {i}: {outcome.error!r}"
+        assert max_diff(outcome.images, want.images) <= 1, f"job {i} differs from its render alone"
+        assert outcome.batched_with == [f"e-{j}" for j in range(4) if j != i]
+
+
+def test_jobs_that_differ_in_clip_skip_or_loras_share_calls_only_with_their_like_each_as_alone(
+    exact: ModelRegistry, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path)
+    runner = GpuRunner(exact, max_batch=8)
+    gate = Gate()
+    tiny_lora = {"name": "tiny-lora", "scale": 0.8}
+    variants: list[dict[str, Any]] = [
+        {"clip_skip": 0},
+        {"clip_skip": 1},
+        {"clip_skip": 1, "loras": [tiny_lora]},
+        {"clip_skip": 1, "loras": [{**tiny_lora, "scale": -0.5}]},
+    ]
+    specs = [make_spec(i=i, num_images=1, negative_prompt="blurry", **variants[i // 2]) for i in range(8)]
+    assert len({batch_key(spec) for spec in specs}) == 4
+    expected = [alone(exact, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
+    results: dict[str, Denoised] = {}
+
+    def submit(job: JobContext) -> threading.Thread:
+        prepared = prepare(job, exact, storage)
+        thread = threading.Thread(target=lambda: results.__setitem__(job.task_id, runner.run(prepared)))
+        thread.start()
+        return thread
+
+    threads = [submit(JobContext(make_spec(i=9, num_images=1), "gate", hooks=[gate]))]
+    assert gate.reached.wait(60)
+    threads += [submit(JobContext(spec, f"v-{i}")) for i, spec in enumerate(specs)]
+    wait_until(lambda: len(runner._waiting) == 8, timeout=60, what="eight jobs waiting for the GPU")
+    gate.open.set()
+    for thread in threads:
+        thread.join(120)
+
+    assert [sorted(call) for call in runner.calls[1:]] == [[f"v-{i}", f"v-{i + 1}"] for i in range(0, 8, 2)]
+    for i, want in enumerate(expected):
+        got = results[f"v-{i}"]
+        assert got.error is None, f"job {i}: {got.error!r}"
+        assert max_diff(got.images, want.images) <= 1, f"job {i} differs from its render alone"
+        assert got.batched_with == [f"v-{i ^ 1}"]
+
+
+def test_a_call_that_fails_gives_every_job_in_it_the_cause_and_the_jobs_it_shared_the_call_with(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    storage = LocalStorage(tmp_path)
+    specs = [make_spec("tiny-sd15", i) for i in range(4)]
+    hooks: list[list[Any]] = [[], [FailAt(3)], [], []]
+    prepared = [prepare(JobContext(s, f"f-{i}", hooks=hooks[i]), registry, storage) for i, s in enumerate(specs)]
+    outcomes = denoise_batch(prepared, registry)
+    for i, (each, outcome) in enumerate(zip(prepared, outcomes, strict=True)):
+        with pytest.raises(RenderFailed, match=r"RuntimeError: the hook broke at step 3") as caught:
+            store(each, outcome, storage)
+        manifest = caught.value.manifest
+        assert manifest is not None and manifest.status == "failed"
+        assert manifest.error == "RuntimeError: the hook broke at step 3"
+        assert manifest.batched_with == [f"f-{j}" for j in range(4) if j != i]
+
+
 def test_every_job_revoked_ends_the_call_before_the_decode(registry: ModelRegistry, tmp_path: Path) -> None:
     storage = LocalStorage(tmp_path)
     specs = [make_spec("tiny-sd15", i) for i in range(2)]
@@ -148,6 +254,9 @@ def test_the_key_keeps_apart_what_one_call_cannot_share() -> None:
         make_spec(negative_prompt="blurry"),  # SDXL encodes a missing negative prompt differently from ''
         make_spec(callbacks=[{"type": "cfg_cutoff", "step_ratio": 0.5}]),
         make_spec(model="tiny-sdxl"),
+        make_spec(clip_skip=1),
+        make_spec(loras=[{"name": "tiny-lora"}]),
+        make_spec(loras=[{"name": "tiny-lora", "scale": 0.5}]),
     ):
         assert batch_key(other) != batch_key(base)
     assert batch_key(make_spec(pipeline="img2img", image="file:///x.png")) is None

@@ -100,21 +100,24 @@ def scheduled(pipe: Any, name: str) -> Iterator[SchedulerUsed]:
         pipe.scheduler = checkpoint_scheduler
 
 
-def clip_skip_arguments(pipe: Any, spec: RenderSpec) -> dict[str, Any]:
-    """The pipeline arguments that apply `spec.clip_skip` (none when it is 0).
+def clip_skip_arguments(pipe: Any, spec: RenderSpec, prompt: str | list[str] | None = None) -> dict[str, Any]:
+    """The pipeline arguments that apply `spec.clip_skip` (none when it is 0) to `prompt` (default: the spec's;
+    a shared call passes its list, one prompt per row).
 
     SDXL takes diffusers' own `clip_skip`. Stable Diffusion 1.5's reads `text_encoder.text_model`, which
     transformers 5 removed from `CLIPTextModel` (an AttributeError in diffusers 0.42; a test watches for the
-    fix), so its prompt embeddings are made here exactly as diffusers makes them and passed in instead.
+    fix), so its prompt embeddings are made here exactly as diffusers makes them and passed in instead: one row
+    per prompt. The negative prompt is still the pipeline's to encode (without clip skip, as diffusers does).
     """
     if not spec.clip_skip:
         return {}
     if getattr(pipe, "text_encoder_2", None) is not None:
         return {"clip_skip": spec.clip_skip}
-    return {"prompt": None, "prompt_embeds": _skipped_embeddings(pipe, spec.prompt, spec.clip_skip)}
+    prompts = spec.prompt if prompt is None else prompt
+    return {"prompt": None, "prompt_embeds": _skipped_embeddings(pipe, prompts, spec.clip_skip)}
 
 
-def _skipped_embeddings(pipe: Any, prompt: str, clip_skip: int) -> Any:
+def _skipped_embeddings(pipe: Any, prompt: str | list[str], clip_skip: int) -> Any:
     encoder = pipe.text_encoder
     tokens = pipe.tokenizer(
         prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
