@@ -38,6 +38,9 @@ SchedulerName = Literal[
     "default", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "lcm"
 ]
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
+SCHEDULER_MAX_STEPS: dict[str, int] = {"lcm": 50}
+"""Samplers that run fewer than MAX_STEPS steps. LCM picks its steps from a schedule of `original_inference_steps`
+(50 in diffusers' LCMScheduler) and refuses more; every other sampler runs up to its 1000 training timesteps."""
 MAX_CLIP_SKIP = 12  # the worker checks the model's own text-encoder depth (layers - 1)
 MAX_LORAS = 4
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -163,7 +166,8 @@ class RenderSpec(_Strict):
     controlnet_conditioning_scale: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     ip_adapter: IpAdapterOptions | None = None
     scheduler: SchedulerName = Field(
-        default="default", description="The sampler; `default` is the checkpoint's own (see README: Samplers)."
+        default="default",
+        description="The sampler; `default` is the checkpoint's own (see README: Samplers). lcm: 50 steps at most.",
     )
     clip_skip: int = Field(
         default=0,
@@ -238,6 +242,16 @@ class RenderSpec(_Strict):
             raise ValueError(
                 f"strength: {self.strength} x num_inference_steps {self.num_inference_steps} leaves no step to run; "
                 "raise either"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _steps_fit_the_sampler(self) -> RenderSpec:
+        most = SCHEDULER_MAX_STEPS.get(self.scheduler, MAX_STEPS)
+        if self.num_inference_steps > most:
+            raise ValueError(
+                f"num_inference_steps must be at most {most} with scheduler {self.scheduler!r}; "
+                f"got {self.num_inference_steps}"
             )
         return self
 

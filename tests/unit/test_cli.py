@@ -143,3 +143,14 @@ def test_submit_refuses_an_empty_task_id_before_reaching_redis() -> None:
         result.stderr == "error: task_id: '' is not a valid task id; use 1-128 letters, digits, '.', '_' or '-', "
         "starting with a letter or digit (or leave it out for a generated one)\n"
     )
+
+
+def test_submit_refuses_more_steps_than_the_sampler_runs_before_anything_is_queued(tmp_path: Path) -> None:
+    spec = tmp_path / "lcm.json"
+    spec.write_text(json.dumps({"model": "tiny-sd15", "prompt": "x", "scheduler": "lcm", "num_inference_steps": 51}))
+    result = here("submit", str(spec), env={"RENDER_REDIS_URL": "redis://127.0.0.1:9/0"})  # no Redis there
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: invalid render spec: num_inference_steps must be at most 50 with scheduler 'lcm'; got 51\n"
+    )
+    assert result.stdout == ""

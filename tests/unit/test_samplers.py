@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from producer import RenderSpec, SpecError
-from producer.spec import SCHEDULERS
+from producer.spec import MAX_STEPS, SCHEDULERS
 from tests.helpers import UNetCalls, pixels
 from worker.inputs import load_inputs
 from worker.job import JobContext
 from worker.models.registry import ModelRegistry
-from worker.models.sampling import SAMPLERS
+from worker.models.sampling import SAMPLERS, make_scheduler
 from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
@@ -46,6 +46,37 @@ def storage(tmp_path: Path) -> LocalStorage:
 
 def test_every_scheduler_name_in_the_spec_has_a_sampler() -> None:
     assert set(SCHEDULERS) - {"default"} == set(SAMPLERS)
+
+
+def most_steps_the_spec_allows(scheduler: str) -> int:
+    def valid(steps: int) -> bool:
+        try:
+            make_spec(scheduler=scheduler, num_inference_steps=steps)
+        except SpecError:
+            return False
+        return True
+
+    return max(steps for steps in range(1, MAX_STEPS + 1) if valid(steps))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("scheduler", ["default", *sorted(SAMPLERS)])
+def test_the_spec_allows_exactly_the_step_counts_each_sampler_runs(
+    registry: ModelRegistry, model: str, scheduler: str
+) -> None:
+    """Against diffusers' own schedulers on the checkpoint's config: the fewest and the most steps the spec allows
+    set a schedule, and where the spec stops short of MAX_STEPS (LCM: `original_inference_steps`, 50), one more
+    step does not."""
+    checkpoint = registry.pipeline(model).scheduler
+    most = most_steps_the_spec_allows(scheduler)
+    for steps in (1, most):
+        sampler, _ = make_scheduler(scheduler, checkpoint)
+        sampler.set_timesteps(steps)
+        assert len(sampler.timesteps) >= steps
+    if most < MAX_STEPS:
+        with pytest.raises(ValueError):
+            make_scheduler(scheduler, checkpoint)[0].set_timesteps(most + 1)
+    assert most == (50 if scheduler == "lcm" else MAX_STEPS)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -39,6 +39,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
         (spec(width=32), "width", "greater than or equal to 64"),
         (spec(num_inference_steps=0), "num_inference_steps", "greater than or equal to 1"),
         (spec(num_inference_steps=151), "num_inference_steps", "less than or equal to 150"),
+        (spec(scheduler="lcm", num_inference_steps=51), "num_inference_steps", "at most 50 with scheduler 'lcm'"),
         (spec(num_images=9), "num_images", "less than or equal to 8"),
         (spec(num_images=0), "num_images", "greater than or equal to 1"),
         (spec(prompt=""), "prompt", "at least 1 character"),
@@ -61,6 +62,15 @@ def test_bad_input_names_the_field(data: dict[str, Any], field: str, hint: str) 
     assert f"{field}:" in message or f"{field} " in message, message
     assert hint in message, message
     assert "\n" not in message
+
+
+def test_the_sampler_step_limit_is_one_sentence_naming_the_limit() -> None:
+    with pytest.raises(SpecError) as caught:
+        RenderSpec.parse(spec(scheduler="lcm", num_inference_steps=51))
+    assert str(caught.value) == (
+        "invalid render spec: num_inference_steps must be at most 50 with scheduler 'lcm'; got 51"
+    )
+    assert RenderSpec.parse(spec(scheduler="lcm", num_inference_steps=50)).num_inference_steps == 50
 
 
 def test_nan_in_json_text_is_rejected() -> None:
