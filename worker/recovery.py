@@ -12,10 +12,12 @@ A job that kills its worker (out of memory, a wedged decode) would kill worker a
 counted in `render:deaths:<task_id>` (`deaths_key`), beside the running record, by the run's lease token: the record
 goes with each run and a count in the task's message would restart from the broker's late redelivery of the first
 one, while this key outlives both, and a scan that sees one death twice (it stopped before unlisting the run)
-counts it once. The count belongs to the job's submission: resubmitted under the same id, it starts again. Drain
-hand-offs re-enqueue a job without this scan, so they are no deaths. At `max_attempts` deaths the job ends `failed`
-instead, as its task would have ended it: a `failed` manifest in storage (the checkpoint deleted) and in Redis,
-Celery's FAILURE result, its webhook.
+counts it once. Only a run the GPU had taken (state `started` or `progress`) counts: the jobs the dead worker merely
+held, waiting, were its neighbours. A job sent again shows `queued` until its next run starts, as after a hand-off.
+The count belongs to the job's submission: resubmitted under the same id, it starts again. Drain hand-offs
+re-enqueue a job without this scan, so they are no deaths. At `max_attempts` deaths the job ends `failed` instead,
+as its task would have ended it: a `failed` manifest in storage (the checkpoint deleted) and in Redis, Celery's
+FAILURE result, its webhook.
 
 A worker can also die after the broker handed it a job but before the job took its lease (between
 delivery and the first lines of the task). That job is only in kombu's `unacked` hash, which Redis
@@ -164,16 +166,21 @@ class RecoveryScanner(PeriodicThread):
             self._settle(task_id)
             self._unlist(task_id, raw_record, record)
             return False
-        deaths = self._count_death(task_id, record)
-        if deaths >= self.max_attempts:
+        run = AsyncResult(task_id, app=self.app)
+        # A death counts against the job only if the GPU had taken it (started, or in progress): one the dead worker
+        # merely held, waiting, was a neighbour of what killed it.
+        on_gpu = run.state in (states.STARTED, "PROGRESS")
+        deaths = self._count_death(task_id, record) if on_gpu else None
+        if deaths is not None and deaths >= self.max_attempts:
             try:
-                self._fail(task_id, record, deaths)
+                self._fail(task_id, record, deaths, run.info if run.state == "PROGRESS" else None)
             except StorageError as exc:  # the record stays: the next scan tries again, counting no new death
                 log.error("task %s: its failed manifest could not be stored (retried next scan): %s", task_id, exc)
                 return False
             self._unlist(task_id, raw_record, record)
             return False
         attempt = int(record.get("attempt") or 1) + 1
+        self.app.backend.forget(task_id)  # queued again, as a hand-off leaves it; the next run's start is its own
         self.app.send_task(
             TASK_RENDER,
             args=[record["spec"]],
@@ -184,11 +191,10 @@ class RecoveryScanner(PeriodicThread):
         )
         self._unlist(task_id, raw_record, record)
         log.warning(
-            "task %s lost its worker %s (death %d of %d allowed); re-enqueued as attempt %d",
+            "task %s lost its worker %s (%s); re-enqueued as attempt %d",
             task_id,
             record.get("worker"),
-            deaths,
-            self.max_attempts,
+            "held, not started" if deaths is None else f"death {deaths} of {self.max_attempts} allowed",
             attempt,
         )
         return True
@@ -199,17 +205,16 @@ class RecoveryScanner(PeriodicThread):
         submission = str(record.get("submitted_at"))
         return int(self.client.eval(_COUNT_DEATH, 1, deaths_key(task_id), submission, run, self.result_ttl))
 
-    def _fail(self, task_id: str, record: dict[str, Any], deaths: int) -> None:
+    def _fail(self, task_id: str, record: dict[str, Any], deaths: int, progress: Any) -> None:
         """End a job whose workers kept dying as its task ends a failed one: the manifest in storage and Redis,
-        Celery's FAILURE result, its webhook."""
+        Celery's FAILURE result, its webhook. `progress`: the last progress its run reported, if any."""
         reason = (
             f"its worker died {deaths} times during this job (RENDER_MAX_ATTEMPTS is {self.max_attempts}), so it is "
             "not sent again; look for the workers' out-of-memory kills or crashes in their logs"
         )
         spec = RenderSpec.parse(record["spec"])
         job = JobContext(spec, task_id, attempt=int(record.get("attempt") or 1), worker=record.get("worker"))
-        progress = AsyncResult(task_id, app=self.app)
-        reached = progress.info.get("step") if progress.state == "PROGRESS" and isinstance(progress.info, dict) else 0
+        reached = progress.get("step") if isinstance(progress, dict) else 0
         if self._storage is None:
             self._storage = self._open_storage()
         manifest = failed_outside_render(job, self._storage, reason, steps_completed=int(reached or 0))

@@ -30,13 +30,14 @@ def test_a_job_that_kills_its_worker_at_every_attempt_ends_failed_after_three_an
     farm.start_workers("poison-a", "poison-b")  # RENDER_MAX_ATTEMPTS at its default, 3
     # 512x512: ~50 ms a step on one core, so each run holds the job for seconds, however soon it is killed.
     handle = farm.client.submit(job(500, num_inference_steps=150, width=512, height=512))
-    # Each run is killed as soon as a worker holds it; a fresh worker takes the dead one's place.
+    # Each run is killed once its worker's GPU takes it; a fresh worker takes the dead one's place.
     for attempt in (1, 2, 3):
 
-        def holds(attempt: int = attempt) -> bool:
-            return running_attempt(farm, handle.task_id) == attempt
+        def on_gpu(attempt: int = attempt) -> bool:
+            taken = handle.status().state in ("started", "progress")
+            return taken and running_attempt(farm, handle.task_id) == attempt
 
-        wait_until(holds, timeout=120, what=f"attempt {attempt} running")
+        wait_until(on_gpu, timeout=120, what=f"attempt {attempt} on a GPU")
         victim = holder(farm, handle.task_id)
         victim.kill(signal.SIGKILL)
         victim.stop()

@@ -20,6 +20,7 @@ from producer.keys import (
     RECOVERY_TURN,
     RUNNING_TASKS,
     active_list,
+    job_key,
     lease_key,
     manifest_key,
     model_queue,
@@ -172,10 +173,11 @@ def test_a_scan_reads_only_lapsed_leases_and_one_worker_of_the_fleet_scans_per_i
 def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_and_is_not_sent_again(
     redis_server: Any, tmp_path: Path
 ) -> None:
-    """RENDER_MAX_ATTEMPTS=2. The job's run at attempt 3 (two drain hand-offs before it, which are no deaths) dies:
-    sent again. A scan that sees that same dead run again (one that stopped after counting it) counts it once. The
-    next run dies: two deaths, the job ends `failed` as the task would have ended it, and nothing is sent again.
-    Submitted again under its id (as a batch resubmits its failed jobs), its deaths count from 0."""
+    """RENDER_MAX_ATTEMPTS=2. Twice a worker dies holding the job before its GPU took it (a neighbour of what
+    killed it): no death of this job's, sent again each time. Its run at attempt 3 dies on the GPU: sent again. A
+    scan that sees that same dead run again (one that stopped after counting it) counts it once. The next run dies:
+    two deaths, the job ends `failed` as the task would have ended it, and nothing is sent again. Submitted again
+    under its id (as a batch resubmits its failed jobs), its deaths count from 0."""
     url = f"redis://127.0.0.1:{redis_server.port}/59"
     direct = redis.Redis.from_url(url)
     direct.flushdb()
@@ -183,7 +185,10 @@ def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_
     client = RenderClient(ClientSettings(redis_url=url))
     queue = "render.tiny-sd15"
 
-    def died(attempt: int, worker: str, submitted_at: float = 1000.0) -> None:  # a run's record, its lease key gone
+    def died(attempt: int, worker: str, *, on_gpu: bool = True, submitted_at: float = 1000.0) -> None:
+        """The record a dead run left, its lease gone; its progress if the GPU had taken it (step 5)."""
+        if on_gpu:
+            app.backend.store_result("poison", {"step": 5, "total": 10}, "PROGRESS")
         record = {"spec": json.dumps(spec()), "queue": queue, "attempt": attempt, "worker": worker}
         record["submitted_at"] = submitted_at
         direct.hset(RUNNING_TASKS, "poison", json.dumps({**record, "lease": f"{worker}:{attempt}abc"}))
@@ -195,11 +200,17 @@ def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_
         direct.delete(queue)
         return messages
 
+    direct.hset(job_key("poison"), "queue", queue)  # the producer's record of the submission
     (tmp_path / "poison").mkdir()
     (tmp_path / "poison" / "checkpoint.pt").write_bytes(b"an earlier run's checkpoint")
     try:
+        died(1, "held@host:1", on_gpu=False)
+        assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [2]
+        died(2, "held@host:2", on_gpu=False)
+        assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [3], "held, not run: no death"
         died(3, "first@host:1")
         assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [4]
+        assert client.status("poison").state == "queued", "re-sent, it waits on its queue again"
         died(3, "first@host:1")
         assert app.recovery_scanner.scan_once() == ["poison"] and sent() == [4], "one death, seen twice"
         died(4, "second@host:1")
@@ -213,7 +224,12 @@ def test_a_job_whose_worker_died_max_attempts_times_ends_failed_with_the_reason_
         stored = json.loads((tmp_path / "poison" / "manifest.json").read_text())
         assert status.manifest is not None and status.manifest.model_dump(mode="json") == stored
         assert stored["status"] == "failed" and reason in stored["error"]
-        assert (stored["attempt"], stored["worker"], stored["images"]) == (4, "second@host:1", [])
+        assert (stored["attempt"], stored["worker"], stored["images"], stored["steps_completed"]) == (
+            4,
+            "second@host:1",
+            [],
+            5,
+        )
         assert not (tmp_path / "poison" / "checkpoint.pt").exists(), "a final state deletes the checkpoint"
         assert not direct.hexists(RUNNING_TASKS, "poison") and direct.zscore(LEASE_DEADLINES, "poison") is None
         assert direct.llen(active_list(queue)) == 0
