@@ -43,8 +43,13 @@ def test_a_job_thread_s_lora_checks_never_wait_for_the_registry_lock(tmp_path: P
     registry = fresh_registry({"style": LoraSource(family="sd15", path=str(path))})
     spec = RenderSpec.parse(SPEC | {"loras": [{"name": "style", "scale": 0.8}]})
     checked = threading.Event()
+
+    def check() -> None:
+        check_supported(spec, registry)
+        checked.set()
+
     with registry._lock:  # what the GPU thread holds while it loads
-        worker = threading.Thread(target=lambda: (check_supported(spec, registry), checked.set()), daemon=True)
+        worker = threading.Thread(target=check, daemon=True)
         worker.start()
         assert checked.wait(60), "the job thread's LoRA check waited for the registry lock"
 
