@@ -30,7 +30,9 @@ def test_a_job_thread_s_checks_load_no_model_and_no_ip_adapter() -> None:
     """An IP-Adapter job's checks used to build the tiny pipeline (and read adapter weights) on the job's thread,
     under the lock the GPU thread loads under."""
     registry = fresh_registry()
-    image = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="
+    image = (  # a 1x1 PNG: the check reads no input
+        "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGP4z8DwHwAFAAH/iZk9HQAAAABJRU5ErkJggg=="
+    )
     check_supported(RenderSpec.parse(SPEC | {"ip_adapter": {"image": image, "scale": 0.5}}), registry)
     assert registry.loads == {} and registry.loaded_models() == []
 
