@@ -204,7 +204,7 @@ def _leased(
             metrics.record_hooks(spec.model, control.hook_seconds, control.hook_calls)
         _publish(state, manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
     except HandedOff as handed:
-        _hand_off(task, state, job, lease, handed)
+        _hand_off(task, job, lease, handed)
         raise Ignore() from None
     except ModelLoadError as exc:
         if _hand_on(task, state, job, lease, exc):
@@ -233,21 +233,10 @@ def _leased(
     return manifest.model_dump(mode="json")
 
 
-def _hand_off(task: Task, state: ProcessState, job: JobContext, lease: Lease, handed: HandedOff) -> None:
+def _hand_off(task: Task, job: JobContext, lease: Lease, handed: HandedOff) -> None:
     """Put a job this draining worker will not finish back on its queue as its next attempt (same id, queue and
-    priority), which resumes from the checkpoint it just stored. The lease goes first, so the next worker can
-    take it at once; the result is forgotten, so `render status` shows it queued. A crash between the two
-    leaves the job unleased and unacknowledged, which the recovery scanner puts back."""
-    lease.release()
-    task.backend.forget(job.task_id)
-    task.app.send_task(
-        TASK_RENDER,
-        args=[job.spec.model_dump_json()],
-        task_id=job.task_id,
-        queue=_queue(task),
-        priority=(task.request.delivery_info or {}).get("priority"),
-        headers={ATTEMPT_HEADER: job.attempt + 1, SUBMITTED_AT_HEADER: task.request.get(SUBMITTED_AT_HEADER)},
-    )
+    priority), which resumes from the checkpoint it just stored."""
+    _requeue(task, job, lease)
     log.warning(
         "task %s handed back to its queue at step %d (the worker is shutting down); attempt %d resumes it",
         job.task_id,
@@ -266,8 +255,24 @@ def _hand_on(task: Task, state: ProcessState, job: JobContext, lease: Lease, err
     if failures >= state.settings.max_attempts:
         error.args = (f"{error} (on {failures} attempts; RENDER_MAX_ATTEMPTS is {state.settings.max_attempts})",)
         return False
+    _requeue(task, job, lease, load_failures=failures)
+    log.warning(
+        "task %s handed on to another worker (attempt %d of %d): %s",
+        job.task_id,
+        failures,
+        state.settings.max_attempts,
+        error,
+    )
+    return True
+
+
+def _requeue(task: Task, job: JobContext, lease: Lease, *, load_failures: int | None = None) -> None:
+    """Send the job again as its next attempt (same id, queue, priority and submission time). The lease goes first,
+    so the next worker can take it at once; the result is forgotten, so `render status` shows it queued. A crash
+    between the two leaves the job unleased and unacknowledged, which the recovery scanner puts back."""
     lease.release()
     task.backend.forget(job.task_id)
+    failures = task.request.get(LOAD_FAILURES_HEADER) if load_failures is None else load_failures
     task.app.send_task(
         TASK_RENDER,
         args=[job.spec.model_dump_json()],
@@ -277,17 +282,9 @@ def _hand_on(task: Task, state: ProcessState, job: JobContext, lease: Lease, err
         headers={
             ATTEMPT_HEADER: job.attempt + 1,
             SUBMITTED_AT_HEADER: task.request.get(SUBMITTED_AT_HEADER),
-            LOAD_FAILURES_HEADER: failures,
+            **({LOAD_FAILURES_HEADER: failures} if failures else {}),
         },
     )
-    log.warning(
-        "task %s handed on to another worker (attempt %d of %d): %s",
-        job.task_id,
-        failures,
-        state.settings.max_attempts,
-        error,
-    )
-    return True
 
 
 def _withdraw(task: Task, state: ProcessState, model: str, error: ModelLoadError) -> None:

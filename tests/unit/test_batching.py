@@ -76,6 +76,13 @@ def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
     return max(int(np.abs(x - y).max()) for x, y in zip(arrays(a), arrays(b), strict=True))
 
 
+def run_on(runner: GpuRunner, prepared: Prepared, results: dict[str, Denoised]) -> threading.Thread:
+    """A job thread handing `prepared` to the GPU thread; its outcome lands in `results` under its task id."""
+    thread = threading.Thread(target=lambda: results.__setitem__(prepared.job.task_id, runner.run(prepared)))
+    thread.start()
+    return thread
+
+
 def alone(registry: ModelRegistry, storage: LocalStorage, spec: RenderSpec, task_id: str) -> Denoised:
     return denoise(prepare(JobContext(spec, task_id), registry, storage), registry)
 
@@ -190,10 +197,7 @@ def test_jobs_that_differ_in_clip_skip_or_loras_share_calls_only_with_their_like
     results: dict[str, Denoised] = {}
 
     def submit(job: JobContext) -> threading.Thread:
-        prepared = prepare(job, exact, storage)
-        thread = threading.Thread(target=lambda: results.__setitem__(job.task_id, runner.run(prepared)))
-        thread.start()
-        return thread
+        return run_on(runner, prepare(job, exact, storage), results)
 
     threads = [submit(JobContext(make_spec(i=9, num_images=1), "gate", hooks=[gate]))]
     assert gate.reached.wait(60)
@@ -269,10 +273,7 @@ def test_the_gpu_thread_batches_only_compatible_jobs_already_waiting(registry: M
     results: dict[str, Denoised] = {}
 
     def submit(job: JobContext) -> threading.Thread:
-        prepared = prepare(job, registry, storage)
-        thread = threading.Thread(target=lambda: results.__setitem__(job.task_id, runner.run(prepared)))
-        thread.start()
-        return thread
+        return run_on(runner, prepare(job, registry, storage), results)
 
     threads = [submit(JobContext(make_spec(i=0, num_images=1), "first", hooks=[gate]))]
     assert gate.reached.wait(60)
