@@ -45,7 +45,8 @@ typecheck: install
 	$(VENV)/bin/mypy tests
 
 # Two test processes, whole files each (a module's farm of workers starts once): most of the suite waits on the
-# worker processes it starts, so one pytest left a core idle (676 s serial, 541 s with two, on the 2-core CI box).
+# worker processes it starts, so one pytest left a core idle (676 s serial; 400 s with two, one torch thread each:
+# tests/conftest.py).
 TEST_PROCESSES ?= 2
 
 test: install

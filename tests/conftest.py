@@ -73,6 +73,17 @@ def s3_bucket(s3_server: str) -> Iterator[str]:
     yield name
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `make test`'s two test processes (pytest-xdist), each of them and every process it starts takes one
+    torch (OpenMP) thread: two processes with a thread per core each oversubscribe the cores, and OpenMP's spinning
+    threads burn the CPU the other process and the workers it started need."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`gpu` tests run only where CUDA is present."""
     if not any(item.get_closest_marker("gpu") for item in items):
