@@ -101,14 +101,6 @@ class _Member:
         return self.prepared.stack
 
 
-class _Budget:
-    """What a job's budget callback sees: the step count of the pipeline; `_interrupt` is the job's own."""
-
-    def __init__(self, view: Any) -> None:
-        self.num_timesteps = view.num_timesteps
-        self._interrupt = False
-
-
 class _Batch:
     def __init__(self, pipe: Any, prepared: Sequence[Prepared]) -> None:
         self.pipe = pipe
@@ -206,20 +198,16 @@ class _Batch:
             start += member.rows
             if member.index in stopped:
                 continue
-            if member.stack.budget is not None:
-                budget = _Budget(view)
-                member.stack.budget.callback_fn(budget, step, timestep, {})
-                if budget._interrupt:
-                    spent.append(member)
+            if member.stack.budget is not None and member.stack.budget.spent(step + 1, view.num_timesteps):
+                spent.append(member)
             if (frames := self.frames.get(member.index)) is not None:
                 frames.callback_fn(view, step, timestep, {"latents": rows})
             checkpoint = member.stack.checkpoint
             if checkpoint is None or member in spent:
                 continue
-            leaving = checkpoint.leaving(step + 1, view.num_timesteps)
-            if leaving or checkpoint.due(step + 1, view.num_timesteps):
-                checkpoint.capture(view.scheduler, step + 1, rows, self.generators[mine], rows=(mine, total))
-            if leaving:
+            if checkpoint.step_end(
+                view.scheduler, step + 1, view.num_timesteps, rows, self.generators[mine], rows=(mine, total)
+            ):
                 stopped[member.index] = Denoised(stop=HandedOff(step + 1))
         return spent
 

@@ -29,14 +29,19 @@ class StepBudgetCallback(PipelineCallback):
         self.started = self.clock()
         self.interrupted_by = None
 
-    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+    def spent(self, done: int, steps: int) -> bool:
+        """Whether the budget stops the job at the end of step `done` of `steps` (`interrupted_by` says why). Spent
+        at the last step, nothing was cut short: no stop. Lone and batched calls both decide here."""
         if self.interrupted_by is None:
-            if self.max_steps is not None and step_index + 1 >= self.max_steps:
+            if self.max_steps is not None and done >= self.max_steps:
                 self.interrupted_by = "max_steps"
             elif self.max_seconds is not None and self.clock() - self.started >= self.max_seconds:
                 self.interrupted_by = "max_seconds"
-            if self.interrupted_by is not None and step_index + 1 < pipeline.num_timesteps:
-                pipeline._interrupt = True
-            elif self.interrupted_by is not None:
-                self.interrupted_by = None  # the budget ran out on the last step: nothing was cut short
+            if self.interrupted_by is not None and done >= steps:
+                self.interrupted_by = None
+        return self.interrupted_by is not None
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        if self.spent(step_index + 1, pipeline.num_timesteps):
+            pipeline._interrupt = True
         return callback_kwargs

@@ -91,18 +91,30 @@ class CheckpointCallback(PipelineCallback):
                 callback_kwargs["latents"] = self._restore(pipeline, callback_kwargs["latents"])
             if not self.hand_off:
                 return callback_kwargs
-        steps = pipeline.num_timesteps
-        if self.leaving(done, steps):
-            self.capture(pipeline.scheduler, done, callback_kwargs["latents"], self.generators)
+        if self.step_end(pipeline.scheduler, done, pipeline.num_timesteps, callback_kwargs["latents"], self.generators):
             raise HandedOff(done)
-        if self.due(done, steps):
-            self.capture(pipeline.scheduler, done, callback_kwargs["latents"], self.generators)
         return callback_kwargs
 
     def bind_batch(self) -> None:
         """The job runs in a batch of several: `worker.batching` captures its rows at its steps' ends."""
         self.last = self.clock()
         self.bound = True
+
+    def step_end(
+        self,
+        scheduler: Any,
+        done: int,
+        steps: int,
+        latents: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        rows: tuple[slice, int] | None = None,
+    ) -> bool:
+        """The end of step `done` of `steps`, for a lone call and a batch's rows alike: checkpoint when the job is
+        handed off or one is due (see `capture` for `rows`); whether the job is handed off (it leaves the call)."""
+        leaving = self.leaving(done, steps)
+        if leaving or self.due(done, steps):
+            self.capture(scheduler, done, latents, generators, rows=rows)
+        return leaving
 
     def leaving(self, done: int, steps: int) -> bool:
         """Whether the job is handed off at the end of step `done` of `steps` (not at the last: it is ending)."""
