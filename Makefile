@@ -7,7 +7,7 @@ STAMP := $(VENV)/.install-stamp
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 
-.PHONY: install lock format lint typecheck test test-fast test-faults bench demo clean
+.PHONY: install lock format lint typecheck test test-fast test-faults bench docs demo clean
 
 install: $(STAMP)
 
@@ -30,12 +30,12 @@ lock:
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 format: install
-	$(VENV)/bin/ruff format producer worker tests bench
-	$(VENV)/bin/ruff check --fix producer worker tests bench
+	$(VENV)/bin/ruff format producer worker tests bench tools
+	$(VENV)/bin/ruff check --fix producer worker tests bench tools
 
 lint: install
-	$(VENV)/bin/ruff check producer worker tests bench
-	$(VENV)/bin/ruff format --check producer worker tests bench
+	$(VENV)/bin/ruff check producer worker tests bench tools
+	$(VENV)/bin/ruff format --check producer worker tests bench tools
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
 	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml
 	$(VENV)/bin/hadolint infra/worker.Dockerfile
@@ -60,6 +60,10 @@ test-faults: install
 
 bench: install
 	$(PY) bench/record.py
+
+# docs/configuration.md is generated from the settings classes; tests/unit/test_docs.py fails when it drifts.
+docs: install
+	$(PY) tools/settings_doc.py
 
 demo: install
 	$(VENV)/bin/render demo --out render-output/demo

@@ -58,28 +58,42 @@ class ClientSettings(BaseSettings):
 
     redis_url: str = Field(
         default="redis://localhost:6379/0",
-        description="broker, result backend and keys: redis://, rediss:// (TLS) or sentinel://host:port;... (Sentinel)",
+        description="broker, result backend, revocation keys, leases. Password: `redis://:password@host:6379/0`. "
+        "TLS: `rediss://:password@host:6380/0?ssl_ca_certs=/etc/ssl/redis-ca.pem` (certificates verified; "
+        "`ssl_cert_reqs=none` turns that off, `ssl_certfile`/`ssl_keyfile` for client certificates). Never printed: "
+        "logs and errors show `redis://:***@host`. Sentinel: `sentinel://:password@sentinel-1:26379/0;"
+        "sentinel://sentinel-2:26379;sentinel://sentinel-3:26379` (failover: docs/operations.md)",
     )
     redis_master_name: str | None = Field(
-        default=None, description="with a sentinel:// URL: the name the sentinels monitor the master under"
+        default=None,
+        description="with a sentinel:// URL (required there): the name the sentinels monitor the master under",
     )
     redis_sentinel_password: str | None = Field(
-        default=None, description="with a sentinel:// URL: the sentinels' own password, if they require one"
+        default=None,
+        description="with a sentinel:// URL: the sentinels' own password, if they require one (the URL's password "
+        "is the master's)",
     )
-    queue: str = Field(default=DEFAULT_QUEUE, min_length=1)
-    revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives")
-    result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live")
+    queue: str = Field(
+        default=DEFAULT_QUEUE,
+        min_length=1,
+        description="base queue name (producer and worker): jobs go to `render.<model>`; workers consume those of "
+        "their models and the bare `render`",
+    )
+    revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives (7 days)")
+    result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live (7 days)")
     webhook_hosts: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_allowed_hosts)] = Field(
         default=(),
-        description="hosts, IPs or CIDR networks a webhook may reach although private or loopback: a JSON list "
-        '(["hooks.internal", "10.0.0.0/8"]) or the comma form (hooks.internal, 10.0.0.0/8)',
+        description="hosts, IPs and CIDR networks a webhook may reach although they are private, loopback or "
+        'link-local (producers and workers): a JSON list (`["hooks.internal", "10.0.0.0/8"]`) or the comma form '
+        "(`hooks.internal, 10.0.0.0/8`)",
     )
     # Workers expire their advertisement after it; clients count a worker live for as long (set both alike).
     heartbeat_ttl: float = Field(
         default=HEARTBEAT_TTL,
         gt=0.0,
         le=MAX_HEARTBEAT_TTL,
-        description="seconds a worker stays listed after its last heartbeat; > heartbeat_interval",
+        description="seconds a worker stays listed after its last heartbeat: a dead worker drops out within it; "
+        "must exceed RENDER_HEARTBEAT_INTERVAL (checked at start)",
     )
 
     @property
@@ -105,7 +119,7 @@ def load(cls: type[S]) -> S:
     except SettingsError as exc:
         match = re.search(r'field "(\w+)"', str(exc))
         name = f"RENDER_{match.group(1).upper()}" if match else "a RENDER_* variable"
-        raise ConfigError(f"{name} is not valid JSON; see the configuration table in the README") from None
+        raise ConfigError(f"{name} is not valid JSON; see docs/configuration.md") from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):

@@ -23,8 +23,12 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    family: Family
-    source: str = Field(min_length=1)
+    family: Family = Field(description='"sd15" or "sdxl": which loading code and which specs apply')
+    source: str = Field(
+        min_length=1,
+        description='"tiny" (built in), a local diffusers directory, or a hub id already in the local cache '
+        "(nothing is downloaded)",
+    )
     controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
     ip_adapter: str | None = Field(default=None, description="IP-Adapter weights file (.safetensors or .bin)")
     image_encoder: str | None = Field(default=None, description="CLIP vision encoder directory for the IP-Adapter")
@@ -76,27 +80,45 @@ class WorkerSettings(ClientSettings):
 
     model_config = SettingsConfigDict(env_prefix="RENDER_", extra="ignore")
 
-    storage_url: str = Field(default="file://./render-output", description="s3://bucket/prefix or file:///dir")
-    s3_endpoint_url: str | None = Field(default=None, description="S3 API endpoint (MinIO, R2, ...); unset for AWS")
+    storage_url: str = Field(
+        default="file://./render-output",
+        description="`file:///dir` or `s3://bucket/prefix` (no `..` segments, no credentials)",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 API endpoint: MinIO, R2, moto, ...; unset for AWS"
+    )
     models: dict[str, ModelSource] = Field(
         default_factory=default_models,
-        description='Model allowlist as JSON: {"name": {"family": "sd15"|"sdxl", "source": "tiny"|dir|hub id}}',
+        description='model allowlist as JSON: `{"sd15": {"family": "sd15", "source": "/models/sd15"}}`; `source` is '
+        "`tiny`, a local diffusers directory, or a hub id already in the local cache (nothing is downloaded). "
+        "Optional per model: `controlnet` (directory or cached hub id), `ip_adapter` (weights file, `.safetensors` "
+        "or `.bin`) with `image_encoder` (CLIP vision directory); the keys are below",
     )
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto", description="`auto`: float16 on CUDA, float32 on CPU"
+    )
     max_cached_models: int = Field(default=1, ge=1, le=8, description="pipelines kept loaded per process")
     loras: dict[str, LoraSource] = Field(
         default_factory=default_loras,
-        description='LoRA allowlist as JSON: {"name": {"family": "sd15"|"sdxl", "path": "/dir/x.safetensors"}}; '
-        '{"path": "tiny"} is the tiny models\' built-in LoRA',
+        description='LoRA allowlist as JSON: `{"my-style": {"family": "sd15", "path": "/loras/my-style.safetensors"}}`'
+        "; `.safetensors` only (a pickled `.bin`/`.ckpt` can run code when loaded), diffusers or kohya format; "
+        'names are what specs write in `loras[].name`. `{"path": "tiny"}` is the tiny models\' built-in LoRA',
     )
     max_cached_loras: int = Field(
-        default=8, ge=1, le=64, description="LoRAs kept loaded per model, least recently used evicted first"
+        default=8,
+        ge=1,
+        le=64,
+        description="LoRAs kept loaded (unfused, on the GPU) per model, least recently used evicted first; lower it "
+        "for large SDXL LoRAs on a tight card",
     )
     storage_retry_seconds: float = Field(
-        default=120.0, ge=0.0, description="how long an unreachable S3 endpoint is retried before a job fails"
+        default=120.0,
+        ge=0.0,
+        description="seconds an unreachable or failing (5xx, throttling) S3 endpoint is retried, with backoff from "
+        "0.5 s doubling to 15 s, before the job fails; the rendered images wait in memory meanwhile",
     )
-    frame_upload_threads: int = Field(default=2, ge=1, le=16)
+    frame_upload_threads: int = Field(default=2, ge=1, le=16, description="threads encoding and uploading frames")
     webhook_secret: SecretStr | None = Field(
         default=None, description="HMAC key webhooks are signed with (X-Render-Signature); none are sent without it"
     )
@@ -104,52 +126,83 @@ class WorkerSettings(ClientSettings):
     webhook_backoff_seconds: float = Field(
         default=2.0, gt=0.0, le=3600.0, description="wait before the second try; doubles after each failure"
     )
-    webhook_timeout: float = Field(default=10.0, gt=0.0, le=120.0, description="seconds one webhook POST may take")
+    webhook_timeout: float = Field(
+        default=10.0,
+        gt=0.0,
+        le=120.0,
+        description="seconds one webhook attempt may take in all: name lookup, connection, request and the whole "
+        "answer, however slowly it trickles",
+    )
     input_roots: ListSetting = Field(
         default_factory=list,
-        description="where input images may come from: directories (file://) and s3://bucket/prefix/ entries (with "
-        "no s3:// entry, any bucket); a JSON list or the comma form",
+        description="where input images may come from: directories for `file://` inputs and `s3://bucket/prefix/` "
+        "entries for `s3://` inputs (with no `s3://` entry, any bucket the worker's credentials can read); a JSON "
+        "list or the comma form (`/srv/inputs, s3://uploads/renders/`)",
     )
-    max_input_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, description="cap on one input image's bytes")
-    max_input_pixels: int = Field(default=4096 * 4096, ge=64 * 64, description="cap on one input image's pixels")
+    max_input_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=1024,
+        description="cap on one input image's bytes (10 MiB); an oversized file or S3 object is refused on its size "
+        "(S3: a HEAD) before it is read, and no read goes past the cap",
+    )
+    max_input_pixels: int = Field(
+        default=4096 * 4096, ge=64 * 64, description="cap on one input image's pixels (4096²)"
+    )
     metrics_port: int | None = Field(default=None, ge=1, le=65535, description="Prometheus /metrics port; unset: off")
     torch_threads: int | None = Field(
-        default=None, ge=1, le=256, description="torch CPU threads per worker; cores / workers on a shared host"
+        default=None,
+        ge=1,
+        le=256,
+        description="torch CPU threads per worker (unset: torch's default); on a host with several workers, cores ÷ "
+        "workers (oversubscribed, 2 CPU workers did 3–4× less work than 1; see docs/benchmarks.md)",
     )
 
     max_batch: int = Field(
         default=1,
         ge=1,
         le=64,
-        description="images one UNet call takes from compatible jobs in hand; 1: jobs run alone",
+        description="images one UNet call may take from compatible jobs in hand (micro-batching, see "
+        "docs/operations.md); 1: each job runs alone",
     )
     prefetch: int = Field(
         default=1,
         ge=0,
         le=64,
-        description="jobs held beyond one call's RENDER_MAX_BATCH, loading while it runs (0: no overlap)",
+        description="jobs a worker holds beyond one call's RENDER_MAX_BATCH: they fetch their inputs while the GPU "
+        "runs, and the GPU takes the next at once while the last one encodes and uploads. 0: one job in hand at a "
+        "time (no overlap)",
     )
     task_time_limit: int = Field(
         default=3600,
         ge=10,
-        description="hard limit per job from when the worker takes it, seconds; stopped at its next step (failed)",
+        description="hard limit per job, seconds, counted from when the worker takes it (time waiting for the GPU "
+        "included): the job stops at its next step and ends failed; a call stuck outside the steps for this long "
+        "plus 60 s ends the worker process (recovery moves its jobs)",
     )
     visibility_timeout: int = Field(
-        default=4 * 3600, ge=20, description="seconds before Redis redelivers an unacknowledged job; > task_time_limit"
+        default=4 * 3600,
+        ge=20,
+        description="seconds before Redis redelivers an unacknowledged job; must exceed RENDER_TASK_TIME_LIMIT by "
+        "more than 60 s (checked at start)",
     )
     lease_ttl: float = Field(default=30.0, gt=0.5, description="seconds a running job's lease lives unrenewed")
-    recovery_interval: float = Field(default=10.0, gt=0.0, description="seconds between scans for dead jobs")
+    recovery_interval: float = Field(
+        default=10.0, gt=0.0, description="seconds between scans for jobs whose worker died"
+    )
     max_attempts: int = Field(
         default=3,
         ge=1,
-        description="worker deaths a job may cause (its lease lapsed mid-run) before it ends failed instead of being "
-        "sent again; drain hand-offs on SIGTERM do not count. Also the attempts whose model fails to load (each such "
-        "worker withdraws the model and hands the job on) before the job fails",
+        description="worker deaths one job may cause (its lease lapsed while its worker's GPU had it: OOM kill, "
+        'crash, lost machine) before it ends failed ("its worker died 3 times during this job") instead of being '
+        "sent again; the jobs a dead worker only held, waiting, and drain hand-offs on SIGTERM are not deaths. Also "
+        "the attempts a job's model may fail to load (each worker it fails on withdraws the model and hands the job "
+        "on) before the job fails with the cause",
     )
     progress_interval: float = Field(
         default=1.0,
         ge=0.0,
-        description="minimum seconds between a job's progress reports (Redis load: docs/operations.md)",
+        description="minimum seconds between a job's progress reports (the last step is always reported); each "
+        "costs Redis about 7 commands, the larger part of a worker's load (docs/operations.md)",
     )
     revocation_poll_interval: float = Field(
         default=2.0,
@@ -161,20 +214,28 @@ class WorkerSettings(ClientSettings):
     checkpoint_seconds: float = Field(
         default=30.0,
         ge=0.0,
-        description="seconds of denoising between a job's checkpoints (latents, sampler state), which a redelivered "
-        "job resumes from; 0: off",
+        description="seconds of denoising between a job's checkpoints (latents, sampler state, generators), stored "
+        "next to its images; a job delivered again (recovery after a crash) resumes from its last one and makes the "
+        "same image bytes (docs/operations.md). 0: off",
     )
     drain_seconds: float = Field(
         default=20.0,
         ge=0.0,
-        description="on SIGTERM, a job on the GPU that will not finish within this many seconds checkpoints and goes "
-        "back to its queue; jobs waiting go back at once",
+        description="on SIGTERM, a job on the GPU that will not finish within this many seconds (at its pace so far) "
+        "checkpoints at its next step and goes back to its queue; jobs waiting for the GPU go back at once. Keep the "
+        "grace period at least this plus 30 s",
     )
-    heartbeat_interval: float = Field(default=5.0, gt=0.0, description="seconds between a worker's heartbeats")
+    heartbeat_interval: float = Field(
+        default=5.0,
+        gt=0.0,
+        description="seconds between a worker's heartbeats (`render workers`, and the check `submit` makes that a "
+        "live worker serves the model)",
+    )
     switch_after_seconds: float = Field(
         default=60.0,
         gt=0.0,
-        description="a worker prefers jobs for the model it has loaded until another queued job has waited this long",
+        description="a worker prefers jobs for the model it has loaded (and higher priorities) until another job it "
+        "serves has waited this long; the bound on unfairness (docs/cli.md, Many models, priorities)",
     )
 
     @field_validator("loras")

@@ -1,0 +1,34 @@
+"""docs/configuration.md is generated from the settings classes and committed: it must not drift from them."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+from producer.settings import ClientSettings
+from worker.settings import WorkerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _generator() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("settings_doc", ROOT / "tools" / "settings_doc.py")
+    assert spec is not None and spec.loader is not None, "tools/settings_doc.py is missing"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_configuration_page_is_what_the_settings_generate() -> None:
+    page = ROOT / "docs" / "configuration.md"
+    committed = page.read_text() if page.exists() else ""
+    assert _generator().render() == committed, "docs/configuration.md is out of date with the settings: run `make docs`"
+
+
+def test_every_setting_has_a_row_with_its_env_var_and_a_description() -> None:
+    page = _generator().render()
+    for name, field in WorkerSettings.model_fields.items():
+        assert f"| `RENDER_{name.upper()}` |" in page, name
+        assert field.description, f"WorkerSettings.{name} has no description= for docs/configuration.md"
+    assert set(ClientSettings.model_fields) <= set(WorkerSettings.model_fields)
