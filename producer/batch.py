@@ -17,14 +17,16 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
+
+import redis
 
 from producer.errors import BatchFileError, SpecError, WaitTimeout
 from producer.keys import KEY_PREFIX, check_task_id
+from producer.reaching import reaching
+from producer.settings import ClientSettings
 from producer.spec import RenderSpec
-
-if TYPE_CHECKING:
-    from producer.client import RenderClient, TaskStatus
+from producer.status import TaskStatus
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_LINES = 100_000
@@ -124,6 +126,21 @@ def parse_lines(lines: Iterable[str], *, name: str, webhook: str | None = None) 
 RESUBMITTED = {"failed": "failed", "revoked": "revoked", "unknown": "lost"}
 
 
+class BatchClient(Protocol):
+    """What a batch needs of its client (`RenderClient`): its Redis and settings, and many jobs' statuses and
+    revocation. A protocol, so that this module imports no client and the client imports this one."""
+
+    @property
+    def redis(self) -> redis.Redis: ...
+
+    @property
+    def settings(self) -> ClientSettings: ...
+
+    def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]: ...
+
+    def revoke_many(self, task_ids: Sequence[str]) -> dict[str, int]: ...
+
+
 @dataclass
 class BatchProgress:
     """Counts by state across the batch, and the images the succeeded jobs produced."""
@@ -148,7 +165,7 @@ class BatchProgress:
 class BatchHandle:
     """A batch's jobs in line order: progress, wait, revoke and results. Final statuses are read once."""
 
-    def __init__(self, client: RenderClient, name: str, lines: Sequence[int], task_ids: Sequence[str]) -> None:
+    def __init__(self, client: BatchClient, name: str, lines: Sequence[int], task_ids: Sequence[str]) -> None:
         self.client = client
         self.name = name
         self.lines = list(lines)
@@ -214,10 +231,10 @@ class BatchHandle:
         return list(zip(self.lines, self.statuses(), strict=True))
 
 
-def load_handle(client: RenderClient, name: str) -> BatchHandle:
+def load_handle(client: BatchClient, name: str) -> BatchHandle:
     """The handle of a batch submitted before, from its record in Redis."""
     check_batch_name(name)
-    with client._reaching():
+    with reaching(client.settings.redis_url):
         mapping = client.redis.hgetall(batch_tasks_key(name))
     if not mapping:
         raise SpecError(f"name: no batch {name!r} is known (it never ran, or its record expired)")
@@ -254,7 +271,7 @@ def plan(
     return todo, current, counts
 
 
-def record(client: RenderClient, name: str, source: str, lines: list[BatchLine], run: int) -> None:
+def record(client: BatchClient, name: str, source: str, lines: list[BatchLine], run: int) -> None:
     """Write the batch's record and its line -> task id map (one pipelined round trip)."""
     now = time.time()
     ttl = client.settings.result_ttl
@@ -270,7 +287,7 @@ def record(client: RenderClient, name: str, source: str, lines: list[BatchLine],
     writes.execute()
 
 
-def describe(client: RenderClient, name: str) -> dict[str, Any]:
+def describe(client: BatchClient, name: str) -> dict[str, Any]:
     """The batch's record (source, total, runs, created_at, updated_at)."""
     raw = client.redis.hgetall(batch_key(name))
     out: dict[str, Any] = {as_text(key): as_text(value) for key, value in raw.items()}

@@ -13,14 +13,12 @@ from typing import Any, Literal
 
 import redis
 from celery import Celery, states
-from celery.exceptions import BackendError, TaskRevokedError
-from kombu.exceptions import OperationalError
-from kombu.utils.url import sanitize_url
+from celery.exceptions import TaskRevokedError
 
 from producer import batch, unsent
 from producer.batch import BatchHandle
 from producer.celery_config import base_config
-from producer.errors import FarmUnavailable, NoWorkerForModel, RenderFailed, SpecError, WaitTimeout
+from producer.errors import NoWorkerForModel, RenderFailed, SpecError, WaitTimeout
 from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
 from producer.keys import (
     DEFAULT_PRIORITY,
@@ -36,18 +34,16 @@ from producer.keys import (
     revoked_key,
 )
 from producer.manifest import Manifest
+from producer.reaching import reaching
+from producer.reaching import redacted as redacted
 from producer.redis_connect import connect
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
+from producer.status import TERMINAL as TERMINAL
+from producer.status import State as State
+from producer.status import TaskStatus as TaskStatus
 
-State = Literal["unknown", "queued", "started", "progress", "succeeded", "interrupted", "revoked", "failed"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "interrupted", "revoked", "failed"})
 RevokeOutcome = Literal["revoked", "already-finished", "unknown"]
-
-
-def redacted(url: str) -> str:
-    """The Redis URL without its password (kombu's sanitizer, as Celery's own logs use), for messages and logs."""
-    return str(sanitize_url(url, mask="***"))
 
 
 @dataclass(frozen=True)
@@ -65,22 +61,6 @@ class JobHandle:
 
     def revoke(self) -> RevokeOutcome:
         return self.client.revoke(self.task_id)
-
-
-@dataclass(frozen=True)
-class TaskStatus:
-    """Where a job stands. `step`/`total` while it renders; `manifest` once it is final; `error` if it failed."""
-
-    task_id: str
-    state: State
-    step: int | None = None
-    total: int | None = None
-    manifest: Manifest | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.state in TERMINAL
 
 
 _STATUS_CHUNK = 500
@@ -294,17 +274,9 @@ class RenderClient:
 
     # -- asking ---------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
+    def _reaching(self) -> contextlib.AbstractContextManager[None]:
         """Turn the many ways Redis can be away (redis-py, kombu, Celery's backend) into one clear error."""
-        try:
-            yield
-        except (redis.RedisError, OperationalError, BackendError, ConnectionError, TimeoutError) as exc:
-            cause = exc.__cause__ if isinstance(exc, BackendError) and exc.__cause__ else exc
-            raise FarmUnavailable(
-                f"cannot reach the farm's Redis at {redacted(self.settings.redis_url)} "
-                f"({type(cause).__name__}: {cause}); check that it is up and RENDER_REDIS_URL"
-            ) from exc
+        return reaching(self.settings.redis_url)
 
     def status(self, task_id: str) -> TaskStatus:
         """Where the job stands now; raises `FarmUnavailable` if Redis cannot be reached."""
