@@ -167,7 +167,7 @@ class RenderSpec(_Strict):
     ip_adapter: IpAdapterOptions | None = None
     scheduler: SchedulerName = Field(
         default="default",
-        description="The sampler; `default` is the checkpoint's own (see README: Samplers). lcm: 50 steps at most.",
+        description="The sampler; `default` is the checkpoint's own (docs/spec.md: Samplers). lcm: 50 steps at most.",
     )
     clip_skip: int = Field(
         default=0,

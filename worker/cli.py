@@ -123,7 +123,7 @@ def submit(
         bool, typer.Option("--queue-anyway", help="Enqueue even if no live worker serves the model (autoscaling).")
     ] = False,
     webhook: Annotated[
-        str | None, typer.Option(help="POST the signed manifest here when the job ends (see README, Webhooks).")
+        str | None, typer.Option(help="POST the signed manifest here when the job ends (see docs/webhooks.md).")
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job and print its manifest.")] = False,
     timeout: Annotated[float | None, typer.Option(help="With --wait: give up after this many seconds.")] = None,

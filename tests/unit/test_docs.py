@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -32,3 +33,12 @@ def test_every_setting_has_a_row_with_its_env_var_and_a_description() -> None:
         assert f"| `RENDER_{name.upper()}` |" in page, name
         assert field.description, f"WorkerSettings.{name} has no description= for docs/configuration.md"
     assert set(ClientSettings.model_fields) <= set(WorkerSettings.model_fields)
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_every_relative_link_resolves() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        assert f"({page.relative_to(ROOT).as_posix()}" in readme, f"README.md's Read on list lacks {page}"
+    for source in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", source.read_text()):
+            assert (source.parent / target).exists(), f"{source.relative_to(ROOT)} links to {target}, which is missing"
