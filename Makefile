@@ -36,6 +36,7 @@ format: install
 lint: install
 	$(VENV)/bin/ruff check producer worker tests bench tools
 	$(VENV)/bin/ruff format --check producer worker tests bench tools
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
 	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml
 	$(VENV)/bin/hadolint infra/worker.Dockerfile
