@@ -36,6 +36,7 @@ from producer.keys import (
 from producer.manifest import Manifest
 from producer.reaching import reaching
 from producer.reaching import redacted as redacted
+from producer.records import TaskMessage
 from producer.redis_connect import connect
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
@@ -260,7 +261,7 @@ class RenderClient:
     def _enqueue(self, parsed: list[RenderSpec], ids: list[str], queues: list[str], priority: int) -> list[JobHandle]:
         now = time.time()
         messages = [
-            unsent.Unsent(task_id, spec.model_dump_json(), queue, priority, now)
+            TaskMessage(task_id, spec.model_dump_json(), queue, priority, now)
             for task_id, spec, queue in zip(ids, parsed, queues, strict=True)
         ]
         # Records and messages-to-send in one transaction, then the sends: a submitter that dies in between leaves
@@ -268,7 +269,7 @@ class RenderClient:
         unsent.stage(self.redis, messages, record_ttl=self.settings.result_ttl)
         with self.app.producer_or_acquire() as producer, producer.batch():
             for message in messages:
-                unsent.send(self.app, message, producer=producer)
+                message.send(self.app, producer=producer)
         unsent.sent(self.redis, messages)
         return [JobHandle(task_id, self) for task_id in ids]
 

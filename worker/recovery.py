@@ -42,18 +42,16 @@ from celery.result import AsyncResult
 
 from producer.errors import RenderFailed, StorageError
 from producer.keys import (
-    ATTEMPT_HEADER,
     LEASE_DEADLINES,
     RECOVERY_TURN,
     RUNNING_TASKS,
-    SUBMITTED_AT_HEADER,
-    TASK_RENDER,
     active_list,
     deaths_key,
     lease_key,
     manifest_key,
     recovery_lock_key,
 )
+from producer.records import TaskMessage
 from producer.spec import RenderSpec
 from producer.unsent import resend_unsent
 from worker import metrics
@@ -179,16 +177,10 @@ class RecoveryScanner(PeriodicThread):
                 return False
             self._unlist(task_id, raw_record, record)
             return False
-        attempt = int(record.get("attempt") or 1) + 1
+        message = TaskMessage.from_running(task_id, record).again()
+        attempt = message.attempt
         self.app.backend.forget(task_id)  # queued again, as a hand-off leaves it; the next run's start is its own
-        self.app.send_task(
-            TASK_RENDER,
-            args=[record["spec"]],
-            task_id=task_id,
-            queue=record.get("queue"),
-            priority=record.get("priority"),
-            headers={ATTEMPT_HEADER: attempt, SUBMITTED_AT_HEADER: record.get("submitted_at")},
-        )
+        message.send(self.app)
         self._unlist(task_id, raw_record, record)
         log.warning(
             "task %s lost its worker %s (%s); re-enqueued as attempt %d",

@@ -22,16 +22,9 @@ from celery.exceptions import Ignore
 from redis import Redis
 
 from producer.errors import ModelLoadError, RenderFailed, StorageError
-from producer.keys import (
-    ATTEMPT_HEADER,
-    LOAD_FAILURES_HEADER,
-    SUBMITTED_AT_HEADER,
-    TASK_RENDER,
-    check_task_id,
-    manifest_key,
-    model_queue,
-)
+from producer.keys import check_task_id, manifest_key, model_queue
 from producer.manifest import Manifest
+from producer.records import TaskMessage
 from producer.spec import RenderSpec
 from worker import metrics
 from worker.drain import Drain
@@ -134,12 +127,12 @@ def run_render(task: Task, spec_json: Any) -> dict[str, Any]:
 def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> dict[str, Any]:
     spec = RenderSpec.parse(spec_json if isinstance(spec_json, str | bytes | dict) else repr(spec_json))
     task_id: str = check_task_id(task.request.id)
-    submitted = task.request.get(SUBMITTED_AT_HEADER)
+    message = TaskMessage.received(task.request, spec.model_dump_json(), queue=task.app.conf.task_default_queue)
     job = JobContext(
         spec,
         task_id,
-        attempt=int(task.request.get(ATTEMPT_HEADER) or 1),
-        queue_wait=max(0.0, time.time() - float(submitted)) if submitted else None,
+        attempt=message.attempt,
+        queue_wait=max(0.0, time.time() - message.submitted_at) if message.submitted_at else None,
         worker=state.owner,
         frame_threads=state.settings.frame_upload_threads,
         checkpoint_seconds=state.settings.checkpoint_seconds,
@@ -151,25 +144,23 @@ def _run(task: Task, state: ProcessState, spec_json: Any, arrival: Arrival) -> d
         return done.model_dump(mode="json")  # a redelivery of a finished job
     revocation = state.revocations.watch(task_id)  # before the lease, which tells `revoke` where to push
     try:
-        return _leased(task, state, job, revocation, deadline, arrival)
+        return _leased(task, state, message, job, revocation, deadline, arrival)
     finally:
         state.revocations.forget(revocation)
 
 
 def _leased(
-    task: Task, state: ProcessState, job: JobContext, revocation: RevocationCheck, deadline: Deadline, arrival: Arrival
+    task: Task,
+    state: ProcessState,
+    message: TaskMessage,
+    job: JobContext,
+    revocation: RevocationCheck,
+    deadline: Deadline,
+    arrival: Arrival,
 ) -> dict[str, Any]:
     spec, task_id = job.spec, job.task_id
     lease = Lease(state.redis, task_id, state.settings.lease_ttl, state.owner, renew_client=state.control)
-    record = {
-        "spec": spec.model_dump_json(),
-        "queue": _queue(task),
-        "priority": (task.request.delivery_info or {}).get("priority"),
-        "attempt": job.attempt,
-        "submitted_at": task.request.get(SUBMITTED_AT_HEADER),
-        "worker": state.owner,
-    }
-    if not lease.acquire(record):
+    if not lease.acquire(message.running(state.owner)):
         log.warning("task %s is being rendered by %s; this delivery is dropped", task_id, lease.holder())
         raise Ignore()
     box = ProgressBox()
@@ -204,10 +195,10 @@ def _leased(
             metrics.record_hooks(spec.model, control.hook_seconds, control.hook_calls)
         _publish(state, manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
     except HandedOff as handed:
-        _hand_off(task, job, lease, handed)
+        _hand_off(task, message, lease, handed)
         raise Ignore() from None
     except ModelLoadError as exc:
-        if _hand_on(task, state, job, lease, exc):
+        if _hand_on(task, state, message, lease, exc):
             raise Ignore() from None
         _notify(state, spec, task_id, None, exc)  # it failed to load on RENDER_MAX_ATTEMPTS workers: a failure
         raise
@@ -233,32 +224,32 @@ def _leased(
     return manifest.model_dump(mode="json")
 
 
-def _hand_off(task: Task, job: JobContext, lease: Lease, handed: HandedOff) -> None:
+def _hand_off(task: Task, message: TaskMessage, lease: Lease, handed: HandedOff) -> None:
     """Put a job this draining worker will not finish back on its queue as its next attempt (same id, queue and
     priority), which resumes from the checkpoint it just stored."""
-    _requeue(task, job, lease)
+    _requeue(task, message.again(), lease)
     log.warning(
         "task %s handed back to its queue at step %d (the worker is shutting down); attempt %d resumes it",
-        job.task_id,
+        message.task_id,
         handed.steps_completed,
-        job.attempt + 1,
+        message.attempt + 1,
     )
 
 
-def _hand_on(task: Task, state: ProcessState, job: JobContext, lease: Lease, error: ModelLoadError) -> bool:
+def _hand_on(task: Task, state: ProcessState, message: TaskMessage, lease: Lease, error: ModelLoadError) -> bool:
     """The job's model failed to load on this worker: withdraw the model here (this worker's advert, its queue) and
     put the job back on its queue for a worker that can load it. False, with nothing done to the job, once this
     was its `RENDER_MAX_ATTEMPTS`th such attempt: the job then fails with the cause."""
-    model, failures = job.spec.model, int(task.request.get(LOAD_FAILURES_HEADER) or 0) + 1
+    model, failures = RenderSpec.parse(message.spec).model, message.load_failures + 1
     if model not in state.withdrawn:
         _withdraw(task, state, model, error)
     if failures >= state.settings.max_attempts:
         error.args = (f"{error} (on {failures} attempts; RENDER_MAX_ATTEMPTS is {state.settings.max_attempts})",)
         return False
-    _requeue(task, job, lease, load_failures=failures)
+    _requeue(task, message.again(load_failures=failures), lease)
     log.warning(
         "task %s handed on to another worker (attempt %d of %d): %s",
-        job.task_id,
+        message.task_id,
         failures,
         state.settings.max_attempts,
         error,
@@ -266,25 +257,13 @@ def _hand_on(task: Task, state: ProcessState, job: JobContext, lease: Lease, err
     return True
 
 
-def _requeue(task: Task, job: JobContext, lease: Lease, *, load_failures: int | None = None) -> None:
-    """Send the job again as its next attempt (same id, queue, priority and submission time). The lease goes first,
-    so the next worker can take it at once; the result is forgotten, so `render status` shows it queued. A crash
-    between the two leaves the job unleased and unacknowledged, which the recovery scanner puts back."""
+def _requeue(task: Task, message: TaskMessage, lease: Lease) -> None:
+    """Send `message` (the job's next attempt). The lease goes first, so the next worker can take it at once; the
+    result is forgotten, so `render status` shows it queued. A crash between the two leaves the job unleased and
+    unacknowledged, which the recovery scanner puts back."""
     lease.release()
-    task.backend.forget(job.task_id)
-    failures = task.request.get(LOAD_FAILURES_HEADER) if load_failures is None else load_failures
-    task.app.send_task(
-        TASK_RENDER,
-        args=[job.spec.model_dump_json()],
-        task_id=job.task_id,
-        queue=_queue(task),
-        priority=(task.request.delivery_info or {}).get("priority"),
-        headers={
-            ATTEMPT_HEADER: job.attempt + 1,
-            SUBMITTED_AT_HEADER: task.request.get(SUBMITTED_AT_HEADER),
-            **({LOAD_FAILURES_HEADER: failures} if failures else {}),
-        },
-    )
+    task.backend.forget(message.task_id)
+    message.send(task.app)
 
 
 def _withdraw(task: Task, state: ProcessState, model: str, error: ModelLoadError) -> None:
@@ -297,12 +276,6 @@ def _withdraw(task: Task, state: ProcessState, model: str, error: ModelLoadError
         heartbeat.withdraw_model(model, queue)
     if task.request.hostname:
         task.app.control.cancel_consumer(queue, destination=[task.request.hostname], reply=False)
-
-
-def _queue(task: Task) -> str | None:
-    info = task.request.delivery_info or {}
-    queue = info.get("routing_key") or task.app.conf.task_default_queue
-    return str(queue) if queue else None
 
 
 def _started(task: Task) -> None:

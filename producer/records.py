@@ -1,0 +1,103 @@
+"""The values stored under the farm's Redis keys and queues, each written and read here (arq keeps a job's serialized
+form in one place the same way).
+
+`TaskMessage` is the `render.run` message: built by a submit, by a worker that hands its job back, and by the
+recovery scan that sends a dead worker's job again (from the job's running record, `TaskMessage.running`); read by
+the worker's task from what Celery delivered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from celery import Celery
+
+from producer.keys import ATTEMPT_HEADER, LOAD_FAILURES_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    """One `render.run` message: the job (its id and spec as JSON), where it goes, and the headers that travel with
+    it (when it was first submitted, which attempt this is, how many workers failed to load its model)."""
+
+    task_id: str
+    spec: str
+    queue: str | None
+    priority: int | None
+    submitted_at: float | None
+    attempt: int = 1
+    load_failures: int = 0
+
+    def headers(self) -> dict[str, Any]:
+        headers: dict[str, Any] = {SUBMITTED_AT_HEADER: self.submitted_at, ATTEMPT_HEADER: self.attempt}
+        if self.load_failures:
+            headers[LOAD_FAILURES_HEADER] = self.load_failures
+        return headers
+
+    def send(self, app: Celery, *, producer: Any = None) -> None:
+        """Publish it on its queue at its priority (through `producer`, e.g. one of `Producer.batch()`, if given)."""
+        app.send_task(
+            TASK_RENDER,
+            args=[self.spec],
+            task_id=self.task_id,
+            queue=self.queue,
+            priority=self.priority,
+            producer=producer,
+            headers=self.headers(),
+        )
+
+    def again(self, **changes: Any) -> TaskMessage:
+        """The same job as its next attempt (`changes` to any other field, e.g. `load_failures`)."""
+        return replace(self, attempt=self.attempt + 1, **changes)
+
+    @classmethod
+    def received(cls, request: Any, spec: str, *, queue: str | None = None) -> TaskMessage:
+        """The message as a worker's task received it (Celery's `task.request`); `queue` where the delivery does
+        not say which queue it came from."""
+        info = request.delivery_info or {}
+        submitted = request.get(SUBMITTED_AT_HEADER)
+        return cls(
+            task_id=request.id,
+            spec=spec,
+            queue=info.get("routing_key") or queue,
+            priority=info.get("priority"),
+            submitted_at=float(submitted) if submitted is not None else None,
+            attempt=int(request.get(ATTEMPT_HEADER) or 1),
+            load_failures=int(request.get(LOAD_FAILURES_HEADER) or 0),
+        )
+
+    def running(self, worker: str) -> dict[str, Any]:
+        """The job's record in `render:running` while `worker` (`host:pid`) runs it (its lease adds its token): what
+        the recovery scan needs to send it again (`from_running`), and where a revoke finds the worker."""
+        return {
+            "spec": self.spec,
+            "queue": self.queue,
+            "priority": self.priority,
+            "attempt": self.attempt,
+            "submitted_at": self.submitted_at,
+            "load_failures": self.load_failures,
+            "worker": worker,
+        }
+
+    @classmethod
+    def from_running(cls, task_id: str, record: dict[str, Any]) -> TaskMessage:
+        """The message of a running job, from its record (`running`; older workers' records lack `load_failures`)."""
+        return cls(
+            task_id=task_id,
+            spec=record["spec"],
+            queue=record.get("queue"),
+            priority=record.get("priority"),
+            submitted_at=record.get("submitted_at"),
+            attempt=int(record.get("attempt") or 1),
+            load_failures=int(record.get("load_failures") or 0),
+        )
+
+    def encode(self) -> str:
+        """As JSON, keys sorted: the same message always encodes to the same text (`render:unsent` members)."""
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> TaskMessage:
+        return cls(**json.loads(raw))
