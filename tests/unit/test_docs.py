@@ -42,3 +42,10 @@ def test_every_docs_page_is_linked_from_the_readme_and_every_relative_link_resol
     for source in [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", source.read_text()):
             assert (source.parent / target).exists(), f"{source.relative_to(ROOT)} links to {target}, which is missing"
+
+
+def test_the_readme_stays_a_front_door() -> None:
+    """The reference lives in docs/; the README says what this is, the two commands, a first job, where to read on."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 250, "README.md is 250 lines or more: move the reference into docs/"
+    assert "make demo" in readme and "make test" in readme and "## Python API" in readme
