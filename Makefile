@@ -43,6 +43,7 @@ lint: install
 
 typecheck: install
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy tools
 	$(VENV)/bin/mypy tests
 
 # Two test processes, whole files each (a module's farm of workers starts once): most of the suite waits on the
