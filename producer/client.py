@@ -36,7 +36,7 @@ from producer.keys import (
 from producer.manifest import Manifest
 from producer.reaching import reaching
 from producer.reaching import redacted as redacted
-from producer.records import TaskMessage
+from producer.records import PROGRESS_STATE, Progress, Revocation, TaskMessage, running_worker
 from producer.redis_connect import connect
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
@@ -83,23 +83,13 @@ def _message_id(raw: bytes | str) -> str | None:
     return task_id if isinstance(task_id, str) else None
 
 
-def _running_worker(record: Any) -> str | None:
-    """The worker (`host:pid`) a job record of `render:running` names, if it names one."""
-    if not record:
-        return None
-    try:
-        worker = json.loads(record).get("worker")
-    except (ValueError, AttributeError):
-        return None
-    return worker if isinstance(worker, str) and worker else None
-
-
 def _from_meta(task_id: str, state: str, info: Any, manifest: Manifest | None) -> TaskStatus:
     """A job's status from its Celery state and result (and its manifest, once final); never PENDING here."""
     if state == states.STARTED:
         return TaskStatus(task_id, "started")
-    if state == "PROGRESS" and isinstance(info, dict):
-        return TaskStatus(task_id, "progress", step=info.get("step"), total=info.get("total"))
+    if state == PROGRESS_STATE and isinstance(info, dict):
+        progress = Progress.from_meta(info)
+        return TaskStatus(task_id, "progress", *((progress.step, progress.total) if progress else (None, None)))
     if state == states.SUCCESS and manifest is not None:
         return TaskStatus(task_id, manifest.status, manifest.steps_completed, manifest.steps_planned, manifest=manifest)
     if state == states.REVOKED:
@@ -436,14 +426,14 @@ class RenderClient:
         at = time.time()
         writes = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
-            writes.set(revoked_key(task_id), json.dumps({"at": at}), ex=self.settings.revoke_ttl)
+            writes.set(revoked_key(task_id), Revocation(at).value(), ex=self.settings.revoke_ttl)
             writes.hget(job_key(task_id), "queue")
             writes.hget(RUNNING_TASKS, task_id)
         replies = writes.execute()
         notices = self.redis.pipeline(transaction=False)
         for task_id, record in zip(task_ids, replies[2::3], strict=True):
-            if (worker := _running_worker(record)) is not None:
-                notices.publish(revocations_channel(worker), json.dumps({"task_id": task_id, "at": at}))
+            if (worker := running_worker(record)) is not None:
+                notices.publish(revocations_channel(worker), Revocation(at, task_id).notice())
         if len(notices):
             notices.execute()
         return list(replies[1::3])

@@ -1,9 +1,12 @@
 """The values stored under the farm's Redis keys and queues, each written and read here (arq keeps a job's serialized
 form in one place the same way).
 
-`TaskMessage` is the `render.run` message: built by a submit, by a worker that hands its job back, and by the
-recovery scan that sends a dead worker's job again (from the job's running record, `TaskMessage.running`); read by
-the worker's task from what Celery delivered.
+- `TaskMessage`: the `render.run` message, built by a submit, by a worker that hands its job back, and by the
+  recovery scan that sends a dead worker's job again (from the job's running record, `TaskMessage.running`); read
+  by the worker's task from what Celery delivered.
+- `running_worker`: which worker a running record names (where a revoke is pushed).
+- `Progress`: a running job's step, the meta of its Celery `PROGRESS` state.
+- `Revocation`: the value of `render:revoked:<id>` and the notice pushed to the worker running the job.
 """
 
 from __future__ import annotations
@@ -101,3 +104,70 @@ class TaskMessage:
     @classmethod
     def decode(cls, raw: bytes | str) -> TaskMessage:
         return cls(**json.loads(raw))
+
+
+def running_worker(raw: Any) -> str | None:
+    """The worker (`host:pid`) a job's record in `render:running` (`TaskMessage.running`, as stored) names, if any."""
+    if not raw:
+        return None
+    try:
+        worker = json.loads(raw).get("worker")
+    except (ValueError, AttributeError):
+        return None
+    return worker if isinstance(worker, str) and worker else None
+
+
+PROGRESS_STATE = "PROGRESS"
+"""The Celery state of a job whose steps are under way; its meta is a `Progress`."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A running job's progress: `step` of `total` denoising steps done."""
+
+    step: int
+    total: int
+
+    def meta(self) -> dict[str, int]:
+        return {"step": self.step, "total": self.total}
+
+    @classmethod
+    def from_meta(cls, info: Any) -> Progress | None:
+        """The progress in a `PROGRESS` state's meta; None when it holds none."""
+        if not isinstance(info, dict):
+            return None
+        try:
+            return cls(int(info["step"]), int(info["total"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A revoke made at `at` (epoch seconds): `value()` is what `render:revoked:<id>` holds, `notice()` what is pushed
+    on the revocations channel of the worker running `task_id`."""
+
+    at: float | None
+    task_id: str | None = None
+
+    def value(self) -> str:
+        return json.dumps({"at": self.at})
+
+    def notice(self) -> str:
+        return json.dumps({"task_id": self.task_id, "at": self.at})
+
+    @classmethod
+    def read(cls, raw: Any) -> Revocation | None:
+        """A key's value or a notice as written by `value` / `notice`; None when `raw` is neither."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, TypeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        try:
+            at = float(data["at"]) if data.get("at") is not None else None
+        except (TypeError, ValueError):
+            at = None
+        task_id = data.get("task_id")
+        return cls(at, str(task_id) if task_id is not None else None)

@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from producer.keys import LEASE_DEADLINES, RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
+from producer.records import Revocation
 from producer.redis_connect import SentinelOptions, connect
 from worker.callbacks.control import StepInfo
 from worker.stops import JobRevoked, LeaseLost
@@ -160,11 +161,9 @@ class Lease:
 
 
 def _revoked_at(value: Any) -> float | None:
-    """When a revocation was written: the `at` of its key's value or its message, if it has one."""
-    try:
-        return float(json.loads(value)["at"])
-    except (ValueError, KeyError, TypeError):
-        return None
+    """When a revocation was written: the `at` of its key's value or its notice, if it has one."""
+    revocation = Revocation.read(value)
+    return revocation.at if revocation is not None else None
 
 
 class RevocationCheck:
@@ -312,12 +311,11 @@ class RevocationWatch:
         self.subscribed.clear()
 
     def _pushed(self, data: Any) -> None:
-        try:
-            notice = json.loads(data)
-            task_id = str(notice["task_id"])
-        except (ValueError, KeyError, TypeError):
+        notice = Revocation.read(data)
+        if notice is None or notice.task_id is None:
             log.warning("ignored a malformed revocation on %s: %r", self.channel, data)
             return
+        task_id = notice.task_id
         with self._lock:
             check = self._checks.get(task_id)
         if check is not None:

@@ -51,7 +51,7 @@ from producer.keys import (
     manifest_key,
     recovery_lock_key,
 )
-from producer.records import TaskMessage
+from producer.records import PROGRESS_STATE, Progress, TaskMessage
 from producer.spec import RenderSpec
 from producer.unsent import resend_unsent
 from worker import metrics
@@ -167,11 +167,11 @@ class RecoveryScanner(PeriodicThread):
         run = AsyncResult(task_id, app=self.app)
         # A death counts against the job only if the GPU had taken it (started, or in progress): one the dead worker
         # merely held, waiting, was a neighbour of what killed it.
-        on_gpu = run.state in (states.STARTED, "PROGRESS")
+        on_gpu = run.state in (states.STARTED, PROGRESS_STATE)
         deaths = self._count_death(task_id, record) if on_gpu else None
         if deaths is not None and deaths >= self.max_attempts:
             try:
-                self._fail(task_id, record, deaths, run.info if run.state == "PROGRESS" else None)
+                self._fail(task_id, record, deaths, run.info if run.state == PROGRESS_STATE else None)
             except StorageError as exc:  # the record stays: the next scan tries again, counting no new death
                 log.error("task %s: its failed manifest could not be stored (retried next scan): %s", task_id, exc)
                 return False
@@ -206,7 +206,8 @@ class RecoveryScanner(PeriodicThread):
         )
         spec = RenderSpec.parse(record["spec"])
         job = JobContext(spec, task_id, attempt=int(record.get("attempt") or 1), worker=record.get("worker"))
-        reached = progress.get("step") if isinstance(progress, dict) else 0
+        reported = Progress.from_meta(progress)
+        reached = reported.step if reported is not None else 0
         if self._storage is None:
             self._storage = self._open_storage()
         manifest = failed_outside_render(job, self._storage, reason, steps_completed=int(reached or 0))

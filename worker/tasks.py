@@ -24,7 +24,7 @@ from redis import Redis
 from producer.errors import ModelLoadError, RenderFailed, StorageError
 from producer.keys import check_task_id, manifest_key, model_queue
 from producer.manifest import Manifest
-from producer.records import TaskMessage
+from producer.records import PROGRESS_STATE, Progress, TaskMessage
 from producer.spec import RenderSpec
 from worker import metrics
 from worker.drain import Drain
@@ -285,7 +285,7 @@ def _started(task: Task) -> None:
 
 def _progress(task: Task, step: int, total: int, advert: JobAdvert) -> None:
     advert.progress(step, total)  # never raises
-    task.update_state(state="PROGRESS", meta={"step": step, "total": total})
+    task.update_state(state=PROGRESS_STATE, meta=Progress(step, total).meta())
     task.send_event("task-progress", step=step, total=total)
 
 

@@ -14,7 +14,7 @@ from celery.app.task import Context
 
 from producer.celery_config import base_config
 from producer.keys import ATTEMPT_HEADER, LOAD_FAILURES_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, priority_lists
-from producer.records import TaskMessage
+from producer.records import Progress, Revocation, TaskMessage, running_worker
 from worker.local_cluster import RedisServer
 
 MESSAGE = TaskMessage("job-1", '{"model": "tiny-sd15"}', "render.tiny-sd15", 3, 1_700_000_000.5, 2, 1)
@@ -65,3 +65,24 @@ def test_a_sent_message_is_received_as_it_was_sent(tmp_path: Path) -> None:
         assert TaskMessage.received(request, body_args[0]) == MESSAGE
         client.close()
         app.close()
+
+
+def test_a_running_record_names_its_worker_and_a_malformed_one_none() -> None:
+    assert running_worker(json.dumps(MESSAGE.running("gpu0@host:42")).encode()) == "gpu0@host:42"
+    for raw in (None, b"", b"not json", b"[1]", json.dumps({"worker": ""}), json.dumps({"worker": 3})):
+        assert running_worker(raw) is None
+
+
+def test_progress_round_trips_as_its_state_s_meta() -> None:
+    assert Progress.from_meta(json.loads(json.dumps(Progress(12, 20).meta()))) == Progress(12, 20)
+    for meta in (None, {}, {"step": 3}, {"step": "x", "total": 2}, ["step", 1]):
+        assert Progress.from_meta(meta) is None
+
+
+def test_a_revocation_round_trips_as_its_key_s_value_and_as_a_notice() -> None:
+    revoked = Revocation(1_700_000_123.25, "job-1")
+    assert Revocation.read(revoked.value()) == Revocation(revoked.at)
+    assert Revocation.read(revoked.notice().encode()) == revoked
+    assert Revocation.read(json.dumps({"at": None})) == Revocation(None)  # revoked, when unknown
+    for raw in (None, b"1", b"not json", b'["at"]'):
+        assert Revocation.read(raw) is None
