@@ -29,7 +29,6 @@ from worker.storage import S3Storage
 from worker.storage.base import check_name
 
 S3 = "s3://"
-_MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
 def load_inputs(spec: RenderSpec, settings: WorkerSettings) -> dict[str, Image.Image]:
@@ -182,7 +181,7 @@ class _InputBucket(S3Storage):
             finally:
                 body.close()  # a server that ignored the range sends the rest to a closed connection
         except self._errors as exc:
-            if _error_code(exc) in _MISSING:
+            if self._missing(exc):
                 return None
             raise self._error("read", key, exc) from exc
         if len(data) > cap:  # it grew since its HEAD
@@ -195,14 +194,9 @@ class _InputBucket(S3Storage):
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except self._errors as exc:
-            if _error_code(exc) in _MISSING:
+            if self._missing(exc):
                 return None
             raise
-
-
-def _error_code(exc: Exception) -> str | None:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-    return str(code) if code is not None else None
 
 
 def decode(field: str, data: bytes, max_pixels: int) -> Image.Image:

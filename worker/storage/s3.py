@@ -103,7 +103,7 @@ class S3Storage(Storage):
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
         except self._errors as exc:
-            if _error_code(exc) in _MISSING:
+            if self._missing(exc):
                 return None
             raise self._error("read", name, exc) from exc
 
@@ -112,6 +112,11 @@ class S3Storage(Storage):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
         except self._errors as exc:
             raise self._error("delete", name, exc) from exc
+
+    @staticmethod
+    def _missing(exc: Exception) -> bool:
+        """Whether an S3 error says the object is not there (or, to a HEAD, nothing is)."""
+        return _error_code(exc) in _MISSING
 
     def _error(self, verb: str, name: str, exc: Exception) -> StorageError:
         from botocore.exceptions import (
