@@ -198,7 +198,7 @@ def _leased(
         _hand_off(task, message, lease, handed)
         raise Ignore() from None
     except ModelLoadError as exc:
-        if _hand_on(task, state, message, lease, exc):
+        if _hand_on(task, state, message, spec.model, lease, exc):
             raise Ignore() from None
         _notify(state, spec, task_id, None, exc)  # it failed to load on RENDER_MAX_ATTEMPTS workers: a failure
         raise
@@ -236,11 +236,13 @@ def _hand_off(task: Task, message: TaskMessage, lease: Lease, handed: HandedOff)
     )
 
 
-def _hand_on(task: Task, state: ProcessState, message: TaskMessage, lease: Lease, error: ModelLoadError) -> bool:
-    """The job's model failed to load on this worker: withdraw the model here (this worker's advert, its queue) and
+def _hand_on(
+    task: Task, state: ProcessState, message: TaskMessage, model: str, lease: Lease, error: ModelLoadError
+) -> bool:
+    """The job's `model` failed to load on this worker: withdraw the model here (this worker's advert, its queue) and
     put the job back on its queue for a worker that can load it. False, with nothing done to the job, once this
     was its `RENDER_MAX_ATTEMPTS`th such attempt: the job then fails with the cause."""
-    model, failures = RenderSpec.parse(message.spec).model, message.load_failures + 1
+    failures = message.load_failures + 1
     if model not in state.withdrawn:
         _withdraw(task, state, model, error)
     if failures >= state.settings.max_attempts:
