@@ -30,12 +30,12 @@ lock:
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 format: install
-	$(VENV)/bin/ruff format producer worker tests bench tools
-	$(VENV)/bin/ruff check --fix producer worker tests bench tools
+	$(VENV)/bin/ruff format producer worker localfarm tests bench tools
+	$(VENV)/bin/ruff check --fix producer worker localfarm tests bench tools
 
 lint: install
-	$(VENV)/bin/ruff check producer worker tests bench tools
-	$(VENV)/bin/ruff format --check producer worker tests bench tools
+	$(VENV)/bin/ruff check producer worker localfarm tests bench tools
+	$(VENV)/bin/ruff format --check producer worker localfarm tests bench tools
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
 	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml

@@ -22,10 +22,10 @@ from pathlib import Path
 import redis
 from common import Section
 
+from localfarm.cluster import RedisServer
 from producer.client import RenderClient
 from producer.keys import model_queue, priority_lists
 from producer.settings import ClientSettings
-from worker.local_cluster import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

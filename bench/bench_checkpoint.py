@@ -23,13 +23,13 @@ from typing import Any
 from common import PROMPT, Section, interleaved, median, set_threads, spread
 
 from producer import RenderSpec
-from worker.callbacks import StepInfo
-from worker.callbacks.checkpoint import CheckpointCallback
-from worker.job import JobContext
+from worker.engine.callbacks import StepInfo
+from worker.engine.callbacks.checkpoint import CheckpointCallback
+from worker.engine.job import JobContext
+from worker.engine.rendering import denoise, prepare, render, store
+from worker.engine.stops import LeaseLost
 from worker.models.registry import ModelRegistry
-from worker.rendering import denoise, prepare, render, store
 from worker.settings import WorkerSettings
-from worker.stops import LeaseLost
 from worker.storage import LocalStorage
 
 EVERY_STEP = 1e-9

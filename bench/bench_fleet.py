@@ -4,8 +4,9 @@ Each simulated worker holds one running job and runs the project's real control-
 as a worker configured with the defaults does (intervals from `WorkerSettings`):
 - its lease (`Lease.acquire`, then `Lease.renew` every ttl / 3) and the revocation watch's MGET of its job's key
   (`RevocationWatch.read_all`, every RENDER_REVOCATION_POLL_INTERVAL);
-- progress every RENDER_PROGRESS_INTERVAL as `worker.tasks._progress` sends it: the advert (`JobAdvert.progress`),
-  the result backend's PROGRESS write and a `task-progress` event (Celery's own backend and event dispatcher);
+- progress every RENDER_PROGRESS_INTERVAL as the job runner reports it (`worker.process.runner`,
+  `TaskDelivery.progress`): the advert (`JobAdvert.progress`), the result backend's PROGRESS write and a
+  `task-progress` event (Celery's own backend and event dispatcher);
 - its advert (`Heartbeat.beat`, every RENDER_HEARTBEAT_INTERVAL) and Celery's `worker-heartbeat` event (2 s);
 - its consumer's poll of its queues while a slot is free (kombu's BRPOP with a 1 s timeout, one command a
   second, issued here as RPOP so that the simulation never blocks);
@@ -36,12 +37,12 @@ from typing import Any
 import redis
 from common import Section
 
+from localfarm.cluster import RedisServer
 from producer.keys import RUNNING_TASKS, lease_key, model_queue, priority_lists
 from worker.celery_app import create_app
-from worker.fleet import Heartbeat, JobAdvert
-from worker.jobcontrol import Lease, RevocationWatch
-from worker.local_cluster import RedisServer
 from worker.models.registry import ModelRegistry
+from worker.process.fleet import Heartbeat, JobAdvert
+from worker.process.jobcontrol import Lease, RevocationWatch
 from worker.settings import WorkerSettings
 
 CELERY_HEARTBEAT = 2.0  # Celery's worker-heartbeat event interval

@@ -27,15 +27,15 @@ from typing import Any
 
 from common import Section, median, set_threads, verdict
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer import RenderSpec
 from producer.client import RenderClient
 from producer.manifest import Manifest
 from producer.settings import ClientSettings
-from worker.callbacks import StepInfo
-from worker.jobcontrol import RevocationWatch, control_client
-from worker.local_cluster import RedisServer, WorkerProcess
+from worker.engine.callbacks import StepInfo
+from worker.engine.rendering import render
 from worker.models.registry import ModelRegistry
-from worker.rendering import render
+from worker.process.jobcontrol import RevocationWatch, control_client
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 

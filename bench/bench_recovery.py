@@ -20,10 +20,10 @@ from pathlib import Path
 
 from common import Section
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer.client import RenderClient
 from producer.keys import RUNNING_TASKS
 from producer.settings import ClientSettings
-from worker.local_cluster import RedisServer, WorkerProcess
 
 # (RENDER_LEASE_TTL, RENDER_RECOVERY_INTERVAL); the second pair is the default.
 SETTINGS = (("2", "0.5"), ("30", "10"))

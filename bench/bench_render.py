@@ -3,9 +3,8 @@
 1. Callback costs: each callback of the worker's stack called on the pipeline's real tensors
    (`latents`, `prompt_embeds`, ...), each call timed alone, median µs. The revocation check is the
    worker's own `RevocationCheck`, kept by a `RevocationWatch` subscribed to a private redis-server (a flag read:
-   no step asks Redis); the progress report is the
-   worker's `_progress` (Celery result backend write + task event + the `render workers` advert) on a real
-   Celery app.
+   no step asks Redis); the progress report is the worker's (`TaskDelivery.progress` and `JobAdvert.progress`:
+   Celery result backend write + task event + the `render workers` advert) on a real Celery app.
 2. CFG cutoff at several step ratios vs none: whole `render()` jobs, interleaved, medians.
 3. Frames at every step vs none: whole `render()` jobs, interleaved, medians. The encode and the
    upload run on the frame writer's threads. Then each format's encoder alone (µs, bytes), and at the small
@@ -32,18 +31,18 @@ import torch
 from bench_worker import PRODUCTION, SMALL, Case
 from common import PROMPT, Section, interleaved, median, percent, set_threads, spread, verdict
 
+from localfarm.cluster import RedisServer
 from producer import RenderSpec
 from producer.keys import TASK_RENDER
-from worker import tasks
-from worker.callbacks import StepControlCallback, StepInfo, build_callbacks
 from worker.celery_app import create_app
-from worker.fleet import JobAdvert
-from worker.jobcontrol import ProgressReport, RevocationWatch, control_client
-from worker.local_cluster import RedisServer
+from worker.engine.callbacks import StepControlCallback, StepInfo, build_callbacks
+from worker.engine.preview import contact_strip, encode, latents_to_rgb
+from worker.engine.rendering import render
 from worker.metrics import StepTimer
 from worker.models.registry import ModelRegistry
-from worker.preview import contact_strip, encode, latents_to_rgb
-from worker.rendering import render
+from worker.process.fleet import JobAdvert
+from worker.process.jobcontrol import ProgressReport, RevocationWatch, control_client
+from worker.process.tasks import TaskDelivery
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 
@@ -158,14 +157,18 @@ def callback_costs(bench: Bench, case: Case, redis_url: str, calls: int = 300) -
     task.push_request(id="bench-progress", hostname="bench@localhost")
     # The worker's advert of the step (`render workers`) goes with each report, as in a worker.
     advert = JobAdvert(control_client(redis_url), "bench@localhost", bench.registry)
+    delivery = TaskDelivery(task, None)
+
+    def report(step: int, total: int) -> None:  # what the job runner does with each progress report
+        advert.progress(step, total)
+        delivery.progress(step, total)
+
     try:
-        report_micros = time_calls(
-            lambda i: tasks._progress(task, i, case.steps, advert), 100, bench.sync, lambda: None
-        )
+        report_micros = time_calls(lambda i: report(i, case.steps), 100, bench.sync, lambda: None)
         watch = RevocationWatch(control_client(redis_url), "bench@localhost:1").start()
         hooks = [
             watch.watch("bench"),
-            ProgressReport(lambda step, total: tasks._progress(task, step, total, advert), interval=PROGRESS_INTERVAL),
+            ProgressReport(report, interval=PROGRESS_INTERVAL),
         ]
         revocation_only = watch.watch("bench-2")
         stack = build_callbacks(
@@ -232,7 +235,7 @@ def report_callbacks(results: list[CallbackCosts], section: Section) -> None:
     ]
     rows: list[list[str]] = [[name] + [f"{r.micros[name]:.1f}" for r in results] for name in names]
     rows.append(
-        ["progress report, one (`tasks._progress`: result backend write + task event)"]
+        ["progress report, one (`TaskDelivery.progress`: result backend write + task event)"]
         + [f"{r.report_micros:.1f}" for r in results]
     )
     rows.append(

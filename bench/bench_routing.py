@@ -23,11 +23,11 @@ from typing import Any
 
 from common import Section
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer.client import RenderClient
 from producer.fleet import live_workers
 from producer.keys import model_queue, priority_lists
 from producer.settings import ClientSettings
-from worker.local_cluster import RedisServer, WorkerProcess
 
 MODELS = ["tiny-sd15", "tiny-sdxl"]
 

@@ -41,12 +41,12 @@ import torch
 from bench_worker import Case
 from common import PROMPT, Section, interleaved, median, set_threads, spread
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer import RenderSpec
 from producer.client import RenderClient
 from producer.settings import ClientSettings
-from worker.local_cluster import RedisServer, WorkerProcess
+from worker.engine.rendering import pipeline_arguments
 from worker.models.registry import ModelRegistry
-from worker.rendering import pipeline_arguments
 from worker.settings import WorkerSettings
 
 MODEL = "tiny-sd15"

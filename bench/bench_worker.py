@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from common import PROMPT, Section, interleaved, median, percent, set_threads, spread, verdict
 
+from localfarm.cluster import RedisServer, WorkerProcess, free_port
 from producer import RenderSpec
 from producer.client import RenderClient
 from producer.settings import ClientSettings
-from worker.local_cluster import RedisServer, WorkerProcess, free_port
+from worker.engine.rendering import pipeline_arguments
 from worker.models.registry import ModelRegistry
-from worker.rendering import pipeline_arguments
 from worker.settings import WorkerSettings
 
 TARGET = 0.01  # the worker may add at most 1% per step at production step times

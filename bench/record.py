@@ -45,7 +45,7 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
   setting for several workers per host, so that both sides of a comparison get the same compute.
   "small" is 256x256 at ~12 ms a step; "production-like" is 640x640, whose steps take 100+ ms on
   these cores, the order of a real UNet step on a GPU.
-- Worker overhead: a real `render worker` started with `worker.local_cluster` (private
+- Worker overhead: a real `render worker` started with `localfarm.cluster` (private
   redis-server, local-directory storage), jobs submitted with `RenderClient`, against `pipe(...)`
   with the arguments `render()` passes and no callbacks. Per step: the manifest's
   `timings.denoise / steps_completed` against the bare call's time to its VAE decode, over steps.

@@ -24,6 +24,7 @@ import redis
 from producer.errors import BatchFileError, SpecError, WaitTimeout
 from producer.keys import KEY_PREFIX, check_task_id
 from producer.reaching import reaching
+from producer.records import text
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
 from producer.status import TaskStatus
@@ -32,10 +33,6 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_LINES = 100_000
 REVOKED_SUFFIX = ".r"
 """A revoked line is submitted again as `<task id>.r<run>`: Celery workers remember revoked ids for hours."""
-
-
-def as_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def batch_key(name: str) -> str:
@@ -238,7 +235,7 @@ def load_handle(client: BatchClient, name: str) -> BatchHandle:
         mapping = client.redis.hgetall(batch_tasks_key(name))
     if not mapping:
         raise SpecError(f"name: no batch {name!r} is known (it never ran, or its record expired)")
-    pairs = sorted((int(line), as_text(task_id)) for line, task_id in mapping.items())
+    pairs = sorted((int(line), text(task_id)) for line, task_id in mapping.items())
     return BatchHandle(client, name, [line for line, _ in pairs], [task_id for _, task_id in pairs])
 
 
@@ -290,7 +287,7 @@ def record(client: BatchClient, name: str, source: str, lines: list[BatchLine], 
 def describe(client: BatchClient, name: str) -> dict[str, Any]:
     """The batch's record (source, total, runs, created_at, updated_at)."""
     raw = client.redis.hgetall(batch_key(name))
-    out: dict[str, Any] = {as_text(key): as_text(value) for key, value in raw.items()}
+    out: dict[str, Any] = {text(key): text(value) for key, value in raw.items()}
     for key in ("total", "runs"):
         if key in out:
             out[key] = int(out[key])

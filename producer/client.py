@@ -36,7 +36,7 @@ from producer.keys import (
 from producer.manifest import Manifest
 from producer.reaching import reaching
 from producer.reaching import redacted as redacted
-from producer.records import PROGRESS_STATE, Progress, Revocation, TaskMessage, running_worker
+from producer.records import PROGRESS_STATE, Progress, Revocation, TaskMessage, running_worker, text
 from producer.redis_connect import connect
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
@@ -200,7 +200,7 @@ class RenderClient:
         parsed = batch.parse_lines(lines, name=name, webhook=webhook)
         self._check_webhooks({line.spec.webhook for line in parsed if line.spec.webhook})
         with self._reaching():
-            previous = {int(k): batch.as_text(v) for k, v in self.redis.hgetall(batch.batch_tasks_key(name)).items()}
+            previous = {int(k): text(v) for k, v in self.redis.hgetall(batch.batch_tasks_key(name)).items()}
             run = int(self.redis.hget(batch.batch_key(name), "runs") or 0) + 1
         found = self.statuses([previous.get(line.line, line.task_id) for line in parsed])
         todo, current, counts = batch.plan(parsed, previous, found, run)
@@ -410,7 +410,7 @@ class RenderClient:
         if not unfinished:
             return counts
         with self._reaching():
-            queues = {batch.as_text(q) for q in self._mark_revoked_keys(unfinished) if q}
+            queues = {text(q) for q in self._mark_revoked_keys(unfinished) if q}
             removed = self._dequeue(queues, set(unfinished))
             self._mark_revoked(removed)
         counts["dequeued"] = len(removed)

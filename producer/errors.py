@@ -15,7 +15,7 @@ RenderError
  └── RenderFailed            the pipeline itself failed while rendering (the cause is chained)
 
 The signals that stop a render from inside its denoising loop (a revoke, a lost lease) are the worker's
-own control flow, not errors a client sees: they live in `worker.stops`.
+own control flow, not errors a client sees: they live in `worker.engine.stops`.
 """
 
 from __future__ import annotations

@@ -9,62 +9,18 @@ server's clock, so a reader needs to know no worker's TTL and no clock but its o
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import redis
 
 from producer.keys import WORKERS, model_queue, model_workers_key, priority_lists, worker_key
+from producer.records import WorkerInfo, text
 
 HEARTBEAT_TTL = 15.0
 """Default seconds a worker stays listed after its last heartbeat (`RENDER_HEARTBEAT_TTL`)."""
 MAX_HEARTBEAT_TTL = 300.0
 """The largest `RENDER_HEARTBEAT_TTL` a worker accepts: readers look no further back in `render:workers`."""
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """One live worker: what it serves, what is loaded, the job in hand and its step, when it was last seen."""
-
-    hostname: str
-    models: list[str]
-    loaded: list[str]
-    queues: list[str]
-    job: str | None
-    step: int | None
-    total: int | None
-    loads: dict[str, int]
-    last_seen: float
-    started_at: float | None
-    pid: int | None
-    ttl: float | None
-
-    @classmethod
-    def from_hash(cls, fields: dict[Any, Any]) -> WorkerInfo:
-        """Parse a worker's hash; fields a worker has not written yet read as empty or None."""
-        raw = {_text(k): _text(v) for k, v in fields.items()}
-
-        def number(name: str, kind: type[Any]) -> Any:
-            value = raw.get(name) or None
-            return kind(value) if value is not None else None
-
-        return cls(
-            hostname=raw.get("hostname", ""),
-            models=list(json.loads(raw.get("models") or "[]")),
-            loaded=list(json.loads(raw.get("loaded") or "[]")),
-            queues=list(json.loads(raw.get("queues") or "[]")),
-            job=raw.get("job") or None,
-            step=number("step", int),
-            total=number("total", int),
-            loads={str(k): int(v) for k, v in json.loads(raw.get("loads") or "{}").items()},
-            last_seen=number("last_seen", float) or 0.0,
-            started_at=number("started_at", float),
-            pid=number("pid", int),
-            ttl=number("ttl", float),
-        )
 
 
 def live_workers(client: redis.Redis, *, now: float | None = None) -> list[WorkerInfo]:
@@ -75,7 +31,7 @@ def live_workers(client: redis.Redis, *, now: float | None = None) -> list[Worke
         return []
     reads = client.pipeline(transaction=False)
     for name in names:
-        reads.hgetall(worker_key(_text(name)))
+        reads.hgetall(worker_key(text(name)))
     found = [WorkerInfo.from_hash(fields) for fields in reads.execute() if fields]  # {}: expired, so not live
     return sorted(found, key=lambda info: info.hostname)
 
@@ -113,5 +69,12 @@ def served_by(workers: Iterable[WorkerInfo]) -> list[str]:
     return sorted({model for info in workers for model in info.models})
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+__all__ = [
+    "HEARTBEAT_TTL",
+    "MAX_HEARTBEAT_TTL",
+    "WorkerInfo",
+    "live_workers",
+    "queue_lengths",
+    "served_by",
+    "served_models",
+]

@@ -7,6 +7,8 @@ form in one place the same way).
 - `running_worker`: which worker a running record names (where a revoke is pushed).
 - `Progress`: a running job's step, the meta of its Celery `PROGRESS` state.
 - `Revocation`: the value of `render:revoked:<id>` and the notice pushed to the worker running the job.
+- `WorkerInfo`: a worker's advert, the hash `render:worker:<hostname>` (read by `producer.fleet`, written by the
+  worker's heartbeat and its render process).
 """
 
 from __future__ import annotations
@@ -171,3 +173,90 @@ class Revocation:
             at = None
         task_id = data.get("task_id")
         return cls(at, str(task_id) if task_id is not None else None)
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One live worker as its advert (`render:worker:<hostname>`, a hash) says: what it serves, what is loaded, the
+    job in hand and its step, when it was last seen. The worker writes the hash in three parts, each through one of
+    the `*_fields` below: its heartbeat (`beat_fields`), the job in hand (`job_fields`) and the models loaded
+    (`load_fields`); a reader parses the whole hash (`from_hash`)."""
+
+    hostname: str
+    models: list[str]
+    loaded: list[str]
+    queues: list[str]
+    job: str | None
+    step: int | None
+    total: int | None
+    loads: dict[str, int]
+    last_seen: float
+    started_at: float | None
+    pid: int | None
+    ttl: float | None
+
+    @classmethod
+    def from_hash(cls, fields: dict[Any, Any]) -> WorkerInfo:
+        """Parse a worker's hash; fields a worker has not written yet read as empty or None."""
+        raw = {text(k): text(v) for k, v in fields.items()}
+
+        def number(name: str, kind: type[Any]) -> Any:
+            value = raw.get(name) or None
+            return kind(value) if value is not None else None
+
+        return cls(
+            hostname=raw.get("hostname", ""),
+            models=list(json.loads(raw.get("models") or "[]")),
+            loaded=list(json.loads(raw.get("loaded") or "[]")),
+            queues=list(json.loads(raw.get("queues") or "[]")),
+            job=raw.get("job") or None,
+            step=number("step", int),
+            total=number("total", int),
+            loads={str(k): int(v) for k, v in json.loads(raw.get("loads") or "{}").items()},
+            last_seen=number("last_seen", float) or 0.0,
+            started_at=number("started_at", float),
+            pid=number("pid", int),
+            ttl=number("ttl", float),
+        )
+
+    @staticmethod
+    def beat_fields(
+        hostname: str,
+        *,
+        models: list[str],
+        queues: list[str],
+        pid: int,
+        started_at: float,
+        last_seen: float,
+        ttl: float,
+    ) -> dict[str, str | int | float]:
+        """The fields each heartbeat writes."""
+        return {
+            "hostname": hostname,
+            "models": json.dumps(models),
+            "queues": json.dumps(queues),
+            "pid": pid,
+            "started_at": started_at,
+            "last_seen": last_seen,
+            "ttl": ttl,
+        }
+
+    @staticmethod
+    def job_fields(job: str | None) -> dict[str, str]:
+        """The job now in hand (None: none), its step not known yet; empty fields read as None."""
+        return {"job": job or "", "step": "", "total": ""}
+
+    @staticmethod
+    def progress_fields(step: int, total: int) -> dict[str, str]:
+        """The job in hand reached `step` of `total`."""
+        return {"step": str(step), "total": str(total)}
+
+    @staticmethod
+    def load_fields(loaded: list[str], loads: dict[str, int]) -> dict[str, str]:
+        """The models loaded in the render process and how often each was loaded."""
+        return {"loaded": json.dumps(loaded), "loads": json.dumps(loads, sort_keys=True)}
+
+
+def text(value: Any) -> str:
+    """A Redis reply's bytes (or anything) as text; bytes that are not UTF-8 are replaced, never raised on."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

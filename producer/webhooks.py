@@ -25,6 +25,7 @@ import redis
 
 from producer.errors import ConfigError, SpecError
 from producer.keys import webhook_key
+from producer.records import text as _text
 
 SIGNATURE_HEADER = "X-Render-Signature"
 MAX_URL_LENGTH = 2048
@@ -213,7 +214,3 @@ def delivery_state(client: redis.Redis, task_id: str) -> dict[str, Any] | None:
         "delivered_at": number("delivered_at", float),
         "next_attempt_at": number("next_attempt_at", float),
     }
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -1,4 +1,4 @@
-"""Helpers shared by the test tiers. Ports and waiting come from `worker.local_cluster`, which the demo uses too."""
+"""Helpers shared by the test tiers. Ports and waiting come from `localfarm.cluster`, which the demo uses too."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
+from localfarm.cluster import free_port, wait_until
 from producer import RenderSpec
 from producer.errors import FarmUnavailable
 from producer.keys import RUNNING_TASKS
-from worker.local_cluster import free_port, wait_until
 from worker.storage import Storage
 
 __all__ = [

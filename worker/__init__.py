@@ -12,10 +12,10 @@ from typing import Any
 _EXPORTS = {
     "ModelRegistry": "worker.models.registry",
     "WorkerSettings": "worker.settings",
-    "render": "worker.rendering",
-    "JobContext": "worker.job",
-    "StepHook": "worker.callbacks.control",
-    "StepInfo": "worker.callbacks.control",
+    "render": "worker.engine.rendering",
+    "JobContext": "worker.engine.job",
+    "StepHook": "worker.hooks",
+    "StepInfo": "worker.hooks",
     "Storage": "worker.storage",
     "open_storage": "worker.storage",
 }

@@ -1,4 +1,5 @@
-"""The worker's Celery app: settings that matter on GPUs, the task, and the recovery scanner.
+"""The worker's Celery app: settings that matter on GPUs, the task, and the bootstep that starts the process's
+services (`worker.process.services`) and its fleet threads (recovery scanner, affinity watcher, heartbeat).
 
 `celery -A worker.celery_app inspect|control|events|flower ...` works as every Celery user types it: the
 module's `app` is built on first use from the same `RENDER_*` settings a worker reads.
@@ -12,51 +13,102 @@ import os
 import socket
 from typing import Any
 
-from celery import Celery, Task
-from celery.signals import task_received, worker_init, worker_ready, worker_shutdown, worker_shutting_down
+from celery import Celery, Task, bootsteps
+from celery.signals import task_received, worker_init, worker_shutdown, worker_shutting_down
 
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
 from producer.keys import TASK_RENDER, model_queue, priority_lists
 from producer.redis_connect import connect, is_sentinel
 from worker import metrics
-from worker.affinity import Affinity, AffinityWatcher
-from worker.fleet import Heartbeat
-from worker.gpu import Deliveries
-from worker.jobcontrol import control_client
-from worker.recovery import RecoveryScanner
+from worker.process.affinity import Affinity, AffinityWatcher
+from worker.process.fleet import Heartbeat
+from worker.process.gpu import Deliveries
+from worker.process.jobcontrol import control_client
+from worker.process.recovery import RecoveryScanner
+from worker.process.runner import JobRunner
+from worker.process.services import Services
+from worker.process.tasks import run_render
+from worker.process.transport import AMQP, affinity_option
 from worker.settings import WorkerSettings, load_settings
 from worker.storage import open_storage
-from worker.tasks import run_render
-from worker.transport import AMQP, affinity_option
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: WorkerSettings) -> Celery:
+class RenderApp(Celery):
+    """The GPU worker's Celery app: Celery's, plus the worker's settings and its per-process parts, typed."""
+
+    render_settings: WorkerSettings
+    deliveries: Deliveries  # when the broker last delivered a job (micro-batching waits while a burst arrives)
+    recovery_scanner: RecoveryScanner
+    affinity_watcher: AffinityWatcher
+    heartbeat: Heartbeat
+    _runner: JobRunner | None = None
+
+    @property
+    def runner(self) -> JobRunner:
+        """The process's job runner, from the moment the worker starts (`ServicesStep`)."""
+        if self._runner is None:
+            raise ConfigError("the render worker's services are not started: run it with `render worker`")
+        return self._runner
+
+
+class ServicesStep(bootsteps.StartStopStep):
+    """Starts the process's services (models, GPU thread, Redis clients, storage, revocation watch, webhook
+    sender) and its fleet threads (recovery scanner, affinity watcher, heartbeat) when the worker starts, before it
+    consumes; stops the fleet threads when it stops."""
+
+    def start(self, parent: Any) -> None:
+        app: RenderApp = parent.app
+        pool = getattr(parent, "pool_cls", None)
+        if getattr(pool, "__module__", "") not in _POOLS:
+            raise ConfigError(
+                f"the render worker runs its jobs on threads (--pool=threads), not on {getattr(pool, '__name__', pool)}"
+                ": its GPU thread and loaded models are shared by the jobs of one process"
+            )
+        hostname = getattr(parent, "hostname", None)
+        app._runner = JobRunner(Services.start(app.render_settings, hostname=hostname, deliveries=app.deliveries))
+        app.recovery_scanner.owner = hostname or app.recovery_scanner.owner
+        app.recovery_scanner.start()
+        app.affinity_watcher.start()
+        app.heartbeat.start(hostname)
+
+    def stop(self, parent: Any) -> None:
+        app: RenderApp = parent.app
+        app.heartbeat.stop()
+        app.recovery_scanner.stop()
+        app.affinity_watcher.stop()
+
+
+_POOLS = ("celery.concurrency.thread", "celery.concurrency.solo")
+
+
+def create_app(settings: WorkerSettings) -> RenderApp:
     """A Celery app for one GPU worker; `settings` were validated (visibility timeout > time limit)."""
-    app = Celery("render-worker", set_as_current=True, amqp=AMQP)
+    app = RenderApp("render-worker", set_as_current=True, amqp=AMQP)
     conf = base_config(settings.redis_url, queue=settings.queue, result_ttl=settings.result_ttl, **settings.sentinel)
     affinity = Affinity([model_queue(settings.queue, model) for model in settings.models])
     conf["broker_transport_options"] = {
         **conf["broker_transport_options"],
         "visibility_timeout": settings.visibility_timeout,
-        **affinity_option(affinity),  # read by worker.transport's channel: which list to poll first
+        **affinity_option(affinity),  # read by worker.process.transport's channel: which list to poll first
     }
     conf.update(
         # kombu's Redis transport, except that a non-JSON item pushed onto the queue is dropped, not fatal.
-        broker_transport=f"worker.transport:{'SentinelTransport' if is_sentinel(settings.redis_url) else 'Transport'}",
+        broker_transport="worker.process.transport:"
+        + ("SentinelTransport" if is_sentinel(settings.redis_url) else "Transport"),
         # A job is acknowledged when it ends, and handed back if its process dies: never lost.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # One process per GPU, one thread per job in hand (worker.gpu runs the pipelines on its own thread);
-        # the hard time limit is worker.gpu's, since Celery's thread pool enforces none.
+        # One process per GPU, one thread per job in hand (worker.process.gpu runs the pipelines on its own thread);
+        # the hard time limit is worker.process.gpu's, since Celery's thread pool enforces none.
         worker_prefetch_multiplier=1,
         worker_concurrency=settings.jobs_in_hand,
         worker_pool="threads",
         # Flower sees every job, its start and its progress events.
         worker_send_task_events=True,
-        # STARTED is set by the task when the GPU takes the job (worker.tasks), not when a job thread takes it:
+        # STARTED is set by the task when the GPU takes the job (worker.process.tasks), not when a job thread takes it:
         # a job held while another denoises still shows `queued`.
         task_track_started=False,
         # Off, against Celery's advice for AMQP: on a lost Redis connection Celery would SIGTERM the render
@@ -70,14 +122,15 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
     app.conf.update(conf)
     app.render_settings = settings
-    app.render_deliveries = deliveries = Deliveries()
+    app.deliveries = deliveries = Deliveries()
+    app.steps["worker"].add(ServicesStep)
 
     # Spec, model and config errors are the caller's: logged as one line, no traceback.
     @app.task(name=TASK_RENDER, bind=True, shared=False, throws=(SpecError, ModelError, ConfigError))  # type: ignore[untyped-decorator]
     def render_task(self: Task, spec_json: Any) -> dict[str, Any]:
-        return run_render(self, spec_json)
+        return run_render(self, app.runner, app.heartbeat, spec_json)
 
-    scanner = RecoveryScanner(
+    app.recovery_scanner = RecoveryScanner(
         app,
         connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10, **settings.sentinel),
         interval=settings.recovery_interval,
@@ -90,7 +143,7 @@ def create_app(settings: WorkerSettings) -> Celery:
         result_ttl=settings.result_ttl,
     )
 
-    watcher = AffinityWatcher(
+    app.affinity_watcher = AffinityWatcher(
         connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10, **settings.sentinel),
         affinity,
         [name for queue in consumed_queues(settings) for name in priority_lists(queue).values()],
@@ -98,7 +151,7 @@ def create_app(settings: WorkerSettings) -> Celery:
     )
 
     # The fast-failing client: a beat in flight cannot hold up a shutdown for long.
-    heartbeat = Heartbeat(
+    app.heartbeat = Heartbeat(
         control_client(settings.redis_url, **settings.sentinel),
         hostname=socket.gethostname(),
         models=list(settings.models),
@@ -107,21 +160,10 @@ def create_app(settings: WorkerSettings) -> Celery:
         ttl=settings.heartbeat_ttl,
     )
 
-    def start_threads(sender: Any = None, **_: Any) -> None:
-        scanner.owner = getattr(sender, "hostname", None) or scanner.owner
-        scanner.start()
-        watcher.start()
-        heartbeat.start(getattr(sender, "hostname", None))
-
-    def stop_threads(**_: Any) -> None:
-        heartbeat.stop()
-        scanner.stop()
-        watcher.stop()
-
     signals_seen: list[Any] = []
 
     def drain(sig: Any = None, **_: Any) -> None:
-        """SIGTERM (or a first SIGINT): hand the jobs in hand back (`worker.drain`) while Celery's warm shutdown
+        """SIGTERM (or a first SIGINT): hand the jobs in hand back (`worker.engine.drain`) while Celery's warm shutdown
         waits for their threads. A second signal exits at once: the leases lapse and recovery moves the jobs, from
         their last checkpoints."""
         signals_seen.append(sig)
@@ -132,10 +174,8 @@ def create_app(settings: WorkerSettings) -> Celery:
             "at once)",
             settings.drain_seconds,
         )
-        state = getattr(app, "render_state", None)
-        if state is not None:
-            state.drain.begin(settings.drain_seconds)
-            state.gpu.drain()
+        if app._runner is not None:
+            app._runner.services.begin_drain()
 
     def delivered(sender: Any = None, **_: Any) -> None:  # on the consumer's thread, before the job's own starts
         if getattr(sender, "app", None) is app:
@@ -146,12 +186,8 @@ def create_app(settings: WorkerSettings) -> Celery:
             metrics.serve(settings.metrics_port)
 
     worker_init.connect(serve_metrics, weak=False)
-    worker_ready.connect(start_threads, weak=False)
     worker_shutting_down.connect(drain, weak=False)
     task_received.connect(delivered, weak=False)
-    worker_shutting_down.connect(stop_threads, weak=False)
-    app.recovery_scanner = scanner
-    app.heartbeat = heartbeat
     return app
 
 
@@ -204,11 +240,11 @@ def run_worker(app: Celery, argv: list[str]) -> int:
 
 
 @functools.cache
-def _app_from_environment() -> Celery:
+def _app_from_environment() -> RenderApp:
     return create_app(load_settings())
 
 
-def __getattr__(name: str) -> Celery:
+def __getattr__(name: str) -> RenderApp:
     """`worker.celery_app.app`, the attribute Celery's `-A` option looks up: built once, from `RENDER_*`."""
     if name == "app":
         return _app_from_environment()

@@ -22,7 +22,7 @@ from producer.errors import RenderError, RenderFailed, SpecError, StorageError
 from producer.fleet import WorkerInfo, served_by
 from producer.keys import DEFAULT_PRIORITY, PRIORITIES, Priority
 from producer.spec import RenderSpec, json_schema
-from worker.display import JobBoard, StepProgress, table_console
+from worker.views.display import JobBoard, StepProgress, table_console
 
 app = typer.Typer(
     name="render",
@@ -60,10 +60,10 @@ def local(
     # Settings and storage first: a mistake in either is reported before seconds of torch imports.
     settings = load_settings()
     target = open_storage(storage or settings.storage_url, s3_endpoint_url=settings.s3_endpoint_url)
-    from worker.inputs import load_inputs
-    from worker.job import JobContext
+    from worker.engine.inputs import load_inputs
+    from worker.engine.job import JobContext
+    from worker.engine.rendering import render
     from worker.models.registry import ModelRegistry
-    from worker.rendering import render
 
     inputs = load_inputs(spec, settings)
     progress = StepProgress()
@@ -87,7 +87,7 @@ def worker(
     """Run a GPU worker: one process, a thread per job in hand, acks late, events on (settings from RENDER_*)."""
     _quiet_libraries()
     from worker.celery_app import create_app, run_worker, worker_argv
-    from worker.preflight import check_worker
+    from worker.process.preflight import check_worker
     from worker.settings import load_settings
 
     settings = load_settings()
@@ -264,7 +264,7 @@ def batch(
     if detach:
         typer.echo(f"follow it with: render batch status {name}")
         return
-    from worker.batch_view import BatchDisplay
+    from worker.views.batch_view import BatchDisplay
 
     with BatchDisplay(name) as display:
         final = handle.wait(timeout, on_progress=display.update)
@@ -282,7 +282,7 @@ def _read_file(path: Path) -> bytes:
 
 
 def _batch_status(handle: Any, as_json: bool) -> None:
-    from worker.batch_view import index_rows, status_table
+    from worker.views.batch_view import index_rows, status_table
 
     progress = handle.progress()
     rows = index_rows(handle)
@@ -309,10 +309,10 @@ def _batch_revoke(handle: Any, timeout: float | None) -> None:
 
 
 def _batch_index(handle: Any, storage: str | None, link_expiry: int, *, quiet_failure: bool = False) -> None:
-    from worker.batch_view import index_rows
-    from worker.gallery import write_index
     from worker.settings import load_settings
     from worker.storage import open_storage
+    from worker.views.batch_view import index_rows
+    from worker.views.gallery import write_index
 
     try:
         settings = load_settings()
@@ -408,7 +408,17 @@ def demo(
 ) -> None:
     """Start a private Redis and a worker, render a small batch live (one job revoked), then clean up."""
     _quiet_libraries()
-    from worker.demo import run_demo
+    try:
+        from localfarm.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("localfarm", "localfarm.demo"):
+            raise
+        typer.echo(
+            "render demo runs from a checkout of the farm's source (localfarm/ is not in the worker image): "
+            "clone the repository and run `make demo` there",
+            err=True,
+        )
+        raise typer.Exit(2) from None
 
     if not run_demo(out, echo=typer.echo):
         raise typer.Exit(1)

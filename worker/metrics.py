@@ -8,14 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Histogram, start_http_server
 
 from producer.manifest import Manifest
-
-if TYPE_CHECKING:  # the callbacks import this module for their own timings
-    from worker.callbacks.control import StepInfo
+from worker.hooks import StepInfo
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import boto3
 import pytest
 import redis
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer.client import RenderClient
 from producer.keys import RUNNING_TASKS, model_queue, priority_lists
 from producer.settings import ClientSettings
 from tests.faults.proxy import FaultProxy
 from tests.integration.conftest import Farm, farm_factory, redis_server  # noqa: F401  (fixtures used here)
-from worker.local_cluster import RedisServer, WorkerProcess
 from worker.settings import default_models
 
 

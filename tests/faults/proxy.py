@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from types import TracebackType
 
-from worker.local_cluster import free_port
+from localfarm.cluster import free_port
 
 
 class FaultProxy:

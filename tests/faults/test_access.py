@@ -16,12 +16,12 @@ import boto3
 import pytest
 import redis
 
+from localfarm.cluster import free_port, wait_until
 from producer import FarmUnavailable
 from producer.client import RenderClient
 from tests.conftest import FAKE_AWS
 from tests.faults.conftest import ChaosFarm
 from tests.integration.conftest import Farm
-from worker.local_cluster import free_port, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

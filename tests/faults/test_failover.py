@@ -16,12 +16,12 @@ import boto3
 import pytest
 import redis
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer.client import RenderClient
 from producer.settings import ClientSettings
 from tests.faults.conftest import job, progressed
 from tests.helpers import free_port, wait_until
 from tests.integration.conftest import Farm
-from worker.local_cluster import RedisServer, WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 MASTER = "farm"

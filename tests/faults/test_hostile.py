@@ -15,10 +15,10 @@ import boto3
 import pytest
 from PIL import Image
 
+from localfarm.cluster import wait_until
 from producer import SpecError
 from producer.keys import TASK_RENDER
 from tests.faults.conftest import ChaosFarm
-from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import pytest
 
+from localfarm.cluster import wait_until
 from producer.keys import RUNNING_TASKS
 from tests.faults.conftest import ChaosFarm, assert_complete, holder, job, progressed
 from tests.helpers import running
-from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

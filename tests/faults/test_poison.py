@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import pytest
 
+from localfarm.cluster import wait_until
 from producer.keys import RUNNING_TASKS
 from tests.faults.conftest import ChaosFarm, holder, job
 from tests.helpers import render_here
-from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import pytest
 
+from localfarm.cluster import wait_until
 from producer.errors import FarmUnavailable
 from tests.faults.conftest import ChaosFarm, assert_complete, job, progressed
-from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

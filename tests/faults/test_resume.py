@@ -10,11 +10,11 @@ from collections.abc import Callable
 import boto3
 import pytest
 
+from localfarm.cluster import wait_until
 from producer.keys import deaths_key
 from tests.faults.conftest import ChaosFarm, assert_complete, holder, job, progressed
 from tests.helpers import pixels, running
-from worker.checkpoints import decode
-from worker.local_cluster import wait_until
+from worker.engine.checkpoints import decode
 from worker.storage import open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]

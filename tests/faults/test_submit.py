@@ -19,11 +19,11 @@ from pathlib import Path
 import boto3
 import pytest
 
+from localfarm.cluster import wait_until
 from producer.keys import UNSENT_JOBS
 from tests.faults.conftest import ChaosFarm
 from tests.faults.proxy import FaultProxy
 from tests.helpers import ROOT, render_cli, wait_for_jobs
-from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
 

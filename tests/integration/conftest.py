@@ -12,11 +12,11 @@ import boto3
 import pytest
 import redis
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer.client import JobHandle, RenderClient, TaskStatus
 from producer.manifest import Manifest
 from producer.settings import ClientSettings
 from tests.helpers import wait_for_jobs, wait_until
-from worker.local_cluster import RedisServer, WorkerProcess
 
 
 def spec(**overrides: Any) -> dict[str, Any]:

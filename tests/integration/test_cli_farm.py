@@ -116,6 +116,6 @@ def test_celery_s_own_cli_finds_the_app_from_the_render_settings(farm: Farm) -> 
     for hostname, worker in hostnames.items():
         stats = replies["stats"][hostname]
         assert stats["pid"] == worker.pid and stats["pool"]["max-concurrency"] == WorkerSettings().jobs_in_hand
-        assert stats["broker"]["transport"] == "worker.transport:Transport"
+        assert stats["broker"]["transport"] == "worker.process.transport:Transport"
         assert replies["active"][hostname] == []
         assert TASK_RENDER in replies["registered"][hostname]

@@ -108,7 +108,7 @@ def test_flower_s_worker_pages_broker_tab_and_queue_lengths(farm: Farm, flower: 
         page = fetch(f"{flower}/worker/{urllib.parse.quote(worker.hostname)}")
         assert "Unable to get stats" not in page
         # The worker's stats, as its page shows them: its pid, and its broker connection in the Broker tab.
-        assert f">{worker.pid}<" in page.replace(" ", "") and "worker.transport:Transport" in page
+        assert f">{worker.pid}<" in page.replace(" ", "") and "worker.process.transport:Transport" in page
     broker = fetch(f"{flower}/broker")
     shown = farm.redis_url.replace("redis://", "redis://:**@")  # kombu masks the password, even an absent one
     assert f">{shown}</p>" in broker, "the Broker tab names the farm's Redis"

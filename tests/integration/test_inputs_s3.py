@@ -17,7 +17,7 @@ from producer.errors import ConfigError, StorageUnavailable
 from producer.settings import load
 from tests.faults.proxy import FaultProxy
 from tests.helpers import wait_until
-from worker.inputs import load_inputs
+from worker.engine.inputs import load_inputs
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration

@@ -10,14 +10,14 @@ from typing import Any
 import pytest
 import redis
 
+from localfarm.cluster import RedisServer
 from producer.client import RenderClient
 from producer.keys import RUNNING_TASKS, lease_key, revocations_channel, revoked_key
 from producer.settings import ClientSettings
 from tests.helpers import free_port, wait_until
-from worker.callbacks import StepInfo
-from worker.jobcontrol import Lease, ProgressReport, RevocationWatch, control_client
-from worker.local_cluster import RedisServer
-from worker.stops import JobRevoked, LeaseLost
+from worker.engine.callbacks import StepInfo
+from worker.engine.stops import JobRevoked, LeaseLost
+from worker.process.jobcontrol import Lease, ProgressReport, RevocationWatch, control_client
 
 pytestmark = pytest.mark.integration
 

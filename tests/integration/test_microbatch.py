@@ -19,10 +19,10 @@ from producer import RenderSpec
 from producer.client import JobHandle
 from tests.helpers import running, wait_until
 from tests.integration.conftest import LONG, Farm, spec, wait_for
-from worker.batching import denoise_batch
-from worker.job import JobContext
+from worker.engine.batching import denoise_batch
+from worker.engine.job import JobContext
+from worker.engine.rendering import prepare, render
 from worker.models.registry import ModelRegistry
-from worker.rendering import prepare, render
 from worker.settings import default_models
 from worker.storage import LocalStorage
 

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from producer import RenderSpec
-from worker.job import JobContext
+from worker.engine.job import JobContext
+from worker.engine.rendering import render
 from worker.models.registry import ModelRegistry
-from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import open_storage
 

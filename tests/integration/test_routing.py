@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from localfarm.cluster import wait_until
 from producer import NoWorkerForModel
 from producer.client import JobHandle
 from producer.keys import model_queue, priority_lists
 from producer.manifest import Manifest
 from tests.helpers import render_cli
 from tests.integration.conftest import Farm
-from worker.local_cluster import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -6,6 +6,7 @@ Celery logs "Unrecoverable error" and stops, but `app.worker_main` drops the exi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.local_cluster import RedisServer
+from localfarm.cluster import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -75,3 +76,26 @@ def test_a_worker_whose_settings_cannot_work_exits_2_with_one_line_and_takes_not
     assert done.stderr.count("\n") == 1, done.stderr
     assert connection.dbsize() == 0, "the refused worker wrote to Redis (an advert, a queue, a heartbeat)"
     connection.close()
+
+
+def test_a_worker_run_on_another_pool_than_threads_stops_at_start_naming_the_pool(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`celery -A worker.celery_app worker --pool=processes` (prefork): the services bootstep refuses it before any
+    job (a forked child would share the parent's Redis sockets and GPU thread), and the worker exits non-zero."""
+    env = {
+        **os.environ,
+        "RENDER_REDIS_URL": redis_server.url.replace("/0", "/14"),
+        "RENDER_STORAGE_URL": tmp_path.as_uri(),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=processes", "-c", "1"],
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env=env,
+    )
+    assert "runs its jobs on threads (--pool=threads), not on TaskPool" in done.stderr + done.stdout, done.stderr[
+        -2000:
+    ]
+    assert done.returncode != 0

@@ -6,7 +6,7 @@ import pytest
 import redis
 import torch
 
-from worker.local_cluster import RedisServer
+from localfarm.cluster import RedisServer
 from worker.models.registry import ModelRegistry
 from worker.settings import default_models
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from localfarm.cluster import RedisServer
 from producer.keys import PRIORITY_STEPS, SUBMITTED_AT_HEADER, priority_lists
-from worker.affinity import Affinity, AffinityWatcher
 from worker.celery_app import create_app
-from worker.local_cluster import RedisServer
+from worker.process.affinity import Affinity, AffinityWatcher
 from worker.settings import WorkerSettings
 
 QUEUES = ["render.a", "render.b", "render"]

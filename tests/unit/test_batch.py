@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from localfarm.cluster import RedisServer
 from producer.batch import BatchLine, BatchProgress, check_batch_name, default_name, parse_lines, plan
 from producer.client import RenderClient, TaskStatus
 from producer.errors import BatchFileError, SpecError
 from producer.keys import model_queue, priority_lists, revoked_key
 from producer.spec import RenderSpec
-from worker.batch_view import BatchDisplay
-from worker.local_cluster import RedisServer
+from worker.views.batch_view import BatchDisplay
 
 GOOD = {"model": "tiny-sd15", "prompt": "a lighthouse", "num_inference_steps": 2, "width": 64, "height": 64}
 

@@ -13,14 +13,14 @@ from PIL import Image
 
 from producer import RenderFailed, RenderSpec
 from tests.helpers import Gate, wait_until
-from worker.batching import batch_key, denoise_batch
-from worker.callbacks import StepInfo
-from worker.gpu import Deadline, Deliveries, GpuRunner
-from worker.job import JobContext
+from worker.engine.batching import denoise_batch, shared_call_key
+from worker.engine.callbacks import StepInfo
+from worker.engine.job import JobContext
+from worker.engine.rendering import Denoised, Prepared, denoise, prepare, store
+from worker.engine.stops import JobRevoked
 from worker.models.registry import ModelRegistry
-from worker.rendering import Denoised, Prepared, denoise, prepare, store
+from worker.process.gpu import Deadline, Deliveries, GpuRunner
 from worker.settings import default_models
-from worker.stops import JobRevoked
 from worker.storage import LocalStorage
 
 MODELS = ["tiny-sd15", "tiny-sdxl"]
@@ -96,7 +96,7 @@ def test_each_job_of_a_batch_gives_its_own_image_as_alone_and_a_spent_budget_lea
     specs = [make_spec(model, i, scheduler=scheduler) for i in range(4)]
     specs[1] = make_spec(model, 1, scheduler=scheduler, callbacks=[{"type": "step_budget", "max_steps": 4}])
     specs[2] = make_spec(model, 2, scheduler=scheduler, callbacks=[{"type": "frames", "every": 2}])
-    assert len({batch_key(spec) for spec in specs}) == 1
+    assert len({shared_call_key(spec) for spec in specs}) == 1
     expected = [alone(registry, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
 
     logs = [StepLog() for _ in specs]
@@ -160,7 +160,7 @@ def test_jobs_with_their_own_prompt_negative_prompt_and_seed_under_clip_skip_and
 ) -> None:
     storage = LocalStorage(tmp_path)
     specs = [make_spec(model, i, negative_prompt=negative.format(i=i), **ENCODED) for i in range(4)]
-    assert len({batch_key(spec) for spec in specs}) == 1
+    assert len({shared_call_key(spec) for spec in specs}) == 1
     expected = [alone(exact, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
     prepared = [prepare(JobContext(s, f"e-{i}"), exact, storage) for i, s in enumerate(specs)]
 
@@ -192,7 +192,7 @@ def test_jobs_that_differ_in_clip_skip_or_loras_share_calls_only_with_their_like
         {"clip_skip": 1, "loras": [{**tiny_lora, "scale": -0.5}]},
     ]
     specs = [make_spec(i=i, num_images=1, negative_prompt="blurry", **variants[i // 2]) for i in range(8)]
-    assert len({batch_key(spec) for spec in specs}) == 4
+    assert len({shared_call_key(spec) for spec in specs}) == 4
     expected = [alone(exact, storage, spec, f"alone-{i}") for i, spec in enumerate(specs)]
     results: dict[str, Denoised] = {}
 
@@ -248,8 +248,8 @@ def test_every_job_revoked_ends_the_call_before_the_decode(registry: ModelRegist
 
 def test_the_key_keeps_apart_what_one_call_cannot_share() -> None:
     base = make_spec()
-    assert batch_key(base) == batch_key(make_spec(i=2, prompt="another prompt", negative_prompt=""))
-    assert batch_key(base) == batch_key(make_spec(callbacks=[{"type": "step_budget", "max_steps": 3}]))
+    assert shared_call_key(base) == shared_call_key(make_spec(i=2, prompt="another prompt", negative_prompt=""))
+    assert shared_call_key(base) == shared_call_key(make_spec(callbacks=[{"type": "step_budget", "max_steps": 3}]))
     for other in (
         make_spec(width=128),
         make_spec(num_inference_steps=9),
@@ -262,8 +262,8 @@ def test_the_key_keeps_apart_what_one_call_cannot_share() -> None:
         make_spec(loras=[{"name": "tiny-lora"}]),
         make_spec(loras=[{"name": "tiny-lora", "scale": 0.5}]),
     ):
-        assert batch_key(other) != batch_key(base)
-    assert batch_key(make_spec(pipeline="img2img", image="file:///x.png")) is None
+        assert shared_call_key(other) != shared_call_key(base)
+    assert shared_call_key(make_spec(pipeline="img2img", image="file:///x.png")) is None
 
 
 def test_the_gpu_thread_batches_only_compatible_jobs_already_waiting(registry: ModelRegistry, tmp_path: Path) -> None:
@@ -316,7 +316,9 @@ def test_a_call_stuck_past_every_limit_ends_the_process(registry: ModelRegistry,
 def test_a_call_waits_for_a_job_this_worker_holds_that_is_still_being_checked(
     registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)  # bounded in production (0.25 s); here the event decides
+    monkeypatch.setattr(
+        "worker.process.gpu.GATHER_SECONDS", 120.0
+    )  # bounded in production (0.25 s); here the event decides
     storage = LocalStorage(tmp_path)
     runner = GpuRunner(registry, max_batch=4)
     first = prepare(JobContext(make_spec(i=0, num_images=1), "early"), registry, storage)
@@ -341,8 +343,10 @@ def test_a_call_waits_for_a_job_this_worker_holds_that_is_still_being_checked(
 def test_a_call_keeps_gathering_while_a_burst_is_still_being_delivered_and_a_lone_job_starts_at_once(
     registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)  # in production 0.25 s and 10 ms: here the jobs decide
-    monkeypatch.setattr("worker.gpu.BURST_GAP", 120.0)
+    monkeypatch.setattr(
+        "worker.process.gpu.GATHER_SECONDS", 120.0
+    )  # in production 0.25 s and 10 ms: here the jobs decide
+    monkeypatch.setattr("worker.process.gpu.BURST_GAP", 120.0)
     storage = LocalStorage(tmp_path)
     deliveries = Deliveries()
     runner = GpuRunner(registry, max_batch=2, deliveries=deliveries)
@@ -373,7 +377,7 @@ def test_a_job_delivered_first_runs_first_though_its_checks_end_after_a_later_on
 ) -> None:
     """A high-priority job the broker handed over before a normal one, whose checks were slower (a busy machine),
     still starts first: the GPU waits for it (at most GATHER_SECONDS in production; here the job decides)."""
-    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)
+    monkeypatch.setattr("worker.process.gpu.GATHER_SECONDS", 120.0)
     storage = LocalStorage(tmp_path)
     runner = GpuRunner(registry, max_batch=1)
     early = prepare(JobContext(make_spec(i=0), "early"), registry, storage)
@@ -390,7 +394,7 @@ def test_a_job_delivered_first_runs_first_though_its_checks_end_after_a_later_on
 def test_a_full_call_starts_without_waiting_for_jobs_still_being_checked(
     registry: ModelRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("worker.gpu.GATHER_SECONDS", 120.0)
+    monkeypatch.setattr("worker.process.gpu.GATHER_SECONDS", 120.0)
     storage = LocalStorage(tmp_path)
     runner = GpuRunner(registry, max_batch=2)
     jobs = [prepare(JobContext(make_spec(i=i, num_images=1), f"job-{i}"), registry, storage) for i in range(2)]

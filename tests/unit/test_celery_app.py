@@ -15,11 +15,11 @@ import redis
 from celery.signals import task_received
 from flower.utils import broker as flower_broker
 
+from localfarm.cluster import RedisServer
 from producer.celery_config import tls_options
 from producer.client import RenderClient, redacted
 from producer.keys import TASK_RENDER
 from worker.celery_app import create_app, worker_argv
-from worker.local_cluster import RedisServer
 from worker.settings import WorkerSettings
 
 
@@ -101,10 +101,10 @@ class _Consumer:  # what Celery sends `task_received` from: the worker's consume
 def test_a_message_the_consumer_receives_marks_its_own_apps_deliveries() -> None:
     """Celery sends `task_received` on the consumer's thread; the GPU thread reads it as "a burst is arriving"."""
     app, other = (create_app(WorkerSettings(redis_url="redis://127.0.0.1:1/0")) for _ in range(2))
-    before = app.render_deliveries.last
+    before = app.deliveries.last
     task_received.send(sender=_Consumer(app), request=None)
-    assert app.render_deliveries.last > before
-    assert other.render_deliveries.last == float("-inf"), "another app in the process is not marked"
+    assert app.deliveries.last > before
+    assert other.deliveries.last == float("-inf"), "another app in the process is not marked"
 
 
 def test_worker_flags() -> None:

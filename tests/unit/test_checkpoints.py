@@ -19,18 +19,18 @@ from producer import RenderSpec
 from producer.keys import checkpoint_object, image_object, manifest_object
 from producer.manifest import Manifest
 from tests.helpers import Gate, pipeline_spec, png, wait_until
-from worker.batching import batch_key, denoise_batch
-from worker.callbacks import StepInfo
-from worker.checkpoints import FORMAT, Checkpoint, CheckpointUnsupported, decode, encode, scheduler_state
-from worker.drain import Drain
-from worker.gpu import GpuRunner
-from worker.inputs import load_inputs
-from worker.job import JobContext
+from worker.engine.batching import denoise_batch, shared_call_key
+from worker.engine.callbacks import StepInfo
+from worker.engine.checkpoints import FORMAT, Checkpoint, CheckpointUnsupported, decode, encode, scheduler_state
+from worker.engine.drain import Drain
+from worker.engine.inputs import load_inputs
+from worker.engine.job import JobContext
+from worker.engine.rendering import Denoised, denoise, prepare, render, store
+from worker.engine.stops import HandedOff, LeaseLost
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import SAMPLERS, make_scheduler
-from worker.rendering import Denoised, denoise, prepare, render, store
+from worker.process.gpu import GpuRunner
 from worker.settings import WorkerSettings
-from worker.stops import HandedOff, LeaseLost
 from worker.storage import LocalStorage, Storage
 
 EVERY_STEP = 1e-9  # checkpoint at every step's end
@@ -180,7 +180,7 @@ def test_a_checkpoint_that_cannot_be_read_is_ignored_with_a_log_line_and_the_job
     data = storage.get(checkpoint_object(TASK))
     assert data is not None
     storage.put(checkpoint_object(TASK), damage(data), "application/octet-stream")
-    with caplog.at_level(logging.WARNING, logger="worker.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="worker.engine.checkpoints"):
         manifest = resumed(spec, registry, storage)
     assert manifest.resumed_from_step is None and manifest.status == "succeeded"
     assert image_bytes(storage, manifest) == image_bytes(whole_storage, whole)
@@ -323,7 +323,7 @@ def test_jobs_handed_off_from_a_batch_checkpoint_their_own_rows_and_resume_alone
     specs = [
         spec_of(scheduler=scheduler, seed=40 + i, num_images=1 + i % 2, prompt=f"a lighthouse {i}") for i in range(3)
     ]
-    assert len({batch_key(spec) for spec in specs}) == 1
+    assert len({shared_call_key(spec) for spec in specs}) == 1
     expected = [
         render(JobContext(spec, f"job-{i}"), registry=registry, storage=alone_storage) for i, spec in enumerate(specs)
     ]
@@ -353,11 +353,11 @@ def test_a_drained_job_whose_sampler_state_cannot_be_captured_is_still_handed_of
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise CheckpointUnsupported("FancyScheduler.noise_sampler holds a BrownianTree")
 
-    monkeypatch.setattr("worker.callbacks.checkpoint.scheduler_state", refuse)
+    monkeypatch.setattr("worker.engine.callbacks.checkpoint.scheduler_state", refuse)
     storage = LocalStorage(tmp_path)
     drain = Drain()
     prepared = prepare(JobContext(spec_of(), TASK, hooks=[DrainAt(drain, 3)], drain=drain), registry, storage)
-    with caplog.at_level(logging.WARNING, logger="worker.callbacks.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="worker.engine.callbacks.checkpoint"):
         outcome = denoise(prepared, registry)
     assert isinstance(outcome.stop, HandedOff) and outcome.stop.steps_completed == 3
     assert storage.get(checkpoint_object(TASK)) is None, "no checkpoint: the next attempt starts from step 0"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from rich.console import Console
 
 from producer.client import TaskStatus
-from worker.display import JobBoard, StepProgress, table_console
+from worker.views.display import JobBoard, StepProgress, table_console
 
 
 @dataclass

@@ -14,14 +14,14 @@ import redis
 import torch
 from prometheus_client import REGISTRY
 
+from localfarm.cluster import RedisServer
 from producer import ConfigError
 from producer.fleet import live_workers, queue_lengths, served_by, served_models
 from producer.keys import WORKERS, model_queue, model_workers_key, priority_lists, worker_key
 from tests.helpers import free_port, render_cli, wait_until
-from worker.fleet import Heartbeat, JobAdvert
-from worker.jobcontrol import control_client
-from worker.local_cluster import RedisServer
 from worker.models.registry import ModelRegistry
+from worker.process.fleet import Heartbeat, JobAdvert
+from worker.process.jobcontrol import control_client
 from worker.settings import default_models, load_settings
 
 ROOT = Path(__file__).parents[2]

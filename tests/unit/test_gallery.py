@@ -18,8 +18,8 @@ from PIL import Image
 
 from producer.errors import StorageError
 from tests.browser import dump_dom
-from worker.gallery import IndexRow, write_index
 from worker.storage import LocalStorage, S3Storage, Storage, open_storage
+from worker.views.gallery import IndexRow, write_index
 
 HOSTILE = """<script>alert(1)</script> "double" 'single' & <img src=x onerror=alert(2)>"""
 browser = pytest.mark.integration

@@ -10,12 +10,12 @@ import torch
 
 from producer import RenderSpec
 from tests.helpers import wait_until
-from worker.gpu import GpuRunner
-from worker.job import JobContext
+from worker.engine.job import JobContext
+from worker.engine.rendering import check_supported, prepare
 from worker.models import tiny_sd15
 from worker.models.loras import tiny_state_dict
 from worker.models.registry import ModelRegistry
-from worker.rendering import check_supported, prepare
+from worker.process.gpu import GpuRunner
 from worker.settings import LoraSource, default_models
 from worker.storage import LocalStorage
 

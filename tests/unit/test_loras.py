@@ -18,11 +18,11 @@ from PIL import Image
 
 from producer import ConfigError, ModelError, SpecError
 from producer.spec import LoraRef
+from worker.engine.stops import JobRevoked
 from worker.models import ip_adapter
 from worker.models.loras import adapter_name, state_dict_sha256, tiny_state_dict
 from worker.models.registry import ModelRegistry
 from worker.settings import LoraSource, ModelSource, WorkerSettings, default_models, load_settings
-from worker.stops import JobRevoked
 
 FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
 TINY = [LoraRef(name="tiny-lora")]

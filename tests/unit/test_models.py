@@ -12,12 +12,12 @@ from PIL import Image
 
 from producer import ModelError, RenderSpec
 from tests.helpers import pixels
-from worker.inputs import load_inputs
-from worker.job import JobContext
+from worker.engine.inputs import load_inputs
+from worker.engine.job import JobContext
+from worker.engine.rendering import render
 from worker.models import tiny_sd15, tiny_sdxl
 from worker.models.registry import ModelRegistry, resolve_device, resolve_dtype
 from worker.models.tokenizer import tiny_clip_tokenizer
-from worker.rendering import render
 from worker.settings import ModelSource, WorkerSettings, default_models
 from worker.storage import LocalStorage
 

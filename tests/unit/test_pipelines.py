@@ -12,12 +12,12 @@ from PIL import Image
 
 from producer import RenderSpec, SpecError
 from tests.helpers import SIZE, pipeline_spec, pixels, png
-from worker.inputs import load_inputs
-from worker.job import JobContext
+from worker.engine.inputs import load_inputs
+from worker.engine.job import JobContext
+from worker.engine.rendering import render
+from worker.engine.stops import JobRevoked
 from worker.models.registry import ModelRegistry
-from worker.rendering import render
 from worker.settings import WorkerSettings
-from worker.stops import JobRevoked
 from worker.storage import LocalStorage
 
 

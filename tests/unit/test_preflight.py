@@ -1,4 +1,5 @@
-"""Start-up checks (`worker.preflight`): a setting that cannot work is one ConfigError naming it, before any job."""
+"""Start-up checks (`worker.process.preflight`): a setting that cannot work is one ConfigError naming it, before any
+job."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from producer.errors import ConfigError
 from worker.models import tiny_sd15
 from worker.models.loras import tiny_state_dict
-from worker.preflight import PROBE_PREFIX, check_loras, check_models, check_storage, check_worker
+from worker.process.preflight import PROBE_PREFIX, check_loras, check_models, check_storage, check_worker
 from worker.settings import LoraSource, ModelSource, WorkerSettings
 
 

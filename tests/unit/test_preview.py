@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from worker.preview import contact_strip, encode, latents_to_rgb, png_bytes
+from worker.engine.preview import contact_strip, encode, latents_to_rgb, png_bytes
 
 
 def test_zero_latents_map_to_the_bias() -> None:

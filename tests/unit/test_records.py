@@ -6,16 +6,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import redis
 from celery import Celery
 from celery.app.task import Context
 
+from localfarm.cluster import RedisServer
 from producer.celery_config import base_config
 from producer.keys import ATTEMPT_HEADER, LOAD_FAILURES_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, priority_lists
-from producer.records import Progress, Revocation, TaskMessage, running_worker
-from worker.local_cluster import RedisServer
+from producer.records import Progress, Revocation, TaskMessage, WorkerInfo, running_worker
 
 MESSAGE = TaskMessage("job-1", '{"model": "tiny-sd15"}', "render.tiny-sd15", 3, 1_700_000_000.5, 2, 1)
 
@@ -86,3 +88,58 @@ def test_a_revocation_round_trips_as_its_key_s_value_and_as_a_notice() -> None:
     assert Revocation.read(json.dumps({"at": None})) == Revocation(None)  # revoked, when unknown
     for raw in (None, b"1", b"not json", b'["at"]'):
         assert Revocation.read(raw) is None
+
+
+def put(client: redis.Redis, key: str, fields: Mapping[str, Any]) -> None:
+    client.hset(key, mapping={name: value for name, value in fields.items()})  # redis-py's key and value types
+
+
+def test_a_worker_advert_round_trips_through_its_hash_in_redis(tmp_path: Path) -> None:
+    """The three parts a worker writes (heartbeat, job in hand and step, models loaded) read back as one WorkerInfo,
+    through a real Redis hash (values come back as bytes)."""
+    with RedisServer(workdir=tmp_path) as server:
+        client = redis.Redis.from_url(server.url)
+        key = "render:worker:gpu0@host"
+        beat = WorkerInfo.beat_fields(
+            "gpu0@host",
+            models=["tiny-sd15", "tiny-sdxl"],
+            queues=["render.tiny-sd15", "render.tiny-sdxl", "render"],
+            pid=42,
+            started_at=1_700_000_000.25,
+            last_seen=1_700_000_100.5,
+            ttl=15.0,
+        )
+        put(client, key, beat)
+        idle = WorkerInfo.from_hash(client.hgetall(key))
+        assert idle == WorkerInfo(
+            hostname="gpu0@host",
+            models=["tiny-sd15", "tiny-sdxl"],
+            loaded=[],
+            queues=["render.tiny-sd15", "render.tiny-sdxl", "render"],
+            job=None,
+            step=None,
+            total=None,
+            loads={},
+            last_seen=1_700_000_100.5,
+            started_at=1_700_000_000.25,
+            pid=42,
+            ttl=15.0,
+        ), "a worker with nothing in hand or loaded yet"
+
+        put(client, key, {**WorkerInfo.job_fields("job-1"), **WorkerInfo.load_fields(["tiny-sd15"], {"tiny-sd15": 2})})
+        taken = WorkerInfo.from_hash(client.hgetall(key))
+        assert (taken.job, taken.step, taken.total, taken.loaded, taken.loads) == (
+            "job-1",
+            None,
+            None,
+            ["tiny-sd15"],
+            {"tiny-sd15": 2},
+        )
+        put(client, key, WorkerInfo.progress_fields(7, 20))
+        running = WorkerInfo.from_hash(client.hgetall(key))
+        assert (running.job, running.step, running.total) == ("job-1", 7, 20)
+        put(client, key, WorkerInfo.job_fields(None))
+        ended = WorkerInfo.from_hash(client.hgetall(key))
+        assert (ended.job, ended.step, ended.total, ended.loaded) == (None, None, None, ["tiny-sd15"])
+        assert WorkerInfo.from_hash({}).hostname == "", "an expired hash reads as empty"
+        client.close()

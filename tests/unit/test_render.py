@@ -14,11 +14,11 @@ from diffusers.callbacks import SDCFGCutoffCallback
 from PIL import Image
 
 from producer import ModelError, RenderFailed, RenderSpec, StorageError
-from worker.callbacks import StepInfo
-from worker.job import JobContext
+from worker.engine.callbacks import StepInfo
+from worker.engine.job import JobContext
+from worker.engine.rendering import pipeline_arguments, render
+from worker.engine.stops import JobRevoked, LeaseLost
 from worker.models.registry import ModelRegistry
-from worker.rendering import pipeline_arguments, render
-from worker.stops import JobRevoked, LeaseLost
 from worker.storage import LocalStorage
 
 FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
@@ -337,11 +337,15 @@ def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: 
     ("overrides", "error", "text"),
     [
         ({"model": "sdxl-turbo"}, ModelError, "not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl"),
-        ({"pipeline": "img2img", "image": "file:///in.png"}, ValueError, "image: not loaded; call worker.inputs"),
+        (
+            {"pipeline": "img2img", "image": "file:///in.png"},
+            ValueError,
+            "image: not loaded; call worker.engine.inputs",
+        ),
         (
             {"ip_adapter": {"image": "file:///style.png"}},
             ValueError,
-            "ip_adapter_image: not loaded; call worker.inputs",
+            "ip_adapter_image: not loaded; call worker.engine.inputs",
         ),
     ],
 )

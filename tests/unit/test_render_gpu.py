@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from producer import RenderSpec
+from worker.engine.rendering import render
 from worker.models.registry import ModelRegistry
-from worker.rendering import render
 from worker.settings import default_models
 from worker.storage import LocalStorage
 

@@ -13,11 +13,11 @@ from PIL import Image
 from producer import RenderSpec, SpecError
 from producer.spec import MAX_STEPS, SCHEDULERS
 from tests.helpers import UNetCalls, pixels
-from worker.inputs import load_inputs
-from worker.job import JobContext
+from worker.engine.inputs import load_inputs
+from worker.engine.job import JobContext
+from worker.engine.rendering import render
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import SAMPLERS, make_scheduler
-from worker.rendering import render
 from worker.settings import WorkerSettings
 from worker.storage import LocalStorage
 

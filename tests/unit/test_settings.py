@@ -62,7 +62,7 @@ def test_sentinel_settings_reach_the_broker_the_result_backend_and_every_client(
     }
     assert conf["result_backend"].startswith("producer.celery_config.PollingSentinelBackend+sentinel://")
     app = create_app(WorkerSettings(redis_url=SENTINELS, redis_master_name="farm"))
-    assert app.conf.broker_transport == "worker.transport:SentinelTransport"
+    assert app.conf.broker_transport == "worker.process.transport:SentinelTransport"
     client = connect(SENTINELS, master_name="farm", socket_timeout=1)  # no connection until a command
     pool: Any = client.connection_pool  # redis-py's SentinelConnectionPool
     assert pool.service_name == "farm" and pool.connection_kwargs["db"] == 2

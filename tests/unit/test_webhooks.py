@@ -21,14 +21,14 @@ from typing import Any
 import pytest
 import redis
 
+from localfarm.cluster import RedisServer
 from producer.errors import ConfigError, SpecError
 from producer.keys import WEBHOOK_OUTBOX, webhook_key
 from producer.webhooks import SIGNATURE_HEADER, check_webhook_url, delivery_state, parse_allowed_hosts, sign, verify
 from tests.helpers import free_port, wait_until
-from worker.jobcontrol import control_client
-from worker.local_cluster import RedisServer
-from worker.pinned_http import PinnedHTTPSConnection
-from worker.webhooks import NO_SECRET, WebhookSender, _Outcome
+from worker.process.jobcontrol import control_client
+from worker.process.pinned_http import PinnedHTTPSConnection
+from worker.process.webhooks import NO_SECRET, WebhookSender, _Outcome
 
 SECRET = "s3cret-for-tests"
 
@@ -452,7 +452,7 @@ def test_without_a_secret_nothing_is_sent_and_the_delivery_fails(
 def test_enqueue_with_redis_down_does_not_raise(caplog: pytest.LogCaptureFixture) -> None:
     down = control_client(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5)
     sender = make_sender(down)
-    with caplog.at_level(logging.WARNING, logger="worker.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="worker.process.webhooks"):
         started = time.monotonic()
         sender.enqueue("job-down", "http://127.0.0.1:1/hook", b"{}")
         assert time.monotonic() - started < 5
@@ -467,7 +467,7 @@ def test_the_thread_rides_out_a_redis_outage(
     (tmp_path / "second").mkdir()
     own = control_client(f"redis://127.0.0.1:{port}/0", timeout=0.5)
     sender = make_sender(own, poll_seconds=0.05)
-    with caplog.at_level(logging.WARNING, logger="worker.webhooks"):
+    with caplog.at_level(logging.WARNING, logger="worker.process.webhooks"):
         with RedisServer(port=port, workdir=tmp_path / "first"):
             sender.start()
         try:

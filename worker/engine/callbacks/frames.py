@@ -16,8 +16,8 @@ from diffusers.callbacks import PipelineCallback
 
 from producer.keys import frame_object
 from producer.spec import Frames
+from worker.engine.preview import CONTENT_TYPES, contact_strip, encode, latents_to_rgb
 from worker.metrics import FRAME_UPLOAD
-from worker.preview import CONTENT_TYPES, contact_strip, encode, latents_to_rgb
 from worker.storage import Storage
 
 

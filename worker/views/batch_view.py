@@ -15,7 +15,7 @@ from rich.text import Text
 
 from producer.batch import BatchHandle, BatchProgress
 from producer.client import TaskStatus
-from worker.gallery import IndexRow
+from worker.views.gallery import IndexRow
 
 
 class BatchDisplay:

@@ -23,15 +23,15 @@ from producer.errors import RenderFailed, StorageError
 from producer.keys import image_object, manifest_object
 from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
-from worker.callbacks import CallbackStack, build_callbacks
-from worker.callbacks.steps import sampler_steps
-from worker.checkpoints import CheckpointWriter, load_checkpoint
-from worker.job import JobContext
+from worker.engine.callbacks import CallbackStack, Checkpointing, build_callbacks
+from worker.engine.callbacks.steps import sampler_steps
+from worker.engine.checkpoints import CheckpointWriter, load_checkpoint
+from worker.engine.job import JobContext
+from worker.engine.outputs import ImageParameters, png_bytes
+from worker.engine.stops import JobRevoked, JobStopped, TimeLimitExceeded
 from worker.models import ip_adapter
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import check_clip_skip, clip_skip_arguments, scheduled
-from worker.outputs import ImageParameters, png_bytes
-from worker.stops import JobRevoked, JobStopped, TimeLimitExceeded
 from worker.storage import Storage
 
 _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
@@ -68,7 +68,7 @@ def render(job: JobContext | RenderSpec, *, registry: ModelRegistry, storage: St
     pipeline fails, and `ValueError` if the job lacks an input image the spec needs.
 
     The three phases are public for the worker, which runs them on different threads: `prepare` and `store` on the
-    job's own, `denoise` (or `worker.batching.denoise_batch`, for compatible jobs together) on its GPU thread.
+    job's own, `denoise` (or `worker.engine.batching.denoise_batch`, for compatible jobs together) on its GPU thread.
     """
     job = JobContext.of(job)
     if (done := finished_manifest(storage, job.task_id)) is not None:
@@ -127,7 +127,7 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
     check_supported(spec, registry)
     needed = NEEDS[spec.pipeline] | ({"ip_adapter_image"} if spec.ip_adapter else set())
     if missing := sorted(needed - set(job.inputs)):
-        raise ValueError(f"{missing[0]}: not loaded; call worker.inputs.load_inputs(spec, settings) first")
+        raise ValueError(f"{missing[0]}: not loaded; call worker.engine.inputs.load_inputs(spec, settings) first")
     family = registry.source(spec.model).family
     record = _Record(job)
     resume = load_checkpoint(storage, job.task_id, spec) if job.earlier_attempt else None
@@ -140,11 +140,13 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
         storage=storage,
         hooks=job.hooks,
         frame_threads=job.frame_threads,
-        checkpoint_seconds=job.checkpoint_seconds,
-        seed=record.seed,
-        resume=resume,
-        drain=job.drain,
-        earlier_attempt=job.earlier_attempt,
+        checkpointing=Checkpointing(
+            job.checkpoint_seconds,
+            seed=record.seed,
+            resume=resume,
+            drain=job.drain,
+            earlier_attempt=job.earlier_attempt,
+        ),
     )
     record.checkpoints = stack.checkpoints
     return Prepared(job, record, stack, family)

@@ -38,7 +38,7 @@ from redis.typing import EncodableT, FieldT
 from producer.errors import SpecError
 from producer.keys import WEBHOOK_OUTBOX, webhook_key
 from producer.webhooks import SIGNATURE_HEADER, IPAddress, Resolver, check_webhook_url, sign
-from worker.pinned_http import Deadline, PinnedHTTPConnection, PinnedHTTPSConnection
+from worker.process.pinned_http import Deadline, PinnedHTTPConnection, PinnedHTTPSConnection
 
 log = logging.getLogger(__name__)
 

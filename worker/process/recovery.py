@@ -52,14 +52,15 @@ from producer.keys import (
     recovery_lock_key,
 )
 from producer.records import PROGRESS_STATE, Progress, TaskMessage
+from producer.records import text as _text
 from producer.spec import RenderSpec
 from producer.unsent import resend_unsent
 from worker import metrics
-from worker.job import JobContext
-from worker.periodic import PeriodicThread
-from worker.rendering import failed_outside_render
+from worker.engine.job import JobContext
+from worker.engine.rendering import failed_outside_render
+from worker.process.periodic import PeriodicThread
+from worker.process.webhooks import WebhookSender
 from worker.storage import Storage
-from worker.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -279,10 +280,6 @@ class RecoveryScanner(PeriodicThread):
         if self.client.exists(manifest_key(task_id)):
             return True
         return AsyncResult(task_id, app=self.app).state in states.READY_STATES
-
-
-def _text(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 def _drop(qos: Any, tags: list[str]) -> None:

@@ -7,7 +7,6 @@ it knows (`JobAdvert`): the models loaded, loads per model, the job in hand and 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -19,6 +18,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from producer.keys import WORKERS, model_workers_key, worker_key
+from producer.records import WorkerInfo
 
 if TYPE_CHECKING:  # the main process needs no models
     from worker.models.registry import ModelRegistry
@@ -116,15 +116,16 @@ class Heartbeat:
                 return
             now = self.clock() if now is None else now
             key = worker_key(self.hostname)
-            fields: dict[FieldT, EncodableT] = {
-                "hostname": self.hostname,
-                "models": json.dumps(self.models),
-                "queues": json.dumps(self.queues),
-                "pid": self.pid,
-                "started_at": self.started_at,
-                "last_seen": now,
-                "ttl": self.ttl,
-            }
+            advert = WorkerInfo.beat_fields(
+                self.hostname,
+                models=self.models,
+                queues=self.queues,
+                pid=self.pid,
+                started_at=self.started_at,
+                last_seen=now,
+                ttl=self.ttl,
+            )
+            fields: dict[FieldT, EncodableT] = {name: value for name, value in advert.items()}  # redis-py's types
             beat = self.client.pipeline(transaction=True)
             beat.hset(key, mapping=fields)
             beat.pexpire(key, max(1, int(self.ttl * 1000)))
@@ -179,26 +180,23 @@ class JobAdvert:
     def job_started(self, task_id: str) -> None:
         """The worker took `task_id`; its step is not known yet."""
         self._progress = {}
-        self._write({"job": task_id, "step": "", "total": ""})
+        self._write(WorkerInfo.job_fields(task_id))
 
     def progress(self, step: int, total: int) -> None:
         """The job in hand reached `step` of `total` (called with the throttled progress report)."""
-        fields = {"step": str(step), "total": str(total)}
+        fields = WorkerInfo.progress_fields(step, total)
         if fields != self._progress and time.monotonic() >= self._retry_at:  # a batch's jobs share their step
             self._progress = fields
             self._write(fields)
 
     def job_ended(self) -> None:
         """The job in hand ended, however it ended."""
-        self._write({"job": "", "step": "", "total": ""})
+        self._write(WorkerInfo.job_fields(None))
 
     def _write(self, fields: dict[str, str]) -> None:
         if self.key is None:
             return
-        state = {
-            "loaded": json.dumps(self.registry.loaded_models()),
-            "loads": json.dumps(self.registry.loads, sort_keys=True),
-        }
+        state = WorkerInfo.load_fields(self.registry.loaded_models(), self.registry.loads)
         fields = {**fields, **{name: value for name, value in state.items() if self._sent.get(name) != value}}
         try:
             written = self._script(keys=[self.key], args=[part for pair in fields.items() for part in pair])

@@ -1,11 +1,12 @@
-"""The step hook of a draining worker (`worker.drain`): a job that will not finish in time leaves at a step's end."""
+"""The step hook of a draining worker (`worker.engine.drain`): a job that will not finish in time leaves at a step's
+end."""
 
 from __future__ import annotations
 
-from worker.callbacks.checkpoint import CheckpointCallback
-from worker.callbacks.control import StepInfo
-from worker.drain import Drain
-from worker.stops import HandedOff
+from worker.engine.callbacks.checkpoint import CheckpointCallback
+from worker.engine.drain import Drain
+from worker.engine.stops import HandedOff
+from worker.hooks import StepInfo
 
 
 class DrainHook:

@@ -97,7 +97,7 @@ def _restored(value: Any) -> Any:
 
 def scheduler_state(scheduler: Any, rows: Rows | None = None) -> dict[str, Any]:
     """Every data attribute of `scheduler` (its config aside), tensors copied to the CPU with their device; with
-    `rows`, a batch member's rows of the per-row ones (as `worker.batching` slices them when a job leaves)."""
+    `rows`, a batch member's rows of the per-row ones (as `worker.engine.batching` slices them when a job leaves)."""
     name = type(scheduler).__name__
     return {
         attribute: _capture(value, f"{name}.{attribute}", rows)

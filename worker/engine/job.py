@@ -10,8 +10,8 @@ from PIL import Image
 
 from producer.keys import check_task_id
 from producer.spec import RenderSpec
-from worker.callbacks.control import StepHook
-from worker.drain import Drain
+from worker.engine.drain import Drain
+from worker.hooks import StepHook
 
 
 @dataclass
@@ -20,14 +20,14 @@ class JobContext:
 
     - `task_id`: the id its storage keys derive from; a new one when omitted (`''` is refused, not replaced).
     - `attempt`, `queue_wait`, `worker`: recorded in the manifest.
-    - `inputs`: the spec's images, already checked (`worker.inputs.load_inputs`).
+    - `inputs`: the spec's images, already checked (`worker.engine.inputs.load_inputs`).
     - `hooks`: step hooks (revocation, lease, progress), run after every model call; one raising `JobStopped` ends
       the job before the decode.
     - `before_store(steps)`: runs after the decode, before the first upload (the worker's last lease check).
     - `frame_threads`: threads that encode and upload this job's frames.
     - `checkpoint_seconds`: seconds of denoising between checkpoints (0: none); an `attempt` above 1 resumes from
-      the job's checkpoint when there is one (`worker.checkpoints`).
-    - `drain`: the worker's SIGTERM hand-off (`worker.drain`); the job then checkpoints and is handed back when
+      the job's checkpoint when there is one (`worker.engine.checkpoints`).
+    - `drain`: the worker's SIGTERM hand-off (`worker.engine.drain`); the job then checkpoints and is handed back when
       it will not finish in time, whatever `checkpoint_seconds` says.
     """
 

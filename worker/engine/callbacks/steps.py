@@ -17,7 +17,7 @@ from typing import Any
 
 from diffusers.callbacks import MultiPipelineCallbacks
 
-from worker.callbacks.control import StepControlCallback
+from worker.engine.callbacks.control import StepControlCallback
 
 
 def steps_over(calls: int, pipeline: Any) -> int:

@@ -5,17 +5,15 @@ Kubernetes) and then vanish. Once `Drain.begin` is called, the GPU takes no new 
 waiting ones back at once), and a job on the GPU stays only if its remaining steps, at its own pace so far, end
 before the deadline; otherwise it checkpoints at its next step's end and is handed back too (`HandedOff`), and the
 task puts it on its queue again as its next attempt, which resumes from that checkpoint. The step hook that decides
-is `worker.callbacks.drain.DrainHook`.
+is `worker.engine.callbacks.drain.DrainHook`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from worker.callbacks.control import StepInfo
+from worker.hooks import StepInfo
 
 
 class Drain:

@@ -1,6 +1,6 @@
 """Cross-job micro-batching: compatible jobs in hand share one pipeline call, each keeping its own rows.
 
-`batch_key` is the one definition of compatible: jobs with equal keys can share every UNet call. It holds
+`shared_call_key` is the one definition of compatible: jobs with equal keys can share every UNet call. It holds
 what diffusers applies to a whole call (model and pipeline kind, size, steps, sampler, the guidance scale and
 CFG cutoff, LoRAs and their scales, clip skip, whether a negative prompt is given: SDXL encodes a missing one
 as zeros, an empty one as text); each job keeps its prompt, negative prompt, seeds, `num_images`, frames and
@@ -25,16 +25,16 @@ from typing import Any
 import torch
 
 from producer.spec import CfgCutoff, Frames, RenderSpec, StepBudget
-from worker.callbacks.cfg import cfg_cutoff_callback
-from worker.callbacks.frames import FramesCallback
-from worker.callbacks.steps import SamplerStepView, ends_a_step, steps_over
+from worker.engine.callbacks.cfg import cfg_cutoff_callback
+from worker.engine.callbacks.frames import FramesCallback
+from worker.engine.callbacks.steps import SamplerStepView, ends_a_step, steps_over
+from worker.engine.rendering import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
+from worker.engine.stops import HandedOff, JobStopped
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import clip_skip_arguments
-from worker.rendering import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
-from worker.stops import HandedOff, JobStopped
 
 
-def batch_key(spec: RenderSpec) -> Hashable | None:
+def shared_call_key(spec: RenderSpec) -> Hashable | None:
     """What a job must share with others to run in one pipeline call with them; None: it always runs alone."""
     if spec.pipeline != "text2img" or spec.ip_adapter is not None:
         return None
@@ -63,7 +63,7 @@ def batchable(pipe: Any) -> bool:
 
 
 def denoise_batch(prepared: Sequence[Prepared], registry: ModelRegistry) -> list[Denoised]:
-    """The GPU phase of jobs with one `batch_key`, as one pipeline call; one outcome per job, in order."""
+    """The GPU phase of jobs with one `shared_call_key`, as one pipeline call; one outcome per job, in order."""
     if len(prepared) == 1:
         return [denoise(prepared[0], registry)]
     try:

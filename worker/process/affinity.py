@@ -3,7 +3,7 @@
 A worker serving several models keeps one loaded (`RENDER_MAX_CACHED_MODELS`), and a job for another
 model costs a load: seconds to tens of seconds for SDXL from disk. kombu polls all of a worker's
 queues with one BRPOP over every (priority, queue) list, and Redis pops from the first non-empty list
-named, so the order of the names is the worker's preference (`worker.transport` asks `Affinity`):
+named, so the order of the names is the worker's preference (`worker.process.transport` asks `Affinity`):
 
 1. lists whose oldest job has waited longer than `RENDER_SWITCH_AFTER_SECONDS`, longest wait first:
    the bound on unfairness, across models and priorities alike (a low job behind a stream of normal
@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import redis
 
-from worker.periodic import PeriodicThread
+from worker.process.periodic import PeriodicThread
 
 # For each list: the submit time in the header of its oldest message (the tail; LPUSH adds at the head), or "".
 _OLDEST_SUBMITTED = """

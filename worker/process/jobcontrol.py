@@ -25,8 +25,8 @@ from redis.retry import Retry
 from producer.keys import LEASE_DEADLINES, RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
 from producer.records import Revocation
 from producer.redis_connect import SentinelOptions, connect
-from worker.callbacks.control import StepInfo
-from worker.stops import JobRevoked, LeaseLost
+from worker.engine.stops import JobRevoked, LeaseLost
+from worker.hooks import StepInfo
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class RevocationWatch:
 class ProgressReport:
     """A step hook: `report(step, total)` at most every `interval` seconds, and always at the last step.
 
-    In a worker `report` only posts to the job's own thread (`worker.gpu.ProgressBox`), which makes the Redis
+    In a worker `report` only posts to the job's own thread (`worker.process.gpu.ProgressBox`), which makes the Redis
     writes; a report that raises is logged and never stops the render.
     """
 

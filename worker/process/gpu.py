@@ -2,7 +2,7 @@
 
 Each job's own thread (a Celery task) prepares it, hands it here with `GpuRunner.run`, and while it waits
 reports the job's progress; once the call ends it encodes, uploads and writes the manifest while this thread
-already runs the next job. Jobs with one `worker.batching.batch_key` that are waiting when the GPU frees
+already runs the next job. Jobs with one `worker.engine.batching.shared_call_key` that are waiting when the GPU frees
 run as one call of up to `max_batch` images. A call waits for no job that is not yet delivered: only, for at
 most `GATHER_SECONDS`, for jobs this worker already holds that are still being checked, and while a burst of
 jobs is still being delivered to it (a message within `BURST_GAP`). A lone job starts at once.
@@ -25,11 +25,11 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.batching import batch_key, denoise_batch
-from worker.callbacks.control import StepInfo
+from worker.engine.batching import denoise_batch, shared_call_key
+from worker.engine.rendering import Denoised, Prepared
+from worker.engine.stops import HandedOff, JobStopped, TimeLimitExceeded
+from worker.hooks import StepInfo
 from worker.models.registry import ModelRegistry
-from worker.rendering import Denoised, Prepared
-from worker.stops import HandedOff, JobStopped, TimeLimitExceeded
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class GpuRunner:
         `deadline` (time.monotonic()) is when the job's hard limit is over, for the watchdog. `skip()` runs when
         the GPU takes the job: a stop it returns (a revoke that came while the job waited) ends the job there.
         """
-        key = batch_key(prepared.spec) if self.max_batch > 1 and not prepared.resuming else None
+        key = shared_call_key(prepared.spec) if self.max_batch > 1 and not prepared.resuming else None
         request = _Request(prepared, key, deadline if deadline is not None else float("inf"), box, skip)
         if arrival is not None:
             request.taken_at = arrival.at

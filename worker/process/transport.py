@@ -11,7 +11,7 @@ invalid task message" handling.)
 
 `_brpop_start`, `_brpop_read` and `_get` follow kombu 5.7's own (pyproject bounds kombu to the versions
 tested), with the decode step guarded and the lists of one poll in the worker's order of preference
-(`worker.affinity`: its loaded model's queue first, unless a job elsewhere has waited too long).
+(`worker.process.affinity`: its loaded model's queue first, unless a job elsewhere has waited too long).
 
 The app's `AMQP` gives it a `Connection` that names its URL by the broker's scheme (`redis://`, `rediss://`,
 `sentinel://`), not by this transport's import path: Flower picks its Broker tab's Redis client by that scheme.
@@ -33,7 +33,7 @@ from kombu.transport.virtual import Message as VirtualMessage
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
-from worker.affinity import Affinity
+from worker.process.affinity import Affinity
 
 AFFINITY_OPTION = "render_affinity"  # broker_transport_options: the name the worker's `Affinity` is registered under
 

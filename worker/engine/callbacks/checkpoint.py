@@ -1,6 +1,6 @@
 """The step callback that checkpoints a job every few seconds of denoising and resumes it from a checkpoint.
 
-See `worker.checkpoints` for what a checkpoint holds and why a resume replays the steps before it.
+See `worker.engine.checkpoints` for what a checkpoint holds and why a resume replays the steps before it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ import torch
 from diffusers.callbacks import PipelineCallback
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from worker.callbacks.budget import StepBudgetCallback
-from worker.callbacks.frames import FrameWriter
-from worker.checkpoints import (
+from worker.engine.callbacks.budget import StepBudgetCallback
+from worker.engine.callbacks.frames import FrameWriter
+from worker.engine.checkpoints import (
     Checkpoint,
     CheckpointUnsupported,
     CheckpointWriter,
     restore_scheduler,
     scheduler_state,
 )
-from worker.stops import HandedOff
+from worker.engine.stops import HandedOff
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class CheckpointCallback(PipelineCallback):
         return callback_kwargs
 
     def bind_batch(self) -> None:
-        """The job runs in a batch of several: `worker.batching` captures its rows at its steps' ends."""
+        """The job runs in a batch of several: `worker.engine.batching` captures its rows at its steps' ends."""
         self.last = self.clock()
         self.bound = True
 

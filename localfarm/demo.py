@@ -25,13 +25,13 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from localfarm.cluster import RedisServer, WorkerProcess
 from producer.client import JobHandle, RenderClient, TaskStatus
 from producer.settings import ClientSettings
-from worker.batch_view import index_rows
-from worker.display import JobBoard, table_console
-from worker.gallery import write_index
-from worker.local_cluster import RedisServer, WorkerProcess
 from worker.storage import open_storage
+from worker.views.batch_view import index_rows
+from worker.views.display import JobBoard, table_console
+from worker.views.gallery import write_index
 
 
 @dataclass(frozen=True)

@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from diffusers.callbacks import PipelineCallback
 
-from worker.stops import JobStopped
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What a hook learns at the end of each denoising step."""
-
-    task_id: str
-    steps_completed: int
-    steps_planned: int
-    elapsed: float
-
-
-class StepHook(Protocol):
-    """Called at the end of every step; may raise `JobStopped` (e.g. `JobRevoked`) to stop the job."""
-
-    def on_step(self, info: StepInfo) -> None: ...
+from worker.engine.stops import JobStopped
+from worker.hooks import StepHook, StepInfo
 
 
 class StepControlCallback(PipelineCallback):

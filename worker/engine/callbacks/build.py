@@ -7,15 +7,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget
-from worker.callbacks.budget import StepBudgetCallback
-from worker.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
-from worker.callbacks.checkpoint import CheckpointCallback
-from worker.callbacks.control import StepControlCallback, StepHook
-from worker.callbacks.drain import DrainHook
-from worker.callbacks.frames import FramesCallback, FrameWriter
-from worker.callbacks.steps import SamplerStepCallbacks
-from worker.checkpoints import Checkpoint, CheckpointWriter, spec_digest
-from worker.drain import Drain
+from worker.engine.callbacks.budget import StepBudgetCallback
+from worker.engine.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
+from worker.engine.callbacks.checkpoint import CheckpointCallback
+from worker.engine.callbacks.control import StepControlCallback
+from worker.engine.callbacks.drain import DrainHook
+from worker.engine.callbacks.frames import FramesCallback, FrameWriter
+from worker.engine.callbacks.steps import SamplerStepCallbacks
+from worker.engine.checkpoints import Checkpoint, CheckpointWriter, spec_digest
+from worker.engine.drain import Drain
+from worker.hooks import StepHook
 from worker.storage import Storage
 
 
@@ -36,6 +37,19 @@ class CallbackStack:
             self.budget.start()
 
 
+@dataclass(frozen=True)
+class Checkpointing:
+    """How a job checkpoints: every `seconds` of denoising (0: never on a timer), recording the job's `seed`; from
+    `resume` it starts; with `drain` (the worker's SIGTERM hand-off) it checkpoints and leaves when its worker drains.
+    `earlier_attempt`: an earlier delivery may have stored a checkpoint, which goes once this one ends."""
+
+    seconds: float = 0.0
+    seed: int = 0
+    resume: Checkpoint | None = None
+    drain: Drain | None = None
+    earlier_attempt: bool = False
+
+
 def build_callbacks(
     spec: RenderSpec,
     family: str,
@@ -44,19 +58,15 @@ def build_callbacks(
     storage: Storage,
     hooks: Sequence[StepHook] = (),
     frame_threads: int = 2,
-    checkpoint_seconds: float = 0.0,
-    seed: int = 0,
-    resume: Checkpoint | None = None,
-    drain: Drain | None = None,
-    earlier_attempt: bool = False,
+    checkpointing: Checkpointing = Checkpointing(),
 ) -> CallbackStack:
-    """The job's callbacks. With `checkpoint_seconds` > 0 it checkpoints (`seed` is the job's, for its checkpoints);
-    with `resume` it starts from that checkpoint; with `drain` it checkpoints and leaves when its worker drains.
-    `earlier_attempt`: an earlier delivery may have stored a checkpoint, which goes once this one ends."""
+    """The job's callbacks: `hooks` run after every model call, then the spec's callbacks at each step's end, then its
+    checkpoints (`checkpointing`); frames are encoded and stored on `frame_threads` threads."""
+    resume, drain = checkpointing.resume, checkpointing.drain
     # Control first, so a revoked job stops before anything else happens at that step; frames last,
     # so a frame shows the latents every other callback has settled on.
     control = StepControlCallback(task_id, hooks)
-    checkpoints = CheckpointWriter(storage, task_id, exists=True) if earlier_attempt else None
+    checkpoints = CheckpointWriter(storage, task_id, exists=True) if checkpointing.earlier_attempt else None
     chain: list[Any] = []
     budget = None
     if (budget_spec := spec.callback(StepBudget)) is not None:
@@ -75,11 +85,17 @@ def build_callbacks(
             frames_callback.skip_through = resume.step
         chain.append(frames_callback)
     checkpoint = None
-    if checkpoint_seconds > 0 or resume is not None or drain is not None:
+    if checkpointing.seconds > 0 or resume is not None or drain is not None:
         checkpoints = checkpoints or CheckpointWriter(storage, task_id)
         digest = spec_digest(spec)
         checkpoint = CheckpointCallback(
-            checkpoints, checkpoint_seconds, seed=seed, digest=digest, resume=resume, budget=budget, frames=writer
+            checkpoints,
+            checkpointing.seconds,
+            seed=checkpointing.seed,
+            digest=digest,
+            resume=resume,
+            budget=budget,
+            frames=writer,
         )
         chain.append(checkpoint)
     if drain is not None:

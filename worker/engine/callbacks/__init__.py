@@ -1,0 +1,29 @@
+"""Step callbacks built from a render spec, in diffusers' own `PipelineCallback` shape."""
+
+from __future__ import annotations
+
+from worker.engine.callbacks.budget import StepBudgetCallback
+from worker.engine.callbacks.build import CallbackStack, Checkpointing, build_callbacks
+from worker.engine.callbacks.cfg import (
+    BatchSafeSDCFGCutoffCallback,
+    BatchSafeSDXLCFGCutoffCallback,
+    cfg_cutoff_callback,
+)
+from worker.engine.callbacks.control import StepControlCallback
+from worker.engine.callbacks.frames import FramesCallback, FrameWriter
+from worker.hooks import StepHook, StepInfo
+
+__all__ = [
+    "BatchSafeSDCFGCutoffCallback",
+    "BatchSafeSDXLCFGCutoffCallback",
+    "CallbackStack",
+    "Checkpointing",
+    "FrameWriter",
+    "FramesCallback",
+    "StepBudgetCallback",
+    "StepControlCallback",
+    "StepHook",
+    "StepInfo",
+    "build_callbacks",
+    "cfg_cutoff_callback",
+]
