@@ -120,7 +120,7 @@ def hook_totals(metrics_url: str, model: str) -> tuple[float, float]:
     try:
         with urllib.request.urlopen(metrics_url, timeout=10) as response:
             text = response.read().decode()
-    except urllib.error.URLError:  # served from the worker's first job on: none has run, so nothing counted yet
+    except urllib.error.URLError:  # the endpoint is not up (yet): nothing counted
         return 0.0, 0.0
 
     def total(name: str) -> float:
