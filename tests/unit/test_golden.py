@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,14 +119,21 @@ NAMES = [*CASES, "shared-call"]
 
 
 def golden_registry() -> ModelRegistry:
+    # One torch thread, when written and when compared: float sums split over more threads round differently, and
+    # `make test` runs its test processes with one thread each.
+    torch.set_num_threads(1)
     return ModelRegistry(
         default_models(), device=torch.device("cpu"), dtype=torch.float32, max_cached=2, loras=default_loras()
     )
 
 
 @pytest.fixture(scope="module")
-def golden() -> ModelRegistry:
-    return golden_registry()
+def golden() -> Iterator[ModelRegistry]:
+    threads = torch.get_num_threads()
+    try:
+        yield golden_registry()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", NAMES)
