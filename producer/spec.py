@@ -35,8 +35,21 @@ NEEDS: dict[str, frozenset[str]] = {
 IMAGE_FIELDS = ("image", "mask_image", "control_image")
 FrameFormat = Literal["png", "webp", "jpeg"]
 SchedulerName = Literal[
-    "default", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "dpmpp_2m_sde_karras", "ddim", "unipc", "lcm"
+    "default",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_2m_sde_karras",
+    "ddim",
+    "unipc",
+    "lcm",
+    "flow_euler",
+    "flow_euler_sde",
 ]
+"""Sampler names: A1111's for SD 1.5 and SDXL; flow_euler, flow_euler_sde, dpmpp_2m, unipc and lcm for the
+flow-matching families (Flux.1, SD3.5). The worker refuses a name the model's family does not run."""
 SCHEDULERS: tuple[str, ...] = SchedulerName.__args__  # type: ignore[attr-defined]
 SCHEDULER_MAX_STEPS: dict[str, int] = {"lcm": 50}
 """Samplers that run fewer than MAX_STEPS steps. LCM picks its steps from a schedule of `original_inference_steps`

@@ -12,7 +12,8 @@ from pydantic_settings import SettingsConfigDict
 from producer.settings import ClientSettings, ListSetting, load
 from producer.spec import LORA_NAME_PATTERN
 
-Family = Literal["sd15", "sdxl"]
+Family = Literal["sd15", "sdxl", "sd3", "flux"]
+"""The model families this worker runs (`worker.models.families`)."""
 TINY = "tiny"
 _S3_ROOT = re.compile(r"s3://[a-zA-Z0-9._-]{1,255}(/(?!\.\.?(/|$))[^/]+)*/?")
 """An s3:// entry of RENDER_INPUT_ROOTS: a bucket, then a prefix without empty, '.' or '..' segments."""
@@ -23,21 +24,34 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    family: Family = Field(description='"sd15" or "sdxl": which loading code and which specs apply')
+    family: Family = Field(description='"sd15", "sdxl", "sd3" or "flux": which loading code and which specs apply')
     source: str = Field(
         min_length=1,
-        description='"tiny" (built in), a local diffusers directory, or a hub id already in the local cache '
-        "(nothing is downloaded)",
+        description='"tiny" (built in; for flux also "tiny-schnell"), a local diffusers directory, or a hub id '
+        "already in the local cache (nothing is downloaded)",
     )
     controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
     ip_adapter: str | None = Field(default=None, description="IP-Adapter weights file (.safetensors or .bin)")
     image_encoder: str | None = Field(default=None, description="CLIP vision encoder directory for the IP-Adapter")
+
+    @property
+    def tiny(self) -> bool:
+        """Whether it is a built-in tiny model (`tiny`, or a family's named variant such as `tiny-schnell`)."""
+        return is_tiny(self.source)
+
+
+def is_tiny(source: str) -> bool:
+    """Whether a model source names a built-in tiny model rather than files."""
+    return source == TINY or source.startswith(f"{TINY}-")
 
 
 def default_models() -> dict[str, ModelSource]:
     return {
         "tiny-sd15": ModelSource(family="sd15", source=TINY),
         "tiny-sdxl": ModelSource(family="sdxl", source=TINY),
+        "tiny-sd3": ModelSource(family="sd3", source=TINY),
+        "tiny-flux": ModelSource(family="flux", source=TINY),
+        "tiny-flux-schnell": ModelSource(family="flux", source=f"{TINY}-schnell"),
     }
 
 

@@ -114,7 +114,9 @@ def test_worker_flags() -> None:
         "--concurrency=6",  # jobs in hand: a batch of 4, and 2 more loading while it runs
         "--prefetch-multiplier=1",
         "--events",
-        "--queues=gpu-a100.tiny-sd15,gpu-a100.tiny-sdxl,gpu-a100",  # one per model served, then the bare queue
+        # One per model served, then the bare queue.
+        "--queues=gpu-a100.tiny-sd15,gpu-a100.tiny-sdxl,gpu-a100.tiny-sd3,gpu-a100.tiny-flux,"
+        "gpu-a100.tiny-flux-schnell,gpu-a100",
         "--hostname=gpu0@%h",
     } <= set(argv)
 

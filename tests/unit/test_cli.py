@@ -63,8 +63,8 @@ def test_model_outside_the_allowlist_is_one_line(tmp_path: Path) -> None:
     result = here("local", str(spec), "--storage", tmp_path.as_uri())
     assert result.returncode == 2
     assert result.stderr == (
-        "error: model 'sdxl-turbo' is not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl "
-        "(or add it to RENDER_MODELS)\n"
+        "error: model 'sdxl-turbo' is not on this worker's allowlist; use one of: tiny-flux, tiny-flux-schnell, "
+        "tiny-sd15, tiny-sd3, tiny-sdxl (or add it to RENDER_MODELS)\n"
     )
 
 
@@ -73,7 +73,7 @@ def test_model_outside_the_allowlist_is_one_line(tmp_path: Path) -> None:
     [
         ({"RENDER_MODELS": "not json"}, "error: RENDER_MODELS is not valid JSON"),
         (
-            {"RENDER_MODELS": '{"x": {"family": "sd3", "source": "tiny"}}'},
+            {"RENDER_MODELS": '{"x": {"family": "sd4", "source": "tiny"}}'},
             "error: invalid setting: RENDER_MODELS (x.family)",
         ),
         ({"RENDER_MAX_CACHED_MODELS": "0"}, "error: invalid setting: RENDER_MAX_CACHED_MODELS: "),

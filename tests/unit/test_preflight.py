@@ -132,3 +132,32 @@ def test_webhook_hosts_take_a_json_list_or_the_comma_form(monkeypatch: pytest.Mo
     monkeypatch.setenv("RENDER_WEBHOOK_HOSTS", json.dumps(["ok.example", "two hosts"]))
     with pytest.raises(ConfigError, match="'two hosts' is not a hostname"):  # a list entry is one host, not split
         load(WorkerSettings)
+
+
+def test_a_built_in_model_the_family_does_not_have_is_refused_and_every_family_s_own_pass() -> None:
+    with pytest.raises(
+        ConfigError, match="model 'm': 'tiny-schnell' is not a built-in sd15 model; use one of: tiny, or a diffusers"
+    ):
+        check_models({"m": ModelSource(family="sd15", source="tiny-schnell")})
+    check_models(
+        {
+            "a": ModelSource(family="flux", source="tiny-schnell"),
+            "b": ModelSource(family="flux", source="tiny"),
+            "c": ModelSource(family="sd3", source="tiny"),
+        }
+    )
+
+
+def test_a_saved_flux_and_sd3_directory_pass_and_a_family_mismatch_names_the_family_it_holds(tmp_path: Path) -> None:
+    from worker.models import tiny_flux, tiny_sd3
+
+    tiny_flux.build_schnell().save_pretrained(tmp_path / "flux")
+    tiny_sd3.build().save_pretrained(tmp_path / "sd3")
+    check_models(
+        {
+            "flux": ModelSource(family="flux", source=str(tmp_path / "flux")),
+            "sd3": ModelSource(family="sd3", source=str(tmp_path / "sd3")),
+        }
+    )
+    with pytest.raises(ConfigError, match='says "family": "sdxl" but .* holds a FluxPipeline; set "family" to "flux"'):
+        check_models({"m": ModelSource(family="sdxl", source=str(tmp_path / "flux"))})

@@ -336,7 +336,11 @@ def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: 
 @pytest.mark.parametrize(
     ("overrides", "error", "text"),
     [
-        ({"model": "sdxl-turbo"}, ModelError, "not on this worker's allowlist; use one of: tiny-sd15, tiny-sdxl"),
+        (
+            {"model": "sdxl-turbo"},
+            ModelError,
+            "not on this worker's allowlist; use one of: tiny-flux, tiny-flux-schnell, tiny-sd15, tiny-sd3, tiny-sdxl",
+        ),
         (
             {"pipeline": "img2img", "image": "file:///in.png"},
             ValueError,

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 
 from producer.spec import CfgCutoff, Frames, RenderSpec, StepBudget
-from worker.engine.callbacks.cfg import cfg_cutoff_callback
+from worker.engine.callbacks.build import release_cutoff
 from worker.engine.callbacks.frames import FramesCallback
 from worker.engine.callbacks.steps import SamplerStepView, ends_a_step, steps_over
 from worker.engine.rendering import Denoised, Prepared, denoise, job_setup, load_pipeline, pipeline_arguments
 from worker.engine.stops import HandedOff, JobStopped
 from worker.models.registry import ModelRegistry
-from worker.models.sampling import clip_skip_arguments
 
 
 def shared_call_key(spec: RenderSpec) -> Hashable | None:
@@ -56,12 +55,6 @@ def shared_call_key(spec: RenderSpec) -> Hashable | None:
     )
 
 
-def batchable(pipe: Any) -> bool:
-    """Whether the pipeline's loop can take jobs in one call: not a guidance-embedding (LCM-distilled) UNet, whose
-    per-row guidance embedding is computed once before the loop."""
-    return getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
-
-
 def denoise_batch(prepared: Sequence[Prepared], registry: ModelRegistry) -> list[Denoised]:
     """The GPU phase of jobs with one `shared_call_key`, as one pipeline call; one outcome per job, in order."""
     if len(prepared) == 1:
@@ -70,7 +63,7 @@ def denoise_batch(prepared: Sequence[Prepared], registry: ModelRegistry) -> list
         pipe = load_pipeline(prepared, registry)
     except Exception as exc:
         return [Denoised(error=exc, before_any_step=True) for _ in prepared]
-    if not batchable(pipe):
+    if not prepared[0].family.batchable(pipe):
         return [denoise(each, registry) for each in prepared]
     batch = _Batch(pipe, prepared)
     try:
@@ -95,6 +88,7 @@ class _Member:
     index: int  # the job's place in the batch
     prepared: Prepared
     rows: int  # its images
+    start: int = 0  # its first row in the call's latents
 
     @property
     def stack(self) -> Any:
@@ -106,17 +100,18 @@ class _Batch:
         self.pipe = pipe
         self.prepared = list(prepared)
         self.active = [_Member(i, each, each.spec.num_images) for i, each in enumerate(prepared)]
+        self._restart()
         self.outcomes: list[Denoised | None] = [None] * len(prepared)
         spec = prepared[0].spec
         cutoff = spec.callback(CfgCutoff)
-        self.cutoff = cfg_cutoff_callback(prepared[0].family, cutoff, spec.pipeline) if cutoff is not None else None
+        self.family = prepared[0].family
+        self.cutoff = self.family.cfg_cutoff(cutoff, spec.pipeline) if cutoff is not None else None
         self.frames = {
-            member.index: FramesCallback(member.stack.frames, member.prepared.family)
+            member.index: FramesCallback(member.stack.frames, member.prepared.family, (spec.height, spec.width))
             for member in self.active
             if member.stack.frames is not None
         }
-        self.sdxl = "add_time_ids" in getattr(pipe, "_callback_tensor_inputs", ())
-        self.tensor_inputs = ["latents", "prompt_embeds", *(["add_text_embeds", "add_time_ids"] if self.sdxl else [])]
+        self.tensor_inputs = self.family.batch_tensor_inputs(pipe)
         self.generators: list[torch.Generator] = []
         self.started = time.perf_counter()
 
@@ -136,7 +131,8 @@ class _Batch:
         self.started = time.perf_counter()
         try:
             with torch.inference_mode():
-                arguments.update(clip_skip_arguments(self.pipe, spec, arguments["prompt"]))
+                arguments.update(self.family.clip_skip_arguments(self.pipe, spec, arguments["prompt"]))
+                self.family.before_call(spec, seeds[0])
                 output = self.pipe(
                     **arguments,
                     output_type="pt",
@@ -147,12 +143,22 @@ class _Batch:
             return
         finally:
             for each in self.prepared:
-                if each.stack.checkpoint is not None:
-                    each.stack.checkpoint.release()
+                each.stack.release()
+            release_cutoff(self.cutoff)
         pixels = output.images.cpu()
         for member in list(self.active):
-            self.leave(member, Denoised(pixels=pixels[: member.rows]))
-            pixels = pixels[member.rows :]
+            self.leave(member, Denoised(pixels=pixels[member.start : member.start + member.rows]))
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        spec = self.prepared[0].spec
+        return self.family.decode(self.pipe, latents, spec.height, spec.width)
+
+    def _restart(self) -> None:
+        """Number the active jobs' rows from 0, in order (after rows left the call)."""
+        start = 0
+        for member in self.active:
+            member.start = start
+            start += member.rows
 
     def leave(self, member: _Member, outcome: Denoised) -> None:
         """`member` is out of the call: its outcome and its record (steps done, denoise to its last step, decode)."""
@@ -190,12 +196,10 @@ class _Batch:
         """Each job's budget, frames and checkpoint on its own rows; the jobs whose budget is spent. A job handed
         off (its worker drains) checkpoints its rows and joins `stopped`."""
         spent = []
-        start = 0
         total = callback_kwargs["latents"].shape[0]
         for member in self.active:
-            mine = slice(start, start + member.rows)
+            mine = slice(member.start, member.start + member.rows)
             rows = callback_kwargs["latents"][mine]
-            start += member.rows
             if member.index in stopped:
                 continue
             if member.stack.budget is not None and member.stack.budget.spent(step + 1, view.num_timesteps):
@@ -218,31 +222,27 @@ class _Batch:
             return
         latents = callback_kwargs["latents"]
         keep: list[int] = []
-        start = 0
         leaving: list[tuple[_Member, slice]] = []
         for member in self.active:
-            rows = slice(start, start + member.rows)
-            start += member.rows
+            rows = slice(member.start, member.start + member.rows)
             if member.index in stopped or member in spent:
                 leaving.append((member, rows))
             else:
                 keep.extend(range(rows.start, rows.stop))
         for member, rows in leaving:
-            outcome = stopped.get(member.index) or Denoised(pixels=decode_latents(self.pipe, latents[rows].clone()))
+            outcome = stopped.get(member.index) or Denoised(pixels=self._decode(latents[rows].clone()))
             self.leave(member, outcome)
         if not keep:
             raise _AllLeft()
+        if not self.family.can_drop_rows(pipeline):
+            return  # the rows that left stay in the call, unused: not every per-row tensor is a callback tensor
         index = torch.tensor(keep, device=latents.device)
         rows_before = latents.shape[0]
         guided = torch.cat([index, index + rows_before]) if pipeline.do_classifier_free_guidance else index
-        callback_kwargs["latents"] = latents[index]
-        callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"][guided]
-        if self.sdxl:
-            callback_kwargs["add_text_embeds"] = callback_kwargs["add_text_embeds"][guided]
-            # Every row's time ids are equal (no negative size conditioning is passed): keep as many as rows.
-            callback_kwargs["add_time_ids"] = callback_kwargs["add_time_ids"][: guided.shape[0]]
+        self.family.drop_rows(callback_kwargs, index, guided)
         self.generators[:] = [self.generators[row] for row in keep]
         _slice_scheduler_rows(pipeline.scheduler, rows_before, latents.ndim, index)
+        self._restart()
 
 
 def _slice_scheduler_rows(scheduler: Any, rows: int, ndim: int, index: torch.Tensor) -> None:
@@ -256,33 +256,3 @@ def _slice_scheduler_rows(scheduler: Any, rows: int, ndim: int, index: torch.Ten
             setattr(scheduler, name, value[index])
         elif isinstance(value, list) and any(per_row(item) for item in value):
             setattr(scheduler, name, [item[index] if per_row(item) else item for item in value])
-
-
-def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """The VAE decode and post-processing that ends a text2img call, for SD1.5- and SDXL-family pipelines: pixels
-    as the pipeline's `output_type="pt"` gives them, on the CPU (`Denoised.images` makes the PIL images)."""
-    vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae")
-    if upcast:
-        pipe.upcast_vae()
-        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    with torch.inference_mode():
-        if mean is not None and std is not None and hasattr(pipe, "watermark"):
-            shape = (1, latents.shape[1], 1, 1)
-            mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
-            std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
-            latents = latents * std_t / vae.config.scaling_factor + mean_t
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
-        if upcast:
-            vae.to(dtype=torch.float16)
-        denormalize = [True] * image.shape[0]
-        if hasattr(pipe, "run_safety_checker"):
-            image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
-            denormalize = denormalize if nsfw is None else [not flagged for flagged in nsfw]
-        if getattr(pipe, "watermark", None) is not None:
-            image = pipe.watermark.apply_watermark(image)
-        pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
-        return pixels.cpu()

@@ -1,8 +1,6 @@
-"""The linear latents-to-RGB preview: one small matrix product, no VAE.
+"""Frames: preview pixels (made by the job's model family, `ModelFamily.preview`: no VAE) encoded and laid out.
 
-SDXL's factors are the ones in diffusers' callback guide ("Display image after each generation
-step"); SD 1.5's are the widely used least-squares fit of its latent space (in [-1, 1], scaled
-here to 0..255 the same way).
+`latents_to_rgb` is SD 1.5's and SDXL's linear preview (`worker.models.families.sd`), kept here by its old name.
 """
 
 from __future__ import annotations
@@ -10,35 +8,16 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from functools import cache
 
 import numpy as np
-import torch
 from PIL import Image
 
-_SDXL = (((60, -60, 25, -70), (60, -5, 15, -50), (60, 10, -5, -35)), (150, 140, 130))
-_SD15_UNIT = ((0.298, 0.187, -0.158, -0.184), (0.207, 0.286, 0.189, -0.271), (0.208, 0.173, 0.264, -0.473))
-_SD15 = (tuple(tuple(127.5 * w for w in row) for row in _SD15_UNIT), (127.5, 127.5, 127.5))
-_FACTORS = {"sd15": _SD15, "sdxl": _SDXL}
+from worker.models.families.sd import linear_preview as latents_to_rgb
+
+__all__ = ["CONTENT_TYPES", "PIL_FORMATS", "contact_strip", "encode", "latents_to_rgb", "png_bytes"]
 
 PIL_FORMATS = {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
-
-
-@cache
-def _factors(family: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    weights, bias = _FACTORS[family]
-    return (
-        torch.tensor(weights, dtype=torch.float32, device=device),  # (3, 4)
-        torch.tensor(bias, dtype=torch.float32, device=device),
-    )
-
-
-def latents_to_rgb(latents: torch.Tensor, family: str) -> torch.Tensor:
-    """(n, 4, h, w) latents -> (n, h, w, 3) uint8 on the latents' device."""
-    w, b = _factors(family, latents.device)
-    rgb = torch.einsum("nlhw,rl->nhwr", latents.float(), w) + b
-    return rgb.clamp(0, 255).to(torch.uint8)
 
 
 def contact_strip(pixels: np.ndarray, size: int) -> Image.Image:

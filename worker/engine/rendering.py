@@ -30,16 +30,17 @@ from worker.engine.job import JobContext
 from worker.engine.outputs import ImageParameters, png_bytes
 from worker.engine.stops import JobRevoked, JobStopped, TimeLimitExceeded
 from worker.models import ip_adapter
+from worker.models.families import ModelFamily, family_named
 from worker.models.registry import ModelRegistry
-from worker.models.sampling import check_clip_skip, clip_skip_arguments, scheduled
+from worker.models.sampling import scheduled
 from worker.storage import Storage
 
 _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
 
 
 def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
-    """The worker-side checks a producer cannot make: allowlist and what this worker runs."""
-    registry.source(spec.model)
+    """The worker-side checks a producer cannot make: allowlist and what this worker runs for the model's family."""
+    family_named(registry.source(spec.model).family).check(spec, spec.model)
     if spec.loras:
         registry.check_loras(spec.model, spec.loras)
     if spec.ip_adapter is not None:
@@ -90,7 +91,7 @@ class Prepared:
     job: JobContext
     record: _Record
     stack: CallbackStack
-    family: str
+    family: ModelFamily
 
     @property
     def spec(self) -> RenderSpec:
@@ -128,7 +129,7 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
     needed = NEEDS[spec.pipeline] | ({"ip_adapter_image"} if spec.ip_adapter else set())
     if missing := sorted(needed - set(job.inputs)):
         raise ValueError(f"{missing[0]}: not loaded; call worker.engine.inputs.load_inputs(spec, settings) first")
-    family = registry.source(spec.model).family
+    family = family_named(registry.source(spec.model).family)
     record = _Record(job)
     resume = load_checkpoint(storage, job.task_id, spec) if job.earlier_attempt else None
     if resume is not None:
@@ -160,7 +161,7 @@ def load_pipeline(prepared: Sequence[Prepared], registry: ModelRegistry) -> Any:
     for each in prepared:
         each.record.timings.load = time.perf_counter() - started
         each.record.started_at = _now()  # the GPU took it: a job held while another denoised started now
-    check_clip_skip(pipe, spec)
+    prepared[0].family.check_clip_skip(pipe, spec)
     return pipe
 
 
@@ -171,7 +172,7 @@ def job_setup(pipe: Any, prepared: Sequence[Prepared], registry: ModelRegistry) 
     with (
         registry.loras_applied(spec.model, pipe, spec.loras) as loras,
         _ip_adapter(pipe, spec, registry),
-        scheduled(pipe, spec.scheduler) as sampler,
+        scheduled(pipe, spec.scheduler, prepared[0].family.make_scheduler) as sampler,
     ):
         for each in prepared:
             each.record.scheduler = SchedulerRecord(
@@ -349,13 +350,19 @@ def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
         stack.checkpoint.bind(pipe, arguments["generator"])
     try:
         with torch.inference_mode():
-            arguments.update(clip_skip_arguments(pipe, spec))
-            output = pipe(**arguments, output_type="pt", callback_on_step_end=stack.multi)
+            arguments.update(prepared.family.clip_skip_arguments(pipe, spec))
+            prepared.family.before_call(spec, record.image_seed(0))
+            output = pipe(
+                **arguments,
+                output_type="pt",
+                callback_on_step_end=stack.multi,
+                # Passed, not left to the callback object: Flux, SD3 img2img and others ignore its tensor_inputs.
+                callback_on_step_end_tensor_inputs=list(dict.fromkeys(stack.multi.tensor_inputs)),
+            )
             pixels: torch.Tensor = output.images.cpu()
         decoded = time.perf_counter()
     finally:
-        if stack.checkpoint is not None:
-            stack.checkpoint.release()
+        stack.release()
         # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
         last_step = stack.control.last_step_end or time.perf_counter()
         record.ran(pipe, started, last_step, stack.control.steps_completed, decoded)

@@ -72,7 +72,8 @@ def adapter_name(name: str) -> str:
 
 
 def tiny_state_dict(pipe: Any, seed: int = TINY_SEED, rank: int = TINY_RANK) -> dict[str, torch.Tensor]:
-    """A rank-`rank` LoRA for `pipe`'s shapes in diffusers' format: UNet attention and text-encoder projections."""
+    """A rank-`rank` LoRA for `pipe`'s shapes in diffusers' format: the UNet's or transformer's attention and the CLIP
+    text encoders' projections."""
     generator = torch.Generator().manual_seed(seed)
 
     def pair(key: str, fan_in: int, fan_out: int) -> dict[str, torch.Tensor]:
@@ -81,15 +82,16 @@ def tiny_state_dict(pipe: Any, seed: int = TINY_SEED, rank: int = TINY_RANK) -> 
         return {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up}
 
     weights: dict[str, torch.Tensor] = {}
-    for name, module in pipe.unet.named_modules():
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"  # SD's UNet, a DiT's transformer
+    for name, module in getattr(pipe, denoiser).named_modules():
         if ".attn" in name and name.endswith(UNET_TARGETS):
             # Once LoRAs are loaded, each target is a peft layer wrapping the original Linear.
             linear: Any = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            weights |= pair(f"unet.{name}", linear.in_features, linear.out_features)
+            weights |= pair(f"{denoiser}.{name}", linear.in_features, linear.out_features)
     for encoder_name in TEXT_ENCODERS:
         encoder = getattr(pipe, encoder_name, None)
-        if encoder is None:
-            continue
+        if encoder is None or not getattr(encoder.config, "model_type", "").startswith("clip"):
+            continue  # a T5 encoder (Flux's, SD3's third) takes no LoRA through diffusers' loaders
         width = encoder.config.hidden_size
         for layer in range(encoder.config.num_hidden_layers):
             for target in TEXT_TARGETS:

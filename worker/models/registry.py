@@ -13,11 +13,10 @@ import torch
 from producer.errors import ModelError, ModelLoadError, UnsupportedSpecError
 from producer.spec import LoraRef
 from worker import metrics
-from worker.models import ip_adapter, pretrained, tiny_sd15, tiny_sdxl, variants
+from worker.models import ip_adapter, variants
+from worker.models.families import family_named
 from worker.models.loras import AppliedLora, FileDigests, ModelLoras, Wanted, activate, deactivate, file_problem
 from worker.settings import TINY, LoraSource, ModelSource, WorkerSettings, default_loras
-
-_TINY_BUILDERS: dict[str, Callable[[], Any]] = {"sd15": tiny_sd15.build, "sdxl": tiny_sdxl.build}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,7 +117,7 @@ class ModelRegistry:
     def check_ip_adapter(self, name: str) -> None:
         """Refuse an IP-Adapter job for a model that has none configured; reads nothing, loads nothing."""
         source = self.source(name)
-        if source.source != TINY and not (source.ip_adapter and source.image_encoder):
+        if not source.tiny and not (source.ip_adapter and source.image_encoder):
             raise UnsupportedSpecError(
                 f'ip_adapter: no IP-Adapter is configured for {name!r}; add "ip_adapter" (weights file) and '
                 '"image_encoder" (directory) to its RENDER_MODELS entry'
@@ -190,7 +189,7 @@ class ModelRegistry:
                 f"loras[{index}].name: {ref.name!r} is not on this worker's LoRA allowlist; use one of: {allowed} "
                 "(or add it to RENDER_LORAS)"
             )
-        if lora.path == TINY and source.source != TINY:
+        if lora.path == TINY and not source.tiny:
             raise UnsupportedSpecError(
                 f"loras[{index}].name: {ref.name!r} is the tiny models' built-in LoRA and model {model!r} is not a "
                 f"tiny model; use an {source.family} LoRA file from RENDER_LORAS"
@@ -214,12 +213,13 @@ class ModelRegistry:
         return lora
 
     def _load(self, source: ModelSource) -> Any:
-        if source.source == TINY:
-            pipe = _TINY_BUILDERS[source.family]().to(self.device)
+        family = family_named(source.family)
+        if source.tiny:
+            pipe = family.build_tiny(source.source).to(self.device)
             if self.dtype != torch.float32:  # built in float32; casting to it again only logs a warning
                 pipe = pipe.to(dtype=self.dtype)
         else:
-            pipe = pretrained.load(source.family, source.source, self.dtype).to(self.device)
+            pipe = family.load(source.source, self.dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

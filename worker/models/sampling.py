@@ -8,7 +8,7 @@ a step counter) can leak from one job into the next.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,10 +90,13 @@ def make_scheduler(name: str, checkpoint_scheduler: Any) -> tuple[Any, Scheduler
 
 
 @contextmanager
-def scheduled(pipe: Any, name: str) -> Iterator[SchedulerUsed]:
-    """Run `pipe` with a fresh `name` scheduler; the checkpoint's own is back on exit, whatever happened."""
+def scheduled(
+    pipe: Any, name: str, make: Callable[[str, Any], tuple[Any, SchedulerUsed]] | None = None
+) -> Iterator[SchedulerUsed]:
+    """Run `pipe` with a fresh `name` scheduler (made by `make`, the family's; A1111's table by default); the
+    checkpoint's own is back on exit, whatever happened."""
     checkpoint_scheduler = pipe.scheduler
-    pipe.scheduler, used = make_scheduler(name, checkpoint_scheduler)
+    pipe.scheduler, used = (make or make_scheduler)(name, checkpoint_scheduler)
     try:
         yield used
     finally:

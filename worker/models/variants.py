@@ -1,4 +1,4 @@
-"""The other pipelines of a model (img2img, inpaint, ControlNet), built from its text-to-image pipeline.
+"""The other pipelines of a model (img2img, inpaint, ControlNet), built from its text-to-image pipeline by its family.
 
 `from_pipe` shares the loaded components, so a variant costs no second copy of the weights.
 """
@@ -8,27 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import (
-    ControlNetModel,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionInpaintPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintPipeline,
-)
+from diffusers import ControlNetModel
 
 from producer.errors import ModelError, UnsupportedSpecError
-from worker.settings import TINY, ModelSource
-
-_CLASSES: dict[tuple[str, str], Any] = {
-    ("sd15", "img2img"): StableDiffusionImg2ImgPipeline,
-    ("sd15", "inpaint"): StableDiffusionInpaintPipeline,
-    ("sd15", "controlnet"): StableDiffusionControlNetPipeline,
-    ("sdxl", "img2img"): StableDiffusionXLImg2ImgPipeline,
-    ("sdxl", "inpaint"): StableDiffusionXLInpaintPipeline,
-    ("sdxl", "controlnet"): StableDiffusionXLControlNetPipeline,
-}
+from worker.models.families import family_named
+from worker.settings import ModelSource
 
 
 def tiny_controlnet(unet: Any, seed: int = 0) -> Any:
@@ -38,7 +22,7 @@ def tiny_controlnet(unet: Any, seed: int = 0) -> Any:
 
 
 def controlnet_for(source: ModelSource, base: Any, dtype: torch.dtype) -> Any:
-    if source.source == TINY:
+    if source.tiny:
         return tiny_controlnet(base.unet).to(base.device, dtype)
     if source.controlnet is None:
         raise UnsupportedSpecError(
@@ -56,6 +40,4 @@ def variant(base: Any, kind: str, source: ModelSource, dtype: torch.dtype) -> An
     if kind == "text2img":
         return base
     extra = {"controlnet": controlnet_for(source, base, dtype)} if kind == "controlnet" else {}
-    pipe = _CLASSES[(source.family, kind)].from_pipe(base, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family_named(source.family).variant(base, kind, extra)

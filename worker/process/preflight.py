@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.errors import ConfigError, ModelError, StorageError
+from worker.models.families import family_named, family_of
 from worker.settings import TINY, Family, LoraSource, ModelSource, WorkerSettings
 
 PROBE_PREFIX = ".render-probe"
@@ -44,7 +45,13 @@ def check_device(settings: WorkerSettings) -> None:
 
 def check_models(models: Mapping[str, ModelSource]) -> None:
     for name, model in models.items():
-        if model.source != TINY:
+        built_in = family_named(model.family).tiny
+        if model.tiny and model.source not in built_in:
+            raise ConfigError(
+                f"RENDER_MODELS: model {name!r}: {model.source!r} is not a built-in {model.family} model; use one "
+                f"of: {', '.join(built_in)}, or a diffusers directory"
+            )
+        if not model.tiny:
             index = _config_file(model.source, "model_index.json")
             if index is None:
                 raise ConfigError(
@@ -121,10 +128,11 @@ def _check_index(name: str, family: Family, index: Path) -> None:
         pipeline = str(config["_class_name"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"RENDER_MODELS: model {name!r}: {index} cannot be read ({exc}); {_FIX_MODELS}") from None
-    if _family_of(pipeline) != family:
+    holds = family_of(pipeline)
+    if holds is None or holds.name != family:
         raise ConfigError(
             f'RENDER_MODELS: model {name!r} says "family": "{family}" but {index} holds a {pipeline}; '
-            f'set "family" to "{_family_of(pipeline) or "a family this worker runs"}" or point it at a {family} model'
+            f'set "family" to "{holds.name if holds else "a family this worker runs"}" or point it at a {family} model'
         )
     for component, value in config.items():
         listed = isinstance(value, list) and len(value) == 2 and value[0] is not None
@@ -133,11 +141,3 @@ def _check_index(name: str, family: Family, index: Path) -> None:
                 f"RENDER_MODELS: model {name!r}: {index} lists {component!r} but {index.parent / component} is "
                 f"missing (an incomplete download?); {_FIX_MODELS}"
             )
-
-
-def _family_of(pipeline: str) -> Family | None:
-    if pipeline.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if pipeline.startswith("StableDiffusion") and not pipeline.startswith("StableDiffusion3"):
-        return "sd15"
-    return None

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from worker.engine.callbacks.budget import StepBudgetCallback
 from worker.engine.callbacks.build import CallbackStack, Checkpointing, build_callbacks
-from worker.engine.callbacks.cfg import (
-    BatchSafeSDCFGCutoffCallback,
-    BatchSafeSDXLCFGCutoffCallback,
-    cfg_cutoff_callback,
-)
 from worker.engine.callbacks.control import StepControlCallback
 from worker.engine.callbacks.frames import FramesCallback, FrameWriter
 from worker.hooks import StepHook, StepInfo
+from worker.models.families.guidance import BatchSafeSDCFGCutoffCallback, BatchSafeSDXLCFGCutoffCallback
 
 __all__ = [
     "BatchSafeSDCFGCutoffCallback",
@@ -25,5 +21,4 @@ __all__ = [
     "StepHook",
     "StepInfo",
     "build_callbacks",
-    "cfg_cutoff_callback",
 ]

@@ -8,7 +8,6 @@ from typing import Any
 
 from producer.spec import CfgCutoff, Frames, IpAdapterScaleCutoff, RenderSpec, StepBudget
 from worker.engine.callbacks.budget import StepBudgetCallback
-from worker.engine.callbacks.cfg import cfg_cutoff_callback, ip_adapter_scale_cutoff_callback
 from worker.engine.callbacks.checkpoint import CheckpointCallback
 from worker.engine.callbacks.control import StepControlCallback
 from worker.engine.callbacks.drain import DrainHook
@@ -17,6 +16,8 @@ from worker.engine.callbacks.steps import SamplerStepCallbacks
 from worker.engine.checkpoints import Checkpoint, CheckpointWriter, spec_digest
 from worker.engine.drain import Drain
 from worker.hooks import StepHook
+from worker.models.families import ModelFamily
+from worker.models.families.guidance import ip_adapter_scale_cutoff_callback
 from worker.storage import Storage
 
 
@@ -30,11 +31,24 @@ class CallbackStack:
     multi: SamplerStepCallbacks
     checkpoint: CheckpointCallback | None = None
     checkpoints: CheckpointWriter | None = None  # stores (and at the end deletes) the job's checkpoint
+    cutoff: Any = None  # the CFG cutoff, whose `release()` (where it has one) undoes what it did to the model
 
     def start(self) -> None:
         self.control.start()
         if self.budget is not None:
             self.budget.start()
+
+    def release(self) -> None:
+        """After the pipeline call, however it ended: the checkpoint's and the cutoff's hold on the model goes."""
+        if self.checkpoint is not None:
+            self.checkpoint.release()
+        release_cutoff(self.cutoff)
+
+
+def release_cutoff(cutoff: Any) -> None:
+    """Undo what a CFG cutoff did to the model (`ConditionalHalfCutoff`); nothing for the callbacks that trim."""
+    if cutoff is not None and hasattr(cutoff, "release"):
+        cutoff.release()
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,7 @@ class Checkpointing:
 
 def build_callbacks(
     spec: RenderSpec,
-    family: str,
+    family: ModelFamily,
     *,
     task_id: str,
     storage: Storage,
@@ -68,18 +82,20 @@ def build_callbacks(
     control = StepControlCallback(task_id, hooks)
     checkpoints = CheckpointWriter(storage, task_id, exists=True) if checkpointing.earlier_attempt else None
     chain: list[Any] = []
+    cutoff_callback = None
     budget = None
     if (budget_spec := spec.callback(StepBudget)) is not None:
         budget = StepBudgetCallback(budget_spec)
         chain.append(budget)
     if (cutoff := spec.callback(CfgCutoff)) is not None:
-        chain.append(cfg_cutoff_callback(family, cutoff, spec.pipeline, ip_adapter=spec.ip_adapter is not None))
+        cutoff_callback = family.cfg_cutoff(cutoff, spec.pipeline, ip_adapter=spec.ip_adapter is not None)
+        chain.append(cutoff_callback)
     if (ip_cutoff := spec.callback(IpAdapterScaleCutoff)) is not None:
         chain.append(ip_adapter_scale_cutoff_callback(ip_cutoff))
     writer = None
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)
-        frames_callback = FramesCallback(writer, family)
+        frames_callback = FramesCallback(writer, family, (spec.height, spec.width))
         if resume is not None:
             writer.adopt(resume.frames)
             frames_callback.skip_through = resume.step
@@ -96,9 +112,10 @@ def build_callbacks(
             resume=resume,
             budget=budget,
             frames=writer,
+            family=family,
         )
         chain.append(checkpoint)
     if drain is not None:
         control.hooks = (*control.hooks, DrainHook(drain, checkpoint))
     multi = SamplerStepCallbacks(control, chain)
-    return CallbackStack(control, budget, writer, multi, checkpoint, checkpoints)
+    return CallbackStack(control, budget, writer, multi, checkpoint, checkpoints, cutoff_callback)

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 from diffusers.callbacks import PipelineCallback
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from worker.engine.callbacks.budget import StepBudgetCallback
 from worker.engine.callbacks.frames import FrameWriter
@@ -24,6 +23,7 @@ from worker.engine.checkpoints import (
     scheduler_state,
 )
 from worker.engine.stops import HandedOff
+from worker.models.families import ModelFamily, ModelOff
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class CheckpointCallback(PipelineCallback):
         resume: Checkpoint | None = None,
         budget: StepBudgetCallback | None = None,
         frames: FrameWriter | None = None,
+        family: ModelFamily | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # PipelineCallback.__init__ validates cutoff arguments that a checkpoint does not have.
@@ -57,30 +58,33 @@ class CheckpointCallback(PipelineCallback):
         self.resume = resume
         self.budget = budget
         self.frames = frames
+        self.family = family
         self.clock = clock
         self.last = clock()
         self.generators: Sequence[torch.Generator] = ()
-        self._unet_off: _UnetOff | None = None
+        self._model_off: ModelOff | None = None
         self.unsupported = False
         self.bound = False  # in a pipeline call (alone, or a batch's: `bind_batch`)
         self.hand_off = False
 
     def bind(self, pipe: Any, generators: Sequence[torch.Generator]) -> None:
-        """The run is starting on `pipe` with these generators; a resume turns the UNet off until its step."""
+        """The run is starting on `pipe` with these generators; a resume turns the model off until its step."""
         self.generators = generators
         self.last = self.clock()
         self.bound = True
         if self.resume is not None:
-            self._unet_off = _UnetOff(pipe.unet)
+            if self.family is None:
+                raise ValueError("a resume needs the job's model family (CheckpointCallback(family=...))")
+            self._model_off = self.family.model_off(pipe)
 
     def release(self) -> None:
         self.bound = False
-        self._release_unet()
+        self._release_model()
 
-    def _release_unet(self) -> None:
-        if self._unet_off is not None:
-            self._unet_off.close()
-            self._unet_off = None
+    def _release_model(self) -> None:
+        if self._model_off is not None:
+            self._model_off.close()
+            self._model_off = None
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
         done = step_index + 1
@@ -164,7 +168,7 @@ class CheckpointCallback(PipelineCallback):
     def _restore(self, pipeline: Any, latents: torch.Tensor) -> torch.Tensor:
         checkpoint = self.resume
         assert checkpoint is not None
-        self._release_unet()
+        self._release_model()
         restore_scheduler(pipeline.scheduler, checkpoint.scheduler)
         for generator, state in zip(self.generators, checkpoint.generators, strict=True):
             generator.set_state(state)
@@ -172,25 +176,3 @@ class CheckpointCallback(PipelineCallback):
             self.budget.started = self.budget.clock() - checkpoint.budget_seconds
         self.last = self.clock()
         return checkpoint.latents.to(latents.device, latents.dtype)
-
-
-class _UnetOff:
-    """While a resume replays the steps before its checkpoint, the UNet returns zeros without running: the
-    latents of those steps are thrown away at the checkpoint's step, and only the callbacks' effects matter."""
-
-    def __init__(self, unet: Any) -> None:
-        self.unet = unet
-        self.before = unet.__dict__.get("forward")  # an instance-level forward (accelerate's offload hook) stays
-        channels = int(unet.config.out_channels)
-
-        def forward(sample: torch.Tensor, *args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
-            zeros = sample.new_zeros((sample.shape[0], channels, *sample.shape[2:]))
-            return UNet2DConditionOutput(sample=zeros) if return_dict else (zeros,)
-
-        unet.forward = forward
-
-    def close(self) -> None:
-        if self.before is not None:
-            self.unet.forward = self.before
-        else:
-            self.unet.__dict__.pop("forward", None)

@@ -16,8 +16,9 @@ from diffusers.callbacks import PipelineCallback
 
 from producer.keys import frame_object
 from producer.spec import Frames
-from worker.engine.preview import CONTENT_TYPES, contact_strip, encode, latents_to_rgb
+from worker.engine.preview import CONTENT_TYPES, contact_strip, encode
 from worker.metrics import FRAME_UPLOAD
+from worker.models.families import ModelFamily
 from worker.storage import Storage
 
 
@@ -78,14 +79,17 @@ class FramesCallback(PipelineCallback):
 
     tensor_inputs = ["latents"]
 
-    def __init__(self, writer: FrameWriter, family: str) -> None:
+    def __init__(self, writer: FrameWriter, family: ModelFamily, size: tuple[int, int] = (0, 0)) -> None:
         # PipelineCallback.__init__ validates cutoff arguments that frames do not have.
         self.writer = writer
         self.family = family
+        self.height, self.width = size
         self.every = writer.spec.every
         self.skip_through = 0  # a resumed job's frames through its checkpoint's step are stored already
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
         if (step_index + 1) % self.every == 0 and step_index + 1 > self.skip_through:
-            self.writer.submit(step_index + 1, latents_to_rgb(callback_kwargs["latents"], self.family))
+            self.writer.submit(
+                step_index + 1, self.family.preview(pipeline, callback_kwargs["latents"], self.height, self.width)
+            )
         return callback_kwargs

@@ -1,0 +1,193 @@
+"""`ModelFamily`: everything that differs between model families, declared in one place per family.
+
+The engine asks a job's family, never tests a family's name: which pipeline class runs each kind, what the
+callbacks may read from the loop, how guidance works and how a CFG cutoff is made (or why it is refused), how
+the loop's latents look and how a preview is made from them, which rows a shared call may drop, which samplers
+apply, whether clip skip does, how the built-in tiny model is built and a real one loaded, and what a resume's
+replay turns off. SD 1.5 and SDXL are `worker.models.families.sd`; adding a family is one module and its tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.utils.logging import disable_progress_bar
+
+from producer.errors import ConfigError, ModelError, UnsupportedSpecError
+from producer.spec import CfgCutoff, RenderSpec
+
+Kind = str  # a spec's `pipeline`: text2img, img2img, inpaint, controlnet
+
+
+class ModelFamily:
+    """The defaults of a family; each family overrides what differs."""
+
+    name: ClassVar[str]
+    pipelines: ClassVar[Mapping[Kind, Any]]  # the diffusers pipeline class of each kind the family runs
+    denoiser: ClassVar[str] = "unet"  # the pipeline attribute of the model the loop calls each step
+    tiny: ClassVar[Mapping[str, Callable[[], Any]]] = {}  # the built-in sources ("tiny", ...) and their builders
+    load_options: ClassVar[Mapping[str, Any]] = {}  # extra `from_pretrained` arguments
+    ip_adapter: ClassVar[bool] = False  # whether the family takes an IP-Adapter
+    clip_skip: ClassVar[bool] = False  # whether its text encoders are CLIP layers that can be skipped
+
+    # --- loading --------------------------------------------------------------------------------------------
+
+    def build_tiny(self, source: str) -> Any:
+        """The built-in tiny pipeline called `source`."""
+        try:
+            builder = self.tiny[source]
+        except KeyError:
+            raise ConfigError(
+                f"RENDER_MODELS: {source!r} is not a built-in {self.name} model; use one of: {', '.join(self.tiny)}"
+            ) from None
+        return builder()
+
+    def load(self, source: str, dtype: torch.dtype) -> Any:
+        """A real checkpoint: `from_pretrained` on a local directory or a hub id in the cache, never the network."""
+        disable_progress_bar()  # loading bars in a worker's log are noise; the load time is in the manifest
+        try:
+            return self.pipelines["text2img"].from_pretrained(
+                source, dtype=dtype, local_files_only=True, **self.load_options
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"could not load {self.name} model from {source!r}: {exc}. "
+                "Point RENDER_MODELS at a local diffusers directory or a hub id already in the local cache."
+            ) from exc
+
+    def holds(self, pipeline_class: str) -> bool:
+        """Whether a `model_index.json` naming `pipeline_class` is a model of this family."""
+        return pipeline_class in {cls.__name__ for cls in self.pipelines.values()}
+
+    def variant(self, base: Any, kind: Kind, extra: Mapping[str, Any]) -> Any:
+        """`base` itself for text2img, else the `kind` pipeline sharing its components (`from_pipe`)."""
+        if kind == "text2img":
+            return base
+        pipe = self.pipelines[kind].from_pipe(base, **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def model(self, pipe: Any) -> Any:
+        """The model the loop calls each step (the UNet or the transformer)."""
+        return getattr(pipe, self.denoiser)
+
+    # --- what a spec may ask of the family ---------------------------------------------------------------------
+
+    def check(self, spec: RenderSpec, model: str) -> None:
+        """Refuse what the family cannot run, naming the spec's field (before any model is loaded)."""
+        if spec.pipeline not in self.pipelines:
+            kinds = ", ".join(self.pipelines)
+            raise UnsupportedSpecError(f"pipeline: {model!r} ({self.name}) runs {kinds}; got {spec.pipeline!r}")
+        if spec.ip_adapter is not None and not self.ip_adapter:
+            raise UnsupportedSpecError(f"ip_adapter: {model!r} ({self.name}) takes no IP-Adapter in this worker")
+        if spec.clip_skip and not self.clip_skip:
+            raise UnsupportedSpecError(f"clip_skip: {model!r} ({self.name}) has no CLIP layers to skip; leave it 0")
+        self.check_sampler(spec.scheduler, model)
+
+    def check_sampler(self, name: str, model: str) -> None:
+        """Refuse a sampler the family does not run."""
+
+    def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
+        """The step callback that ends classifier-free guidance at the spec's step; raise why not where it cannot."""
+        raise UnsupportedSpecError(f"callbacks: a cfg_cutoff does not apply to {self.name} models")
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def tensor_inputs(self, pipe: Any) -> list[str]:
+        """What the step callbacks may read and replace: passed as `callback_on_step_end_tensor_inputs` to every
+        call (some pipelines ignore a callback object's own `tensor_inputs`)."""
+        return list(getattr(pipe, "_callback_tensor_inputs", ["latents"]))
+
+    def guided(self, pipe: Any) -> bool:
+        """Whether the loop's conditioning tensors hold the unconditional rows too (`[uncond, cond]`)."""
+        return bool(getattr(pipe, "do_classifier_free_guidance", False))
+
+    def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        """The loop's latents of a `height` x `width` image as (n, h, w, 3) uint8 preview pixels, on the latents'
+        device; no VAE."""
+        raise NotImplementedError
+
+    def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        """The VAE decode and post-processing that ends a text2img call, for rows that leave a shared call: pixels
+        as the pipeline's `output_type="pt"` gives them, on the CPU."""
+        raise NotImplementedError
+
+    def before_call(self, spec: RenderSpec, seed: int) -> None:
+        """Just before the pipeline call of a job (or a shared call, with its first image's seed)."""
+
+    # --- a shared call ----------------------------------------------------------------------------------------
+
+    def batchable(self, pipe: Any) -> bool:
+        """Whether the loop can take several jobs' rows in one call."""
+        return False
+
+    def can_drop_rows(self, pipe: Any) -> bool:
+        """Whether rows can leave a running call (every per-row tensor of the loop is a callback tensor)."""
+        return False
+
+    def batch_tensor_inputs(self, pipe: Any) -> list[str]:
+        """The loop's per-row tensors a shared call reads and slices (`callback_on_step_end_tensor_inputs`)."""
+        return ["latents"]
+
+    def drop_rows(self, callback_kwargs: dict[str, Any], index: torch.Tensor, guided: torch.Tensor) -> None:
+        """Keep `index` rows of the loop's per-row tensors (`guided`: the same rows of the doubled CFG batch)."""
+        raise NotImplementedError
+
+    # --- samplers, prompts ---------------------------------------------------------------------------------------
+
+    def make_scheduler(self, name: str, checkpoint_scheduler: Any) -> tuple[Any, Any]:
+        """A fresh scheduler for one job (`name`, or the checkpoint's own for "default") and its manifest record."""
+        raise NotImplementedError
+
+    def clip_skip_arguments(self, pipe: Any, spec: RenderSpec, prompt: str | list[str] | None = None) -> dict[str, Any]:
+        return {}
+
+    def check_clip_skip(self, pipe: Any, spec: RenderSpec) -> None:
+        """Refuse a clip_skip the loaded model's encoders cannot take (they are known once it is loaded)."""
+
+    # --- resume ------------------------------------------------------------------------------------------------
+
+    def model_off(self, pipe: Any) -> ModelOff:
+        """Turn the per-step model off while a resume replays the steps before its checkpoint (`close()` undoes it)."""
+        return ModelOff(self.model(pipe), lambda sample: sample.new_zeros(sample.shape))
+
+    # --- the tiny LoRA -------------------------------------------------------------------------------------------
+
+    def lora_text_encoders(self, pipe: Any) -> Sequence[str]:
+        """The pipeline's text encoders a LoRA may target (CLIP ones: diffusers' loaders take those)."""
+        return [
+            name
+            for name in ("text_encoder", "text_encoder_2")
+            if getattr(getattr(pipe, name, None), "config", None) is not None
+            and getattr(getattr(pipe, name).config, "model_type", "")
+            in ("clip_text_model", "clip_text_with_projection")
+        ]
+
+
+class ModelOff:
+    """While a resume replays the steps before its checkpoint, the model returns `zeros(sample)` without running:
+    the latents of those steps are thrown away at the checkpoint's step, and only the callbacks' effects matter."""
+
+    def __init__(self, model: Any, zeros: Callable[[torch.Tensor], torch.Tensor], output: Any = None) -> None:
+        self.model = model
+        self.before = model.__dict__.get("forward")  # an instance-level forward (accelerate's offload hook) stays
+
+        def forward(*args: Any, return_dict: bool = True, **kwargs: Any) -> Any:
+            sample: torch.Tensor = args[0] if args else kwargs["sample" if "sample" in kwargs else "hidden_states"]
+            out = zeros(sample)
+            if not return_dict:
+                return (out,)
+            if output is not None:
+                return output(sample=out)
+            return Transformer2DModelOutput(sample=out)
+
+        model.forward = forward
+
+    def close(self) -> None:
+        if self.before is not None:
+            self.model.forward = self.before
+        else:
+            self.model.__dict__.pop("forward", None)

@@ -1,0 +1,51 @@
+"""Flux.1: a flow-matching transformer whose guidance is distilled into the model.
+
+Flux.1 [dev] feeds `guidance_scale` to the transformer as an embedding and [schnell] has none: either way the loop
+makes one pass per step, with no unconditional rows, so there is nothing for a CFG cutoff to cut and no negative
+prompt to condition on (both are refused, saying why). Its latents are packed 2x2 patches, (B, (H/16)(W/16), 64);
+a preview and a decode unpack them first. Per-row tensors the callbacks cannot reach (the pooled CLIP vector, the
+guidance) are fixed before the loop, so rows that leave a shared call stay in it, unused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+
+from producer.errors import UnsupportedSpecError
+from producer.spec import CfgCutoff, RenderSpec
+from worker.models import tiny_flux
+from worker.models.families.base import Kind
+from worker.models.families.flow import FlowFamily
+
+
+class FluxFamily(FlowFamily):
+    name = "flux"
+    pipelines = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
+    tiny = {"tiny": tiny_flux.build, "tiny-schnell": tiny_flux.build_schnell}
+
+    def check(self, spec: RenderSpec, model: str) -> None:
+        super().check(spec, model)
+        for index, callback in enumerate(spec.callbacks):
+            if isinstance(callback, CfgCutoff):
+                raise UnsupportedSpecError(
+                    f"callbacks[{index}]: {model!r} ({self.name}) has distilled guidance; there is no unconditional "
+                    "pass to cut: remove the cfg_cutoff"
+                )
+        if spec.negative_prompt:
+            raise UnsupportedSpecError(
+                f"negative_prompt: {model!r} ({self.name}) has distilled guidance and takes no negative prompt; "
+                "leave it empty"
+            )
+
+    def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
+        raise UnsupportedSpecError(f"callbacks: {self.name} models have distilled guidance; there is nothing to cut")
+
+    def guided(self, pipe: Any) -> bool:
+        return False
+
+    def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        unpacked: torch.Tensor = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return unpacked

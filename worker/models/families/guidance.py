@@ -1,0 +1,137 @@
+"""Classifier-free-guidance cutoff callbacks, correct for any number of images and prompts.
+
+diffusers' official `SDCFGCutoffCallback` / `SDXLCFGCutoffCallback` keep `tensor[-1:]` of the
+guided batch, which is `[uncond x n, cond x n]`: for n > 1 that keeps one row where n are
+needed and the next UNet call fails. These subclasses keep the conditional half instead, and do
+nothing when guidance was already off (the batch was never doubled then). `ConditionalHalfCutoff` cuts
+where no callback can reach every conditioning tensor (SD3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers.callbacks import (
+    IPAdapterScaleCutoffCallback,
+    PipelineCallback,
+    SDCFGCutoffCallback,
+    SDXLCFGCutoffCallback,
+)
+
+from producer.spec import CfgCutoff, IpAdapterScaleCutoff
+
+
+def _cutoff_step(pipeline: Any, ratio: float | None, index: int | None) -> int:
+    return index if index is not None else int(pipeline.num_timesteps * ratio)
+
+
+def _conditional_half(name: str, tensor: Any) -> Any:
+    if tensor is None:
+        return None
+    if name == "image_embeds":  # the IP-Adapter's list, read by the loop every step: trimmed in place
+        tensor[:] = [embeds.chunk(2)[1] for embeds in tensor]
+        return tensor
+    if name == "add_time_ids":
+        return tensor[-1:].repeat(tensor.shape[0] // 2, 1)
+    return tensor.chunk(2)[1]
+
+
+def _cut(callback: Any, pipeline: Any, step_index: int, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+    config = callback.config
+    if step_index != _cutoff_step(pipeline, config.cutoff_step_ratio, config.cutoff_step_index):
+        return callback_kwargs
+    if pipeline.do_classifier_free_guidance:
+        for name in callback.tensor_inputs:
+            callback_kwargs[name] = _conditional_half(name, callback_kwargs[name])
+    pipeline._guidance_scale = 0.0
+    return callback_kwargs
+
+
+class BatchSafeSDCFGCutoffCallback(SDCFGCutoffCallback):
+    """`SDCFGCutoffCallback` that keeps the whole conditional half of the batch."""
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        return _cut(self, pipeline, step_index, callback_kwargs)
+
+
+class BatchSafeSDXLCFGCutoffCallback(SDXLCFGCutoffCallback):
+    """`SDXLCFGCutoffCallback` that keeps the whole conditional half of the batch."""
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        return _cut(self, pipeline, step_index, callback_kwargs)
+
+
+CUTOFF_EXTRA = {"text2img": [], "img2img": [], "inpaint": ["mask", "masked_image_latents"], "controlnet": ["image"]}
+"""What a cutoff trims besides the official callback's inputs, per pipeline kind (SD 1.5 and SDXL)."""
+
+
+def cutoff_callback(cls: Any, spec: CfgCutoff, extra: list[str]) -> Any:
+    """`cls` (a cutoff callback class) at the spec's step, trimming its own tensor inputs and `extra`."""
+    # The official constructor defaults cutoff_step_ratio to 1.0 and rejects a step index unless the
+    # ratio is passed as None explicitly, so both are always passed.
+    callback = cls(cutoff_step_ratio=spec.step_ratio, cutoff_step_index=spec.step_index)
+    callback.tensor_inputs = [*cls.tensor_inputs, *extra]
+    return callback
+
+
+def ip_adapter_scale_cutoff_callback(spec: IpAdapterScaleCutoff) -> Any:
+    """The official callback as it is; the per-job unload (`worker.models.ip_adapter.attached`) resets the scale."""
+    return IPAdapterScaleCutoffCallback(cutoff_step_ratio=spec.step_ratio, cutoff_step_index=spec.step_index)
+
+
+class ConditionalHalfCutoff(PipelineCallback):
+    """A CFG cutoff that needs no callback tensor: from the cutoff on, the loop's model runs on the conditional half
+    of its doubled batch only and answers for both halves with that output, so the pipeline's
+    `uncond + s * (cond - uncond)` is `cond` exactly (`cond - cond` is 0). Batch-safe for any number of prompts and
+    images, on every pipeline kind (SD3's img2img and inpaint keep their pooled embeddings out of reach of
+    callbacks), and half the model's work after the cutoff, as a real cutoff gives.
+
+    `release()` after the call puts the model's own forward back, however the call ended.
+    """
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, step_ratio: float | None, step_index: int | None, *, model: str) -> None:
+        # PipelineCallback.__init__ validates the official callbacks' arguments, which are passed as they are.
+        self.step_ratio = step_ratio
+        self.step_index = step_index
+        self.model_attr = model
+        self._model: Any = None
+        self._before: Any = None
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        cutoff = _cutoff_step(pipeline, self.step_ratio, self.step_index)
+        if step_index == cutoff and self._model is None and pipeline.do_classifier_free_guidance:
+            self._halve(getattr(pipeline, self.model_attr))
+        return callback_kwargs
+
+    def _halve(self, model: Any) -> None:
+        self._model, self._before = model, model.__dict__.get("forward")
+        forward = model.forward
+
+        def conditional_only(*args: Any, **kwargs: Any) -> Any:
+            sample = args[0] if args else kwargs["hidden_states"]
+            rows = sample.shape[0]
+            if rows % 2:
+                return forward(*args, **kwargs)
+
+            def half(value: Any) -> Any:
+                return value[rows // 2 :] if isinstance(value, torch.Tensor) and value.shape[:1] == (rows,) else value
+
+            out = forward(*(half(a) for a in args), **{k: half(v) for k, v in kwargs.items()})
+            if isinstance(out, tuple):
+                return (torch.cat([out[0], out[0]]), *out[1:])
+            out.sample = torch.cat([out.sample, out.sample])
+            return out
+
+        model.forward = conditional_only
+
+    def release(self) -> None:
+        if self._model is None:
+            return
+        if self._before is not None:
+            self._model.forward = self._before
+        else:
+            self._model.__dict__.pop("forward", None)
+        self._model = self._before = None

@@ -1,0 +1,176 @@
+"""Stable Diffusion 1.5 and SDXL: UNet families with CFG as one doubled batch (`[uncond, cond]`).
+
+What is theirs: the pipeline classes, the cutoff callbacks that trim the doubled batch (`guidance`), the
+A1111 sampler table (`worker.models.sampling`), clip skip, the linear preview factors, and a shared call that can
+drop a job's rows mid-loop (every per-row tensor of the loop is a callback tensor).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, ClassVar
+
+import torch
+from diffusers import (
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+from producer.errors import UnsupportedSpecError
+from producer.spec import CfgCutoff
+from worker.models import sampling, tiny_sd15, tiny_sdxl
+from worker.models.families.base import Kind, ModelFamily, ModelOff
+from worker.models.families.guidance import (
+    CUTOFF_EXTRA,
+    BatchSafeSDCFGCutoffCallback,
+    BatchSafeSDXLCFGCutoffCallback,
+    cutoff_callback,
+)
+
+# SDXL's factors are the ones in diffusers' callback guide ("Display image after each generation step"); SD 1.5's
+# are the widely used least-squares fit of its latent space (in [-1, 1], scaled here to 0..255 the same way).
+_SDXL_FACTORS = (((60, -60, 25, -70), (60, -5, 15, -50), (60, 10, -5, -35)), (150, 140, 130))
+_SD15_UNIT = ((0.298, 0.187, -0.158, -0.184), (0.207, 0.286, 0.189, -0.271), (0.208, 0.173, 0.264, -0.473))
+_SD15_FACTORS = (tuple(tuple(127.5 * w for w in row) for row in _SD15_UNIT), (127.5, 127.5, 127.5))
+
+
+@cache
+def _factors(family: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    weights, bias = _SDXL_FACTORS if family == "sdxl" else _SD15_FACTORS
+    return (
+        torch.tensor(weights, dtype=torch.float32, device=device),  # (3, 4)
+        torch.tensor(bias, dtype=torch.float32, device=device),
+    )
+
+
+def linear_preview(latents: torch.Tensor, family: str) -> torch.Tensor:
+    """(n, 4, h, w) latents -> (n, h, w, 3) uint8 on the latents' device, by the family's fixed factors."""
+    w, b = _factors(family, latents.device)
+    rgb = torch.einsum("nlhw,rl->nhwr", latents.float(), w) + b
+    return rgb.clamp(0, 255).to(torch.uint8)
+
+
+class StableDiffusionFamily(ModelFamily):
+    """What SD 1.5 and SDXL share."""
+
+    cutoff_class: ClassVar[Any]
+    ip_adapter = True
+    clip_skip = True
+
+    def check_sampler(self, name: str, model: str) -> None:
+        if name != "default" and name not in sampling.SAMPLERS:
+            names = ", ".join(sampling.SAMPLERS)
+            raise UnsupportedSpecError(
+                f"scheduler: {model!r} ({self.name}) takes one of: default, {names}; got {name!r}"
+            )
+
+    def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
+        return cutoff_callback(
+            self.cutoff_class, spec, [*CUTOFF_EXTRA[kind], *(["image_embeds"] if ip_adapter else [])]
+        )
+
+    def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        return linear_preview(latents, self.name)
+
+    def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        vae = pipe.vae
+        upcast = (
+            vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae")
+        )
+        if upcast:
+            pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        with torch.inference_mode():
+            if mean is not None and std is not None and hasattr(pipe, "watermark"):
+                shape = (1, latents.shape[1], 1, 1)
+                mean_t = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+                std_t = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+                latents = latents * std_t / vae.config.scaling_factor + mean_t
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            if upcast:
+                vae.to(dtype=torch.float16)
+            denormalize = [True] * image.shape[0]
+            if hasattr(pipe, "run_safety_checker"):
+                image, nsfw = pipe.run_safety_checker(image, latents.device, latents.dtype)
+                denormalize = denormalize if nsfw is None else [not flagged for flagged in nsfw]
+            if getattr(pipe, "watermark", None) is not None:
+                image = pipe.watermark.apply_watermark(image)
+            pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=denormalize)
+            return pixels.cpu()
+
+    def batchable(self, pipe: Any) -> bool:
+        # Not a guidance-embedding (LCM-distilled) UNet, whose per-row guidance embedding is computed once before
+        # the loop.
+        return getattr(pipe.unet.config, "time_cond_proj_dim", None) is None
+
+    def can_drop_rows(self, pipe: Any) -> bool:
+        return True
+
+    def make_scheduler(self, name: str, checkpoint_scheduler: Any) -> tuple[Any, Any]:
+        return sampling.make_scheduler(name, checkpoint_scheduler)
+
+    def clip_skip_arguments(self, pipe: Any, spec: Any, prompt: str | list[str] | None = None) -> dict[str, Any]:
+        return sampling.clip_skip_arguments(pipe, spec, prompt)
+
+    def check_clip_skip(self, pipe: Any, spec: Any) -> None:
+        sampling.check_clip_skip(pipe, spec)
+
+    def model_off(self, pipe: Any) -> ModelOff:
+        channels = int(pipe.unet.config.out_channels)
+        return ModelOff(
+            pipe.unet,
+            lambda sample: sample.new_zeros((sample.shape[0], channels, *sample.shape[2:])),
+            UNet2DConditionOutput,
+        )
+
+
+class SD15Family(StableDiffusionFamily):
+    name = "sd15"
+    pipelines = {
+        "text2img": StableDiffusionPipeline,
+        "img2img": StableDiffusionImg2ImgPipeline,
+        "inpaint": StableDiffusionInpaintPipeline,
+        "controlnet": StableDiffusionControlNetPipeline,
+    }
+    tiny = {"tiny": tiny_sd15.build}
+    load_options = {"safety_checker": None, "requires_safety_checker": False}
+    cutoff_class = BatchSafeSDCFGCutoffCallback
+
+    def batch_tensor_inputs(self, pipe: Any) -> list[str]:
+        return ["latents", "prompt_embeds"]
+
+    def drop_rows(self, callback_kwargs: dict[str, Any], index: torch.Tensor, guided: torch.Tensor) -> None:
+        callback_kwargs["latents"] = callback_kwargs["latents"][index]
+        callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"][guided]
+
+
+class SDXLFamily(StableDiffusionFamily):
+    name = "sdxl"
+    pipelines = {
+        "text2img": StableDiffusionXLPipeline,
+        "img2img": StableDiffusionXLImg2ImgPipeline,
+        "inpaint": StableDiffusionXLInpaintPipeline,
+        "controlnet": StableDiffusionXLControlNetPipeline,
+    }
+    tiny = {"tiny": tiny_sdxl.build}
+    cutoff_class = BatchSafeSDXLCFGCutoffCallback
+
+    def batch_tensor_inputs(self, pipe: Any) -> list[str]:
+        return ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+
+    def drop_rows(self, callback_kwargs: dict[str, Any], index: torch.Tensor, guided: torch.Tensor) -> None:
+        callback_kwargs["latents"] = callback_kwargs["latents"][index]
+        callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"][guided]
+        callback_kwargs["add_text_embeds"] = callback_kwargs["add_text_embeds"][guided]
+        # Every row's time ids are equal (no negative size conditioning is passed): keep as many as rows.
+        callback_kwargs["add_time_ids"] = callback_kwargs["add_time_ids"][: guided.shape[0]]
