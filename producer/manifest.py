@@ -58,6 +58,7 @@ class Manifest(BaseModel):
     frames: list[str] = Field(default_factory=list)
     spec: dict[str, Any]
     seed: int
+    family: str | None = None  # the model's family (sd15, sdxl, sd3, flux); None when no model was looked up
     scheduler: SchedulerRecord | None = None  # None when no step ran (revoked before it started)
     clip_skip: int = 0
     loras: list[LoraRecord] = Field(default_factory=list)

@@ -14,7 +14,7 @@ form in one place the same way).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from celery import Celery
@@ -194,6 +194,7 @@ class WorkerInfo:
     started_at: float | None
     pid: int | None
     ttl: float | None
+    families: dict[str, str] = field(default_factory=dict)  # model -> family; empty from workers before families
 
     @classmethod
     def from_hash(cls, fields: dict[Any, Any]) -> WorkerInfo:
@@ -217,6 +218,7 @@ class WorkerInfo:
             started_at=number("started_at", float),
             pid=number("pid", int),
             ttl=number("ttl", float),
+            families={str(k): str(v) for k, v in json.loads(raw.get("families") or "{}").items()},
         )
 
     @staticmethod
@@ -225,6 +227,7 @@ class WorkerInfo:
         *,
         models: list[str],
         queues: list[str],
+        families: dict[str, str] | None = None,
         pid: int,
         started_at: float,
         last_seen: float,
@@ -235,6 +238,7 @@ class WorkerInfo:
             "hostname": hostname,
             "models": json.dumps(models),
             "queues": json.dumps(queues),
+            "families": json.dumps(families or {}, sort_keys=True),
             "pid": pid,
             "started_at": started_at,
             "last_seen": last_seen,

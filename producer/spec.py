@@ -180,7 +180,9 @@ class RenderSpec(_Strict):
     ip_adapter: IpAdapterOptions | None = None
     scheduler: SchedulerName = Field(
         default="default",
-        description="The sampler; `default` is the checkpoint's own (docs/spec.md: Samplers). lcm: 50 steps at most.",
+        description="The sampler; `default` is the checkpoint's own. SD 1.5 and SDXL take euler, euler_a, heun, "
+        "dpmpp_2m, dpmpp_2m_karras, dpmpp_2m_sde_karras, ddim, unipc, lcm; Flux.1 and SD3.5 take flow_euler, "
+        "flow_euler_sde, dpmpp_2m, unipc, lcm (docs/spec.md: Samplers). lcm: 50 steps at most.",
     )
     clip_skip: int = Field(
         default=0,

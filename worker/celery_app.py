@@ -155,6 +155,7 @@ def create_app(settings: WorkerSettings) -> RenderApp:
         control_client(settings.redis_url, **settings.sentinel),
         hostname=socket.gethostname(),
         models=list(settings.models),
+        families={name: model.family for name, model in settings.models.items()},
         queues=consumed_queues(settings),
         interval=settings.heartbeat_interval,
         ttl=settings.heartbeat_ttl,

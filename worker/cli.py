@@ -345,7 +345,7 @@ def workers(as_json: Annotated[bool, typer.Option("--json", help="Print the flee
 
 
 def _fleet_table(found: list[WorkerInfo], now: float) -> Table:
-    table = Table("worker", "models", "loaded", "job", "step", "loads", "last seen", box=box.SIMPLE_HEAD)
+    table = Table("worker", "models", "loaded", "job", "step", "loads", "last seen", "families", box=box.SIMPLE_HEAD)
     for info in found:
         table.add_row(
             info.hostname,
@@ -355,6 +355,7 @@ def _fleet_table(found: list[WorkerInfo], now: float) -> Table:
             f"{info.step}/{info.total}" if info.job and info.step is not None and info.total else "-",
             ", ".join(f"{model} {count}" for model, count in sorted(info.loads.items())) or "-",
             f"{max(0.0, now - info.last_seen):.0f} s ago",
+            ", ".join(sorted(set(info.families.values()))) or "-",
         )
     return table
 

@@ -35,6 +35,32 @@ def test_local_renders_an_example_into_a_directory(tmp_path: Path, example: str)
     assert json.loads((tmp_path / "cli-job" / "manifest.json").read_text()) == manifest
 
 
+@pytest.mark.parametrize(
+    ("example", "family", "sampler"),
+    [("text2img-flux.json", "flux", "Euler (flow)"), ("text2img-sd3.json", "sd3", "DPM++ 2M (flow)")],
+)
+def test_the_flux_and_sd3_examples_name_their_family_and_sampler(
+    tmp_path: Path, example: str, family: str, sampler: str
+) -> None:
+    result = here("local", f"examples/{example}", "--storage", tmp_path.as_uri())
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(result.stdout)
+    assert (manifest["family"], manifest["scheduler"]["label"]) == (family, sampler)
+
+
+def test_a_cfg_cutoff_on_a_distilled_flux_model_is_one_line_naming_the_callback(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps({"model": "tiny-flux", "prompt": "x", "callbacks": [{"type": "cfg_cutoff", "step_ratio": 0.5}]})
+    )
+    result = here("local", str(spec), "--storage", tmp_path.as_uri())
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: callbacks[0]: 'tiny-flux' (flux) has distilled guidance; there is no unconditional pass to cut: "
+        "remove the cfg_cutoff\n"
+    )
+
+
 def test_storage_defaults_to_the_setting(tmp_path: Path) -> None:
     result = here("local", "examples/text2img-sd15.json", env={"RENDER_STORAGE_URL": tmp_path.as_uri()})
     assert result.returncode == 0, result.stderr

@@ -274,3 +274,16 @@ def test_a_lora_file_changes_the_image_and_the_next_job_renders_as_on_a_fresh_pi
         UnsupportedSpecError, match=f"loras\\[0\\].name: 'style' is an {other} LoRA; model '{model}' is {family}"
     ):
         prepare(JobContext(make_spec(model, loras=[{"name": "style", "scale": 1.0}])), registry, storage)
+
+
+@pytest.mark.parametrize(
+    ("model", "family"), [("tiny-sd15", "sd15"), ("tiny-flux-schnell", "flux"), ("tiny-sd3", "sd3")]
+)
+def test_the_manifest_and_the_png_name_the_family(dit: ModelRegistry, tmp_path: Path, model: str, family: str) -> None:
+    storage = LocalStorage(tmp_path)
+    manifest = render(JobContext(make_spec(model, num_inference_steps=2)), registry=dit, storage=storage)
+    assert manifest.family == family
+    data = storage.get(storage.name_of(manifest.images[0]) or "")
+    assert data is not None
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.info["render:family"] == family

@@ -104,6 +104,7 @@ def test_a_worker_advert_round_trips_through_its_hash_in_redis(tmp_path: Path) -
             "gpu0@host",
             models=["tiny-sd15", "tiny-sdxl"],
             queues=["render.tiny-sd15", "render.tiny-sdxl", "render"],
+            families={"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"},
             pid=42,
             started_at=1_700_000_000.25,
             last_seen=1_700_000_100.5,
@@ -124,6 +125,7 @@ def test_a_worker_advert_round_trips_through_its_hash_in_redis(tmp_path: Path) -
             started_at=1_700_000_000.25,
             pid=42,
             ttl=15.0,
+            families={"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"},
         ), "a worker with nothing in hand or loaded yet"
 
         put(client, key, {**WorkerInfo.job_fields("job-1"), **WorkerInfo.load_fields(["tiny-sd15"], {"tiny-sd15": 2})})

@@ -28,6 +28,7 @@ class ImageParameters:
     scheduler: SchedulerRecord | None = None
     loras: Sequence[LoraRecord] = ()
     version: str | None = None
+    family: str | None = None
 
 
 def parameters_text(params: ImageParameters) -> str:
@@ -60,6 +61,8 @@ def png_bytes(image: Image.Image, params: ImageParameters, *, task_id: str, inde
     info.add_text("parameters", parameters_text(params))
     info.add_text("render:task_id", task_id)
     info.add_text("render:index", str(index))
+    if params.family:
+        info.add_text("render:family", params.family)
     info.add_text("render:spec", json.dumps(params.spec.model_dump(mode="json"), sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)

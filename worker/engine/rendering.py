@@ -131,6 +131,7 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
         raise ValueError(f"{missing[0]}: not loaded; call worker.engine.inputs.load_inputs(spec, settings) first")
     family = family_named(registry.source(spec.model).family)
     record = _Record(job)
+    record.family = family.name
     resume = load_checkpoint(storage, job.task_id, spec) if job.earlier_attempt else None
     if resume is not None:
         record.seed, record.resumed_from_step = resume.seed, resume.step
@@ -384,6 +385,7 @@ class _Record:
         self.interrupted_by: Any = None
         self.steps_after_revoke: int | None = None
         self.scheduler: SchedulerRecord | None = None
+        self.family: str | None = None
         self.loras: list[LoraRecord] = []
         self.batched_with: list[str] = []
         self.resumed_from_step: int | None = None
@@ -403,7 +405,9 @@ class _Record:
         return (self.seed + index) % (MAX_SEED + 1)
 
     def parameters(self, seed: int) -> ImageParameters:
-        return ImageParameters(self.spec, seed, self.scheduler, self.loras, _versions()["render-farm"])
+        return ImageParameters(
+            self.spec, seed, self.scheduler, self.loras, _versions()["render-farm"], family=self.family
+        )
 
     def finish(
         self,
@@ -424,6 +428,7 @@ class _Record:
             frames=frames or [],
             spec=self.spec.model_dump(mode="json"),
             seed=self.seed,
+            family=self.family,
             scheduler=self.scheduler,
             clip_skip=self.spec.clip_skip,
             loras=self.loras,

@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import redis
@@ -46,11 +46,13 @@ class Heartbeat:
         queues: Sequence[str],
         interval: float,
         ttl: float,
+        families: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.hostname = hostname
         self.models = list(models)
+        self.families = dict(families or {})  # model -> its family (sd15, sdxl, sd3, flux)
         self.queues = list(queues)
         self.interval = interval
         self.ttl = ttl
@@ -120,6 +122,7 @@ class Heartbeat:
                 self.hostname,
                 models=self.models,
                 queues=self.queues,
+                families={model: self.families[model] for model in self.models if model in self.families},
                 pid=self.pid,
                 started_at=self.started_at,
                 last_seen=now,
