@@ -77,6 +77,7 @@ JOBS = [
         "step-budget", _base("tiny-sd15", 40, 128, callbacks=[{"type": "step_budget", "max_steps": 12}]), "interrupted"
     ),
     DemoJob("revoked", _base("tiny-sd15", 150, 256), "revoked", revoke_at_step=10),
+    DemoJob("flux", _base("tiny-flux", 12, 128, scheduler="flow_euler", guidance_scale=3.5), "succeeded"),
 ]
 
 
