@@ -17,6 +17,7 @@ from pathlib import Path
 
 import bench_batch
 import bench_checkpoint
+import bench_families
 import bench_fleet
 import bench_gpu
 import bench_lora
@@ -62,6 +63,9 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
 - Throughput times streams of same-shape jobs through a real worker, submit to the last final state,
   against the bare serial `pipe()` loop and bare batched calls over the same specs, interleaved: overlap at
   the production-like size with RENDER_MAX_BATCH=1, overlap and batching at the small size.
+- Model families: each family's tiny model in-process (128x128, 8 steps): `render()` with a worker's step hooks
+  and frames against the bare call per step, four compatible jobs in one `denoise_batch` call against the four
+  alone, and the family's preview against the pipeline's decode of last-step latents (PSNR); no Redis.
 - Checkpoints: in-process `render()` with checkpoints at every step against none (interleaved), the GPU
   thread's capture timed alone, and a job stopped at 90 % done again from its checkpoint and from step 0.
 - The GPU section runs the same benchmarks on full-size SD 1.5 / SDXL with random fp16 weights
@@ -173,6 +177,7 @@ def main() -> None:
         repeats=1 if args.quick else 3,
         batch_repeats=1 if args.quick else 6,
     )
+    families_section = bench_families.run(repeats=repeats)
     checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
     fleet_section, fleet = bench_fleet.run((10, 100) if args.quick else (10, 100, 1000), 10.0 if args.quick else 20.0)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
@@ -186,6 +191,7 @@ def main() -> None:
         routing_section,
         batch_section,
         throughput_section,
+        families_section,
         checkpoint_section,
         fleet_section,
         *gpu_sections,

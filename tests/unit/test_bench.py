@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import subprocess
 import sys
@@ -65,3 +66,59 @@ def test_interleaved_rounds_give_every_case_every_place_equally_often() -> None:
     rounds = [calls[i : i + 3] for i in range(3, len(calls), 3)]  # after the warm-up round
     assert rounds == [list("abc"), list("bca"), list("cab")] * 2
     assert {name: len(seconds) for name, seconds in samples.items()} == {"a": 6, "b": 6, "c": 6}
+
+
+# Benchmarks run on their own, outside `make bench` (their figures are not on docs/benchmarks.md).
+STANDALONE = {"bench_preview"}
+
+
+def test_make_bench_runs_every_benchmark_module_but_the_standalone_ones() -> None:
+    """A new bench/bench_*.py that record.py does not import would never reach docs/benchmarks.md."""
+    tree = ast.parse((ROOT / "bench" / "record.py").read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    benches = {path.stem for path in (ROOT / "bench").glob("bench_*.py")}
+    assert benches - imported == STANDALONE
+    called = {
+        node.func.value.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "run"
+        and isinstance(node.func.value, ast.Name)
+    }
+    assert benches - STANDALONE <= called
+
+
+def test_the_families_benchmark_previews_the_last_step_latents_of_each_family() -> None:
+    """bench/bench_families.py on tiny-sd15 and tiny-flux: a per-step row and a preview row per model; the flux
+    preview is fitted to its VAE and lands near the pipeline's own decode (a preview of the wrong latents, or of
+    packed latents read as an image, scores far lower)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_families.py"),
+            "--repeats",
+            "2",
+            "--models",
+            "tiny-sd15,tiny-flux",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "bench",
+    )
+    assert result.returncode == 0, result.stderr
+    rows: dict[str, list[list[str]]] = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if cells and cells[0] in ("tiny-sd15 (sd15)", "tiny-flux (flux)"):
+            rows.setdefault(cells[0], []).append(cells)
+    assert set(rows) == {"tiny-sd15 (sd15)", "tiny-flux (flux)"} and all(len(r) == 2 for r in rows.values())
+    for steps, preview in rows.values():
+        assert steps[3].endswith("%)") and float(steps[3].split("x")[0]) > 0  # worker / bare, a ratio
+        assert float(steps[6].rstrip("x")) > 0  # the batching gain
+        assert 0 < float(preview[2]) < 100 and 0 < float(preview[3]) < 100  # finite PSNRs
+    sd15_preview, flux_preview = rows["tiny-sd15 (sd15)"][1], rows["tiny-flux (flux)"][1]
+    assert sd15_preview[1] == "fixed factors" and not sd15_preview[4].endswith("(with the fit)")
+    assert flux_preview[1] == "fitted to its VAE" and flux_preview[4].endswith("(with the fit)")
+    assert float(flux_preview[2]) > 15
