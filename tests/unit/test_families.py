@@ -73,8 +73,10 @@ def alone(registry: ModelRegistry, storage: LocalStorage, spec: RenderSpec, task
     return denoise(prepare(JobContext(spec, task_id), registry, storage), registry)
 
 
-@pytest.mark.parametrize("model", DIT)
-@pytest.mark.parametrize("kind", ["text2img", "img2img", "inpaint"])
+KINDS = [(model, kind) for model in DIT for kind in ("text2img", "img2img", "inpaint")] + [("tiny-flux", "controlnet")]
+
+
+@pytest.mark.parametrize(("model", "kind"), KINDS)
 def test_every_pipeline_kind_renders_and_the_manifest_names_the_sampler(
     dit: ModelRegistry, tmp_path: Path, model: str, kind: str
 ) -> None:
@@ -210,9 +212,9 @@ def test_flux_refuses_a_cfg_cutoff_and_a_negative_prompt_saying_why(dit: ModelRe
         ("tiny-sd15", {"scheduler": "flow_euler"}, "^scheduler: 'tiny-sd15' \\(sd15\\) takes one of: default, euler"),
         ("tiny-sd3", {"clip_skip": 1}, "^clip_skip: 'tiny-sd3' \\(sd3\\) has no CLIP layers to skip"),
         (
-            "tiny-flux",
+            "tiny-sd3",
             {"pipeline": "controlnet", "control_image": "file:///c.png"},
-            "^pipeline: 'tiny-flux' \\(flux\\) runs text2img, img2img, inpaint",
+            "^pipeline: 'tiny-sd3' \\(sd3\\) runs text2img, img2img, inpaint; got 'controlnet'",
         ),
         (
             "tiny-sd3",

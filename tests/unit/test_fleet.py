@@ -34,7 +34,10 @@ def fresh_registry() -> ModelRegistry:
 
 def heartbeat(client: redis.Redis, hostname: str = "gpu0@host", *, interval: float = 5, ttl: float = 15) -> Heartbeat:
     queues = [model_queue("render", model) for model in MODELS]
-    return Heartbeat(client, hostname=hostname, models=MODELS, queues=queues, interval=interval, ttl=ttl)
+    families = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
+    return Heartbeat(
+        client, hostname=hostname, models=MODELS, queues=queues, interval=interval, ttl=ttl, families=families
+    )
 
 
 def test_a_heartbeat_advertises_the_worker_with_a_ttl(client: redis.Redis) -> None:
@@ -191,7 +194,7 @@ def test_render_workers_shows_the_fleet_and_its_queues(server: RedisServer, clie
     assert table.returncode == 0, table.stderr
     row = next(line for line in table.stdout.splitlines() if "gpu0@host" in line).split()
     assert row[:8] == ["gpu0@host", "tiny-sd15,", "tiny-sdxl", "tiny-sd15", "job-1", "4/20", "tiny-sd15", "1"]
-    assert row[8:] in (["0", "s", "ago"], ["1", "s", "ago"])
+    assert row[8:] in (["0", "s", "ago", "sd15,", "sdxl"], ["1", "s", "ago", "sd15,", "sdxl"])
     assert "\x1b[" not in table.stdout  # not a terminal: plain text
     queued = next(line for line in table.stdout.splitlines() if line.split()[:1] == ["tiny-sd15"]).split()
     assert queued == ["tiny-sd15", "0", "0", "2"]
@@ -200,4 +203,5 @@ def test_render_workers_shows_the_fleet_and_its_queues(server: RedisServer, clie
     [info] = as_json["workers"]
     assert (info["hostname"], info["job"], info["step"], info["total"]) == ("gpu0@host", "job-1", 4, 20)
     assert info["loads"] == {"tiny-sd15": 1} and info["models"] == MODELS
+    assert info["families"] == {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
     assert as_json["queues"]["tiny-sd15"] == {"high": 0, "normal": 0, "low": 2}

@@ -302,12 +302,12 @@ def _ip_adapter(pipe: Any, spec: RenderSpec, registry: ModelRegistry) -> context
     return ip_adapter.attached(pipe, registry.ip_adapter(spec.model), spec.ip_adapter.scale)
 
 
-def _pipeline_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str, Any]:
+def _pipeline_inputs(spec: RenderSpec, inputs: dict[str, Image.Image], control_argument: str) -> dict[str, Any]:
     extra = {"ip_adapter_image": inputs["ip_adapter_image"]} if spec.ip_adapter else {}
-    return {**extra, **_image_inputs(spec, inputs)}
+    return {**extra, **_image_inputs(spec, inputs, control_argument)}
 
 
-def _image_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str, Any]:
+def _image_inputs(spec: RenderSpec, inputs: dict[str, Image.Image], control_argument: str) -> dict[str, Any]:
     if spec.pipeline == "img2img":
         return {"image": inputs["image"], "strength": spec.strength}
     if spec.pipeline == "inpaint":
@@ -321,15 +321,19 @@ def _image_inputs(spec: RenderSpec, inputs: dict[str, Image.Image]) -> dict[str,
     size = {"width": spec.width, "height": spec.height}
     if spec.pipeline == "controlnet":
         return {
-            "image": inputs["control_image"],
+            control_argument: inputs["control_image"],
             "controlnet_conditioning_scale": spec.controlnet_conditioning_scale,
             **size,
         }
     return size
 
 
-def pipeline_arguments(spec: RenderSpec, inputs: Mapping[str, Image.Image], seeds: Sequence[int]) -> dict[str, Any]:
-    """The keyword arguments `render()` calls the pipeline with, callbacks aside (benchmarks call it bare)."""
+def pipeline_arguments(
+    spec: RenderSpec, inputs: Mapping[str, Image.Image], seeds: Sequence[int], family: ModelFamily | None = None
+) -> dict[str, Any]:
+    """The keyword arguments `render()` calls the pipeline with, callbacks aside (benchmarks call it bare); `family`
+    names the argument a ControlNet's image goes in (SD's `image` by default)."""
+    control_argument = family.control_image_argument if family is not None else "image"
     return {
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt or None,
@@ -337,13 +341,14 @@ def pipeline_arguments(spec: RenderSpec, inputs: Mapping[str, Image.Image], seed
         "guidance_scale": spec.guidance_scale,
         "num_images_per_prompt": spec.num_images,
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-        **_pipeline_inputs(spec, dict(inputs)),
+        **_pipeline_inputs(spec, dict(inputs), control_argument),
     }
 
 
 def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
     spec, record, stack = prepared.spec, prepared.record, prepared.stack
-    arguments = pipeline_arguments(spec, prepared.job.inputs, [record.image_seed(i) for i in range(spec.num_images)])
+    seeds = [record.image_seed(i) for i in range(spec.num_images)]
+    arguments = pipeline_arguments(spec, prepared.job.inputs, seeds, prepared.family)
     stack.start()
     started = time.perf_counter()
     decoded = None

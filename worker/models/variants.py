@@ -8,29 +8,25 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import ControlNetModel
 
 from producer.errors import ModelError, UnsupportedSpecError
 from worker.models.families import family_named
 from worker.settings import ModelSource
 
 
-def tiny_controlnet(unet: Any, seed: int = 0) -> Any:
-    """A ControlNet shaped like `unet` (its encoder half), random weights from a fixed seed."""
-    torch.manual_seed(seed)
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
-
-
 def controlnet_for(source: ModelSource, base: Any, dtype: torch.dtype) -> Any:
+    family = family_named(source.family)
     if source.tiny:
-        return tiny_controlnet(base.unet).to(base.device, dtype)
+        return family.tiny_controlnet(base).to(base.device, dtype)
     if source.controlnet is None:
         raise UnsupportedSpecError(
             "pipeline: 'controlnet' needs a ControlNet for this model; add \"controlnet\": <dir or hub id> to its "
             "RENDER_MODELS entry"
         )
     try:
-        return ControlNetModel.from_pretrained(source.controlnet, dtype=dtype, local_files_only=True).to(base.device)
+        return family.controlnet_class.from_pretrained(source.controlnet, dtype=dtype, local_files_only=True).to(
+            base.device
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load the ControlNet {source.controlnet!r}: {exc}") from exc
 

@@ -70,6 +70,13 @@ class ModelFamily:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    controlnet_class: ClassVar[Any] = None  # the ControlNet model class a `controlnet` entry loads
+    control_image_argument: ClassVar[str] = "image"  # the pipeline argument that takes a ControlNet's image
+
+    def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
+        """A ControlNet shaped like `base`'s model, random weights from a fixed seed (for the tiny models)."""
+        raise NotImplementedError
+
     def model(self, pipe: Any) -> Any:
         """The model the loop calls each step (the UNet or the transformer)."""
         return getattr(pipe, self.denoiser)

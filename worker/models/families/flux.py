@@ -9,10 +9,17 @@ guidance) are fixed before the loop, so rows that leave a shared call stay in it
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxInpaintPipeline, FluxPipeline
+from diffusers import (
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxImg2ImgPipeline,
+    FluxInpaintPipeline,
+    FluxPipeline,
+)
 
 from producer.errors import UnsupportedSpecError
 from producer.spec import CfgCutoff, RenderSpec
@@ -23,8 +30,29 @@ from worker.models.families.flow import FlowFamily
 
 class FluxFamily(FlowFamily):
     name = "flux"
-    pipelines = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "inpaint": FluxInpaintPipeline}
+    pipelines = {
+        "text2img": FluxPipeline,
+        "img2img": FluxImg2ImgPipeline,
+        "inpaint": FluxInpaintPipeline,
+        "controlnet": FluxControlNetPipeline,
+    }
     tiny = {"tiny": tiny_flux.build, "tiny-schnell": tiny_flux.build_schnell}
+    controlnet_class = FluxControlNetModel
+    control_image_argument = "control_image"
+
+    def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
+        torch.manual_seed(seed)
+        config = base.transformer.config
+        with warnings.catch_warnings():  # diffusers' own module imports a name it deprecated, and says so
+            warnings.filterwarnings("ignore", message="`FluxPosEmbed` is deprecated", category=FutureWarning)
+            return FluxControlNetModel.from_transformer(
+                base.transformer,
+                num_layers=1,
+                num_single_layers=0,
+                attention_head_dim=config.attention_head_dim,
+                num_attention_heads=config.num_attention_heads,
+                load_weights_from_transformer=False,
+            )
 
     def check(self, spec: RenderSpec, model: str) -> None:
         super().check(spec, model)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import (
+    ControlNetModel,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -63,6 +64,11 @@ class StableDiffusionFamily(ModelFamily):
     cutoff_class: ClassVar[Any]
     ip_adapter = True
     clip_skip = True
+    controlnet_class = ControlNetModel
+
+    def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
+        torch.manual_seed(seed)
+        return ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
 
     def check_sampler(self, name: str, model: str) -> None:
         if name != "default" and name not in sampling.SAMPLERS:
