@@ -40,6 +40,12 @@ def test_demo_runs_from_nothing_and_cleans_up(tmp_path: Path) -> None:
     (gallery,) = (tmp_path / "renders" / "_batches").glob("demo-*/index.html")
     assert f"gallery of batch {gallery.parent.name} (open it in a browser): {gallery.as_uri()}" in result.stdout
     rows = (gallery.parent / "index.jsonl").read_text().splitlines()
-    assert [json.loads(row)["status"] for row in rows] == ["succeeded", "succeeded", "interrupted", "revoked", "succeeded"]
+    assert [json.loads(row)["status"] for row in rows] == [
+        "succeeded",
+        "succeeded",
+        "interrupted",
+        "revoked",
+        "succeeded",
+    ]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(tmp_path) not in ps, "the demo left a process running"
