@@ -28,11 +28,16 @@ def listed(farm: Farm, hostname: str) -> WorkerInfo | None:
     return next((info for info in farm.client.workers() if info.hostname == hostname), None)
 
 
+SD_MODELS = json.dumps(
+    {name: {"family": name.removeprefix("tiny-"), "source": "tiny"} for name in ("tiny-sd15", "tiny-sdxl")}
+)
+
+
 def test_a_worker_is_listed_shows_its_job_and_loads_and_drops_out_when_killed(
     farm_factory: Callable[[], Farm],
 ) -> None:
     farm = farm_factory()
-    [worker] = farm.start_workers("fleet-a", heartbeat_interval=str(INTERVAL), heartbeat_ttl=str(TTL))
+    [worker] = farm.start_workers("fleet-a", heartbeat_interval=str(INTERVAL), heartbeat_ttl=str(TTL), models=SD_MODELS)
     ready = time.monotonic()  # it answers a Celery ping: consuming, and its first beat went out as it got ready
     wait_until(lambda: listed(farm, worker.hostname) is not None, timeout=30, what="the worker's first heartbeat")
     assert time.monotonic() - ready < INTERVAL + 1.0

@@ -130,6 +130,12 @@ def test_a_resumed_job_makes_the_uninterrupted_image_byte_for_byte(
     assert manifest.resumed_from_step == 3
 
 
+def test_an_sd3_job_cut_off_before_its_checkpoint_resumes_byte_for_byte(dit: ModelRegistry, tmp_path: Path) -> None:
+    """The replay turns the transformer off and the cutoff halves it: both hold it at once, and let go in turn."""
+    cutoff = [{"type": "cfg_cutoff", "step_index": 1}, {"type": "frames", "every": 2}]
+    check_resume(dit, tmp_path, make_spec("tiny-sd3", callbacks=cutoff, negative_prompt="blurry"), 4)
+
+
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
 def test_four_compatible_jobs_share_calls_and_a_revoke_of_one_leaves_the_others_as_alone(
     dit: ModelRegistry, tmp_path: Path, model: str
@@ -187,7 +193,7 @@ def test_the_sd3_cutoff_on_image_pipelines_returns_one_image_per_prompt_and_halv
         handle.remove()
     assert manifest.status == "succeeded" and len(manifest.images) == 1
     assert rows[:3] == [2, 2, 2] and set(rows[3:]) == {1}, rows
-    assert "forward" not in transformer.__dict__, "the cutoff left the transformer wrapped"
+    assert not transformer._forward_pre_hooks and not transformer._forward_hooks, "the cutoff left its hooks"
 
 
 @pytest.mark.parametrize("model", ["tiny-flux", "tiny-flux-schnell"])
@@ -289,3 +295,18 @@ def test_the_manifest_and_the_png_name_the_family(dit: ModelRegistry, tmp_path: 
     assert data is not None
     with Image.open(io.BytesIO(data)) as image:
         assert image.info["render:family"] == family
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-flux"])
+def test_a_controlnet_variant_first_built_after_a_lora_job_loads(tmp_path: Path, model: str) -> None:
+    """The tiny ControlNet is shaped from the model; LoRA layers in the shared model must not break it."""
+    registry = ModelRegistry({model: default_models()[model]}, device=torch.device("cpu"), dtype=torch.float32)
+    storage = LocalStorage(tmp_path / "out")
+    lora = render(
+        JobContext(make_spec(model, loras=[{"name": "tiny-lora", "scale": 1.0}])), registry=registry, storage=storage
+    )
+    assert lora.status == "succeeded"
+    spec = pipeline_spec("controlnet", tmp_path, model, num_inference_steps=2)
+    inputs = load_inputs(spec, WorkerSettings(input_roots=[str(tmp_path)]))
+    manifest = render(JobContext(spec, inputs=inputs), registry=registry, storage=storage)
+    assert manifest.status == "succeeded" and len(manifest.images) == 1

@@ -103,15 +103,6 @@ class ModelFamily:
 
     # --- the loop --------------------------------------------------------------------------------------------
 
-    def tensor_inputs(self, pipe: Any) -> list[str]:
-        """What the step callbacks may read and replace: passed as `callback_on_step_end_tensor_inputs` to every
-        call (some pipelines ignore a callback object's own `tensor_inputs`)."""
-        return list(getattr(pipe, "_callback_tensor_inputs", ["latents"]))
-
-    def guided(self, pipe: Any) -> bool:
-        """Whether the loop's conditioning tensors hold the unconditional rows too (`[uncond, cond]`)."""
-        return bool(getattr(pipe, "do_classifier_free_guidance", False))
-
     def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         """The loop's latents of a `height` x `width` image as (n, h, w, 3) uint8 preview pixels, on the latents'
         device; no VAE."""

@@ -71,9 +71,6 @@ class FluxFamily(FlowFamily):
     def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
         raise UnsupportedSpecError(f"callbacks: {self.name} models have distilled guidance; there is nothing to cut")
 
-    def guided(self, pipe: Any) -> bool:
-        return False
-
     def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         unpacked: torch.Tensor = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         return unpacked

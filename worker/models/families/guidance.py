@@ -87,7 +87,9 @@ class ConditionalHalfCutoff(PipelineCallback):
     images, on every pipeline kind (SD3's img2img and inpaint keep their pooled embeddings out of reach of
     callbacks), and half the model's work after the cutoff, as a real cutoff gives.
 
-    `release()` after the call puts the model's own forward back, however the call ended.
+    It halves through forward hooks, not by replacing `forward`, so it composes with what else holds the model (a
+    resume's replay turns the model off by replacing `forward`, and puts it back at its checkpoint's step).
+    `release()` after the call removes the hooks, however the call ended.
     """
 
     tensor_inputs: list[str] = []
@@ -97,41 +99,43 @@ class ConditionalHalfCutoff(PipelineCallback):
         self.step_ratio = step_ratio
         self.step_index = step_index
         self.model_attr = model
-        self._model: Any = None
-        self._before: Any = None
+        self._hooks: list[Any] = []
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
         cutoff = _cutoff_step(pipeline, self.step_ratio, self.step_index)
-        if step_index == cutoff and self._model is None and pipeline.do_classifier_free_guidance:
+        if step_index == cutoff and not self._hooks and pipeline.do_classifier_free_guidance:
             self._halve(getattr(pipeline, self.model_attr))
         return callback_kwargs
 
     def _halve(self, model: Any) -> None:
-        self._model, self._before = model, model.__dict__.get("forward")
-        forward = model.forward
+        halved: list[bool] = [False]
 
-        def conditional_only(*args: Any, **kwargs: Any) -> Any:
+        def conditional_inputs(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             sample = args[0] if args else kwargs["hidden_states"]
             rows = sample.shape[0]
-            if rows % 2:
-                return forward(*args, **kwargs)
+            halved[0] = rows % 2 == 0
+            if not halved[0]:
+                return None
 
             def half(value: Any) -> Any:
                 return value[rows // 2 :] if isinstance(value, torch.Tensor) and value.shape[:1] == (rows,) else value
 
-            out = forward(*(half(a) for a in args), **{k: half(v) for k, v in kwargs.items()})
-            if isinstance(out, tuple):
-                return (torch.cat([out[0], out[0]]), *out[1:])
-            out.sample = torch.cat([out.sample, out.sample])
-            return out
+            return tuple(half(a) for a in args), {name: half(value) for name, value in kwargs.items()}
 
-        model.forward = conditional_only
+        def both_halves(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            if not halved[0]:
+                return None
+            if isinstance(output, tuple):
+                return (torch.cat([output[0], output[0]]), *output[1:])
+            output.sample = torch.cat([output.sample, output.sample])
+            return output
+
+        self._hooks = [
+            model.register_forward_pre_hook(conditional_inputs, with_kwargs=True),
+            model.register_forward_hook(both_halves, with_kwargs=True),
+        ]
 
     def release(self) -> None:
-        if self._model is None:
-            return
-        if self._before is not None:
-            self._model.forward = self._before
-        else:
-            self._model.__dict__.pop("forward", None)
-        self._model = self._before = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
