@@ -12,7 +12,7 @@ from pydantic_settings import SettingsConfigDict
 from producer.settings import ClientSettings, ListSetting, load
 from producer.spec import LORA_NAME_PATTERN
 
-Family = Literal["sd15", "sdxl", "sd3", "flux"]
+Family = Literal["sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2", "chroma"]
 """The model families this worker runs (`worker.models.families`)."""
 TINY = "tiny"
 _S3_ROOT = re.compile(r"s3://[a-zA-Z0-9._-]{1,255}(/(?!\.\.?(/|$))[^/]+)*/?")
@@ -24,7 +24,10 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    family: Family = Field(description='"sd15", "sdxl", "sd3" or "flux": which loading code and which specs apply')
+    family: Family = Field(
+        description='"sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2" or "chroma": which loading code '
+        "and which specs apply"
+    )
     source: str = Field(
         min_length=1,
         description='"tiny" (built in; for flux also "tiny-schnell"), a local diffusers directory, or a hub id '

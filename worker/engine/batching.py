@@ -123,6 +123,7 @@ class _Batch:
         negatives = [m.prepared.spec.negative_prompt for m in self.active for _ in range(m.rows)]
         arguments["negative_prompt"] = negatives if spec.negative_prompt else None
         arguments["num_images_per_prompt"] = 1
+        self.family.adjust_arguments(spec, arguments)
         self.generators = arguments["generator"]  # the list the loop hands the scheduler: rows leave it in place
         for member in self.active:
             member.stack.start()

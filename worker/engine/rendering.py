@@ -349,6 +349,7 @@ def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
     spec, record, stack = prepared.spec, prepared.record, prepared.stack
     seeds = [record.image_seed(i) for i in range(spec.num_images)]
     arguments = pipeline_arguments(spec, prepared.job.inputs, seeds, prepared.family)
+    prepared.family.adjust_arguments(spec, arguments)
     stack.start()
     started = time.perf_counter()
     decoded = None

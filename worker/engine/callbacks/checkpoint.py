@@ -92,10 +92,12 @@ class CheckpointCallback(PipelineCallback):
             if done < self.resume.step and self.hand_off:  # still replaying: the stored checkpoint stands
                 raise HandedOff(done)
             if done == self.resume.step:
-                callback_kwargs["latents"] = self._restore(pipeline, callback_kwargs["latents"])
+                loop = callback_kwargs["latents"]
+                callback_kwargs["latents"] = _like(self._restore(pipeline, _as_tensor(loop)), loop)
             if not self.hand_off:
                 return callback_kwargs
-        if self.step_end(pipeline.scheduler, done, pipeline.num_timesteps, callback_kwargs["latents"], self.generators):
+        latents = _as_tensor(callback_kwargs["latents"])
+        if self.step_end(pipeline.scheduler, done, pipeline.num_timesteps, latents, self.generators):
             raise HandedOff(done)
         return callback_kwargs
 
@@ -176,3 +178,13 @@ class CheckpointCallback(PipelineCallback):
             self.budget.started = self.budget.clock() - checkpoint.budget_seconds
         self.last = self.clock()
         return checkpoint.latents.to(latents.device, latents.dtype)
+
+
+def _as_tensor(latents: Any) -> torch.Tensor:
+    """The loop's latents as one tensor: some pipelines (Z-Image) keep a list of per-image tensors."""
+    return torch.stack(list(latents)) if isinstance(latents, list | tuple) else latents
+
+
+def _like(latents: torch.Tensor, loop: Any) -> Any:
+    """`latents` in the loop's own form (`loop`'s: a tensor, or a list of per-image tensors)."""
+    return list(latents.unbind(0)) if isinstance(loop, list | tuple) else latents

@@ -113,6 +113,10 @@ class ModelFamily:
         as the pipeline's `output_type="pt"` gives them, on the CPU."""
         raise NotImplementedError
 
+    def adjust_arguments(self, spec: RenderSpec, arguments: dict[str, Any]) -> None:
+        """Rename or add the family's own pipeline arguments (`arguments` are `pipeline_arguments`'s, in place): e.g.
+        a family whose CFG scale is `true_cfg_scale`."""
+
     def before_call(self, spec: RenderSpec, seed: int) -> None:
         """Just before the pipeline call of a job (or a shared call, with its first image's seed)."""
 
