@@ -25,6 +25,7 @@ import bench_queue
 import bench_recovery
 import bench_render
 import bench_routing
+import bench_step_cache
 import bench_throughput
 import bench_worker
 from common import Section, environment, median, verdict
@@ -178,6 +179,7 @@ def main() -> None:
         batch_repeats=1 if args.quick else 6,
     )
     families_section = bench_families.run(repeats=repeats)
+    step_cache_section = bench_step_cache.run(repeats=3 if args.quick else 6)
     checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
     fleet_section, fleet = bench_fleet.run((10, 100) if args.quick else (10, 100, 1000), 10.0 if args.quick else 20.0)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
@@ -192,6 +194,7 @@ def main() -> None:
         batch_section,
         throughput_section,
         families_section,
+        step_cache_section,
         checkpoint_section,
         fleet_section,
         *gpu_sections,

@@ -144,6 +144,18 @@ class IpAdapterOptions(_Strict):
         return check_image_ref(value)
 
 
+class StepCache(_Strict):
+    """A training-free step cache for the job (diffusers' `transformer.enable_cache`), where the model's family has
+    one: `first_block` reuses the rest of the transformer's output while its first block's output changes by less
+    than `threshold` (relative); `taylorseer` computes the model every `interval` steps after `warmup_steps` and
+    extrapolates between. Faster, slightly different images; a cached job neither checkpoints nor resumes."""
+
+    type: Literal["first_block", "taylorseer"]
+    threshold: float = Field(default=0.05, gt=0.0, le=1.0, allow_inf_nan=False, description="first_block only")
+    interval: int = Field(default=5, ge=1, le=MAX_STEPS, description="taylorseer only: steps between model calls")
+    warmup_steps: int = Field(default=3, ge=0, le=MAX_STEPS, description="taylorseer only: steps computed in full")
+
+
 class LoraRef(_Strict):
     """A LoRA from the worker's allowlist (`RENDER_LORAS`), applied at `scale` (negative values invert it)."""
 
@@ -192,6 +204,9 @@ class RenderSpec(_Strict):
     )
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     callbacks: list[Callback] = Field(default_factory=list, max_length=8)
+    cache: StepCache | None = Field(
+        default=None, description="A step cache (docs/spec.md: Step caches); none by default."
+    )
     webhook: str | None = Field(
         default=None,
         max_length=2048,

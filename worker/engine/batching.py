@@ -35,8 +35,8 @@ from worker.models.registry import ModelRegistry
 
 def shared_call_key(spec: RenderSpec) -> Hashable | None:
     """What a job must share with others to run in one pipeline call with them; None: it always runs alone."""
-    if spec.pipeline != "text2img" or spec.ip_adapter is not None:
-        return None
+    if spec.pipeline != "text2img" or spec.ip_adapter is not None or spec.cache is not None:
+        return None  # a step cache decides for the whole call: a job's rows would not be its image alone
     if any(not isinstance(callback, (CfgCutoff, StepBudget, Frames)) for callback in spec.callbacks):
         return None  # a callback the batch does not run per job
     cutoff = spec.callback(CfgCutoff)

@@ -132,7 +132,8 @@ def prepare(job: JobContext, registry: ModelRegistry, storage: Storage) -> Prepa
     family = family_named(registry.source(spec.model).family)
     record = _Record(job)
     record.family = family.name
-    resume = load_checkpoint(storage, job.task_id, spec) if job.earlier_attempt else None
+    # A cached job resumes from no checkpoint: its steps after one would not be the uninterrupted run's.
+    resume = load_checkpoint(storage, job.task_id, spec) if job.earlier_attempt and spec.cache is None else None
     if resume is not None:
         record.seed, record.resumed_from_step = resume.seed, resume.step
     stack = build_callbacks(
@@ -174,6 +175,7 @@ def job_setup(pipe: Any, prepared: Sequence[Prepared], registry: ModelRegistry) 
         registry.loras_applied(spec.model, pipe, spec.loras) as loras,
         _ip_adapter(pipe, spec, registry),
         scheduled(pipe, spec.scheduler, prepared[0].family.make_scheduler) as sampler,
+        prepared[0].family.step_cache(pipe, spec.cache),
     ):
         for each in prepared:
             each.record.scheduler = SchedulerRecord(

@@ -101,7 +101,9 @@ def build_callbacks(
             frames_callback.skip_through = resume.step
         chain.append(frames_callback)
     checkpoint = None
-    if checkpointing.seconds > 0 or resume is not None or drain is not None:
+    # A cached job writes no checkpoint: a resume from it would not make the uninterrupted image. Handed off, it
+    # starts again from its first step (DrainHook without a checkpoint).
+    if spec.cache is None and (checkpointing.seconds > 0 or resume is not None or drain is not None):
         checkpoints = checkpoints or CheckpointWriter(storage, task_id)
         digest = spec_digest(spec)
         checkpoint = CheckpointCallback(

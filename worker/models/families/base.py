@@ -9,7 +9,8 @@ replay turns off. SD 1.5 and SDXL are `worker.models.families.sd`; adding a fami
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -17,7 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils.logging import disable_progress_bar
 
 from producer.errors import ConfigError, ModelError, UnsupportedSpecError
-from producer.spec import CfgCutoff, RenderSpec
+from producer.spec import CfgCutoff, RenderSpec, StepCache
 
 Kind = str  # a spec's `pipeline`: text2img, img2img, inpaint, controlnet
 
@@ -32,6 +33,7 @@ class ModelFamily:
     load_options: ClassVar[Mapping[str, Any]] = {}  # extra `from_pretrained` arguments
     ip_adapter: ClassVar[bool] = False  # whether the family takes an IP-Adapter
     clip_skip: ClassVar[bool] = False  # whether its text encoders are CLIP layers that can be skipped
+    step_caches: ClassVar[frozenset[str]] = frozenset()  # the `cache` types its model takes (diffusers' CacheMixin)
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -93,6 +95,12 @@ class ModelFamily:
         if spec.clip_skip and not self.clip_skip:
             raise UnsupportedSpecError(f"clip_skip: {model!r} ({self.name}) has no CLIP layers to skip; leave it 0")
         self.check_sampler(spec.scheduler, model)
+        if spec.cache is not None and spec.cache.type not in self.step_caches:
+            offered = ", ".join(sorted(self.step_caches)) or "none"
+            raise UnsupportedSpecError(
+                f"cache.type: {model!r} ({self.name}) takes no {spec.cache.type!r} step cache in this worker "
+                f"(it takes: {offered}); remove `cache`"
+            )
 
     def check_sampler(self, name: str, model: str) -> None:
         """Refuse a sampler the family does not run."""
@@ -150,6 +158,22 @@ class ModelFamily:
     def check_clip_skip(self, pipe: Any, spec: RenderSpec) -> None:
         """Refuse a clip_skip the loaded model's encoders cannot take (they are known once it is loaded)."""
 
+    # --- step caches ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step_cache(self, pipe: Any, cache: StepCache | None) -> Iterator[None]:
+        """The job's step cache on the model for the block, and none after it, however the block ends: a cache's
+        state (the last residuals, the Taylor factors) must not reach the next job."""
+        if cache is None:
+            yield
+            return
+        model = self.model(pipe)
+        model.enable_cache(_cache_config(cache))
+        try:
+            yield
+        finally:
+            model.disable_cache()
+
     # --- resume ------------------------------------------------------------------------------------------------
 
     def model_off(self, pipe: Any) -> ModelOff:
@@ -193,3 +217,12 @@ class ModelOff:
             self.model.forward = self.before
         else:
             self.model.__dict__.pop("forward", None)
+
+
+def _cache_config(cache: StepCache) -> Any:
+    """diffusers' config object for a spec's `cache`."""
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    if cache.type == "first_block":
+        return FirstBlockCacheConfig(threshold=cache.threshold)
+    return TaylorSeerCacheConfig(cache_interval=cache.interval, disable_cache_before_step=cache.warmup_steps)

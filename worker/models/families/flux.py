@@ -38,6 +38,7 @@ class FluxFamily(FlowFamily):
     }
     tiny = {"tiny": tiny_flux.build, "tiny-schnell": tiny_flux.build_schnell}
     controlnet_class = FluxControlNetModel
+    step_caches = frozenset({"first_block", "taylorseer"})
     control_image_argument = "control_image"
 
     def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
