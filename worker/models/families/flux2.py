@@ -1,0 +1,157 @@
+"""Flux.2 [klein]: a flow-matching transformer with a Qwen3 text encoder, in two variants.
+
+klein base runs true classifier-free guidance as a second transformer pass against an empty prompt, and decides
+every step whether to run it (`pipe.do_classifier_free_guidance` reads `pipe._guidance_scale`): a cutoff sets
+the scale to 1 at its step and the loop makes one pass per step from then on. The step-distilled klein makes one
+pass whatever the scale: a cutoff has nothing to cut there and is refused once the model is loaded (the spec
+names a model, not its variant). Neither takes a negative prompt (the pipeline always uses "").
+
+The loop's latents are (B, (H/16)(W/16), 128): the VAE's 32 channels patchified 2x2 and normalised by its
+BatchNorm's running statistics; a preview and a decode unpack and de-normalise them as the pipeline does.
+
+Kinds: diffusers 0.42.1 has no klein img2img pipeline. `Flux2KleinPipeline`'s `image` is an edit reference that
+ignores `strength` and runs every step, which the worker's step counts (`num_inference_steps x strength` for
+img2img) would not match; img2img runs `Flux2KleinInpaintPipeline` with a mask covering the whole image instead:
+the image noised to `strength` and denoised, as img2img means. Flux.2 has no ControlNet in diffusers.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+from diffusers import Flux2KleinInpaintPipeline, Flux2KleinPipeline
+from diffusers.callbacks import PipelineCallback
+from PIL import Image
+
+from producer.errors import UnsupportedSpecError
+from producer.spec import CfgCutoff, RenderSpec
+from worker.models import preview_fit, tiny_flux2
+from worker.models.families.base import Kind
+from worker.models.families.flow import FlowFamily
+
+_MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
+_MAPS_LOCK = threading.Lock()
+
+
+def _denormalised(vae: Any, patches: torch.Tensor) -> torch.Tensor:
+    """(n, 128, h/2, w/2) normalised patch latents -> (n, 32, h, w) VAE latents, as the pipeline does before
+    decoding."""
+    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(patches.device, patches.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches.device, patches.dtype)
+    latents: torch.Tensor = Flux2KleinPipeline._unpatchify_latents(patches * std + mean)
+    return latents
+
+
+def _fitted_map(pipe: Any) -> preview_fit.LatentRgb:
+    """The latent->RGB map of `pipe`'s VAE, fitted on first use and kept while it is loaded (`preview_fit`'s
+    `decoder_for` reads a `scaling_factor` this VAE has not: it decodes its latents as they are)."""
+    vae = pipe.vae
+    with _MAPS_LOCK:
+        found = _MAPS.get(vae)
+        if found is None:
+
+            def decode(latents: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    image: torch.Tensor = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+                    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+            found = _MAPS[vae] = preview_fit.fit(decode, int(vae.config.latent_channels), size=16, samples=8)
+        return found
+
+
+class GuidanceScaleCutoff(PipelineCallback):
+    """Ends klein base's negative pass at the cutoff step by setting the guidance scale to 1: the loop reads it every
+    step, so each later step makes one transformer call and takes its output as it is. No callback tensor changes
+    (the negative embeddings stay, unused), so it is exact for any number of rows and on every pipeline kind."""
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, step_ratio: float | None, step_index: int | None) -> None:
+        # PipelineCallback.__init__ validates the official callbacks' arguments, which are passed as they are.
+        self.step_ratio = step_ratio
+        self.step_index = step_index
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        cutoff = self.step_index if self.step_index is not None else int(pipeline.num_timesteps * self.step_ratio)
+        if step_index == cutoff:
+            pipeline._guidance_scale = 1.0
+        return callback_kwargs
+
+
+class Flux2Family(FlowFamily):
+    name = "flux2"
+    pipelines = {
+        "text2img": Flux2KleinPipeline,
+        "img2img": Flux2KleinInpaintPipeline,
+        "inpaint": Flux2KleinInpaintPipeline,
+    }
+    tiny = {"tiny": tiny_flux2.build, "tiny-distilled": tiny_flux2.build_distilled}
+
+    def check(self, spec: RenderSpec, model: str) -> None:
+        super().check(spec, model)
+        if spec.negative_prompt:
+            raise UnsupportedSpecError(
+                f"negative_prompt: {model!r} ({self.name}) guides against an empty prompt and takes no negative "
+                "prompt; leave it empty"
+            )
+
+    def check_clip_skip(self, pipe: Any, spec: RenderSpec) -> None:
+        # The first hook that sees the loaded model: whether it is distilled is known only here.
+        if not pipe.config.is_distilled:
+            return
+        for index, callback in enumerate(spec.callbacks):
+            if isinstance(callback, CfgCutoff):
+                raise UnsupportedSpecError(
+                    f"callbacks[{index}]: {spec.model!r} ({self.name}) is step-distilled: it makes one transformer "
+                    "pass per step, with no unconditional pass to cut: remove the cfg_cutoff"
+                )
+
+    def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
+        return GuidanceScaleCutoff(spec.step_ratio, spec.step_index)
+
+    def adjust_arguments(self, spec: RenderSpec, arguments: dict[str, Any]) -> None:
+        arguments.pop("negative_prompt", None)  # refused in `check`; the pipeline has no such argument
+        if "strength" in arguments:
+            # The klein inpaint pipeline runs ceil(steps x strength) steps where the others run the floor the worker
+            # counts (`spec.denoising_steps`): half a step under that floor makes it run exactly those, whatever
+            # the float rounding of steps x strength.
+            arguments["strength"] = (spec.denoising_steps - 0.5) / spec.num_inference_steps
+        if spec.pipeline == "img2img":
+            image: Image.Image = arguments["image"]
+            arguments["mask_image"] = Image.new("L", image.size, 255)  # redo everywhere: img2img
+
+    def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        # The pipeline's latent ids list the patches row by row (`_prepare_latent_ids`), so a reshape places them.
+        side = pipe.vae_scale_factor * 2
+        rows, columns = height // side, width // side
+        patches = latents.reshape(latents.shape[0], rows, columns, latents.shape[-1]).permute(0, 3, 1, 2)
+        return _denormalised(pipe.vae, patches)
+
+    def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        return _fitted_map(pipe).apply(self.unpacked(pipe, latents, height, width))
+
+    def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        with torch.inference_mode():
+            vae = pipe.vae
+            image = vae.decode(self.unpacked(pipe, latents, height, width).to(vae.dtype), return_dict=False)[0]
+            pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt")
+            return pixels.cpu()
+
+    def can_drop_rows(self, pipe: Any) -> bool:
+        # The negative embeddings are no callback tensor: rows can leave only while the negative pass is off
+        # (distilled, a scale of 1, or after a cutoff, when they are never read again).
+        return not pipe.do_classifier_free_guidance
+
+    def batch_tensor_inputs(self, pipe: Any) -> list[str]:
+        return ["latents", "prompt_embeds"]
+
+    def drop_rows(self, callback_kwargs: dict[str, Any], index: torch.Tensor, guided: torch.Tensor) -> None:
+        # The text and latent ids keep their rows: the transformer reads only their first.
+        callback_kwargs["latents"] = callback_kwargs["latents"][index]
+        callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"][index]
+
+
+FAMILY = Flux2Family()
