@@ -1,0 +1,216 @@
+"""Qwen-Image: a flow-matching MMDiT with true classifier-free guidance, run as two transformer calls per step.
+
+The spec's `guidance_scale` is Qwen's `true_cfg_scale`. Qwen only guides when it is given a negative prompt, so a
+job with a scale above 1 and no negative prompt gets an empty one, as SD and SD3 guide against an empty prompt; the
+scale also goes on as `guidance_scale`, which only a guidance-distilled transformer (`guidance_embeds`) reads.
+
+The pipeline decides before its loop whether to guide, so no callback can turn guidance off. `NegativePassCutoff`
+ends it from the cutoff on by answering the loop's negative transformer call with the positive call's output,
+without running it: the loop's `neg + s * (pos - neg)` is then `pos` exactly and its renormalisation ratio is 1, and
+the transformer runs once a step instead of twice, as a real cutoff gives.
+
+Latents are 2x2 patches of a 16-channel, 5-D (B, C, frames, h, w) Wan-style VAE's latents normalised by its
+per-channel mean and std, packed to (B, seq, 64). A shared call keeps rows that leave it: the prompt masks and the
+negative prompt's embeddings and mask are fixed before the loop and no callback can slice them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline, QwenImagePipeline
+from diffusers.callbacks import PipelineCallback
+
+from producer.errors import UnsupportedSpecError
+from producer.spec import CfgCutoff, RenderSpec
+from worker.models import flow_sampling, preview_fit, tiny_qwen_image
+from worker.models.families.base import Kind
+from worker.models.families.flow import FlowFamily
+from worker.models.families.guidance import _cutoff_step
+
+_MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
+_MAPS_LOCK = threading.Lock()
+UNSIGMAED = frozenset({"dpmpp_2m"})
+"""Flow samplers whose `set_timesteps` takes no `sigmas`, which Qwen's pipelines always pass (Flux's leave them out
+for a scheduler with flow sigmas)."""
+_STATE = "_negative_pass_cutoff"  # the transformer attribute holding a cut's state while it is on
+
+
+class _IgnoredGuidanceWarning(logging.Filter):
+    """Drops the pipelines' warning that `guidance_scale` is ignored by a transformer without a guidance embedding:
+    the family passes it on purpose, for the guidance-distilled variants that read it, and every job would log it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "ignored since the model is not guidance-distilled" not in record.getMessage()
+
+
+for _pipeline in (QwenImagePipeline, QwenImageImg2ImgPipeline, QwenImageInpaintPipeline):
+    logging.getLogger(_pipeline.__module__).addFilter(_IgnoredGuidanceWarning())
+
+
+def _vae_pixels(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """(n, C, h, w) loop latents (normalised) -> the VAE's decode, (n, 3, H, W) in [-1, 1], as the pipeline does."""
+    vae = pipe.vae
+    z = latents.to(vae.device, vae.dtype).unsqueeze(2)  # one frame
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+    image: torch.Tensor = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+    return image
+
+
+def fitted_map(pipe: Any) -> preview_fit.LatentRgb:
+    """The latent->RGB preview map of `pipe`'s VAE, fitted once per loaded VAE (`worker.models.preview_fit`'s
+    decoder takes 4-D VAEs with a scaling factor; Qwen's is 5-D with a per-channel mean and std)."""
+    vae = pipe.vae
+    with _MAPS_LOCK:
+        found = _MAPS.get(vae)
+        if found is None:
+
+            def decode(latents: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    return (_vae_pixels(pipe, latents.float()).float() / 2 + 0.5).clamp(0, 1)
+
+            found = _MAPS[vae] = preview_fit.fit(decode, int(vae.config.z_dim), size=16, samples=8)
+        return found
+
+
+class _Cut:
+    """A cut's state on its transformer: which call of the step is running, and the positive call's output."""
+
+    def __init__(self) -> None:
+        self.call: str | None = None
+        self.positive: Any = None
+
+
+_ANSWERING: dict[type, type] = {}
+
+
+def _answering(base: type) -> type:
+    """`base` (a transformer class) whose negative ("uncond") call returns the same step's positive ("cond") output
+    without running. The loop names each call with `cache_context`, so the negative call is known by its name."""
+
+    if base in _ANSWERING:
+        return _ANSWERING[base]
+
+    class PositiveAnswersNegative(base):
+        @contextlib.contextmanager
+        def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+            cut: _Cut = self.__dict__[_STATE]
+            cut.call = name
+            try:
+                with super().cache_context(name, **kwargs):
+                    yield
+            finally:
+                cut.call = None
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            cut: _Cut = self.__dict__[_STATE]
+            if cut.call == "uncond" and cut.positive is not None:
+                return cut.positive
+            output = super().__call__(*args, **kwargs)
+            if cut.call == "cond":
+                cut.positive = output
+            return output
+
+    PositiveAnswersNegative.__name__ = PositiveAnswersNegative.__qualname__ = base.__name__
+    _ANSWERING[base] = PositiveAnswersNegative
+    return PositiveAnswersNegative
+
+
+class NegativePassCutoff(PipelineCallback):
+    """Qwen-Image's CFG cutoff: from the step after the cutoff on, the negative pass is not run and the positive
+    output stands for it, so each step's prediction is the positive one exactly (see the module docstring).
+
+    It changes the transformer's class for the call (a subclass that answers the negative call), not its `forward`
+    and not the pipeline's attribute: a resume's replay turns the model off by replacing `forward` and puts it back at
+    its checkpoint's step, and the pipeline's config follows its attributes. `release()` after the call puts the
+    class back, however the call ended. Qwen's pipelines read no callback tensor for guidance, so it asks for none.
+    """
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, step_ratio: float | None, step_index: int | None) -> None:
+        # PipelineCallback.__init__ validates the official callbacks' arguments, which are passed as they are.
+        self.step_ratio = step_ratio
+        self.step_index = step_index
+        self._cut: tuple[Any, type] | None = None  # the transformer and its own class, while the cut is on
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        if step_index == _cutoff_step(pipeline, self.step_ratio, self.step_index) and self._cut is None:
+            model = pipeline.transformer
+            own = type(model)
+            model.__dict__[_STATE] = _Cut()
+            model.__class__ = _answering(own)
+            self._cut = (model, own)
+        return callback_kwargs
+
+    def release(self) -> None:
+        if self._cut is not None:
+            model, own = self._cut
+            model.__class__ = own
+            model.__dict__.pop(_STATE, None)
+            self._cut = None
+
+
+class QwenImageFamily(FlowFamily):
+    name = "qwen-image"
+    # Edit pipelines (QwenImageEdit*) need an image processor and an edit-trained transformer: img2img is the
+    # image-conditioned kind this family runs (its `strength` is the spec's).
+    pipelines = {
+        "text2img": QwenImagePipeline,
+        "img2img": QwenImageImg2ImgPipeline,
+        "inpaint": QwenImageInpaintPipeline,
+    }
+    tiny = {"tiny": tiny_qwen_image.build}
+
+    def check_sampler(self, name: str, model: str) -> None:
+        super().check_sampler(name, model)
+        if name in UNSIGMAED:
+            others = ", ".join(each for each in flow_sampling.flow_sampler_names() if each not in UNSIGMAED)
+            raise UnsupportedSpecError(
+                f"scheduler: {model!r} ({self.name}) cannot run {name!r}: Qwen-Image's pipelines pass their own sigma "
+                f"schedule, which that solver's set_timesteps does not take; use one of {others}"
+            )
+
+    def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
+        return NegativePassCutoff(spec.step_ratio, spec.step_index)
+
+    def adjust_arguments(self, spec: RenderSpec, arguments: dict[str, Any]) -> None:
+        scale = arguments["guidance_scale"]
+        arguments["true_cfg_scale"] = scale
+        if scale <= 1:  # no guidance: a negative prompt would be encoded for nothing (and warned about)
+            arguments["negative_prompt"] = None
+        elif arguments.get("negative_prompt") is None:
+            prompt = arguments["prompt"]
+            arguments["negative_prompt"] = "" if isinstance(prompt, str) else [""] * len(prompt)
+        image = arguments.get("image")
+        if spec.pipeline == "img2img" and image is not None and "width" not in arguments:
+            # Qwen's img2img renders at 1024 px unless told: the input image's size, as other families' img2img.
+            arguments["width"], arguments["height"] = image.size
+
+    def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        frames: torch.Tensor = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        return frames[:, :, 0]  # (B, C, 1, h, w): one frame
+
+    def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        return fitted_map(pipe).apply(self.unpacked(pipe, latents, height, width))
+
+    def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
+        with torch.inference_mode():
+            image = _vae_pixels(pipe, self.unpacked(pipe, latents, height, width))
+            pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt")
+            return pixels.cpu()
+
+    def can_drop_rows(self, pipe: Any) -> bool:
+        # The prompt masks and the negative prompt's embeddings are no callback tensors: rows cannot be sliced out.
+        return False
+
+
+FAMILY = QwenImageFamily()
