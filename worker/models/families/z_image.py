@@ -1,0 +1,125 @@
+"""Z-Image: a flow-matching transformer whose CFG is a separate negative pass, decided afresh every step.
+
+The loop reads `pipe._guidance_scale` at every step and runs the negative pass only while it is above 0 (its rule is
+`pos + s * (pos - neg)`: 0 is unguided), so a CFG cutoff sets it to 0 at its step and each step after it is one
+transformer pass, on the positive rows, exactly as an unguided step. Z-Image-Turbo is distilled to run unguided: it
+has no negative pass to cut or to condition on, so a cfg_cutoff and a negative prompt are refused, and its calls run
+with `guidance_scale` 0 whatever the spec says (as Flux.1 [schnell] ignores it). Base and Turbo share one
+architecture and differ in weights only, and `check` sees the model's allowlist name alone, so a model is Turbo
+when its name says so ("turbo").
+
+Its latents are plain (B, 16, H/8, W/8) VAE latents (the transformer patchifies them itself); the transformer takes
+and returns Python lists of per-image tensors, and the prompt embeddings are lists of per-prompt tensors of their own
+lengths. The pipelines always hand the sampler their own sigma schedule as a list, which the multistep solvers
+cannot take (DPM++ 2M takes none, UniPC fails on a list): both are refused. A shared call runs (the latents, seeded
+per row, are one tensor), but rows cannot leave it: the loop fixes its batch size before it starts and splits the
+transformer's output into positive and negative halves by it, so dropped rows would shift that split; rows that
+leave stay in the call, unused, as Flux.1's do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
+from diffusers.callbacks import PipelineCallback
+
+from producer.errors import UnsupportedSpecError
+from producer.spec import CfgCutoff, RenderSpec
+from worker.models import flow_sampling, tiny_z_image
+from worker.models.families.base import Kind, ModelOff
+from worker.models.families.flow import FlowFamily
+
+NEEDS_OWN_SIGMAS = ("dpmpp_2m", "unipc")
+"""Flow samplers that cannot take the sigma list the Z-Image pipelines always pass: DPM++ 2M's `set_timesteps` takes
+no `sigmas`, and UniPC's shifts them as an array and fails on a list."""
+
+
+def is_turbo(model: str) -> bool:
+    """Whether the allowlisted `model` is Z-Image-Turbo (distilled, unguided): its name says so."""
+    return "turbo" in model.lower()
+
+
+class GuidanceOffCutoff(PipelineCallback):
+    """A CFG cutoff for loops that read `_guidance_scale` every step and guide only while it is above 0: set to 0 at
+    the cutoff step, every later step is one unguided pass. Nothing to trim (the negative embeddings are a separate
+    list the loop stops using) and nothing to undo (each call sets `_guidance_scale` from its arguments)."""
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, step_ratio: float | None, step_index: int | None) -> None:
+        # PipelineCallback.__init__ validates the official callbacks' arguments, which are passed as they are.
+        self.step_ratio = step_ratio
+        self.step_index = step_index
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        cutoff = (
+            self.step_index if self.step_index is not None else int(pipeline.num_timesteps * (self.step_ratio or 0))
+        )
+        if step_index == cutoff:
+            pipeline._guidance_scale = 0.0
+        return callback_kwargs
+
+
+def _zeros(sample: Any) -> Any:
+    """The transformer's "output" while a resume's replay turns it off: zeros shaped like its input list."""
+    if isinstance(sample, list | tuple):
+        return [each.new_zeros(each.shape) for each in sample]
+    return sample.new_zeros(sample.shape)
+
+
+class ZImageFamily(FlowFamily):
+    name = "z-image"
+    # No controlnet: ZImageControlNetPipeline needs a ZImageControlNetModel this worker neither builds nor loads yet.
+    pipelines = {
+        "text2img": ZImagePipeline,
+        "img2img": ZImageImg2ImgPipeline,
+        "inpaint": ZImageInpaintPipeline,
+    }
+    tiny = {"tiny": tiny_z_image.build, "tiny-turbo": tiny_z_image.build_turbo}
+
+    def check_sampler(self, name: str, model: str) -> None:
+        flow_sampling.check_flow_sampler(name, model)
+        if name in NEEDS_OWN_SIGMAS:
+            takes = [each for each in flow_sampling.flow_sampler_names() if each not in NEEDS_OWN_SIGMAS]
+            raise UnsupportedSpecError(
+                f"scheduler: {model!r} ({self.name}) pipelines pass their own sigma schedule, which {name!r} cannot "
+                f"take; use one of {', '.join(takes)}"
+            )
+
+    def check(self, spec: RenderSpec, model: str) -> None:
+        super().check(spec, model)
+        if not is_turbo(model):
+            return
+        for index, callback in enumerate(spec.callbacks):
+            if isinstance(callback, CfgCutoff):
+                raise UnsupportedSpecError(
+                    f"callbacks[{index}]: {model!r} ({self.name}) is Z-Image-Turbo, distilled to run without CFG; "
+                    "there is no negative pass to cut: remove the cfg_cutoff"
+                )
+        if spec.negative_prompt:
+            raise UnsupportedSpecError(
+                f"negative_prompt: {model!r} ({self.name}) is Z-Image-Turbo, distilled to run without CFG, and takes "
+                "no negative prompt; leave it empty"
+            )
+
+    def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
+        return GuidanceOffCutoff(spec.step_ratio, spec.step_index)
+
+    def adjust_arguments(self, spec: RenderSpec, arguments: dict[str, Any]) -> None:
+        if is_turbo(spec.model):
+            arguments["guidance_scale"] = 0.0  # unguided: one pass per step, as Turbo is meant to run
+
+    def unpacked(self, pipe: Any, latents: Any, height: int, width: int) -> torch.Tensor:
+        # A tensor in diffusers 0.42's loops; stacked should a loop hand over its per-image list.
+        return torch.stack(list(latents)) if isinstance(latents, list | tuple) else latents
+
+    def can_drop_rows(self, pipe: Any) -> bool:
+        return False
+
+    def model_off(self, pipe: Any) -> ModelOff:
+        return ModelOff(self.model(pipe), _zeros)
+
+
+FAMILY = ZImageFamily()
