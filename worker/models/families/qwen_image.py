@@ -169,6 +169,7 @@ class QwenImageFamily(FlowFamily):
         "inpaint": QwenImageInpaintPipeline,
     }
     tiny = {"tiny": tiny_qwen_image.build}
+    step_caches = frozenset({"first_block", "taylorseer"})
 
     def check_sampler(self, name: str, model: str) -> None:
         super().check_sampler(name, model)
