@@ -11,7 +11,7 @@ family tells them apart by the model's name (see `worker.models.families.z_image
 from __future__ import annotations
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetModel, ZImagePipeline, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from worker.models.tiny_flux import LATENT_CHANNELS, in_eval_mode, tiny_dit_vae
@@ -84,6 +84,32 @@ def tiny_transformer(seed: int) -> ZImageTransformer2DModel:
         for pad in (transformer.x_pad_token, transformer.cap_pad_token):
             pad.copy_(torch.randn(pad.shape) * 0.02)
     return in_eval_mode(transformer)
+
+
+def tiny_controlnet(seed: int = 0) -> ZImageControlNetModel:
+    """A ControlNet (Union 2.0-shaped: its control latents are padded to 33 channels) for the tiny transformer's
+    width: its control blocks only, since `ZImageControlNetPipeline` lends it the transformer's embedders and
+    refiners (`from_transformer`) when it is built."""
+    torch.manual_seed(seed)
+    controlnet = ZImageControlNetModel(
+        control_layers_places=[0],
+        control_refiner_layers_places=[0],
+        control_in_dim=2 * LATENT_CHANNELS + 1,
+        add_control_noise_refiner="control_noise_refiner",
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        dim=DIM,
+        n_refiner_layers=1,
+        n_heads=HEADS,
+        n_kv_heads=HEADS,
+    )
+    # Its zero-initialised projections (a fresh ControlNet changes nothing until trained) are drawn from the seed,
+    # so the control image changes the tiny model's images and a test can see that it is used.
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if name.endswith(("before_proj.weight", "after_proj.weight")):
+                parameter.copy_(torch.randn(parameter.shape) * 0.5)
+    return in_eval_mode(controlnet)
 
 
 def z_image_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -14,7 +14,8 @@ lengths. The pipelines always hand the sampler their own sigma schedule as a lis
 cannot take (DPM++ 2M takes none, UniPC fails on a list): both are refused. A shared call runs (the latents, seeded
 per row, are one tensor), but rows cannot leave it: the loop fixes its batch size before it starts and splits the
 transformer's output into positive and negative halves by it, so dropped rows would shift that split; rows that
-leave stay in the call, unused, as Flux.1's do.
+leave stay in the call, unused, as Flux.1's do. ControlNet is `ZImageControlNetPipeline` (its control image is
+`control_image`); the ControlNet borrows the transformer's embedders and refiners when the pipeline is built.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import ZImageImg2ImgPipeline, ZImageInpaintPipeline, ZImagePipeline
+from diffusers import (
+    ZImageControlNetModel,
+    ZImageControlNetPipeline,
+    ZImageImg2ImgPipeline,
+    ZImageInpaintPipeline,
+    ZImagePipeline,
+)
 from diffusers.callbacks import PipelineCallback
 
 from producer.errors import UnsupportedSpecError
@@ -71,13 +78,20 @@ def _zeros(sample: Any) -> Any:
 
 class ZImageFamily(FlowFamily):
     name = "z-image"
-    # No controlnet: ZImageControlNetPipeline needs a ZImageControlNetModel this worker neither builds nor loads yet.
     pipelines = {
         "text2img": ZImagePipeline,
         "img2img": ZImageImg2ImgPipeline,
         "inpaint": ZImageInpaintPipeline,
+        "controlnet": ZImageControlNetPipeline,
     }
     tiny = {"tiny": tiny_z_image.build, "tiny-turbo": tiny_z_image.build_turbo}
+    controlnet_class = ZImageControlNetModel
+    control_image_argument = "control_image"
+
+    def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
+        # Its shared parts come from `base`'s transformer when the pipeline is built (`from_transformer`), so a LoRA
+        # already in the transformer is no obstacle: only the control blocks are made here.
+        return tiny_z_image.tiny_controlnet(seed)
 
     def check_sampler(self, name: str, model: str) -> None:
         flow_sampling.check_flow_sampler(name, model)
