@@ -307,6 +307,12 @@ def test_turbo_refuses_a_cfg_cutoff_and_a_negative_prompt_saying_why_and_runs_un
             "take; use one of default, flow_euler, flow_euler_sde, lcm$",
         ),
         ({"scheduler": "unipc"}, "^scheduler: 'tiny-z-image' \\(z-image\\) .* which 'unipc' cannot take"),
+        (
+            {"cache": {"type": "taylorseer"}},
+            "^cache.type: 'tiny-z-image' \\(z-image\\) takes no 'taylorseer' step cache in this worker "
+            "\\(it takes: none\\)",
+        ),
+        ({"cache": {"type": "first_block"}}, "^cache.type: 'tiny-z-image' \\(z-image\\) takes no 'first_block'"),
         ({"clip_skip": 1}, "^clip_skip: 'tiny-z-image' \\(z-image\\) has no CLIP layers to skip"),
         ({"ip_adapter": {"image": "file:///s.png"}}, "^ip_adapter: 'tiny-z-image' \\(z-image\\) takes no IP-Adapter"),
     ],
@@ -314,6 +320,8 @@ def test_turbo_refuses_a_cfg_cutoff_and_a_negative_prompt_saying_why_and_runs_un
 def test_what_the_family_cannot_run_is_refused_before_any_work_naming_the_field(
     zi: ModelRegistry, overrides: dict[str, Any], message: str
 ) -> None:
+    """Step caches: ZImageTransformer2DModel has no diffusers CacheMixin (`enable_cache`) in 0.42.1."""
+    assert not hasattr(zi.pipeline(BASE).transformer, "enable_cache")
     with pytest.raises(UnsupportedSpecError, match=message):
         prepare(JobContext(make_spec(BASE, **overrides)), zi, LocalStorage(Path("/nonexistent")))
 

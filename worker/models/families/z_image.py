@@ -15,7 +15,8 @@ cannot take (DPM++ 2M takes none, UniPC fails on a list): both are refused. A sh
 per row, are one tensor), but rows cannot leave it: the loop fixes its batch size before it starts and splits the
 transformer's output into positive and negative halves by it, so dropped rows would shift that split; rows that
 leave stay in the call, unused, as Flux.1's do. ControlNet is `ZImageControlNetPipeline` (its control image is
-`control_image`); the ControlNet borrows the transformer's embedders and refiners when the pipeline is built.
+`control_image`); the ControlNet borrows the transformer's embedders and refiners when the pipeline is built. No
+step cache: the transformer has no diffusers `CacheMixin` (`enable_cache`) in 0.42.1, so `cache` is refused.
 """
 
 from __future__ import annotations
