@@ -30,8 +30,8 @@ class ModelSource(BaseModel):
     )
     source: str = Field(
         min_length=1,
-        description='"tiny" (built in; for flux also "tiny-schnell"), a local diffusers directory, or a hub id '
-        "already in the local cache (nothing is downloaded)",
+        description='"tiny" (built in; also "tiny-schnell" for flux, "tiny-turbo" for z-image, "tiny-distilled" for '
+        "flux2), a local diffusers directory, or a hub id already in the local cache (nothing is downloaded)",
     )
     controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
     ip_adapter: str | None = Field(default=None, description="IP-Adapter weights file (.safetensors or .bin)")
@@ -55,6 +55,12 @@ def default_models() -> dict[str, ModelSource]:
         "tiny-sd3": ModelSource(family="sd3", source=TINY),
         "tiny-flux": ModelSource(family="flux", source=TINY),
         "tiny-flux-schnell": ModelSource(family="flux", source=f"{TINY}-schnell"),
+        "tiny-qwen-image": ModelSource(family="qwen-image", source=TINY),
+        "tiny-z-image": ModelSource(family="z-image", source=TINY),
+        "tiny-z-image-turbo": ModelSource(family="z-image", source=f"{TINY}-turbo"),
+        "tiny-flux2": ModelSource(family="flux2", source=TINY),
+        "tiny-flux2-distilled": ModelSource(family="flux2", source=f"{TINY}-distilled"),
+        "tiny-chroma": ModelSource(family="chroma", source=TINY),
     }
 
 

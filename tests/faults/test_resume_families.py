@@ -19,10 +19,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(3
 
 # Sizes where a step takes tens of ms on one core: 120 steps last seconds, and a checkpoint every half second
 # stores several before the end.
-SIZE = {"tiny-flux": 512, "tiny-sd3": 384}
+SIZE = {
+    "tiny-flux": 512,
+    "tiny-sd3": 384,
+    "tiny-qwen-image": 512,
+    "tiny-chroma": 384,
+    "tiny-flux2": 384,
+    "tiny-z-image": 384,
+}
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+@pytest.mark.parametrize("model", list(SIZE))
 def test_a_job_killed_after_a_checkpoint_resumes_elsewhere_with_the_uninterrupted_pixels(
     chaos_farm: Callable[..., ChaosFarm], model: str
 ) -> None:

@@ -17,11 +17,18 @@ from tests.integration.test_microbatch import alone, image
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-MODELS = ["tiny-flux", "tiny-sd3"]
+MODELS = ["tiny-flux", "tiny-sd3", "tiny-qwen-image", "tiny-chroma", "tiny-flux2", "tiny-z-image"]
 SERVED = {model: {"family": model.removeprefix("tiny-"), "source": "tiny"} for model in MODELS}
 
 # Long enough to act on while it runs (several seconds on one torch thread); always revoked, so never run out.
-LONG = {"tiny-flux": {"width": 768, "height": 768}, "tiny-sd3": {"width": 512, "height": 512}}
+LONG = {
+    "tiny-flux": {"width": 768, "height": 768},
+    "tiny-sd3": {"width": 512, "height": 512},
+    "tiny-qwen-image": {"width": 768, "height": 768},
+    "tiny-chroma": {"width": 512, "height": 512},
+    "tiny-flux2": {"width": 512, "height": 512},
+    "tiny-z-image": {"width": 512, "height": 512},
+}
 # Four of these in one call run for a second or two: time to revoke one after its first steps.
 BATCHED = {"num_inference_steps": 120, "width": 128, "height": 128}
 
@@ -32,9 +39,10 @@ def long_job(model: str, **overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def dit_farm(farm_factory: Callable[[], Farm]) -> Farm:
-    """One worker serving both families, both kept loaded, that takes up to four compatible jobs into one call."""
+    """One worker serving every transformer family, three kept loaded, that takes up to four compatible jobs into
+    one call."""
     made = farm_factory()
-    made.start_workers("dit", models=json.dumps(SERVED), max_cached_models="2", max_batch="4", prefetch="2")
+    made.start_workers("dit", models=json.dumps(SERVED), max_cached_models="3", max_batch="4", prefetch="2")
     return made
 
 

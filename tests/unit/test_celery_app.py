@@ -20,7 +20,7 @@ from producer.celery_config import tls_options
 from producer.client import RenderClient, redacted
 from producer.keys import TASK_RENDER
 from worker.celery_app import create_app, worker_argv
-from worker.settings import WorkerSettings
+from worker.settings import WorkerSettings, default_models
 
 
 def test_gpu_settings() -> None:
@@ -115,8 +115,7 @@ def test_worker_flags() -> None:
         "--prefetch-multiplier=1",
         "--events",
         # One per model served, then the bare queue.
-        "--queues=gpu-a100.tiny-sd15,gpu-a100.tiny-sdxl,gpu-a100.tiny-sd3,gpu-a100.tiny-flux,"
-        "gpu-a100.tiny-flux-schnell,gpu-a100",
+        "--queues=" + ",".join([*(f"gpu-a100.{model}" for model in default_models()), "gpu-a100"]),
         "--hostname=gpu0@%h",
     } <= set(argv)
 

@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import render_cli as run
 from tests.helpers import render_here as here
+from worker.settings import default_models
 
 ROOT = Path(__file__).parents[2]
 
@@ -88,9 +89,10 @@ def test_model_outside_the_allowlist_is_one_line(tmp_path: Path) -> None:
     spec.write_text(json.dumps({"model": "sdxl-turbo", "prompt": "x", "width": 64, "height": 64}))
     result = here("local", str(spec), "--storage", tmp_path.as_uri())
     assert result.returncode == 2
+    allowed = ", ".join(sorted(default_models()))
     assert result.stderr == (
-        "error: model 'sdxl-turbo' is not on this worker's allowlist; use one of: tiny-flux, tiny-flux-schnell, "
-        "tiny-sd15, tiny-sd3, tiny-sdxl (or add it to RENDER_MODELS)\n"
+        f"error: model 'sdxl-turbo' is not on this worker's allowlist; use one of: {allowed} "
+        "(or add it to RENDER_MODELS)\n"
     )
 
 

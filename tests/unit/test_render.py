@@ -19,6 +19,7 @@ from worker.engine.job import JobContext
 from worker.engine.rendering import pipeline_arguments, render
 from worker.engine.stops import JobRevoked, LeaseLost
 from worker.models.registry import ModelRegistry
+from worker.settings import default_models
 from worker.storage import LocalStorage
 
 FAMILIES = {"tiny-sd15": "sd15", "tiny-sdxl": "sdxl"}
@@ -339,7 +340,7 @@ def test_a_random_seed_is_chosen_and_recorded(registry: ModelRegistry, storage: 
         (
             {"model": "sdxl-turbo"},
             ModelError,
-            "not on this worker's allowlist; use one of: tiny-flux, tiny-flux-schnell, tiny-sd15, tiny-sd3, tiny-sdxl",
+            f"not on this worker's allowlist; use one of: {', '.join(sorted(default_models()))}",
         ),
         (
             {"pipeline": "img2img", "image": "file:///in.png"},

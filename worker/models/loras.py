@@ -84,7 +84,7 @@ def tiny_state_dict(pipe: Any, seed: int = TINY_SEED, rank: int = TINY_RANK) -> 
     weights: dict[str, torch.Tensor] = {}
     denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"  # SD's UNet, a DiT's transformer
     for name, module in getattr(pipe, denoiser).named_modules():
-        if ".attn" in name and name.endswith(UNET_TARGETS):
+        if (".attn" in name or ".attention." in name) and name.endswith(UNET_TARGETS):  # Z-Image: `.attention.`
             # Once LoRAs are loaded, each target is a peft layer wrapping the original Linear.
             linear: Any = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             weights |= pair(f"{denoiser}.{name}", linear.in_features, linear.out_features)
