@@ -195,6 +195,7 @@ class WorkerInfo:
     pid: int | None
     ttl: float | None
     families: dict[str, str] = field(default_factory=dict)  # model -> family; empty from workers before families
+    compiled: dict[str, float] = field(default_factory=dict)  # model -> seconds its compile and warm-up took
 
     @classmethod
     def from_hash(cls, fields: dict[Any, Any]) -> WorkerInfo:
@@ -219,6 +220,7 @@ class WorkerInfo:
             pid=number("pid", int),
             ttl=number("ttl", float),
             families={str(k): str(v) for k, v in json.loads(raw.get("families") or "{}").items()},
+            compiled={str(k): float(v) for k, v in json.loads(raw.get("compiled") or "{}").items()},
         )
 
     @staticmethod
@@ -256,9 +258,12 @@ class WorkerInfo:
         return {"step": str(step), "total": str(total)}
 
     @staticmethod
-    def load_fields(loaded: list[str], loads: dict[str, int]) -> dict[str, str]:
-        """The models loaded in the render process and how often each was loaded."""
-        return {"loaded": json.dumps(loaded), "loads": json.dumps(loads, sort_keys=True)}
+    def load_fields(
+        loaded: list[str], loads: dict[str, int], compiled: dict[str, float] | None = None
+    ) -> dict[str, str]:
+        """The models loaded in the render process, how often each was loaded, and what compiling each took."""
+        fields = {"loaded": json.dumps(loaded), "loads": json.dumps(loads, sort_keys=True)}
+        return fields | {"compiled": json.dumps(compiled or {}, sort_keys=True)}
 
 
 def text(value: Any) -> str:

@@ -25,6 +25,9 @@ QUEUE_WAIT = Histogram("render_queue_wait_seconds", "Seconds from submit to the 
 REVOKE_TO_STOP = Histogram("render_revoke_to_stop_seconds", "Seconds from a revoke to the job stopping.", buckets=_FAST)
 FRAME_UPLOAD = Histogram("render_frame_upload_seconds", "Seconds to encode and store one step frame.", buckets=_FAST)
 MODEL_LOADS = Counter("render_model_loads_total", "Pipelines loaded (cache hits not counted).", ["model"])
+COMPILE_SECONDS = Histogram(
+    "render_compile_seconds", "Seconds a compiled model's compile and warm-up render took.", ["model"], buckets=_SLOW
+)
 PIPELINE_LOAD = Histogram("render_pipeline_load_seconds", "Seconds to get a pipeline (cached: near 0).", buckets=_SLOW)
 # The step hooks' cost on the denoising thread (lease and revocation flags, progress post, time limit, StepTimer):
 # seconds / calls is their mean per model call, as bench/bench_worker.py reads it from a real worker.

@@ -36,6 +36,15 @@ class ModelSource(BaseModel):
     controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
     ip_adapter: str | None = Field(default=None, description="IP-Adapter weights file (.safetensors or .bin)")
     image_encoder: str | None = Field(default=None, description="CLIP vision encoder directory for the IP-Adapter")
+    compile: Literal["off", "regional", "full"] = Field(
+        default="off",
+        description="torch.compile the model's transformer or UNet when it loads: `regional` compiles its repeated "
+        "blocks once each (diffusers' compile_repeated_blocks; the whole model where it has none), `full` the whole "
+        "model; with RENDER_COMPILE_CACHE on a shared volume only the first worker pays the compile",
+    )
+    warmup_size: int = Field(
+        default=1024, ge=64, le=4096, description="the side of the warm-up render a compiled model makes when it loads"
+    )
 
     @property
     def tiny(self) -> bool:
@@ -109,6 +118,11 @@ class WorkerSettings(ClientSettings):
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="S3 API endpoint: MinIO, R2, moto, ...; unset for AWS"
+    )
+    compile_cache: str | None = Field(
+        default=None,
+        description="directory for torch.compile's inductor cache (TORCHINDUCTOR_CACHE_DIR), on a volume the fleet "
+        "shares, so a model compiled once loads warm on every worker; unset: inductor's own per-machine default",
     )
     models: dict[str, ModelSource] = Field(
         default_factory=default_models,

@@ -12,7 +12,14 @@ import torch
 from producer.errors import ConfigError
 from worker.models import tiny_sd15
 from worker.models.loras import tiny_state_dict
-from worker.process.preflight import PROBE_PREFIX, check_loras, check_models, check_storage, check_worker
+from worker.process.preflight import (
+    PROBE_PREFIX,
+    check_compile_cache,
+    check_loras,
+    check_models,
+    check_storage,
+    check_worker,
+)
 from worker.settings import LoraSource, ModelSource, WorkerSettings
 
 
@@ -161,3 +168,11 @@ def test_a_saved_flux_and_sd3_directory_pass_and_a_family_mismatch_names_the_fam
     )
     with pytest.raises(ConfigError, match='says "family": "sdxl" but .* holds a FluxPipeline; set "family" to "flux"'):
         check_models({"m": ModelSource(family="sdxl", source=str(tmp_path / "flux"))})
+
+
+def test_a_compile_cache_that_cannot_be_made_is_refused_and_a_new_one_is_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match="^RENDER_COMPILE_CACHE='.*file/cache' cannot be made"):
+        check_compile_cache(str(tmp_path / "file" / "cache"))
+    check_compile_cache(str(tmp_path / "shared" / "inductor"))
+    assert (tmp_path / "shared" / "inductor").is_dir()

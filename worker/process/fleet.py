@@ -199,7 +199,9 @@ class JobAdvert:
     def _write(self, fields: dict[str, str]) -> None:
         if self.key is None:
             return
-        state = WorkerInfo.load_fields(self.registry.loaded_models(), self.registry.loads)
+        state = WorkerInfo.load_fields(
+            self.registry.loaded_models(), self.registry.loads, self.registry.compile_seconds
+        )
         fields = {**fields, **{name: value for name, value in state.items() if self._sent.get(name) != value}}
         try:
             written = self._script(keys=[self.key], args=[part for pair in fields.items() for part in pair])

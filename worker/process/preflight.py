@@ -32,6 +32,21 @@ def check_worker(settings: WorkerSettings) -> None:
     check_models(settings.models)
     check_loras(settings.loras)
     check_storage(settings)
+    check_compile_cache(settings.compile_cache)
+
+
+def check_compile_cache(path: str | None) -> None:
+    """The shared inductor cache is a directory this worker can write (made if missing)."""
+    if path is None:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"RENDER_COMPILE_CACHE={path!r} cannot be made ({exc.strerror or exc}); fix the path"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"RENDER_COMPILE_CACHE={path!r} is not writable by this worker; fix its permissions")
 
 
 def check_device(settings: WorkerSettings) -> None:

@@ -49,6 +49,9 @@ class Services:
         """
         if settings.torch_threads is not None:
             torch.set_num_threads(settings.torch_threads)
+        if settings.compile_cache:  # read by inductor when it compiles: before any model loads
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = settings.compile_cache
+            os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
         metrics.serve(settings.metrics_port)
         redis_client = patient_client(settings.redis_url, **settings.sentinel)
         control = control_client(settings.redis_url, **settings.sentinel)

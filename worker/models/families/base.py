@@ -158,6 +158,17 @@ class ModelFamily:
     def check_clip_skip(self, pipe: Any, spec: RenderSpec) -> None:
         """Refuse a clip_skip the loaded model's encoders cannot take (they are known once it is loaded)."""
 
+    # --- compile ---------------------------------------------------------------------------------------------------
+
+    def compile(self, pipe: Any, mode: str) -> None:
+        """torch.compile the loop's model in place: `regional`, its repeated blocks once each where diffusers knows
+        them (`compile_repeated_blocks`), else the whole model; `full`, the whole model."""
+        model = self.model(pipe)
+        if mode == "regional" and getattr(model, "_repeated_blocks", None):
+            model.compile_repeated_blocks(fullgraph=True)
+        else:
+            model.compile()
+
     # --- step caches ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
