@@ -178,6 +178,14 @@ class RenderSpec(_Strict):
     negative_prompt: str = Field(default="", max_length=4000)
     num_inference_steps: int = Field(default=30, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0, allow_inf_nan=False)
+    true_cfg_scale: float = Field(
+        default=1.0,
+        ge=1.0,
+        le=50.0,
+        allow_inf_nan=False,
+        description="Flux.1 only: classifier-free guidance by a second, negative-prompt pass (above 1; needs "
+        "negative_prompt); 1 is off. Other families guide with guidance_scale.",
+    )
     width: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE)
     height: int = Field(default=512, ge=MIN_SIDE, le=MAX_SIDE)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Omit for a random seed; it is recorded.")

@@ -58,7 +58,7 @@ def test_a_cfg_cutoff_on_a_distilled_flux_model_is_one_line_naming_the_callback(
     assert result.returncode == 2
     assert result.stderr == (
         "error: callbacks[0]: 'tiny-flux' (flux) has distilled guidance; there is no unconditional pass to cut: "
-        "remove the cfg_cutoff\n"
+        "remove the cfg_cutoff (or guide by a negative prompt with true_cfg_scale > 1)\n"
     )
 
 

@@ -310,3 +310,33 @@ def test_a_controlnet_variant_first_built_after_a_lora_job_loads(tmp_path: Path,
     inputs = load_inputs(spec, WorkerSettings(input_roots=[str(tmp_path)]))
     manifest = render(JobContext(spec, inputs=inputs), registry=registry, storage=storage)
     assert manifest.status == "succeeded" and len(manifest.images) == 1
+
+
+def test_flux_true_cfg_runs_a_negative_pass_that_the_cutoff_stops_exactly(dit: ModelRegistry, tmp_path: Path) -> None:
+    """Flux.1 with `true_cfg_scale` runs the negative prompt as a second transformer call per step, decided before
+    the loop; its cutoff answers that call with the positive output from the cutoff on (calls per step 2 -> 1)."""
+    storage = LocalStorage(tmp_path)
+    calls: list[int] = []
+    transformer = dit.pipeline("tiny-flux").transformer
+    handle = transformer.register_forward_pre_hook(lambda *_: calls.append(1))
+    true_cfg = {"true_cfg_scale": 4.0, "negative_prompt": "blurry"}
+
+    def run(**overrides: Any) -> tuple[int, np.ndarray]:
+        before = len(calls)
+        manifest = render(JobContext(make_spec("tiny-flux", **overrides)), registry=dit, storage=storage)
+        assert manifest.status == "succeeded"
+        return len(calls) - before, stored_pixels(storage, manifest.images[0])
+
+    try:
+        uncut_calls, uncut = run(**true_cfg)
+        cut_calls, cut = run(**true_cfg, callbacks=[{"type": "cfg_cutoff", "step_index": 2}])
+        late_calls, late = run(**true_cfg, callbacks=[{"type": "cfg_cutoff", "step_index": 5}])
+        _, distilled = run()
+    finally:
+        handle.remove()
+    assert (uncut_calls, cut_calls, late_calls) == (12, 3 * 2 + 3, 12)
+    assert np.array_equal(late, uncut), "a cutoff at the last step changed the image"
+    assert not np.array_equal(cut, uncut) and not np.array_equal(cut, distilled)
+    assert (
+        type(transformer).__name__ == "FluxTransformer2DModel" and "_negative_pass_cutoff" not in transformer.__dict__
+    )

@@ -48,6 +48,7 @@ def shared_call_key(spec: RenderSpec) -> Hashable | None:
         spec.num_inference_steps,
         spec.scheduler,
         spec.guidance_scale,
+        spec.true_cfg_scale,
         (cutoff.step_ratio, cutoff.step_index) if cutoff is not None else None,
         tuple((lora.name, lora.scale) for lora in spec.loras),
         spec.clip_skip,

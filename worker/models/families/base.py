@@ -34,6 +34,7 @@ class ModelFamily:
     ip_adapter: ClassVar[bool] = False  # whether the family takes an IP-Adapter
     clip_skip: ClassVar[bool] = False  # whether its text encoders are CLIP layers that can be skipped
     step_caches: ClassVar[frozenset[str]] = frozenset()  # the `cache` types its model takes (diffusers' CacheMixin)
+    true_cfg: ClassVar[bool] = False  # whether `true_cfg_scale` means anything to it (Flux.1's second, negative pass)
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -92,6 +93,10 @@ class ModelFamily:
             raise UnsupportedSpecError(f"pipeline: {model!r} ({self.name}) runs {kinds}; got {spec.pipeline!r}")
         if spec.ip_adapter is not None and not self.ip_adapter:
             raise UnsupportedSpecError(f"ip_adapter: {model!r} ({self.name}) takes no IP-Adapter in this worker")
+        if spec.true_cfg_scale != 1 and not self.true_cfg:
+            raise UnsupportedSpecError(
+                f"true_cfg_scale: {model!r} ({self.name}) guides with guidance_scale; leave true_cfg_scale at 1"
+            )
         if spec.clip_skip and not self.clip_skip:
             raise UnsupportedSpecError(f"clip_skip: {model!r} ({self.name}) has no CLIP layers to skip; leave it 0")
         self.check_sampler(spec.scheduler, model)

@@ -26,6 +26,7 @@ from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_flux
 from worker.models.families.base import Kind
 from worker.models.families.flow import FlowFamily
+from worker.models.families.guidance import NegativePassCutoff
 
 
 class FluxFamily(FlowFamily):
@@ -55,22 +56,34 @@ class FluxFamily(FlowFamily):
                 load_weights_from_transformer=False,
             )
 
+    true_cfg = True
+
     def check(self, spec: RenderSpec, model: str) -> None:
         super().check(spec, model)
+        true_cfg = spec.true_cfg_scale > 1
         for index, callback in enumerate(spec.callbacks):
-            if isinstance(callback, CfgCutoff):
+            if isinstance(callback, CfgCutoff) and not true_cfg:
                 raise UnsupportedSpecError(
                     f"callbacks[{index}]: {model!r} ({self.name}) has distilled guidance; there is no unconditional "
-                    "pass to cut: remove the cfg_cutoff"
+                    "pass to cut: remove the cfg_cutoff (or guide by a negative prompt with true_cfg_scale > 1)"
                 )
-        if spec.negative_prompt:
+        if spec.negative_prompt and not true_cfg:
             raise UnsupportedSpecError(
-                f"negative_prompt: {model!r} ({self.name}) has distilled guidance and takes no negative prompt; "
-                "leave it empty"
+                f"negative_prompt: {model!r} ({self.name}) has distilled guidance and takes a negative prompt only "
+                "with true_cfg_scale > 1; leave it empty or set true_cfg_scale"
+            )
+        if true_cfg and not spec.negative_prompt:
+            raise UnsupportedSpecError(
+                f"true_cfg_scale: {model!r} ({self.name}) runs its second pass on the negative prompt; give a "
+                "negative_prompt or leave true_cfg_scale at 1"
             )
 
     def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
-        raise UnsupportedSpecError(f"callbacks: {self.name} models have distilled guidance; there is nothing to cut")
+        # Reached only with true CFG (`check`): its negative pass is decided before the loop, so it is answered.
+        return NegativePassCutoff(spec.step_ratio, spec.step_index)
+
+    def adjust_arguments(self, spec: RenderSpec, arguments: dict[str, Any]) -> None:
+        arguments["true_cfg_scale"] = spec.true_cfg_scale
 
     def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         unpacked: torch.Tensor = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)

@@ -9,6 +9,8 @@ where no callback can reach every conditioning tensor (SD3).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -139,3 +141,85 @@ class ConditionalHalfCutoff(PipelineCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+
+_STATE = "_negative_pass_cutoff"  # the transformer attribute holding a cut's state while it is on
+
+
+class _Cut:
+    """A cut's state on its transformer: which call of the step is running, and the positive call's output."""
+
+    def __init__(self) -> None:
+        self.call: str | None = None
+        self.positive: Any = None
+
+
+_ANSWERING: dict[type, type] = {}
+
+
+def _answering(base: type) -> type:
+    """`base` (a transformer class) whose negative ("uncond") call returns the same step's positive ("cond") output
+    without running. The loop names each call with `cache_context`, so the negative call is known by its name."""
+
+    if base in _ANSWERING:
+        return _ANSWERING[base]
+
+    class PositiveAnswersNegative(base):
+        @contextlib.contextmanager
+        def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+            cut: _Cut = self.__dict__[_STATE]
+            cut.call = name
+            try:
+                with super().cache_context(name, **kwargs):
+                    yield
+            finally:
+                cut.call = None
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            cut: _Cut = self.__dict__[_STATE]
+            if cut.call == "uncond" and cut.positive is not None:
+                return cut.positive
+            output = super().__call__(*args, **kwargs)
+            if cut.call == "cond":
+                cut.positive = output
+            return output
+
+    PositiveAnswersNegative.__name__ = PositiveAnswersNegative.__qualname__ = base.__name__
+    _ANSWERING[base] = PositiveAnswersNegative
+    return PositiveAnswersNegative
+
+
+class NegativePassCutoff(PipelineCallback):
+    """The CFG cutoff of loops that run the negative prompt as a separate pass decided before the loop (true CFG:
+    Qwen-Image, Flux.1 with `true_cfg_scale`): from the step after the cutoff on, the negative pass is not run and the
+    positive output stands for it, so `neg + s * (pos - neg)` is `pos` exactly (Qwen's renorm ratio is then 1).
+
+    It changes the transformer's class for the call (a subclass that answers the negative call), not its `forward`
+    and not the pipeline's attribute: a resume's replay turns the model off by replacing `forward` and puts it back at
+    its checkpoint's step, and the pipeline's config follows its attributes. `release()` after the call puts the
+    class back, however the call ended. These pipelines read no callback tensor for guidance, so it asks for none.
+    """
+
+    tensor_inputs: list[str] = []
+
+    def __init__(self, step_ratio: float | None, step_index: int | None) -> None:
+        # PipelineCallback.__init__ validates the official callbacks' arguments, which are passed as they are.
+        self.step_ratio = step_ratio
+        self.step_index = step_index
+        self._cut: tuple[Any, type] | None = None  # the transformer and its own class, while the cut is on
+
+    def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
+        if step_index == _cutoff_step(pipeline, self.step_ratio, self.step_index) and self._cut is None:
+            model = pipeline.transformer
+            own = type(model)
+            model.__dict__[_STATE] = _Cut()
+            model.__class__ = _answering(own)
+            self._cut = (model, own)
+        return callback_kwargs
+
+    def release(self) -> None:
+        if self._cut is not None:
+            model, own = self._cut
+            model.__class__ = own
+            model.__dict__.pop(_STATE, None)
+            self._cut = None
