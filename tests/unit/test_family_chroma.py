@@ -17,13 +17,12 @@ from PIL import Image
 from producer import RenderSpec
 from producer.errors import UnsupportedSpecError
 from tests.helpers import pipeline_spec
+from tests.unit.family_kit import RevokeAt, alone, max_diff, stored_pixels
 from tests.unit.test_checkpoints import check_resume
 from worker.engine.batching import denoise_batch, shared_call_key
 from worker.engine.inputs import load_inputs
 from worker.engine.job import JobContext
-from worker.engine.rendering import Denoised, denoise, prepare, render, store
-from worker.engine.stops import JobRevoked
-from worker.hooks import StepInfo
+from worker.engine.rendering import prepare, render, store
 from worker.models import tiny_chroma
 from worker.models.families import FAMILIES, family_of
 from worker.models.families.chroma import ChromaFamily
@@ -49,35 +48,6 @@ def chroma() -> ModelRegistry:
 def make_spec(i: int = 0, **overrides: Any) -> RenderSpec:
     data = {"model": MODEL, "prompt": f"a lighthouse, take {i}", "num_inference_steps": 6, "width": 64, "height": 64}
     return RenderSpec.parse({**data, "seed": 100 + i, "guidance_scale": 4.0, **overrides})
-
-
-class RevokeAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.calls = 0
-
-    def on_step(self, info: StepInfo) -> None:
-        self.calls += 1
-        if info.steps_completed >= self.step:
-            raise JobRevoked(info.steps_completed)
-
-
-def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
-    assert len(a) == len(b) and a
-    return max(
-        int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max())
-        for x, y in zip(a, b, strict=True)
-    )
-
-
-def stored_pixels(storage: LocalStorage, url: str) -> np.ndarray:
-    data = storage.get(storage.name_of(url) or url)
-    assert data is not None, url
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def alone(registry: ModelRegistry, storage: LocalStorage, spec: RenderSpec, task_id: str) -> Denoised:
-    return denoise(prepare(JobContext(spec, task_id), registry, storage), registry)
 
 
 class TransformerCalls:

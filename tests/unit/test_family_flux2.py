@@ -16,13 +16,12 @@ from PIL import Image
 from producer import RenderSpec
 from producer.errors import UnsupportedSpecError
 from tests.helpers import pipeline_spec
+from tests.unit.family_kit import RevokeAt, alone, max_diff, stored_pixels
 from tests.unit.test_checkpoints import check_resume
 from worker.engine.batching import denoise_batch, shared_call_key
 from worker.engine.inputs import load_inputs
 from worker.engine.job import JobContext
-from worker.engine.rendering import Denoised, denoise, prepare, render, store
-from worker.engine.stops import JobRevoked
-from worker.hooks import StepInfo
+from worker.engine.rendering import prepare, render, store
 from worker.models import tiny_flux2
 from worker.models.families import FAMILIES, family_of
 from worker.models.families.flux2 import Flux2Family
@@ -54,17 +53,6 @@ def make_spec(model: str, i: int = 0, **overrides: Any) -> RenderSpec:
     return RenderSpec.parse({**data, "seed": 100 + i, "guidance_scale": 4.0, **overrides})
 
 
-class RevokeAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.calls = 0
-
-    def on_step(self, info: StepInfo) -> None:
-        self.calls += 1
-        if info.steps_completed >= self.step:
-            raise JobRevoked(info.steps_completed)
-
-
 class CountCalls:
     """The transformer's calls, through a forward pre-hook."""
 
@@ -80,24 +68,6 @@ class CountCalls:
 
     def __exit__(self, *_: Any) -> None:
         self.handle.remove()
-
-
-def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
-    assert len(a) == len(b)
-    return max(
-        int(np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16)).max())
-        for x, y in zip(a, b, strict=True)
-    )
-
-
-def stored_pixels(storage: LocalStorage, url: str) -> np.ndarray:
-    data = storage.get(storage.name_of(url) or url)
-    assert data is not None, url
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def alone(registry: ModelRegistry, storage: LocalStorage, spec: RenderSpec, task_id: str) -> Denoised:
-    return denoise(prepare(JobContext(spec, task_id), registry, storage), registry)
 
 
 def test_two_builds_are_identical() -> None:

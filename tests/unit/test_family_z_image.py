@@ -17,13 +17,12 @@ from PIL import Image
 from producer import RenderSpec
 from producer.errors import UnsupportedSpecError
 from tests.helpers import pipeline_spec
+from tests.unit.family_kit import RevokeAt, alone, max_diff, stored_pixels
 from tests.unit.test_checkpoints import check_resume
 from worker.engine.batching import denoise_batch, shared_call_key
 from worker.engine.inputs import load_inputs
 from worker.engine.job import JobContext
-from worker.engine.rendering import Denoised, denoise, prepare, render, store
-from worker.engine.stops import JobRevoked
-from worker.hooks import StepInfo
+from worker.engine.rendering import prepare, render, store
 from worker.models import tiny_z_image
 from worker.models.families import FAMILIES, family_of
 from worker.models.families.z_image import NEEDS_OWN_SIGMAS, ZImageFamily
@@ -59,17 +58,6 @@ def make_spec(model: str, i: int = 0, **overrides: Any) -> RenderSpec:
     return RenderSpec.parse({**data, "seed": 100 + i, **overrides})
 
 
-class RevokeAt:
-    def __init__(self, step: int) -> None:
-        self.step = step
-        self.calls = 0
-
-    def on_step(self, info: StepInfo) -> None:
-        self.calls += 1
-        if info.steps_completed >= self.step:
-            raise JobRevoked(info.steps_completed)
-
-
 class Passes:
     """Counts the rows (images) of each transformer call: the transformer takes a list of per-image latents."""
 
@@ -82,25 +70,6 @@ class Passes:
 
     def __exit__(self, *_: Any) -> None:
         self.handle.remove()
-
-
-def pixels(images: list[Image.Image]) -> list[np.ndarray]:
-    return [np.asarray(image, dtype=np.int16) for image in images]
-
-
-def max_diff(a: list[Image.Image], b: list[Image.Image]) -> int:
-    assert len(a) == len(b)
-    return max(int(np.abs(x - y).max()) for x, y in zip(pixels(a), pixels(b), strict=True))
-
-
-def stored_pixels(storage: LocalStorage, url: str) -> np.ndarray:
-    data = storage.get(storage.name_of(url) or url)
-    assert data is not None, url
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def alone(registry: ModelRegistry, storage: LocalStorage, spec: RenderSpec, task_id: str) -> Denoised:
-    return denoise(prepare(JobContext(spec, task_id), registry, storage), registry)
 
 
 def test_two_builds_are_identical_and_the_family_is_found() -> None:
