@@ -17,17 +17,20 @@ _MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDi
 _MAPS_LOCK = threading.Lock()
 
 
-def fitted_map(pipe: Any) -> preview_fit.LatentRgb:
-    """The latent->RGB map of `pipe`'s VAE, fitted on first use (in float32, on the VAE's device) and kept while the
-    VAE is loaded: a fine-tune or a new family gets a preview calibrated to its own decoder, with no copied factors."""
+def fitted_map(pipe: Any, family: FlowFamily) -> preview_fit.LatentRgb:
+    """The latent->RGB map of `pipe`'s VAE, fitted on first use (float32 latents, through the family's own decode,
+    `vae_pixels`) and kept while the VAE is loaded: a fine-tune or a new family gets a preview calibrated to its own
+    decoder, with no copied factors."""
     vae = pipe.vae
     with _MAPS_LOCK:
         found = _MAPS.get(vae)
         if found is None:
-            decode = preview_fit.decoder_for(pipe)
-            found = _MAPS[vae] = preview_fit.fit(
-                lambda latents: decode(latents.float()), int(vae.config.latent_channels), size=16, samples=8
-            )
+
+            def decode(latents: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode():
+                    return (family.vae_pixels(pipe, latents.float()).float() / 2 + 0.5).clamp(0, 1)
+
+            found = _MAPS[vae] = preview_fit.fit(decode, family.latent_channels(pipe), size=16, samples=8)
         return found
 
 
@@ -53,15 +56,25 @@ class FlowFamily(ModelFamily):
         """The loop's latents as (n, C, h, w) VAE latents (before the pipeline's scaling and shift)."""
         return latents
 
+    def latent_channels(self, pipe: Any) -> int:
+        """The channels of the VAE latents `unpacked` gives."""
+        return int(pipe.vae.config.latent_channels)
+
+    def vae_pixels(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """(n, C, h, w) VAE latents as the loop has them -> the VAE's decode, (n, 3, H, W) in [-1, 1]: the pipeline's
+        own steps before `vae.decode` undone first (here its scaling and shift). The decode of rows leaving a shared
+        call and the fit of the preview map both go through it."""
+        vae = pipe.vae
+        z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        image: torch.Tensor = vae.decode(z, return_dict=False)[0]
+        return image
+
     def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
-        return fitted_map(pipe).apply(self.unpacked(pipe, latents, height, width))
+        return fitted_map(pipe, self).apply(self.unpacked(pipe, latents, height, width))
 
     def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
         with torch.inference_mode():
-            vae = pipe.vae
-            z = self.unpacked(pipe, latents, height, width).to(vae.dtype)
-            z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-            image = vae.decode(z, return_dict=False)[0]
+            image = self.vae_pixels(pipe, self.unpacked(pipe, latents, height, width))
             pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt")
             return pixels.cpu()
 

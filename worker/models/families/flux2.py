@@ -17,8 +17,6 @@ the image noised to `strength` and denoised, as img2img means. Flux.2 has no Con
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -28,12 +26,9 @@ from PIL import Image
 
 from producer.errors import UnsupportedSpecError
 from producer.spec import CfgCutoff, RenderSpec
-from worker.models import preview_fit, tiny_flux2
+from worker.models import tiny_flux2
 from worker.models.families.base import Kind
 from worker.models.families.flow import FlowFamily
-
-_MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
-_MAPS_LOCK = threading.Lock()
 
 
 def _denormalised(vae: Any, patches: torch.Tensor) -> torch.Tensor:
@@ -43,23 +38,6 @@ def _denormalised(vae: Any, patches: torch.Tensor) -> torch.Tensor:
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(patches.device, patches.dtype)
     latents: torch.Tensor = Flux2KleinPipeline._unpatchify_latents(patches * std + mean)
     return latents
-
-
-def _fitted_map(pipe: Any) -> preview_fit.LatentRgb:
-    """The latent->RGB map of `pipe`'s VAE, fitted on first use and kept while it is loaded (`preview_fit`'s
-    `decoder_for` reads a `scaling_factor` this VAE has not: it decodes its latents as they are)."""
-    vae = pipe.vae
-    with _MAPS_LOCK:
-        found = _MAPS.get(vae)
-        if found is None:
-
-            def decode(latents: torch.Tensor) -> torch.Tensor:
-                with torch.inference_mode():
-                    image: torch.Tensor = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-                    return (image.float() / 2 + 0.5).clamp(0, 1)
-
-            found = _MAPS[vae] = preview_fit.fit(decode, int(vae.config.latent_channels), size=16, samples=8)
-        return found
 
 
 class GuidanceScaleCutoff(PipelineCallback):
@@ -131,15 +109,11 @@ class Flux2Family(FlowFamily):
         patches = latents.reshape(latents.shape[0], rows, columns, latents.shape[-1]).permute(0, 3, 1, 2)
         return _denormalised(pipe.vae, patches)
 
-    def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
-        return _fitted_map(pipe).apply(self.unpacked(pipe, latents, height, width))
-
-    def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
-        with torch.inference_mode():
-            vae = pipe.vae
-            image = vae.decode(self.unpacked(pipe, latents, height, width).to(vae.dtype), return_dict=False)[0]
-            pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt")
-            return pixels.cpu()
+    def vae_pixels(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        # `unpacked` already undid the BatchNorm normalisation; this VAE has no scaling factor or shift.
+        vae = pipe.vae
+        image: torch.Tensor = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+        return image
 
     def can_drop_rows(self, pipe: Any) -> bool:
         # The negative embeddings are no callback tensor: rows can leave only while the negative pass is off

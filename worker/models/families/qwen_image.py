@@ -17,8 +17,6 @@ negative prompt's embeddings and mask are fixed before the loop and no callback 
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from typing import Any
 
 import torch
@@ -26,13 +24,11 @@ from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline, QwenIm
 
 from producer.errors import UnsupportedSpecError
 from producer.spec import CfgCutoff, RenderSpec
-from worker.models import flow_sampling, preview_fit, tiny_qwen_image
+from worker.models import flow_sampling, tiny_qwen_image
 from worker.models.families.base import Kind
 from worker.models.families.flow import FlowFamily
 from worker.models.families.guidance import NegativePassCutoff
 
-_MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
-_MAPS_LOCK = threading.Lock()
 UNSIGMAED = frozenset({"dpmpp_2m"})
 """Flow samplers whose `set_timesteps` takes no `sigmas`, which Qwen's pipelines always pass (Flux's leave them out
 for a scheduler with flow sigmas)."""
@@ -48,33 +44,6 @@ class _IgnoredGuidanceWarning(logging.Filter):
 
 for _pipeline in (QwenImagePipeline, QwenImageImg2ImgPipeline, QwenImageInpaintPipeline):
     logging.getLogger(_pipeline.__module__).addFilter(_IgnoredGuidanceWarning())
-
-
-def _vae_pixels(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """(n, C, h, w) loop latents (normalised) -> the VAE's decode, (n, 3, H, W) in [-1, 1], as the pipeline does."""
-    vae = pipe.vae
-    z = latents.to(vae.device, vae.dtype).unsqueeze(2)  # one frame
-    shape = (1, vae.config.z_dim, 1, 1, 1)
-    mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
-    std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
-    image: torch.Tensor = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
-    return image
-
-
-def fitted_map(pipe: Any) -> preview_fit.LatentRgb:
-    """The latent->RGB preview map of `pipe`'s VAE, fitted once per loaded VAE (`worker.models.preview_fit`'s
-    decoder takes 4-D VAEs with a scaling factor; Qwen's is 5-D with a per-channel mean and std)."""
-    vae = pipe.vae
-    with _MAPS_LOCK:
-        found = _MAPS.get(vae)
-        if found is None:
-
-            def decode(latents: torch.Tensor) -> torch.Tensor:
-                with torch.inference_mode():
-                    return (_vae_pixels(pipe, latents.float()).float() / 2 + 0.5).clamp(0, 1)
-
-            found = _MAPS[vae] = preview_fit.fit(decode, int(vae.config.z_dim), size=16, samples=8)
-        return found
 
 
 class QwenImageFamily(FlowFamily):
@@ -118,14 +87,18 @@ class QwenImageFamily(FlowFamily):
         frames: torch.Tensor = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
         return frames[:, :, 0]  # (B, C, 1, h, w): one frame
 
-    def preview(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
-        return fitted_map(pipe).apply(self.unpacked(pipe, latents, height, width))
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.vae.config.z_dim)
 
-    def decode(self, pipe: Any, latents: torch.Tensor, height: int = 0, width: int = 0) -> torch.Tensor:
-        with torch.inference_mode():
-            image = _vae_pixels(pipe, self.unpacked(pipe, latents, height, width))
-            pixels: torch.Tensor = pipe.image_processor.postprocess(image, output_type="pt")
-            return pixels.cpu()
+    def vae_pixels(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        # A Wan-style 5-D VAE: one frame, and a per-channel mean and std instead of a scaling factor.
+        vae = pipe.vae
+        z = latents.to(vae.device, vae.dtype).unsqueeze(2)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=z.device, dtype=z.dtype).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=z.device, dtype=z.dtype).view(shape)
+        image: torch.Tensor = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+        return image
 
     def can_drop_rows(self, pipe: Any) -> bool:
         # The prompt masks and the negative prompt's embeddings are no callback tensors: rows cannot be sliced out.
