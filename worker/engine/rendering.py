@@ -163,7 +163,7 @@ def load_pipeline(prepared: Sequence[Prepared], registry: ModelRegistry) -> Any:
     for each in prepared:
         each.record.timings.load = time.perf_counter() - started
         each.record.started_at = _now()  # the GPU took it: a job held while another denoised started now
-    prepared[0].family.check_clip_skip(pipe, spec)
+    prepared[0].family.check_loaded(pipe, spec)
     return pipe
 
 

@@ -160,8 +160,9 @@ class ModelFamily:
     def clip_skip_arguments(self, pipe: Any, spec: RenderSpec, prompt: str | list[str] | None = None) -> dict[str, Any]:
         return {}
 
-    def check_clip_skip(self, pipe: Any, spec: RenderSpec) -> None:
-        """Refuse a clip_skip the loaded model's encoders cannot take (they are known once it is loaded)."""
+    def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
+        """Refuse what only the loaded model tells (SD: a clip_skip deeper than its encoders; Flux.2: a cutoff on a
+        distilled model), before the job's first step."""
 
     # --- compile ---------------------------------------------------------------------------------------------------
 

@@ -77,8 +77,8 @@ class Flux2Family(FlowFamily):
                 "prompt; leave it empty"
             )
 
-    def check_clip_skip(self, pipe: Any, spec: RenderSpec) -> None:
-        # The first hook that sees the loaded model: whether it is distilled is known only here.
+    def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
+        # Whether the model is distilled is known only once it is loaded (its pipeline config says).
         if not pipe.config.is_distilled:
             return
         for index, callback in enumerate(spec.callbacks):

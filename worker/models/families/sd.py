@@ -131,7 +131,7 @@ class StableDiffusionFamily(ModelFamily):
     def clip_skip_arguments(self, pipe: Any, spec: Any, prompt: str | list[str] | None = None) -> dict[str, Any]:
         return sampling.clip_skip_arguments(pipe, spec, prompt)
 
-    def check_clip_skip(self, pipe: Any, spec: Any) -> None:
+    def check_loaded(self, pipe: Any, spec: Any) -> None:
         sampling.check_clip_skip(pipe, spec)
 
     def model_off(self, pipe: Any) -> ModelOff:
