@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Literal
 
@@ -15,6 +16,8 @@ from producer.spec import LORA_NAME_PATTERN
 Family = Literal["sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2", "chroma"]
 """The model families this worker runs (`worker.models.families`)."""
 TINY = "tiny"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+"""A hub id (`owner/name`), as RENDER_MODELS may name a model already in the local cache."""
 _S3_ROOT = re.compile(r"s3://[a-zA-Z0-9._-]{1,255}(/(?!\.\.?(/|$))[^/]+)*/?")
 """An s3:// entry of RENDER_INPUT_ROOTS: a bucket, then a prefix without empty, '.' or '..' segments."""
 
@@ -28,10 +31,25 @@ class ModelSource(BaseModel):
         description='"sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2" or "chroma": which loading code '
         "and which specs apply"
     )
-    source: str = Field(
+    source: str | None = Field(
+        default=None,
         min_length=1,
         description='"tiny" (built in; also "tiny-schnell" for flux, "tiny-turbo" for z-image, "tiny-distilled" for '
-        "flux2), a local diffusers directory, or a hub id already in the local cache (nothing is downloaded)",
+        "flux2), a local diffusers directory, or a hub id already in the local cache (nothing is downloaded); "
+        "or leave it out and give `file`",
+    )
+    file: str | None = Field(
+        default=None,
+        min_length=1,
+        description="one checkpoint file instead of a directory: a `.safetensors` file as model sites ship it (a "
+        "whole SD 1.5/SDXL/SD3.5/Flux.1/Chroma/Z-Image checkpoint in its original layout, or the transformer/UNet "
+        "alone, original or diffusers keys, fp8 included), or a `.gguf` quantized transformer; needs `base`",
+    )
+    base: str | None = Field(
+        default=None,
+        min_length=1,
+        description="with `file`: the local diffusers directory (or a hub id in the local cache) of the family's "
+        "reference model; its configs and tokenizers are used, and the components the file does not hold",
     )
     controlnet: str | None = Field(default=None, description="ControlNet directory or hub id (tiny models build one)")
     ip_adapter: str | None = Field(default=None, description="IP-Adapter weights file (.safetensors or .bin)")
@@ -46,10 +64,37 @@ class ModelSource(BaseModel):
         default=1024, ge=64, le=4096, description="the side of the warm-up render a compiled model makes when it loads"
     )
 
+    @model_validator(mode="after")
+    def _source_or_file(self) -> ModelSource:
+        if (self.source is None) == (self.file is None):
+            raise PydanticCustomError(
+                "model_source",
+                'give either "source" (tiny, a diffusers directory, a cached hub id) or "file" (with "base"), not both',
+            )
+        if self.base is not None and self.file is None:
+            raise PydanticCustomError("model_base", '"base" goes with "file"; a "source" directory needs none')
+        return self
+
     @property
     def tiny(self) -> bool:
         """Whether it is a built-in tiny model (`tiny`, or a family's named variant such as `tiny-schnell`)."""
-        return is_tiny(self.source)
+        return self.source is not None and is_tiny(self.source)
+
+    @property
+    def where(self) -> str:
+        """The file or the source, for messages and listings."""
+        return self.file or self.source or ""
+
+    @property
+    def kind(self) -> Literal["tiny", "directory", "hub", "file", "gguf"]:
+        """How the model is held: built in, a diffusers directory, a cached hub id, a single file or a GGUF file."""
+        if self.file is not None:
+            return "gguf" if self.file.lower().endswith(".gguf") else "file"
+        if self.tiny:
+            return "tiny"
+        return (
+            "hub" if self.source and HUB_ID.fullmatch(self.source) and not os.path.exists(self.source) else "directory"
+        )
 
 
 def is_tiny(source: str) -> bool:

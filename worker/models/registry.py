@@ -17,6 +17,7 @@ from producer.spec import LoraRef
 from worker import metrics
 from worker.models import ip_adapter, variants
 from worker.models.families import family_named
+from worker.models.families.base import ModelFamily
 from worker.models.loras import AppliedLora, FileDigests, ModelLoras, Wanted, activate, deactivate, file_problem
 from worker.settings import TINY, LoraSource, ModelSource, WorkerSettings, default_loras
 
@@ -32,10 +33,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+def resolve_dtype(
+    name: str, device: torch.device, family: ModelFamily | None = None, *, bf16_supported: bool | None = None
+) -> torch.dtype:
+    """RENDER_DTYPE as a torch dtype. `auto`: float32 on CPU; on CUDA the family's half type (`cuda_dtype`: bfloat16
+    for the flow transformers, whose activations overflow float16; float16 for SD's UNets), float16 where the GPU has
+    no bfloat16."""
+    if name != "auto":
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    if device.type != "cuda":
+        return torch.float32
+    if family is not None and family.cuda_dtype == "bfloat16":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        if bf16_supported:
+            return torch.bfloat16
+    return torch.float16
 
 
 class ModelRegistry:
@@ -50,10 +63,12 @@ class ModelRegistry:
         max_cached: int = 1,
         loras: Mapping[str, LoraSource] | None = None,
         max_cached_loras: int = 8,
+        auto_dtype: bool = False,
     ) -> None:
         self.models = dict(models)
         self.device = device
-        self.dtype = dtype
+        self.dtype = dtype  # the worker's; with `auto_dtype` each model's follows its family (`dtype_of`)
+        self.auto_dtype = auto_dtype
         self.max_cached = max_cached
         self._cache: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.loads: dict[str, int] = {}  # pipelines loaded per model by this process (cache hits not counted)
@@ -72,6 +87,7 @@ class ModelRegistry:
             settings.models,
             device=device,
             dtype=resolve_dtype(settings.dtype, device),
+            auto_dtype=settings.dtype == "auto",
             max_cached=settings.max_cached_models,
             loras=settings.loras,
             max_cached_loras=settings.max_cached_loras,
@@ -85,6 +101,12 @@ class ModelRegistry:
             raise ModelError(
                 f"model {name!r} is not on this worker's allowlist; use one of: {allowed} (or add it to RENDER_MODELS)"
             ) from None
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype model `name` loads and runs in."""
+        if not self.auto_dtype:
+            return self.dtype
+        return resolve_dtype("auto", self.device, family_named(self.source(name).family))
 
     def pipeline(self, name: str, kind: str = "text2img") -> Any:
         """The `kind` pipeline for `name`; the model is loaded once per process, its variants share it."""
@@ -104,7 +126,7 @@ class ModelRegistry:
             pipes = self._cache[name]
             if kind not in pipes:
                 pipes[kind] = self._loaded(
-                    name, source, lambda: variants.variant(pipes["text2img"], kind, source, self.dtype)
+                    name, source, lambda: variants.variant(pipes["text2img"], kind, source, self.dtype_of(name))
                 )
             return pipes[kind]
 
@@ -116,7 +138,7 @@ class ModelRegistry:
         except Exception as exc:
             detail = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
             raise ModelLoadError(
-                f"model {name!r} ({source.family}, {source.source}) could not be loaded: {detail}"
+                f"model {name!r} ({source.family}, {source.where}) could not be loaded: {detail}"
             ) from exc
 
     def check_ip_adapter(self, name: str) -> None:
@@ -135,7 +157,7 @@ class ModelRegistry:
         with self._lock:
             if name not in self._ip_adapters:
                 if source.ip_adapter and source.image_encoder:
-                    parts = ip_adapter.load_parts(source.ip_adapter, source.image_encoder, self.dtype)
+                    parts = ip_adapter.load_parts(source.ip_adapter, source.image_encoder, self.dtype_of(name))
                 else:
                     parts = ip_adapter.tiny_parts(self.pipeline(name).unet)
                 self._ip_adapters[name] = parts
@@ -219,13 +241,19 @@ class ModelRegistry:
 
     def _load(self, name: str, source: ModelSource) -> Any:
         family = family_named(source.family)
+        dtype = self.dtype_of(name)
         started = time.perf_counter()
         if source.tiny:
+            assert source.source is not None
             pipe = family.build_tiny(source.source).to(self.device)
-            if self.dtype != torch.float32:  # built in float32; casting to it again only logs a warning
-                pipe = pipe.to(dtype=self.dtype)
+            if dtype != torch.float32:  # built in float32; casting to it again only logs a warning
+                pipe = pipe.to(dtype=dtype)
+        elif source.file is not None:
+            assert source.base is not None  # the start-up checks refuse a file without its base
+            pipe = family.load_file(source.file, source.base, dtype).to(self.device)
         else:
-            pipe = family.load(source.source, self.dtype).to(self.device)
+            assert source.source is not None
+            pipe = family.load(source.source, dtype).to(self.device)
         pipe.set_progress_bar_config(disable=True)
         if source.compile != "off":
             self._compiled(name, source, family, pipe, time.perf_counter() - started)

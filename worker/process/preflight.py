@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 import uuid
 from collections.abc import Mapping
@@ -18,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from producer.errors import ConfigError, ModelError, StorageError
+from worker.models import single_file
 from worker.models.families import family_named, family_of
+from worker.models.single_file import config_file
 from worker.settings import TINY, Family, LoraSource, ModelSource, WorkerSettings
 
 PROBE_PREFIX = ".render-probe"
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _FIX_MODELS = "fix the entry in RENDER_MODELS or remove it"
 
 
@@ -61,25 +61,27 @@ def check_device(settings: WorkerSettings) -> None:
 def check_models(models: Mapping[str, ModelSource]) -> None:
     for name, model in models.items():
         built_in = family_named(model.family).tiny
-        if model.tiny and model.source not in built_in:
+        if model.file is not None:
+            check_file_model(name, model)
+        elif model.tiny and model.source not in built_in:
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: {model.source!r} is not a built-in {model.family} model; use one "
                 f"of: {', '.join(built_in)}, or a diffusers directory"
             )
-        if not model.tiny:
-            index = _config_file(model.source, "model_index.json")
+        elif model.source is not None and not model.tiny:
+            index = config_file(model.source, "model_index.json")
             if index is None:
                 raise ConfigError(
                     f"RENDER_MODELS: model {name!r}: {model.source!r} is neither a diffusers directory (with "
                     f"model_index.json) nor a hub id in the local cache; {_FIX_MODELS}"
                 )
             _check_index(name, model.family, index)
-        if model.controlnet and _config_file(model.controlnet, "config.json") is None:
+        if model.controlnet and config_file(model.controlnet, "config.json") is None:
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: controlnet {model.controlnet!r} is neither a directory with "
                 f"config.json nor a hub id in the local cache; {_FIX_MODELS}"
             )
-        if model.image_encoder and _config_file(model.image_encoder, "config.json") is None:
+        if model.image_encoder and config_file(model.image_encoder, "config.json") is None:
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: image_encoder {model.image_encoder!r} is not a directory with "
                 f"config.json; {_FIX_MODELS}"
@@ -88,6 +90,50 @@ def check_models(models: Mapping[str, ModelSource]) -> None:
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: ip_adapter {model.ip_adapter!r} is not a file; {_FIX_MODELS}"
             )
+
+
+def check_file_model(name: str, model: ModelSource) -> None:
+    """A single-file model: `base` is there and of its family, and the file's header is whole and of its family."""
+    assert model.file is not None
+    family = family_named(model.family)
+    if model.base is None:
+        raise ConfigError(
+            f'RENDER_MODELS: model {name!r}: the file {model.file} needs "base": the local diffusers directory of the '
+            f"{model.family} reference model (its configs and tokenizers, and the components the file lacks); add it"
+        )
+    try:
+        facts = single_file.inspect(model.file)
+    except single_file.FileProblem as exc:
+        raise ConfigError(f"RENDER_MODELS: model {name!r}: {exc}") from None
+    what = "whole checkpoint" if facts.holds == "pipeline" else family_named(facts.family or model.family).denoiser
+    if facts.family is None:
+        raise ConfigError(
+            f"RENDER_MODELS: model {name!r}: {model.file} holds no model of a family this worker runs (its "
+            f"{len(facts.keys)} tensor names match none of them); check that it is the file you meant"
+        )
+    if facts.family != model.family:
+        raise ConfigError(
+            f'RENDER_MODELS: model {name!r} says "family": "{model.family}" but {model.file} holds a {facts.family} '
+            f'{what}; set "family" to "{facts.family}" or use a file of the {model.family} family'
+        )
+    if facts.format == "gguf" and (facts.holds == "pipeline" or family.denoiser != "transformer"):
+        raise ConfigError(
+            f"RENDER_MODELS: model {name!r}: {model.file} is GGUF, which this worker loads for a transformer alone "
+            "(Flux.1, SD3.5, Chroma, Qwen-Image, Z-Image, Flux.2); use a .safetensors file"
+        )
+    if facts.holds == "pipeline" and not family.whole_file_loader():
+        raise ConfigError(
+            f"RENDER_MODELS: model {name!r}: {model.file} is a whole {model.family} checkpoint, which diffusers loads "
+            'only as the transformer alone; use a transformer-only file with the rest in "base"'
+        )
+    index = config_file(model.base, "model_index.json")
+    if index is None:
+        raise ConfigError(
+            f"RENDER_MODELS: model {name!r}: base {model.base!r} is neither a diffusers directory (with "
+            f"model_index.json) nor a hub id in the local cache; point it at the {model.family} reference model's "
+            "diffusers directory"
+        )
+    _check_index(name, model.family, index)
 
 
 def check_loras(loras: Mapping[str, LoraSource]) -> None:
@@ -120,20 +166,6 @@ def check_storage(settings: WorkerSettings) -> None:
                 storage.close()
     except StorageError as exc:
         raise ConfigError(f"RENDER_STORAGE_URL={settings.storage_url!r} cannot be used: {exc}") from None
-
-
-def _config_file(source: str, filename: str) -> Path | None:
-    """`filename` in a local directory `source`, or in the local hub cache's snapshot of hub id `source`."""
-    folder = Path(source).expanduser()
-    if folder.is_dir():
-        path = folder / filename
-        return path if path.is_file() else None
-    if folder.exists() or not _HUB_ID.fullmatch(source):
-        return None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, filename)
-    return Path(cached) if isinstance(cached, str) else None
 
 
 def _check_index(name: str, family: Family, index: Path) -> None:

@@ -19,6 +19,7 @@ from diffusers.utils.logging import disable_progress_bar
 
 from producer.errors import ConfigError, ModelError, UnsupportedSpecError
 from producer.spec import CfgCutoff, RenderSpec, StepCache
+from worker.models import single_file
 
 Kind = str  # a spec's `pipeline`: text2img, img2img, inpaint, controlnet
 
@@ -34,6 +35,7 @@ class ModelFamily:
     ip_adapter: ClassVar[bool] = False  # whether the family takes an IP-Adapter
     clip_skip: ClassVar[bool] = False  # whether its text encoders are CLIP layers that can be skipped
     step_caches: ClassVar[frozenset[str]] = frozenset()  # the `cache` types its model takes (diffusers' CacheMixin)
+    cuda_dtype: ClassVar[str] = "float16"  # RENDER_DTYPE=auto on a GPU: SD's UNets run in float16
     true_cfg: ClassVar[bool] = False  # whether `true_cfg_scale` means anything to it (Flux.1's second, negative pass)
 
     # --- loading --------------------------------------------------------------------------------------------
@@ -52,14 +54,45 @@ class ModelFamily:
         """A real checkpoint: `from_pretrained` on a local directory or a hub id in the cache, never the network."""
         disable_progress_bar()  # loading bars in a worker's log are noise; the load time is in the manifest
         try:
-            return self.pipelines["text2img"].from_pretrained(
-                source, dtype=dtype, local_files_only=True, **self.load_options
-            )
+            with self.loading():
+                return self.pipelines["text2img"].from_pretrained(
+                    source, dtype=dtype, local_files_only=True, **self.load_options
+                )
         except (OSError, ValueError) as exc:
             raise ModelError(
                 f"could not load {self.name} model from {source!r}: {exc}. "
                 "Point RENDER_MODELS at a local diffusers directory or a hub id already in the local cache."
             ) from exc
+
+    def load_file(self, file: str, base: str, dtype: torch.dtype) -> Any:
+        """A single checkpoint file (`single_file.inspect` says what it holds) with `base` for configs and tokenizers:
+        a whole checkpoint through the pipeline's `from_single_file`, a transformer or UNet alone (GGUF included)
+        through the model's, the other components from `base`. Offline: `config=` is always the local `base`."""
+        disable_progress_bar()
+        facts = single_file.inspect(file)
+        pipeline_class = self.pipelines["text2img"]
+        with self.loading():
+            if facts.holds == "pipeline":
+                parts = self.whole_file_parts(facts, base, dtype)
+                return pipeline_class.from_single_file(
+                    file, config=base, torch_dtype=dtype, local_files_only=True, **parts, **self.load_options
+                )
+            model = single_file.load_denoiser(facts, base, self.denoiser, dtype)
+            return pipeline_class.from_pretrained(
+                base, dtype=dtype, local_files_only=True, **{self.denoiser: model}, **self.load_options
+            )
+
+    def whole_file_parts(self, facts: single_file.FileFacts, base: str, dtype: torch.dtype) -> dict[str, Any]:
+        """Components of a whole checkpoint the family reads itself, where diffusers' loader would misread them."""
+        return {}
+
+    def whole_file_loader(self) -> bool:
+        """Whether diffusers loads a whole checkpoint file of this family (a pipeline-level `from_single_file`)."""
+        return hasattr(self.pipelines["text2img"], "from_single_file")
+
+    def loading(self) -> contextlib.AbstractContextManager[None]:
+        """Around every load: what the family's loader needs quietened or set."""
+        return contextlib.nullcontext()
 
     def holds(self, pipeline_class: str) -> bool:
         """Whether a `model_index.json` naming `pipeline_class` is a model of this family."""

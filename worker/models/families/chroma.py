@@ -15,8 +15,9 @@ call stay in it, unused, as on Flux.1.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,10 +83,11 @@ class ChromaFamily(FlowFamily):
     }
     tiny = {"tiny": tiny_chroma.build}
 
-    def load(self, source: str, dtype: torch.dtype) -> Any:
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
         with warnings.catch_warnings():  # diffusers' Chroma model uses a name diffusers deprecated, and says so
             warnings.filterwarnings("ignore", message="`FluxPosEmbed` is deprecated", category=FutureWarning)
-            return super().load(source, dtype)
+            yield
 
     def variant(self, base: Any, kind: Kind, extra: Mapping[str, Any]) -> Any:
         config = base.transformer.config

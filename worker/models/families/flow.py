@@ -38,6 +38,7 @@ class FlowFamily(ModelFamily):
     """A flow-matching transformer family."""
 
     denoiser = "transformer"
+    cuda_dtype = "bfloat16"  # trained in bfloat16; float16 overflows in their activations (Flux's notably)
     stochastic: ClassVar[frozenset[str]] = frozenset({"flow_euler_sde", "lcm"})
 
     def check_sampler(self, name: str, model: str) -> None:

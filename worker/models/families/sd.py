@@ -7,9 +7,11 @@ drop a job's rows mid-loop (every per-row tensor of the loop is a callback tenso
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 from typing import Any, ClassVar
 
+import safetensors
 import torch
 from diffusers import (
     ControlNetModel,
@@ -22,11 +24,13 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from transformers import CLIPTextModelWithProjection
 
 from producer.errors import UnsupportedSpecError
 from producer.spec import CfgCutoff
-from worker.models import sampling, tiny_sd15, tiny_sdxl
+from worker.models import sampling, single_file, tiny_sd15, tiny_sdxl
 from worker.models.families.base import Kind, ModelFamily, ModelOff
 from worker.models.families.guidance import (
     CUTOFF_EXTRA,
@@ -56,6 +60,9 @@ def linear_preview(latents: torch.Tensor, family: str) -> torch.Tensor:
     w, b = _factors(family, latents.device)
     rgb = torch.einsum("nlhw,rl->nhwr", latents.float(), w) + b
     return rgb.clamp(0, 255).to(torch.uint8)
+
+
+OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's OpenCLIP-G text encoder in an original-layout file
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -173,6 +180,24 @@ class SDXLFamily(StableDiffusionFamily):
     }
     tiny = {"tiny": tiny_sdxl.build}
     cutoff_class = BatchSafeSDXLCFGCutoffCallback
+
+    def whole_file_parts(self, facts: single_file.FileFacts, base: str, dtype: torch.dtype) -> dict[str, Any]:
+        # diffusers tells an SDXL file's two text encoders apart by their width; where both are as wide (a small
+        # or distilled model) it reads the OpenCLIP encoder from the CLIP-L keys and leaves its projection empty,
+        # without a word. Read embedder 1 by its own prefix, as diffusers' conversion does for a full-size file.
+        if not any(key.startswith(OPEN_CLIP_PREFIX) for key in facts.keys):
+            return {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            encoder = CLIPTextModelWithProjection.from_pretrained(
+                base, subfolder="text_encoder_2", dtype=dtype, local_files_only=True
+            )
+        with safetensors.safe_open(facts.path, framework="pt") as handle:
+            weights = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(OPEN_CLIP_PREFIX)}
+        converted = convert_open_clip_checkpoint(encoder, weights, prefix=OPEN_CLIP_PREFIX)
+        encoder.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=True)
+        encoder.train(False)  # no dropout: what `eval()` does
+        return {"text_encoder_2": encoder}
 
     def batch_tensor_inputs(self, pipe: Any) -> list[str]:
         return ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
