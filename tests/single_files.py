@@ -268,3 +268,32 @@ def truncate(path: str | Path, out: str | Path, *, missing: int = 64) -> Path:
         shutil.copyfileobj(reader, writer)
         writer.truncate(size - missing)
     return target
+
+
+GGUF_BLOCK = 32  # the row length Q8_0 and Q4_0 quantize in blocks of
+
+
+def write_gguf_transformer(pipe: Any, path: str | Path, quantization: str = "Q8_0") -> Path:
+    """`pipe.transformer` as a GGUF file with diffusers' keys, written with the `gguf` package: every 2-D weight whose
+    rows are a whole number of `quantization`'s blocks is quantized (as GGUF tools do for the linear layers), the
+    rest (biases, norms, odd shapes) kept as float32; the file's `render.quantized` field says how many were."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType[quantization]
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch="render-test")
+    quantized = 0
+    for key, tensor in _tensors(pipe.transformer).items():
+        array = tensor.detach().float().cpu().numpy()
+        if array.ndim == 2 and array.shape[-1] % GGUF_BLOCK == 0:
+            packed = gguf.quants.quantize(array, kind)
+            writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=kind)
+            quantized += 1
+        else:
+            writer.add_tensor(key, array)
+    writer.add_uint32("render.quantized", quantized)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return path
