@@ -274,18 +274,22 @@ GGUF_BLOCK = 32  # the row length Q8_0 and Q4_0 quantize in blocks of
 
 
 def write_gguf_transformer(pipe: Any, path: str | Path, quantization: str = "Q8_0") -> Path:
-    """`pipe.transformer` as a GGUF file with diffusers' keys, written with the `gguf` package: every 2-D weight whose
-    rows are a whole number of `quantization`'s blocks is quantized (as GGUF tools do for the linear layers), the
-    rest (biases, norms, odd shapes) kept as float32; the file's `render.quantized` field says how many were."""
+    """`pipe.transformer` as a GGUF file with diffusers' keys, written with the `gguf` package: each linear layer's
+    weight whose rows are a whole number of `quantization`'s blocks is quantized (diffusers dequantizes those, as
+    GGUF tools make them), the rest (biases, norms, pad tokens, odd shapes) kept as float32; the file's
+    `render.quantized` field says how many were."""
     import gguf
 
     kind = gguf.GGMLQuantizationType[quantization]
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch="render-test")
+    linear = {
+        f"{name}.weight" for name, module in pipe.transformer.named_modules() if isinstance(module, torch.nn.Linear)
+    }
     quantized = 0
     for key, tensor in _tensors(pipe.transformer).items():
         array = tensor.detach().float().cpu().numpy()
-        if array.ndim == 2 and array.shape[-1] % GGUF_BLOCK == 0:
+        if key in linear and array.shape[-1] % GGUF_BLOCK == 0:
             packed = gguf.quants.quantize(array, kind)
             writer.add_tensor(key, packed, raw_shape=packed.shape, raw_dtype=kind)
             quantized += 1

@@ -124,7 +124,9 @@ class LoraSource(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     family: Family | None = Field(
-        default=None, description='"sd15" or "sdxl": the models it applies to; required for a file, unset for "tiny"'
+        default=None,
+        description='the family of the models it applies to ("sd15", "sdxl", "flux", ...: any in RENDER_MODELS, from '
+        'a directory or a single file alike); required for a file, unset for "tiny"',
     )
     path: str = Field(
         min_length=1,
@@ -144,7 +146,9 @@ class LoraSource(BaseModel):
     @model_validator(mode="after")
     def _family_with_a_file(self) -> LoraSource:
         if self.path != TINY and self.family is None:
-            raise PydanticCustomError("lora_family", 'a LoRA file needs "family": "sd15" or "sdxl"')
+            raise PydanticCustomError(
+                "lora_family", 'a LoRA file needs "family": the family of its models ("sd15", "sdxl", "flux", ...)'
+            )
         return self
 
 
