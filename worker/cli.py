@@ -368,6 +368,22 @@ def _queue_table(queued: dict[str, dict[str, int]], queue: str) -> Table:
 
 
 @app.command()
+def models(
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Run each model's start-up check and load it once here (exit 1 if any fails)."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON line per model, for scripts.")] = False,
+) -> None:
+    """List the allowlist (RENDER_MODELS): family, kind, where, size, sha256 (cached), workers that have it loaded."""
+    _quiet_libraries()
+    from worker.settings import load_settings
+    from worker.views.models_view import run
+
+    raise typer.Exit(run(load_settings(), check=check, as_json=as_json))
+
+
+@app.command()
 def fetch(
     task_id: Annotated[str, typer.Argument(help="A finished task.")],
     out: Annotated[Path, typer.Option(help="Directory to copy the manifest, images and frames into.")] = Path("."),
