@@ -15,13 +15,26 @@ tested), with the decode step guarded and the lists of one poll in the worker's 
 
 The app's `AMQP` gives it a `Connection` that names its URL by the broker's scheme (`redis://`, `rediss://`,
 `sentinel://`), not by this transport's import path: Flower picks its Broker tab's Redis client by that scheme.
+
+Reliable dequeue. kombu's BRPOP takes a message off its list on the server, and only the worker's own receipt
+records it in kombu's `unacked` hash: a reply lost on the way (Redis stopped, the connection cut, the worker
+killed between the two) lost the job, in no list, not unacked, not leased. Here a poll is one script (`_POP`) that
+pops the first message of the lists in the worker's order and, in the same atomic step, records it in the
+`unacked` hash and index as kombu's receipt would (which then writes the same entry again). A reply that never
+arrives leaves the job an unacknowledged delivery with no lease, which the recovery scan puts back on its queue
+after its grace (or kombu after the visibility timeout). Scripts cannot block, so a poll that finds nothing is
+followed by a wait that pops nothing: `BLMOVE` of the preferred normal-priority list onto itself (the list is
+unchanged; it returns at once when a job arrives there), at most `render_poll_seconds` (`POLL_SECONDS`), after
+which the next poll looks at every list again. An idle worker costs two commands per wait instead of one BRPOP
+a second; a job costs one script call, as it cost one BRPOP.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
-from time import monotonic
+from time import monotonic, time
 from typing import Any
 
 import redis
@@ -33,9 +46,40 @@ from kombu.transport.virtual import Message as VirtualMessage
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
+from producer.keys import DEFAULT_PRIORITY, PRIORITIES
 from worker.process.affinity import Affinity
 
 AFFINITY_OPTION = "render_affinity"  # broker_transport_options: the name the worker's `Affinity` is registered under
+POLL_OPTION = "render_poll_seconds"  # broker_transport_options: the longest wait between two polls of every list
+POLL_SECONDS = 0.5
+
+# KEYS: kombu's unacked hash, its index, then the lists in order of preference; ARGV: the time of the delivery (the
+# consumer's clock, as kombu's own receipt writes it). Returns {list, item, delivery tag or nil}, or nil. An item
+# that is not a kombu envelope is popped and returned unrecorded: the worker drops it. No shebang flags: a script
+# without them runs on a full (noeviction) Redis as BRPOP did, its RPOP coming before the writes that need memory.
+_POP = """
+for i = 3, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local tag = false
+    local ok, message = pcall(cjson.decode, item)
+    if ok and type(message) == 'table' and type(message.properties) == 'table' then
+      local info = message.properties.delivery_info
+      local candidate = message.properties.delivery_tag
+      if type(candidate) == 'string' and type(info) == 'table' and type(info.exchange) == 'string'
+          and type(info.routing_key) == 'string' then
+        tag = candidate
+        redis.call('ZADD', KEYS[2], ARGV[1], tag)
+        redis.call('HSET', KEYS[1], tag,
+          '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
+      end
+    end
+    return {KEYS[i], item, tag}
+  end
+end
+return false
+"""
+_POP_SHA = hashlib.sha1(_POP.encode()).hexdigest()
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +115,16 @@ class Message(VirtualMessage):
             # Rejecting or restoring a message reads these; without them kombu's error looks like a lost connection.
             self.delivery_info["exchange"], self.delivery_info["routing_key"]
         except Exception as exc:  # KeyError, TypeError, bad base64 in the body, ...
+            if isinstance(channel, Channel):  # the pop may have recorded it as delivered (its tag looked right)
+                channel._forget(_tag_of(payload))
             raise Undecodable(f"not a message envelope ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _tag_of(payload: Any) -> str | None:
+    """The delivery tag an envelope names, if it names one."""
+    properties = payload.get("properties") if isinstance(payload, dict) else None
+    tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+    return tag if isinstance(tag, str) else None
 
 
 class Channel(kombu_redis.Channel):
@@ -93,38 +146,69 @@ class Channel(kombu_redis.Channel):
         name = self.connection.client.transport_options.get(AFFINITY_OPTION)
         return _affinities.get(name) if isinstance(name, str) else None
 
+    _waiting = False  # the last poll found every list empty: the next command is the wait, not a poll
+    _sent_wait = False  # the command in flight is the wait (its reply delivers nothing)
+
+    @property
+    def poll_seconds(self) -> float:
+        """The longest wait between two polls of every list (`render_poll_seconds`, at most kombu's brpop_timeout)."""
+        seconds = float(self.connection.client.transport_options.get(POLL_OPTION, POLL_SECONDS))
+        return max(0.01, min(seconds, float(self.brpop_timeout or seconds)))
+
     def _brpop_start(self, timeout: Any = None) -> None:
-        # kombu's own, except for the order of the lists named in BRPOP: that order is the worker's preference.
-        if timeout is None:
-            timeout = self.brpop_timeout
+        # kombu's own, except: a poll is the `_POP` script over the lists in the worker's order of preference, and
+        # a poll that found nothing is followed by a wait that pops nothing (the module's docstring says why).
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
         lists = [(pri, queue, self._q_for_pri(queue, pri)) for pri in self.priority_steps for queue in queues]
         affinity = self.affinity
         keys = affinity.order(lists) if affinity is not None else [name for _, _, name in lists]
+        prefix = self.global_keyprefix or ""
+        if self._waiting:
+            step = self.priority(PRIORITIES[DEFAULT_PRIORITY])
+            normal = {name for pri, _, name in lists if self.priority(pri) == step}
+            wait = prefix + next((name for name in keys if name in normal), keys[0])
+            command_args: list[Any] = ["BLMOVE", wait, wait, "RIGHT", "RIGHT", self.poll_seconds]
+        else:
+            command_args = self._pop_args(keys)
+        self._sent_wait = self._waiting
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu declares it None
-        command_args = ["BRPOP", *keys, timeout or 0]
-        if self.global_keyprefix:
-            command_args = self.client._prefix_args(command_args)
         self.client.connection.send_command(*command_args)
+
+    def _pop_args(self, lists: list[str]) -> list[Any]:
+        """EVALSHA of `_POP` over `lists`, every key with the global prefix (kombu's prefixing covers one key)."""
+        prefix = self.global_keyprefix or ""
+        keys = [prefix + key for key in (self.unacked_key, self.unacked_index_key, *lists)]
+        return ["EVALSHA", _POP_SHA, len(keys), *keys, repr(time())]
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
-                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+                command = "BLMOVE" if self._sent_wait else "EVALSHA"
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()  # the next iteration reconnects
                 raise
-            if not dest__item:
+            except redis.exceptions.NoScriptError:  # a new or restarted Redis: load it, poll again next time
+                self._in_poll = None  # type: ignore[assignment]
+                self.client.script_load(_POP)
+                self._waiting = False
+                raise Empty() from None
+            if self._sent_wait:  # a job arrived on the waited list, or the wait is over: poll every list again
+                self._waiting = False
                 raise Empty()
-            dest, item = dest__item
-            dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            if not reply:
+                self._waiting = True
+                raise Empty()
+            dest, item, tag = reply
+            dest = bytes_to_str(dest).removeprefix(self.global_keyprefix or "").rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
             try:
                 payload = decode(item)
             except Undecodable as exc:
+                self._forget(tag)
                 _dropped(exc)
                 raise Empty() from None
             if (affinity := self.affinity) is not None:
@@ -137,17 +221,27 @@ class Channel(kombu_redis.Channel):
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:  # kombu's Redis _get takes the queue only
         with self.conn_or_acquire() as client:
-            for pri in self.priority_steps:
-                item = client.rpop(self._q_for_pri(queue, pri))
-                if item:
-                    self._maybe_update_queues_expire(client, queue)
-                    try:
-                        return decode(item)
-                    except Undecodable as exc:
-                        _dropped(exc)
-                        raise Empty() from None
+            args = self._pop_args([self._q_for_pri(queue, pri) for pri in self.priority_steps])
+            try:  # redis-py's own, past kombu's prefixing: `_pop_args` prefixed every key
+                reply = redis.Redis.execute_command(client, *args)
+            except redis.exceptions.NoScriptError:
+                client.script_load(_POP)
+                reply = redis.Redis.execute_command(client, *args)
             self._maybe_update_queues_expire(client, queue)
-            raise Empty()
+            if not reply:
+                raise Empty()
+            _, item, tag = reply
+            try:
+                return decode(item)
+            except Undecodable as exc:
+                self._forget(tag)
+                _dropped(exc)
+                raise Empty() from None
+
+    def _forget(self, tag: Any) -> None:
+        """A dropped item that `_POP` recorded as delivered: out of kombu's unacked hash and index again."""
+        if tag:
+            self.qos._remove_from_indices(bytes_to_str(tag)).execute()
 
 
 class Transport(kombu_redis.Transport):
