@@ -6,7 +6,9 @@ directly, so a fault never hides what actually happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,6 +102,24 @@ def progressed(farm: ChaosFarm, task_id: str, steps: int) -> Callable[[], bool]:
         return current.state == "progress" and (current.step or 0) >= steps
 
     return check
+
+
+def blocked_consumers(db: redis.Redis) -> set[int]:
+    """The Redis client ids of connections blocked in a worker's wait for a job (kombu's BRPOP, or the BLMOVE that
+    waits without popping)."""
+    return {int(c["id"]) for c in db.client_list() if c.get("cmd") in ("brpop", "blmove") and "b" in c.get("flags", "")}
+
+
+def cut_held(proxy: FaultProxy) -> None:
+    """Close every connection through `proxy` while `hold()` keeps the server's answers: what the server sent on them
+    is lost, as when Redis stops with replies unflushed. New connections are accepted at once."""
+    with proxy._lock:
+        doomed, proxy._sockets = proxy._sockets, set()
+    for sock in doomed:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    proxy.release()  # the pumps that held answers now find their sockets closed
 
 
 @pytest.fixture
