@@ -7,7 +7,6 @@ drop a job's rows mid-loop (every per-row tensor of the loop is a callback tenso
 
 from __future__ import annotations
 
-import warnings
 from functools import cache
 from typing import Any, ClassVar
 
@@ -26,7 +25,8 @@ from diffusers import (
 )
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-from transformers import CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+from transformers.initialization import no_init_weights
 
 from producer.errors import UnsupportedSpecError
 from producer.spec import CfgCutoff
@@ -187,15 +187,15 @@ class SDXLFamily(StableDiffusionFamily):
         # without a word. Read embedder 1 by its own prefix, as diffusers' conversion does for a full-size file.
         if not any(key.startswith(OPEN_CLIP_PREFIX) for key in facts.keys):
             return {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            encoder = CLIPTextModelWithProjection.from_pretrained(
-                base, subfolder="text_encoder_2", dtype=dtype, local_files_only=True
-            )
+        # From its config alone: `base` need hold no weights when the file holds them all.
+        config = CLIPTextConfig.from_pretrained(base, subfolder="text_encoder_2", local_files_only=True)
+        with no_init_weights():  # every weight is overwritten below: skip initialising 700M of them at random
+            encoder = CLIPTextModelWithProjection(config)
         with safetensors.safe_open(facts.path, framework="pt") as handle:
             weights = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(OPEN_CLIP_PREFIX)}
         converted = convert_open_clip_checkpoint(encoder, weights, prefix=OPEN_CLIP_PREFIX)
         encoder.load_state_dict({key: value.to(dtype) for key, value in converted.items()}, strict=True)
+        torch.nn.Module.to(encoder, dtype)  # transformers types its own `to` for devices only
         encoder.train(False)  # no dropout: what `eval()` does
         return {"text_encoder_2": encoder}
 
