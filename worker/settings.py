@@ -23,7 +23,7 @@ _S3_ROOT = re.compile(r"s3://[a-zA-Z0-9._-]{1,255}(/(?!\.\.?(/|$))[^/]+)*/?")
 
 
 class ModelSource(BaseModel):
-    """Where an allowlisted model comes from: `tiny` (built in), a local directory, or a hub id in the local cache."""
+    """Where a model comes from: `tiny`, a diffusers directory, a cached hub id, or one file with its `base`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -176,7 +176,9 @@ class WorkerSettings(ClientSettings):
     models: dict[str, ModelSource] = Field(
         default_factory=default_models,
         description='model allowlist as JSON: `{"sd15": {"family": "sd15", "source": "/models/sd15"}}`; `source` is '
-        "`tiny`, a local diffusers directory, or a hub id already in the local cache (nothing is downloaded). "
+        "`tiny`, a local diffusers directory, or a hub id already in the local cache (nothing is downloaded); or "
+        '`"file"` (one `.safetensors` or `.gguf` checkpoint) with `"base"` (its family\'s reference diffusers '
+        "directory): docs/models.md. "
         "Optional per model: `controlnet` (directory or cached hub id), `ip_adapter` (weights file, `.safetensors` "
         "or `.bin`) with `image_encoder` (CLIP vision directory); the keys are below",
     )
