@@ -152,3 +152,21 @@ def test_items_that_are_no_message_are_dropped_and_leave_nothing_unacked(
     with pytest.raises(Undecodable):
         channel.basic_get(QUEUE)  # the synchronous path the same way
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0
+
+
+def test_a_queue_consumed_without_acks_leaves_nothing_recorded_as_delivered(
+    app: Any, channel: Channel, client: redis.Redis
+) -> None:
+    replies = "replies.celery.pidbox"  # as Celery's inspect consumes its reply queue: no acks
+    channel.basic_consume(replies, True, channel.delivered.append, "reply-consumer")  # type: ignore[attr-defined]
+    with app.connection_for_write() as connection:
+        connection.default_channel.basic_publish(
+            connection.default_channel.prepare_message("pong", content_type="text/plain"),
+            exchange="",
+            routing_key=replies,
+        )
+    start(channel)
+    assert select.select([channel.client.connection._sock], [], [], 30)[0], "the server answered the pop"
+    assert channel._brpop_read()
+    assert [m.body for m in channel.delivered] == [b"pong"]  # type: ignore[attr-defined]
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0, "a no-ack delivery stays unrecorded"

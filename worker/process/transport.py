@@ -155,6 +155,22 @@ class Channel(kombu_redis.Channel):
         seconds = float(self.connection.client.transport_options.get(POLL_OPTION, POLL_SECONDS))
         return max(0.01, min(seconds, float(self.brpop_timeout or seconds)))
 
+    def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
+        # Remember the queues consumed without acks (Celery's inspect replies): `_POP` records every envelope it pops
+        # as delivered, and nobody would ever ack those, so a later restore would put the reply back on its queue.
+        if no_ack:
+            self._no_ack_queues.add(queue)
+        else:
+            self._no_ack_queues.discard(queue)
+        return super().basic_consume(queue, no_ack, *args, **kwargs)
+
+    @property
+    def _no_ack_queues(self) -> set[str]:
+        queues: set[str] | None = self.__dict__.get("_no_ack")
+        if queues is None:
+            queues = self.__dict__["_no_ack"] = set()
+        return queues
+
     def _brpop_start(self, timeout: Any = None) -> None:
         # kombu's own, except: a poll is the `_POP` script over the lists in the worker's order of preference, and
         # a poll that found nothing is followed by a wait that pops nothing (the module's docstring says why).
@@ -211,6 +227,8 @@ class Channel(kombu_redis.Channel):
                 self._forget(tag)
                 _dropped(exc)
                 raise Empty() from None
+            if dest in self._no_ack_queues:
+                self._forget(tag)
             if (affinity := self.affinity) is not None:
                 affinity.delivered(dest)
             self.connection._deliver(payload, dest)
