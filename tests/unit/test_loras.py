@@ -248,7 +248,10 @@ def test_render_loras_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert registry.max_cached_loras == 3
     for value, fragment in [
         ('{"x": {"family": "sd15", "path": "/loras/x.ckpt"}}', "RENDER_LORAS (x.path): must be a .safetensors file"),
-        ('{"x": {"path": "/loras/x.safetensors"}}', 'RENDER_LORAS (x): a LoRA file needs "family": the family of its models'),
+        (
+            '{"x": {"path": "/loras/x.safetensors"}}',
+            'RENDER_LORAS (x): a LoRA file needs "family": the family of its models',
+        ),
         ('{"x y": {"path": "tiny"}}', "RENDER_LORAS: LoRA name 'x y' cannot be used in a spec"),
     ]:
         monkeypatch.setenv("RENDER_LORAS", value)
