@@ -1,9 +1,10 @@
 """SD 1.5 and SDXL render the same pixels as before the model-family layer: references rendered before it.
 
 Each case renders on the tiny pipelines (CPU, float32) and compares every image and frame with the PNG stored in
-tests/data/golden/, pixel for pixel. The references were written by this module before the family layer moved
-the SD specifics (`python -m tests.unit.test_golden --write`); rewrite them only for a change that means to
-change what SD 1.5 or SDXL renders, and say so in its commit.
+tests/data/golden/: byte for byte on the CPU that wrote them, within float rounding on another (`same_render`).
+The references were written by this module before the family layer moved the SD specifics
+(`python -m tests.unit.test_golden --write`); rewrite them only for a change that means to change what SD 1.5 or
+SDXL renders, and say so in its commit.
 """
 
 from __future__ import annotations
@@ -145,7 +146,32 @@ def test_sd_renders_the_pixels_they_rendered_before_the_family_layer(
     assert len(stored) == len(arrays), f"{name}: {len(arrays)} images and frames now, {len(stored)} before"
     for index, (array, path) in enumerate(zip(arrays, stored, strict=True)):
         before = np.asarray(Image.open(path).convert("RGB"))
-        assert np.array_equal(array, before), f"{name}: image {index} differs from {path.name}"
+        assert same_render(array, before), (
+            f"{name}: image {index} differs from {path.name}: {difference(array, before)}"
+        )
+
+
+# Byte-equal only on the CPU that wrote the references: another one's kernels (AVX-512's wider sums, MKL's and
+# oneDNN's own dispatch, which nothing pins from inside a test process) round floats differently. Measured on an
+# AVX-512 Xeon against them: most images equal or 1 level off in a few pixels (mean |diff| <= 0.0002), the LoRA +
+# DPM++ case (LoRA strength 4, a multistep sampler) mean 0.38, max 7, 98.9 % of values within 2 levels. A real
+# change of what is rendered moves far more: that case with its LoRA off differs by a mean of 22.6 levels (10.8 %
+# within 2), with the LoRA's scale 0.7 for 0.8 by 16.1 (15.7 %).
+MEAN_LEVELS = 0.5
+WITHIN_TWO = 0.95
+
+
+def difference(array: np.ndarray, before: np.ndarray) -> str:
+    delta = np.abs(array.astype(int) - before.astype(int))
+    return f"mean |diff| {delta.mean():.4f}, max {delta.max()}, {(delta <= 2).mean():.1%} within 2 levels"
+
+
+def same_render(array: np.ndarray, before: np.ndarray) -> bool:
+    """The same picture, down to one platform's float rounding: byte-equal on the machine that wrote it."""
+    if array.shape != before.shape:
+        return False
+    delta = np.abs(array.astype(int) - before.astype(int))
+    return bool(delta.mean() <= MEAN_LEVELS and (delta <= 2).mean() >= WITHIN_TWO)
 
 
 def write(registry_factory: Callable[[], ModelRegistry] = golden_registry) -> None:
