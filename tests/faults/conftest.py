@@ -6,9 +6,7 @@ directly, so a fault never hides what actually happened.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -113,12 +111,7 @@ def blocked_consumers(db: redis.Redis) -> set[int]:
 def cut_held(proxy: FaultProxy) -> None:
     """Close every connection through `proxy` while `hold()` keeps the server's answers: what the server sent on them
     is lost, as when Redis stops with replies unflushed. New connections are accepted at once."""
-    with proxy._lock:
-        doomed, proxy._sockets = proxy._sockets, set()
-    for sock in doomed:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+    proxy.cut()
     proxy.release()  # the pumps that held answers now find their sockets closed
 
 

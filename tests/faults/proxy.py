@@ -62,6 +62,10 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 listener.shutdown(socket.SHUT_RDWR)
             listener.close()
+        self.cut()
+
+    def cut(self) -> None:
+        """Close every open connection; new ones are still accepted while the proxy is up."""
         with self._lock:
             doomed, self._sockets = self._sockets, set()
         for sock in doomed:
