@@ -182,6 +182,12 @@ class WorkerSettings(ClientSettings):
         "Optional per model: `controlnet` (directory or cached hub id), `ip_adapter` (weights file, `.safetensors` "
         "or `.bin`) with `image_encoder` (CLIP vision directory); the keys are below",
     )
+    hash_cache: str | None = Field(
+        default=None,
+        description="the file `render models` keeps model files' sha256 in (by path, size and mtime), so a second "
+        "listing reads no weights; unset: `$XDG_CACHE_HOME/render-farm/sha256.json`, else "
+        "`~/.cache/render-farm/sha256.json`",
+    )
     device: str = Field(default="auto", description="`auto` (CUDA when present), `cpu`, `cuda`, `cuda:N`")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto", description="`auto`: float16 on CUDA, float32 on CPU"

@@ -37,18 +37,16 @@ from rich.table import Table
 from producer.errors import FarmUnavailable, RenderError
 from worker.settings import HUB_ID, ModelSource, WorkerSettings
 
-HASH_CACHE_ENV = "RENDER_HASH_CACHE"
-"""The environment variable naming the sha256 cache file (see the module's docstring)."""
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".ckpt", ".pt", ".pth", ".onnx", ".msgpack", ".h5")
 """The files of a directory its sha256 covers: the weights, not configs or tokenizers."""
 _CHUNK = 1 << 20
 
 
-def default_cache_path() -> Path:
-    """`RENDER_HASH_CACHE`, else `$XDG_CACHE_HOME/render-farm/sha256.json`, else `~/.cache/render-farm/sha256.json`."""
-    named = os.environ.get(HASH_CACHE_ENV)
-    if named:
-        return Path(named).expanduser()
+def default_cache_path(setting: str | None = None) -> Path:
+    """RENDER_HASH_CACHE (`setting`), else `$XDG_CACHE_HOME/render-farm/sha256.json`, else
+    `~/.cache/render-farm/sha256.json`."""
+    if setting:
+        return Path(setting).expanduser()
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "render-farm" / "sha256.json"
 
@@ -98,7 +96,7 @@ class HashCache:
                 json.dump(self.entries, writer, indent=0, sort_keys=True)
             os.replace(temp, self.path)
         except OSError as exc:
-            return f"the sha256 cache {self.path} could not be written ({exc.strerror or exc}); set {HASH_CACHE_ENV}"
+            return f"the sha256 cache {self.path} could not be written ({exc.strerror or exc}); set RENDER_HASH_CACHE"
         self.changed = False
         return None
 
@@ -314,7 +312,7 @@ def run(settings: WorkerSettings, *, check: bool, as_json: bool, out: TextIO | N
         from worker.process.preflight import check_device
 
         check_device(settings)  # a device that is not there is the command's error (exit 2), not every model's
-    cache = HashCache(default_cache_path())
+    cache = HashCache(default_cache_path(settings.hash_cache))
     loaded, unreachable = fleet_loaded(settings)
     if unreachable:
         sys.stderr.write(f"note: {unreachable}\n")
