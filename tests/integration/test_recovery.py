@@ -12,6 +12,7 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
+from localfarm.cluster import RedisServer
 from producer.client import RenderClient
 from producer.keys import (
     ATTEMPT_HEADER,
@@ -123,10 +124,18 @@ def test_a_job_whose_worker_died_after_its_manifest_and_before_its_result_ends_w
         direct.close()
 
 
-def test_a_scan_reads_only_lapsed_leases_and_one_worker_of_the_fleet_scans_per_interval(redis_server: Any) -> None:
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Any:
+    """A redis-server of the test's own: its command count is the scan's alone (the session's server also serves
+    other tests' idle workers, which poll it several times a second)."""
+    with RedisServer(workdir=tmp_path) as server:
+        yield server
+
+
+def test_a_scan_reads_only_lapsed_leases_and_one_worker_of_the_fleet_scans_per_interval(own_redis: Any) -> None:
     """O(dead jobs): 300 jobs running under live leases and one whose worker died; the scan re-sends the dead one
     with a few commands, whatever the number running. Of several workers' scanners, one scans per interval."""
-    url = f"redis://127.0.0.1:{redis_server.port}/62"
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
     direct = redis.Redis.from_url(url)
     direct.flushdb()
     apps = [create_app(WorkerSettings(redis_url=url, recovery_interval=30)) for _ in range(3)]
