@@ -22,9 +22,17 @@ from worker.process.jobcontrol import Lease, ProgressReport, RevocationWatch, co
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the module's own: a test that counts its commands counts only its own (the session's
+    server also serves other tests' idle workers, which poll it several times a second)."""
+    with RedisServer(workdir=tmp_path_factory.mktemp("jobcontrol-redis")) as server:
+        yield server
+
+
 @pytest.fixture
-def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/15")
+def client(own_server: RedisServer) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(f"redis://127.0.0.1:{own_server.port}/15")
     connection.flushdb()
     yield connection
     connection.close()
