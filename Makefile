@@ -17,25 +17,25 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==$(TORCH_VERSION)
-	$(PIP) install --quiet -c constraints.txt -e '.[worker,dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[worker,serve,dev]'
 	touch $(STAMP)
 
 # Re-pin constraints.txt to what pyproject.toml resolves to now, in a fresh environment of its own.
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet torch==$(TORCH_VERSION)
-	.lock-venv/bin/pip install --quiet '.[worker,dev]'
+	.lock-venv/bin/pip install --quiet '.[worker,serve,dev]'
 	{ sed -n '1,2p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^render-farm' \
 	  | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
 
 format: install
-	$(VENV)/bin/ruff format producer worker localfarm tests bench tools
-	$(VENV)/bin/ruff check --fix producer worker localfarm tests bench tools
+	$(VENV)/bin/ruff format producer worker localfarm service tests bench tools
+	$(VENV)/bin/ruff check --fix producer worker localfarm service tests bench tools
 
 lint: install
-	$(VENV)/bin/ruff check producer worker localfarm tests bench tools
-	$(VENV)/bin/ruff format --check producer worker localfarm tests bench tools
+	$(VENV)/bin/ruff check producer worker localfarm service tests bench tools
+	$(VENV)/bin/ruff format --check producer worker localfarm service tests bench tools
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
 	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml
