@@ -1,0 +1,219 @@
+"""The web console in a real browser: Debian's Chromium driven by Playwright against `render serve`, a real
+worker rendering tiny models and a private redis-server. The tests read the DOM the console's script builds
+from the API and its SSE streams, and fail on any error the page logs.
+
+`RENDER_CONSOLE_SCREENSHOTS=docs/images` makes the run write the screenshots of docs/console.md there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser import ensure_chromium
+from tests.helpers import ROOT, free_port, http_answers, wait_until
+from tests.integration.conftest import Farm, spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+WAIT_MS = 90_000  # DOM conditions: generous, the machine's two cores are shared with other tests' workers
+# Long enough to watch: about 20 s of denoising on two shared cores, a stored frame every 3 steps.
+WATCHED = spec(
+    num_inference_steps=150,
+    width=256,
+    height=256,
+    prompt="a lighthouse at dusk, watched",
+    callbacks=[{"type": "frames", "every": 3, "format": "png", "size": 128}],
+)
+QUICK = spec(num_inference_steps=6, callbacks=[{"type": "frames", "every": 2, "format": "png", "size": 64}])
+SHOTS = os.environ.get("RENDER_CONSOLE_SCREENSHOTS")
+
+
+@dataclass
+class Console:
+    """The farm, the URL of `render serve` in front of it, and what the open page logged as errors."""
+
+    farm: Farm
+    url: str
+    storage: Path
+    errors: list[str] = field(default_factory=list)
+
+
+def serve(farm: Farm, storage: Path, logs: Path) -> Iterator[str]:
+    """`render serve` on a free loopback port (no key configured), until the test module ends."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "RENDER_REDIS_URL": farm.redis_url,
+        "RENDER_STORAGE_URL": storage.as_uri(),
+    }
+    log = (logs / "serve.log").open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(
+            lambda: http_answers(url + "/healthz"),
+            timeout=60,
+            what="render serve",
+            process=process,
+            log=logs / "serve.log",
+        )
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def console(farm_factory: Callable[[], Farm], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    farm = farm_factory()
+    storage = tmp_path_factory.mktemp("console-storage")
+    farm.start_workers("painter", storage_url=storage.as_uri())
+    yield from (Console(farm, url, storage) for url in serve(farm, storage, farm.logs))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=ensure_chromium(), args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Any, console: Console) -> Iterator[Any]:
+    """A fresh page whose console errors and uncaught exceptions land in `console.errors`."""
+    context = browser.new_context(viewport={"width": 1280, "height": 860}, color_scheme="light")
+    opened = context.new_page()
+    opened.set_default_timeout(WAIT_MS)
+    console.errors.clear()
+    opened.on("console", lambda message: message.type == "error" and console.errors.append(message.text))
+    opened.on("pageerror", lambda exc: console.errors.append(f"uncaught: {exc}"))
+    yield opened
+    context.close()
+
+
+def shot(page: Any, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"console-{name}.png"), full_page=True)
+
+
+def text_of(page: Any, selector: str) -> str:
+    return str(page.locator(selector).first.text_content() or "")
+
+
+def step_of(page: Any, selector: str) -> int:
+    """The step a "12 / 150" text shows (0 when none yet)."""
+    shown = text_of(page, selector).split("/")[0].strip()
+    return int(shown) if shown.isdigit() else 0
+
+
+def src_of(page: Any, selector: str) -> str:
+    return str(page.locator(selector).get_attribute("src") or "")
+
+
+def no_errors(console: Console) -> None:
+    assert console.errors == [], f"the page logged errors: {console.errors}"
+
+
+def test_the_job_page_follows_a_job_live_and_cancels_it(console: Console, page: Any) -> None:
+    job = console.farm.client.submit(WATCHED, priority="high")
+    page.goto(console.url + "/")
+    row = f'tr[data-job-id="{job.task_id}"]'
+    page.wait_for_selector(row)
+    # The list follows a running job from its stream: its step text moves without a reload.
+    page.wait_for_function(
+        "sel => /^\\s*[1-9]\\d* \\/ 150/.test(document.querySelector(sel + ' .steps').textContent)", arg=row
+    )
+    page.wait_for_selector(f"{row} img.thumb:not([hidden])")
+    shot(page, "jobs")
+
+    page.click(f"{row} a[href='#/jobs/{job.task_id}']")
+    page.wait_for_selector("#job-status .status")
+    page.wait_for_function("() => /^\\s*\\d+ \\/ 150/.test(document.querySelector('#job-step').textContent)")
+    first_step = step_of(page, "#job-step")
+    page.wait_for_function("() => !document.querySelector('#job-preview').hidden")
+    first_preview = src_of(page, "#job-preview")
+    # Without any reload: the step advances and the newest frame replaces the preview.
+    page.wait_for_function("first => parseInt(document.querySelector('#job-step').textContent) > first", arg=first_step)
+    page.wait_for_function(
+        "first => document.querySelector('#job-preview').getAttribute('src') !== first", arg=first_preview
+    )
+    assert "/frames/" in src_of(page, "#job-preview")
+    assert page.evaluate("() => document.querySelector('#job-preview').naturalWidth") > 0, "the preview loads"
+    assert page.evaluate("() => document.querySelector('#job-progress').value") >= first_step
+    shot(page, "job")
+
+    page.get_by_role("button", name="Cancel job").click()
+    page.wait_for_selector('#job-status .status[data-status="revoked"]')
+    assert console.farm.client.status(job.task_id).state == "revoked"
+    page.wait_for_selector("#cancel-job", state="hidden")
+    page.wait_for_function("() => document.querySelector('#job-manifest').textContent.includes('\"revoked\"')")
+    no_errors(console)
+
+
+def test_a_batch_gallery_shows_its_images(console: Console, page: Any) -> None:
+    batch = console.farm.client.submit_batch([QUICK | {"seed": n} for n in range(3)], name="console-gallery")
+    page.goto(console.url + "/#/batches/console-gallery")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#batch-gallery figure[data-status=\"succeeded\"]').length === 3"
+    )
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#batch-gallery img')].filter(i => i.complete && i.naturalWidth).length"
+        " === 3"
+    )
+    assert "3 succeeded" in text_of(page, "#batch-counts")
+    assert page.locator("#cancel-batch").is_hidden(), "a finished batch offers no cancel"
+    shot(page, "batch")
+
+    # A job of the gallery opens on its page with its image, its frames and its manifest.
+    page.click(f"#batch-gallery figure[data-job-id='{batch.task_ids[0]}'] a")
+    page.wait_for_selector('#job-status .status[data-status="succeeded"]')
+    page.wait_for_function("() => document.querySelectorAll('#job-images img').length === 1")
+    page.wait_for_function("() => document.querySelectorAll('#job-frames img').length === 3")
+    assert '"succeeded"' in text_of(page, "#job-manifest")
+    # The jobs list links the batch.
+    page.goto(console.url + "/#/")
+    page.wait_for_selector("ul.batches a[href='#/batches/console-gallery']")
+    page.wait_for_function("() => /3 succeeded/.test(document.querySelector('ul.batches .counts').textContent)")
+    no_errors(console)
+
+
+def test_the_fleet_panel_lists_the_worker_and_its_model(console: Console, page: Any) -> None:
+    page.goto(console.url + "/#/fleet")
+    page.wait_for_selector('tr[data-model="tiny-sd15"]')
+    hostname = console.farm.workers[0].hostname
+    assert hostname in text_of(page, 'tr[data-model="tiny-sd15"]')
+    page.wait_for_selector(f'article.worker[data-worker="{hostname}"]')
+    assert page.locator("a[data-nav='fleet']").get_attribute("aria-current") == "page"
+    shot(page, "fleet")
+    no_errors(console)
+
+
+def test_an_unknown_job_says_so(console: Console, page: Any) -> None:
+    page.goto(console.url + "/#/jobs/no-such-job")
+    page.wait_for_selector("text=No such job")
+    # Chromium logs the API's 404 as a failed request; the script itself logs nothing.
+    assert all("404" in line for line in console.errors), console.errors
