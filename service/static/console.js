@@ -316,6 +316,7 @@ function fileFigure(file, caption) {
 
 function jobView(id) {
   let stopFollow = null;
+  const seenFrames = []; // while the job runs the API names only its newest frame: the strip keeps those seen
   const status = h("span", { id: "job-status" });
   const steps = h("span", { id: "job-step" });
   const bar = h("progress", { id: "job-progress", "aria-label": "Progress" });
@@ -348,19 +349,18 @@ function jobView(id) {
     cancel.hidden = TERMINAL.has(job.status);
     if (job.preview) {
       setImage(preview, job.preview);
-      document.getElementById("preview-caption").textContent = "Newest preview" + (job.step ? " (step " + job.step + ")" : "");
+      document.getElementById("preview-caption").textContent = "Newest preview: " + frameName(job.preview, 0).toLowerCase();
     }
     const files = job.files || [];
     const imageFiles = files.filter((f) => f.kind === "image");
-    const frameFiles = files.filter((f) => f.kind === "frame");
-    if (images.childElementCount !== imageFiles.length) {
-      images.replaceChildren(...imageFiles.map((f, i) => fileFigure(f, "Image " + (i + 1))));
+    let frameFiles = files.filter((f) => f.kind === "frame");
+    if (!job.manifest) {
+      for (const f of frameFiles) if (!seenFrames.some((seen) => seen.url === f.url)) seenFrames.push(f);
+      frameFiles = seenFrames;
     }
-    if (frames.childElementCount !== frameFiles.length) {
-      frames.replaceChildren(...frameFiles.map((f, i) => fileFigure(f, frameName(f.url, i))));
-    }
-    if (!imageFiles.length) images.replaceChildren(h("p", { class: "muted", text: TERMINAL.has(job.status) ? "No images." : "Not rendered yet." }));
-    if (!frameFiles.length) frames.replaceChildren(h("p", { class: "muted", text: "No frames stored." }));
+    fillGallery(images, imageFiles, (f, i) => "Image " + (i + 1),
+      TERMINAL.has(job.status) ? "No images." : "Not rendered yet.");
+    fillGallery(frames, frameFiles, (f, i) => frameName(f.url, i), "No frames stored.");
     manifest.textContent = job.manifest ? JSON.stringify(job.manifest, null, 2) : "Written when the job ends.";
   }
 
@@ -404,6 +404,15 @@ function jobView(id) {
   return () => stopFollow && stopFollow();
 }
 
+// Redraw a gallery only when its list of files changed, so images already shown are not fetched again.
+function fillGallery(box, files, caption, empty) {
+  const key = files.map((f) => f.url).join("\n");
+  if (box.dataset.key === key && box.childElementCount) return;
+  box.dataset.key = key;
+  if (files.length) box.replaceChildren(...files.map((f, i) => fileFigure(f, caption(f, i))));
+  else box.replaceChildren(h("p", { class: "muted", text: empty }));
+}
+
 function frameName(url, index) {
   const match = /step-(\d+)/.exec(url || "");
   return match ? "Step " + Number(match[1]) : "Frame " + (index + 1);
@@ -413,7 +422,7 @@ function batchView(name) {
   const summary = h("p", { id: "batch-counts", text: "Loading…" });
   const gallery = h("div", { class: "gallery", id: "batch-gallery" });
   const cancel = h("button", { type: "button", id: "cancel-batch", class: "danger", text: "Cancel batch" });
-  const bar = h("progress", { id: "batch-progress", "aria-label": "Jobs finished" });
+  const bar = h("progress", { id: "batch-progress", class: "wide", "aria-label": "Jobs finished" });
   view.replaceChildren(
     h("p", {}, h("a", { href: "#/", text: "← All jobs" })),
     h("h2", {}, "Batch ", h("code", { text: name })),
@@ -446,7 +455,7 @@ function batchView(name) {
       if (!card) {
         card = h("figure", { "data-job-id": job.id },
           h("a", { href: "#/jobs/" + encodeURIComponent(job.id) }, h("img", { alt: "Job " + job.id, hidden: true })),
-          h("figcaption", {}, h("code", { text: job.id.slice(0, 8) }), " ", h("span", { class: "state" })));
+          h("figcaption", {}, h("code", { text: lineName(name, job.id) }), " ", h("span", { class: "state" })));
         cards.set(job.id, card);
       }
       setImage(card.querySelector("img"), url);
@@ -459,6 +468,12 @@ function batchView(name) {
   return stop;
 }
 
+// A batch job's id is `<batch>.<line, five digits>`: the gallery names it by its line.
+function lineName(batch, id) {
+  const line = id.startsWith(batch + ".") ? id.slice(batch.length + 1, batch.length + 6) : "";
+  return /^\d{5}$/.test(line) ? "line " + Number(line) : id.slice(0, 12);
+}
+
 function fleetView() {
   const models = h("tbody");
   const workers = h("div", { id: "workers" });
@@ -466,7 +481,8 @@ function fleetView() {
     h("section", { "aria-labelledby": "models-title" },
       h("h2", { id: "models-title", text: "Models" }),
       h("table", { class: "models" },
-        h("thead", {}, h("tr", {}, ["Model", "Family", "Workers", "High", "Normal", "Low"].map((c) => h("th", { scope: "col", text: c })))),
+        h("thead", {}, h("tr", {}, ["Model", "Family", "Workers"].map((c) => h("th", { scope: "col", text: c })),
+          ["High", "Normal", "Low"].map((c) => h("th", { scope: "col", class: "num", text: c + " queued" })))),
         models)),
     h("section", { "aria-labelledby": "workers-title" }, h("h2", { id: "workers-title", text: "Workers" }), workers));
   return every(FLEET_POLL_MS, async () => {
@@ -481,15 +497,34 @@ function fleetView() {
   });
 }
 
+const SHOWN_ELSEWHERE = new Set(["hostname", "name", "models", "loaded", "job", "step", "total", "last_seen",
+  "started_at", "families", "queues", "ttl"]);
+
+function ago(seconds) {
+  if (!seconds) return "—";
+  const s = Math.max(0, Date.now() / 1000 - seconds);
+  if (s < 90) return Math.round(s) + " s ago";
+  if (s < 5400) return Math.round(s / 60) + " min ago";
+  return (s / 3600).toFixed(1) + " h ago";
+}
+
 function workerCard(advert) {
-  const name = advert.hostname || advert.name || advert.worker || "worker";
-  const facts = Object.entries(advert).filter(([k]) => !["hostname", "name"].includes(k));
+  const name = advert.hostname || advert.name || "worker";
+  const job = advert.job ? [jobLink(advert.job), advert.total ? " step " + (advert.step || 0) + " / " + advert.total : ""] : "idle";
+  const rows = [
+    ["Job", job],
+    ["Loaded", (advert.loaded || []).join(", ") || "none"],
+    ["Serves", (advert.models || []).join(", ")],
+    ["Last seen", ago(advert.last_seen)],
+    ["Started", ago(advert.started_at)],
+  ];
+  for (const [k, v] of Object.entries(advert)) {
+    if (SHOWN_ELSEWHERE.has(k) || v === null || (typeof v === "object" && !Object.keys(v).length)) continue;
+    rows.push([k.replaceAll("_", " "), typeof v === "object" ? (Array.isArray(v) ? v.join(", ") : JSON.stringify(v)) : String(v)]);
+  }
   return h("article", { class: "worker", "data-worker": name },
     h("h3", {}, h("code", { text: name })),
-    h("dl", { class: "facts" }, facts.flatMap(([k, v]) => [
-      h("dt", { text: k.replaceAll("_", " ") }),
-      h("dd", { text: typeof v === "object" && v !== null ? (Array.isArray(v) ? v.join(", ") : JSON.stringify(v)) : String(v) }),
-    ])));
+    h("dl", { class: "facts" }, rows.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)])));
 }
 
 // --- routing -------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from the API and its SSE streams, and fail on any error the page logs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import PasswordHasher
 
 from tests.browser import ensure_chromium
 from tests.helpers import ROOT, free_port, http_answers, wait_until
@@ -48,13 +51,15 @@ class Console:
     errors: list[str] = field(default_factory=list)
 
 
-def serve(farm: Farm, storage: Path, logs: Path) -> Iterator[str]:
-    """`render serve` on a free loopback port (no key configured), until the test module ends."""
+@contextlib.contextmanager
+def serve(farm: Farm, storage: Path, logs: Path, **settings: str) -> Iterator[str]:
+    """`render serve` on a free loopback port with `settings` (`RENDER_<NAME>`), until the block ends."""
     port = free_port()
     env = {
         **os.environ,
         "RENDER_REDIS_URL": farm.redis_url,
         "RENDER_STORAGE_URL": storage.as_uri(),
+        **{f"RENDER_{name.upper()}": value for name, value in settings.items()},
     }
     log = (logs / "serve.log").open("ab")
     process = subprocess.Popen(
@@ -90,7 +95,8 @@ def console(farm_factory: Callable[[], Farm], tmp_path_factory: pytest.TempPathF
     farm = farm_factory()
     storage = tmp_path_factory.mktemp("console-storage")
     farm.start_workers("painter", storage_url=storage.as_uri())
-    yield from (Console(farm, url, storage) for url in serve(farm, storage, farm.logs))
+    with serve(farm, storage, farm.logs) as url:
+        yield Console(farm, url, storage)
 
 
 @pytest.fixture(scope="module")
@@ -138,42 +144,6 @@ def no_errors(console: Console) -> None:
     assert console.errors == [], f"the page logged errors: {console.errors}"
 
 
-def test_the_job_page_follows_a_job_live_and_cancels_it(console: Console, page: Any) -> None:
-    job = console.farm.client.submit(WATCHED, priority="high")
-    page.goto(console.url + "/")
-    row = f'tr[data-job-id="{job.task_id}"]'
-    page.wait_for_selector(row)
-    # The list follows a running job from its stream: its step text moves without a reload.
-    page.wait_for_function(
-        "sel => /^\\s*[1-9]\\d* \\/ 150/.test(document.querySelector(sel + ' .steps').textContent)", arg=row
-    )
-    page.wait_for_selector(f"{row} img.thumb:not([hidden])")
-    shot(page, "jobs")
-
-    page.click(f"{row} a[href='#/jobs/{job.task_id}']")
-    page.wait_for_selector("#job-status .status")
-    page.wait_for_function("() => /^\\s*\\d+ \\/ 150/.test(document.querySelector('#job-step').textContent)")
-    first_step = step_of(page, "#job-step")
-    page.wait_for_function("() => !document.querySelector('#job-preview').hidden")
-    first_preview = src_of(page, "#job-preview")
-    # Without any reload: the step advances and the newest frame replaces the preview.
-    page.wait_for_function("first => parseInt(document.querySelector('#job-step').textContent) > first", arg=first_step)
-    page.wait_for_function(
-        "first => document.querySelector('#job-preview').getAttribute('src') !== first", arg=first_preview
-    )
-    assert "/frames/" in src_of(page, "#job-preview")
-    assert page.evaluate("() => document.querySelector('#job-preview').naturalWidth") > 0, "the preview loads"
-    assert page.evaluate("() => document.querySelector('#job-progress').value") >= first_step
-    shot(page, "job")
-
-    page.get_by_role("button", name="Cancel job").click()
-    page.wait_for_selector('#job-status .status[data-status="revoked"]')
-    assert console.farm.client.status(job.task_id).state == "revoked"
-    page.wait_for_selector("#cancel-job", state="hidden")
-    page.wait_for_function("() => document.querySelector('#job-manifest').textContent.includes('\"revoked\"')")
-    no_errors(console)
-
-
 def test_a_batch_gallery_shows_its_images(console: Console, page: Any) -> None:
     batch = console.farm.client.submit_batch([QUICK | {"seed": n} for n in range(3)], name="console-gallery")
     page.goto(console.url + "/#/batches/console-gallery")
@@ -201,6 +171,44 @@ def test_a_batch_gallery_shows_its_images(console: Console, page: Any) -> None:
     no_errors(console)
 
 
+def test_the_job_page_follows_a_job_live_and_cancels_it(console: Console, page: Any) -> None:
+    job = console.farm.client.submit(WATCHED, priority="high")
+    page.goto(console.url + "/")
+    row = f'tr[data-job-id="{job.task_id}"]'
+    page.wait_for_selector(row)
+    # The list follows a running job from its stream: its step text moves without a reload.
+    page.wait_for_function(
+        "sel => /^\\s*[1-9]\\d* \\/ 150/.test(document.querySelector(sel + ' .steps').textContent)", arg=row
+    )
+    page.wait_for_function("sel => document.querySelector(sel + ' img.thumb').naturalWidth > 0", arg=row)
+    shot(page, "jobs")
+
+    page.click(f"{row} a[href='#/jobs/{job.task_id}']")
+    page.wait_for_selector("#job-status .status")
+    page.wait_for_function("() => /^\\s*\\d+ \\/ 150/.test(document.querySelector('#job-step').textContent)")
+    first_step = step_of(page, "#job-step")
+    page.wait_for_function("() => !document.querySelector('#job-preview').hidden")
+    first_preview = src_of(page, "#job-preview")
+    # Without any reload: the step advances and the newest frame replaces the preview.
+    page.wait_for_function("first => parseInt(document.querySelector('#job-step').textContent) > first", arg=first_step)
+    page.wait_for_function(
+        "first => document.querySelector('#job-preview').getAttribute('src') !== first", arg=first_preview
+    )
+    assert "/frames/" in src_of(page, "#job-preview")
+    page.wait_for_function("() => document.querySelector('#job-preview').naturalWidth > 0")  # a frame loads
+    assert page.evaluate("() => document.querySelector('#job-progress').value") >= first_step
+    # The strip keeps the frames the stream showed (the API names only the newest while the job runs).
+    page.wait_for_function("() => document.querySelectorAll('#job-frames img').length >= 2")
+    shot(page, "job")
+
+    page.get_by_role("button", name="Cancel job").click()
+    page.wait_for_selector('#job-status .status[data-status="revoked"]')
+    assert console.farm.client.status(job.task_id).state == "revoked"
+    page.wait_for_selector("#cancel-job", state="hidden")
+    page.wait_for_function("() => document.querySelector('#job-manifest').textContent.includes('\"revoked\"')")
+    no_errors(console)
+
+
 def test_the_fleet_panel_lists_the_worker_and_its_model(console: Console, page: Any) -> None:
     page.goto(console.url + "/#/fleet")
     page.wait_for_selector('tr[data-model="tiny-sd15"]')
@@ -217,3 +225,24 @@ def test_an_unknown_job_says_so(console: Console, page: Any) -> None:
     page.wait_for_selector("text=No such job")
     # Chromium logs the API's 404 as a failed request; the script itself logs nothing.
     assert all("404" in line for line in console.errors), console.errors
+
+
+def test_a_farm_with_keys_asks_for_one_and_keeps_it_in_the_tab(console: Console, page: Any, tmp_path: Path) -> None:
+    key = "rk_console-test-key"
+    keys = {"console": {"hash": PasswordHasher().hash(key), "scope": "read"}}  # reading is all the lists need
+    with serve(console.farm, console.storage, tmp_path, api_keys=json.dumps(keys)) as url:
+        page.goto(url + "/")
+        page.wait_for_selector("#key-dialog[open]")
+        assert "asks for an API key" in text_of(page, "#key-reason")
+        page.fill("#key-input", "rk_wrong")
+        page.get_by_role("button", name="Use key").click()
+        page.wait_for_function("() => /not accepted/.test(document.querySelector('#key-reason').textContent)")
+        assert page.locator("#key-dialog").get_attribute("open") is not None
+        page.fill("#key-input", key)
+        page.get_by_role("button", name="Use key").click()
+        page.wait_for_selector("#key-dialog:not([open])", state="attached")
+        page.wait_for_selector("table.jobs tbody tr[data-job-id]")
+        assert page.evaluate("() => sessionStorage.getItem('render.apiKey')") == key
+        assert page.locator("#forget-key").is_visible()
+    # Chromium logs each refused request (401) as a failed resource; the script itself logs nothing.
+    assert all("401" in line for line in console.errors), console.errors
