@@ -64,8 +64,10 @@ bench: install
 	$(PY) bench/record.py
 
 # docs/configuration.md is generated from the settings classes; tests/unit/test_docs.py fails when it drifts.
+# docs/openapi.json is the HTTP service's API document; tests/integration/test_http_api.py fails when it drifts.
 docs: install
 	$(PY) tools/settings_doc.py
+	$(PY) tools/openapi_doc.py
 
 demo: install
 	$(VENV)/bin/render demo --out render-output/demo

@@ -145,7 +145,7 @@ def submit(
     assert final is not None
     if final.manifest is not None:
         typer.echo(final.manifest.model_dump_json(indent=2))
-    if final.state in ("failed", "revoked"):
+    if final.state in ("failed", "revoked", "expired"):
         typer.echo(f"task {handle.task_id} {final.state}" + (f": {final.error}" if final.error else ""), err=True)
         raise typer.Exit(1)
 
@@ -415,6 +415,39 @@ def fetch(
     target.mkdir(parents=True, exist_ok=True)
     (target / "manifest.json").write_text(current.manifest.model_dump_json(indent=2))
     typer.echo(str(target / "manifest.json"))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind; without RENDER_API_KEYS only a loopback one.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve the HTTP job API (/v1, /docs) and the web console (/) over this farm (settings from RENDER_*)."""
+    from producer.settings import load
+    from service.serve import serve as run_service
+    from service.settings import ServiceSettings
+
+    run_service(load(ServiceSettings), host, port)
+
+
+@app.command("api-key")
+def api_key(
+    name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
+    scope: Annotated[
+        str, typer.Option(help="full: submit, cancel and read; read: status, events and files only.")
+    ] = "full",
+) -> None:
+    """Make a new API key: print it once, and the RENDER_API_KEYS entry that holds only its argon2id hash."""
+    if scope not in ("full", "read"):
+        raise SpecError(f"--scope: must be full or read; got {scope!r}")
+    from service.auth import hash_key, new_key
+
+    key = new_key()
+    typer.echo(f"key (shown once; give it to the client): {key}")
+    entry = json.dumps({name: {"hash": hash_key(key), "scope": scope}})
+    typer.echo(f"RENDER_API_KEYS entry (merge it into the JSON object): {entry}")
 
 
 @app.command()
