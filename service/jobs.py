@@ -82,13 +82,13 @@ async def submit(
     task_id, replay = await run_in_threadpool(_submit, service, body, priority, queue_anyway, idempotency_key)
     if replay:
         response.status_code = 200
+    response.headers["Location"] = f"{JOBS_PATH}/{task_id}"
     wait = _WAIT.search(prefer or "")
     if wait is not None:
         seconds = min(float(wait[1]), MAX_WAIT)
         response.headers["Preference-Applied"] = f"wait={seconds:g}"
         status = await run_in_threadpool(_waited, service, task_id, seconds)
         return (await run_in_threadpool(jobs, service, [status]))[0]
-    response.headers["Location"] = f"{JOBS_PATH}/{task_id}"
     return await run_in_threadpool(job_of, service, task_id)
 
 

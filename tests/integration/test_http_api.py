@@ -288,3 +288,22 @@ def test_serve_refuses_a_public_host_without_keys_and_api_key_makes_one() -> Non
     from service.auth import Keys
 
     assert Keys(settings.api_keys).check(f"Bearer {key}", write=False) == "ci"
+
+
+def test_prefer_wait_answers_the_final_job(port: int) -> None:
+    status, headers, job = call(port, "POST", "/v1/jobs", spec(seed=11), {"Prefer": "wait=60"})
+    assert (status, job["status"], headers["preference-applied"]) == (201, "succeeded", "wait=60")
+    assert job["manifest"]["steps_completed"] == 10
+
+
+def test_s3_files_are_presigned_links(s3_server: str, s3_bucket: str) -> None:
+    from service.files import link
+
+    settings = ServiceSettings(
+        storage_url=f"s3://{s3_bucket}/renders", s3_endpoint_url=s3_server, signed_url_seconds=60
+    )
+    parts = create_app(settings).state.service
+    url = link(parts, f"s3://{s3_bucket}/renders/job-1/image-0.png")
+    assert url.startswith(f"{s3_server}/{s3_bucket}/renders/job-1/image-0.png?")
+    assert "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url
+    assert link(parts, "s3://elsewhere/x.png") == "s3://elsewhere/x.png"
