@@ -13,6 +13,7 @@ import threading
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
+from producer.errors import ConfigError
 from service.errors import ApiError
 from service.settings import ApiKey, Scope
 
@@ -34,6 +35,14 @@ class Keys:
     """The configured keys; `check` answers a request's Authorization header with the scope it grants."""
 
     def __init__(self, keys: dict[str, ApiKey]) -> None:
+        for name, entry in keys.items():
+            # Checked here rather than by the settings, whose error would quote the value: a key pasted by
+            # mistake where its hash belongs must not be printed.
+            if not entry.hash.startswith("$argon2"):
+                raise ConfigError(
+                    f"RENDER_API_KEYS: the hash of key {name!r} is not an argon2 hash ($argon2id$...); configure "
+                    "the hash `render api-key NAME` prints, never the key itself"
+                )
         self.keys = keys
         self._hasher = PasswordHasher()
         self._seen: dict[str, tuple[str, Scope]] = {}

@@ -2,9 +2,10 @@
 
 Each event is `event: snapshot`, `id: <n>`, `data: <Job JSON>`. The id grows with the job's progress (its phase,
 then its step), so a client reconnecting with `Last-Event-ID` is sent nothing until the job moved past what it
-saw, and a stream whose last event was the final state ends at once. The job is read every `POLL` seconds (one
-Redis read, whatever the number of streams on it); `: keep-alive` comments keep proxies from closing an idle
-stream.
+saw, and a stream whose last event was the final state ends at once. The job is read every `POLL` seconds for
+each open stream (a few pipelined Redis round trips); `: keep-alive` comments keep proxies from closing an idle
+stream. If the job cannot be read any more (Redis is away), an `event: error` with the error JSON ends the stream;
+a client reconnects.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from producer.errors import RenderError
 from service.deps import Reader, Service
-from service.errors import ErrorResponse
+from service.errors import ApiError, ErrorResponse
 from service.jobs import job_of
 from service.jobview import JOBS_PATH, Job
 
@@ -47,7 +49,13 @@ async def snapshots(request: Request, service: Service, task_id: str, last_seen:
     quiet_since = time.monotonic()
     yield "retry: 1000\n\n"
     while True:
-        job = await run_in_threadpool(job_of, service, task_id)
+        try:
+            job = await run_in_threadpool(job_of, service, task_id)
+        except (ApiError, RenderError) as exc:  # Redis went away, or the job's record expired: say so and end
+            answer = exc.message if isinstance(exc, ApiError) else str(exc)
+            code = exc.code if isinstance(exc, ApiError) else "unavailable"
+            yield f"event: error\ndata: {json.dumps({'error': {'code': code, 'message': answer, 'field': None}})}\n\n"
+            return
         number = event_id(job)
         if (job != sent) if sent is not None else (number > last_seen):
             sent, last_seen = job, max(number, last_seen)

@@ -37,6 +37,7 @@ def serve(settings: ServiceSettings, host: str, port: int) -> None:
     from service.app import create_app
 
     check_bind(settings, host)
+    app = create_app(settings)  # a bad setting stops here, before anything is logged as served
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     if settings.api_keys:
         log.info(
@@ -44,4 +45,4 @@ def serve(settings: ServiceSettings, host: str, port: int) -> None:
         )
     else:
         log.warning("no API key configured (RENDER_API_KEYS): no key is asked for, bound to loopback only (%s)", host)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from producer.settings import ClientSettings
 
@@ -18,13 +18,6 @@ class ApiKey(BaseModel):
 
     hash: str = Field(description="the key's argon2id hash, as `render api-key` prints it")
     scope: Scope = Field(default="full", description="`full` (submit, cancel, read) or `read` (status, events, files)")
-
-    @field_validator("hash")
-    @classmethod
-    def _argon2(cls, value: str) -> str:
-        if not value.startswith("$argon2"):
-            raise ValueError("hash must be an argon2 hash ($argon2id$...); make one with `render api-key NAME`")
-        return value
 
 
 class ServiceSettings(ClientSettings):
