@@ -557,6 +557,11 @@ function route() {
   });
 }
 
+// The skip link must not change the hash: the hash is the route.
+document.querySelector(".skip").addEventListener("click", (event) => {
+  event.preventDefault();
+  view.focus();
+});
 forgetKey.hidden = !apiKey();
 window.addEventListener("hashchange", () => {
   route();
