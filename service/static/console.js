@@ -212,12 +212,23 @@ forgetKey.addEventListener("click", () => {
 
 function jobsView(params) {
   const statusFilter = params.get("status") || "";
+  const limit = Math.min(Number(params.get("limit")) || 50, 1000);
   const rows = new Map();
   const streams = new Map();
   const batches = new Map();
   const tbody = h("tbody");
   const batchList = h("ul", { class: "batches" });
-  const filter = h("select", { id: "status-filter", onchange: () => { location.hash = filter.value ? "#/?status=" + filter.value : "#/"; } },
+  const go = (changes) => {
+    const next = new URLSearchParams(params);
+    for (const [name, value] of Object.entries(changes)) {
+      if (value) next.set(name, value);
+      else next.delete(name);
+    }
+    location.hash = "#/" + (next.toString() ? "?" + next : "");
+  };
+  const more = h("button", { type: "button", id: "more-jobs", hidden: true, text: "Show older jobs",
+    onclick: () => go({ limit: String(limit + 50) }) });
+  const filter = h("select", { id: "status-filter", onchange: () => go({ status: filter.value, limit: "" }) },
     h("option", { value: "", text: "all" }),
     ["queued", "started", "progress", ...TERMINAL].map((s) => h("option", { value: s, text: s, selected: s === statusFilter })));
   view.replaceChildren(
@@ -228,7 +239,7 @@ function jobsView(params) {
         h("caption", { class: "visually-hidden", text: "Jobs, newest first" }),
         h("thead", {}, h("tr", {}, ["Job", "Model", "Batch", "Status", "Progress", "Preview"].map((c) => h("th", { scope: "col", text: c })))),
         tbody),
-      h("p", { id: "jobs-empty", class: "muted", hidden: true, text: "No jobs yet." })),
+      h("p", { id: "jobs-empty", class: "muted", hidden: true, text: "No jobs yet." }), more),
     h("section", { "aria-labelledby": "batches-title" },
       h("h2", { id: "batches-title", text: "Batches" }), batchList,
       h("p", { id: "batches-empty", class: "muted", text: "No batches among these jobs." })));
@@ -274,13 +285,14 @@ function jobsView(params) {
   }
 
   const stopPoll = every(LIST_POLL_MS, async () => {
-    const query = new URLSearchParams({ limit: "50" });
+    const query = new URLSearchParams({ limit: String(limit) });
     if (statusFilter) query.set("status", statusFilter);
     const page = await api("/v1/jobs?" + query);
     say("");
     // A job that a stream follows is newer in the stream than in this list: keep its row as the stream left it.
     tbody.replaceChildren(...page.jobs.map((job) => (streams.has(job.id) ? rows.get(job.id) : row(job))));
     document.getElementById("jobs-empty").hidden = page.jobs.length > 0;
+    more.hidden = !page.next_cursor || limit >= 1000;
     // Running jobs first: they are the ones with a moving preview.
     page.jobs.filter((job) => job.status === "progress" || job.status === "started").forEach(stream);
     page.jobs.forEach(stream);

@@ -140,8 +140,26 @@ def src_of(page: Any, selector: str) -> str:
     return str(page.locator(selector).get_attribute("src") or "")
 
 
-def no_errors(console: Console) -> None:
+# What a screen reader needs of the page: every image has alt text, every control and link a name.
+UNNAMED = """() => {
+  const bad = [];
+  for (const img of document.querySelectorAll("img")) if (!img.hasAttribute("alt")) bad.push("img " + img.src);
+  for (const el of document.querySelectorAll("input, select, progress, button")) {
+    if (!(el.labels && el.labels.length) && !el.getAttribute("aria-label") && !el.textContent.trim()) {
+      bad.push(el.outerHTML.slice(0, 80));
+    }
+  }
+  for (const a of document.querySelectorAll("a")) {
+    if (!a.textContent.trim() && !a.querySelector("img[alt]:not([alt=''])")) bad.push("link " + a.href);
+  }
+  return bad;
+}"""
+
+
+def clean(console: Console, page: Any) -> None:
+    """The page logged no error, and every image, control and link in it has a name."""
     assert console.errors == [], f"the page logged errors: {console.errors}"
+    assert page.evaluate(UNNAMED) == [], "unnamed elements"
 
 
 def test_a_batch_gallery_shows_its_images(console: Console, page: Any) -> None:
@@ -168,7 +186,14 @@ def test_a_batch_gallery_shows_its_images(console: Console, page: Any) -> None:
     page.goto(console.url + "/#/")
     page.wait_for_selector("ul.batches a[href='#/batches/console-gallery']")
     page.wait_for_function("() => /3 succeeded/.test(document.querySelector('ul.batches .counts').textContent)")
-    no_errors(console)
+    # A short page offers the older jobs (the list's next_cursor).
+    page.goto(console.url + "/#/?limit=2")
+    page.wait_for_selector("#more-jobs:not([hidden])")
+    assert page.locator("table.jobs tbody tr").count() == 2
+    page.get_by_role("button", name="Show older jobs").click()
+    page.wait_for_function("() => document.querySelectorAll('table.jobs tbody tr').length === 3")
+    page.wait_for_selector("#more-jobs[hidden]", state="attached")
+    clean(console, page)
 
 
 def test_the_job_page_follows_a_job_live_and_cancels_it(console: Console, page: Any) -> None:
@@ -206,7 +231,7 @@ def test_the_job_page_follows_a_job_live_and_cancels_it(console: Console, page: 
     assert console.farm.client.status(job.task_id).state == "revoked"
     page.wait_for_selector("#cancel-job", state="hidden")
     page.wait_for_function("() => document.querySelector('#job-manifest').textContent.includes('\"revoked\"')")
-    no_errors(console)
+    clean(console, page)
 
 
 def test_the_fleet_panel_lists_the_worker_and_its_model(console: Console, page: Any) -> None:
@@ -217,7 +242,7 @@ def test_the_fleet_panel_lists_the_worker_and_its_model(console: Console, page: 
     page.wait_for_selector(f'article.worker[data-worker="{hostname}"]')
     assert page.locator("a[data-nav='fleet']").get_attribute("aria-current") == "page"
     shot(page, "fleet")
-    no_errors(console)
+    clean(console, page)
 
 
 def test_an_unknown_job_says_so(console: Console, page: Any) -> None:
@@ -263,4 +288,4 @@ def test_with_a_read_key_the_event_stream_and_the_served_files_work(
         page.wait_for_selector('#job-status .status[data-status="succeeded"]')
         loaded = "() => [...document.querySelectorAll('#job-images img, #job-frames img')].filter(i => i.naturalWidth)"
         page.wait_for_function(loaded + ".length === 21", timeout=30_000)  # its image and 20 frames
-    no_errors(console)
+    clean(console, page)
