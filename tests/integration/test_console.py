@@ -234,6 +234,16 @@ def test_the_job_page_follows_a_job_live_and_cancels_it(console: Console, page: 
     clean(console, page)
 
 
+def test_a_batch_is_cancelled_from_its_page(console: Console, page: Any) -> None:
+    batch = console.farm.client.submit_batch([WATCHED | {"seed": n} for n in range(2)], name="console-cancelled")
+    page.goto(console.url + "/#/batches/console-cancelled")
+    page.get_by_role("button", name="Cancel batch").click()
+    page.wait_for_function("() => /2 revoked/.test(document.querySelector('#batch-counts').textContent)")
+    page.wait_for_selector("#cancel-batch", state="hidden")
+    assert [s.state for s in console.farm.client.statuses(batch.task_ids)] == ["revoked", "revoked"]
+    clean(console, page)
+
+
 def test_the_fleet_panel_lists_the_worker_and_its_model(console: Console, page: Any) -> None:
     page.goto(console.url + "/#/fleet")
     page.wait_for_selector('tr[data-model="tiny-sd15"]')
