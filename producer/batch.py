@@ -2,7 +2,7 @@
 
 A batch's task ids derive from its name and each spec's line (`<name>.<line>`, five digits), unless a line
 gives its own `task_id`; running the same batch again therefore finds its jobs. Lines already succeeded are
-skipped, those queued or rendering are left alone, and failed, revoked and lost ones are submitted again.
+skipped, those queued or rendering are left alone, and failed, revoked, expired and lost ones are submitted again.
 
 Redis holds `render:batch:<name>` (name, source, total, runs, times) and `render:batch:<name>:tasks`
 (line -> task id), both living as long as results do.
@@ -27,7 +27,7 @@ from producer.reaching import reaching
 from producer.records import text
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
-from producer.status import TaskStatus
+from producer.status import TERMINAL, TaskStatus
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_LINES = 100_000
@@ -120,7 +120,7 @@ def parse_lines(lines: Iterable[str], *, name: str, webhook: str | None = None) 
     return parsed
 
 
-RESUBMITTED = {"failed": "failed", "revoked": "revoked", "unknown": "lost"}
+RESUBMITTED = {"failed": "failed", "revoked": "revoked", "expired": "expired", "unknown": "lost"}
 
 
 class BatchClient(Protocol):
@@ -148,7 +148,7 @@ class BatchProgress:
 
     @property
     def finished(self) -> int:
-        return sum(self.states[state] for state in ("succeeded", "interrupted", "revoked", "failed"))
+        return sum(self.states[state] for state in TERMINAL)
 
     @property
     def running(self) -> int:
@@ -170,16 +170,17 @@ class BatchHandle:
         self._final: dict[str, TaskStatus] = {}
         self.counts: Counter[str] = Counter()
         """What submitting did: new, skipped (already succeeded or interrupted), in_flight (queued or rendering,
-        left alone), and the resubmitted: failed, revoked, lost (a job Redis no longer knows)."""
+        left alone), and the resubmitted: failed, revoked, expired, lost (a job Redis no longer knows)."""
 
     def summary(self) -> str:
-        order = ("new", "skipped", "in_flight", "failed", "revoked", "lost")
+        order = ("new", "skipped", "in_flight", "failed", "revoked", "expired", "lost")
         words = {
             "new": "new",
             "skipped": "already done (skipped)",
             "in_flight": "still queued or rendering (left alone)",
             "failed": "failed before (submitted again)",
             "revoked": "revoked before (submitted again)",
+            "expired": "expired before (submitted again)",
             "lost": "lost (submitted again)",
         }
         parts = [f"{self.counts[key]} {words[key]}" for key in order if self.counts[key]]

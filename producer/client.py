@@ -15,8 +15,9 @@ import redis
 from celery import Celery, states
 from celery.exceptions import TaskRevokedError
 
-from producer import batch, unsent
+from producer import admission, batch, joblist, unsent
 from producer.batch import BatchHandle
+from producer.batch import load_handle as batch_handle
 from producer.celery_config import base_config
 from producer.errors import NoWorkerForModel, RenderFailed, SpecError, WaitTimeout
 from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
@@ -89,9 +90,18 @@ def _from_meta(task_id: str, state: str, info: Any, manifest: Manifest | None) -
         return TaskStatus(task_id, "started")
     if state == PROGRESS_STATE and isinstance(info, dict):
         progress = Progress.from_meta(info)
-        return TaskStatus(task_id, "progress", *((progress.step, progress.total) if progress else (None, None)))
-    if state == states.SUCCESS and manifest is not None:
-        return TaskStatus(task_id, manifest.status, manifest.steps_completed, manifest.steps_planned, manifest=manifest)
+        if progress is None:
+            return TaskStatus(task_id, "progress")
+        return TaskStatus(task_id, "progress", progress.step, progress.total, frame=progress.frame)
+    if state == states.SUCCESS and manifest is not None:  # succeeded, interrupted, or expired (with its error)
+        return TaskStatus(
+            task_id,
+            manifest.status,
+            manifest.steps_completed,
+            manifest.steps_planned,
+            manifest=manifest,
+            error=manifest.error,
+        )
     if state == states.REVOKED:
         step, total = (manifest.steps_completed, manifest.steps_planned) if manifest else (None, None)
         return TaskStatus(task_id, "revoked", step, total, manifest=manifest)
@@ -130,10 +140,18 @@ class RenderClient:
         *,
         priority: Priority = DEFAULT_PRIORITY,
         wait_for_worker: bool = False,
+        idempotency_key: str | None = None,
     ) -> JobHandle:
-        """Validate `spec` and enqueue it for its model's workers; see `submit_many`."""
+        """Validate `spec` and enqueue it for its model's workers; see `submit_many`.
+
+        With `idempotency_key`, a submit repeated with the same key, spec and priority returns the job the first one
+        made and enqueues nothing; with another spec or priority it raises `IdempotencyConflict` (see
+        `producer.admission`). The key is remembered for RENDER_RESULT_TTL.
+        """
         if task_id is not None:
             check_task_id(task_id)  # an empty or blank id is refused, not replaced
+        if idempotency_key is not None:
+            return self._submit_once(spec, task_id, queue, priority, wait_for_worker, idempotency_key)
         return self.submit_many(
             [spec],
             task_ids=None if task_id is None else [task_id],
@@ -141,6 +159,36 @@ class RenderClient:
             priority=priority,
             wait_for_worker=wait_for_worker,
         )[0]
+
+    def _submit_once(
+        self,
+        spec: RenderSpec | dict[str, Any] | str,
+        task_id: str | None,
+        queue: str | None,
+        priority: Priority,
+        wait_for_worker: bool,
+        key: str,
+    ) -> JobHandle:
+        admission.check_key(key)
+        if priority not in PRIORITIES:
+            raise SpecError(f"priority: must be one of {', '.join(PRIORITIES)}; got {priority!r}")
+        parsed = _coerce_spec(spec)
+        body = admission.body_digest(parsed, priority)
+        new_id = task_id or uuid.uuid4().hex
+        with self._reaching():
+            # A replay is answered before any check: the job exists, whatever the queue or the fleet is like now.
+            found = admission.earlier(self.redis, key, body)
+            found = found or admission.claim(self.redis, key, body, new_id, ttl=self.settings.result_ttl)
+        if found is not None:
+            return JobHandle(found, self)
+        try:
+            return self.submit_many(
+                [parsed], task_ids=[new_id], queue=queue, priority=priority, wait_for_worker=wait_for_worker
+            )[0]
+        except BaseException:
+            with contextlib.suppress(redis.RedisError):
+                admission.release(self.redis, key, new_id)
+            raise
 
     def submit_many(
         self,
@@ -157,6 +205,8 @@ class RenderClient:
         (`high` jobs start before any `normal` one waiting, `low` after). `queue` sends every job to that one
         queue instead (a single-model fleet's old layout). A model no live worker serves raises
         `NoWorkerForModel` before anything is enqueued, unless `wait_for_worker` (a fleet that scales from zero).
+        With RENDER_MAX_QUEUED set, jobs that would make a model's queue longer than that raise `QueueFull`, and
+        nothing is enqueued.
         """
         if priority not in PRIORITIES:
             raise SpecError(f"priority: must be one of {', '.join(PRIORITIES)}; got {priority!r}")
@@ -176,6 +226,7 @@ class RenderClient:
         with self._reaching():
             if not wait_for_worker:
                 self._check_served(sorted({spec.model for spec in parsed}))
+            admission.check_room(self.redis, self.settings.max_queued, queues, [spec.model for spec in parsed])
             return self._enqueue(parsed, ids, queues, PRIORITIES[priority])
 
     def submit_batch(
@@ -207,6 +258,12 @@ class RenderClient:
         with self._reaching():
             if todo and not wait_for_worker:
                 self._check_served(sorted({line.spec.model for line in todo}))
+            admission.check_room(
+                self.redis,
+                self.settings.max_queued,
+                [model_queue(self.settings.queue, line.spec.model) for line in todo],
+                [line.spec.model for line in todo],
+            )
             batch.record(self, name, source, current, run)
             again = [line.task_id for line in todo if line.task_id in previous.values()]
             if again:  # a failed or lost job submitted under its old id: its old outcome must not show
@@ -314,6 +371,21 @@ class RenderClient:
                 manifest = Manifest.model_validate_json(data) if data else None
             found.append(_from_meta(task_id, state, info, manifest))
         return found
+
+    def jobs(
+        self,
+        *,
+        batch: str | None = None,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[TaskStatus], str | None]:
+        """A page of the jobs submitted (the newest 100,000, for RENDER_RESULT_TTL), newest first, with the cursor
+        of the next page (None: no more). `batch`: only that batch's jobs; `status`: only jobs in that state;
+        `limit`: 1-1000 per page. See `producer.joblist`."""
+        ids = batch_handle(self, batch).task_ids if batch is not None else None
+        with self._reaching():
+            return joblist.list_jobs(self, batch_ids=ids, status=status, limit=limit, cursor=cursor)
 
     def follow(self, task_id: str, *, interval: float = 0.25, timeout: float | None = None) -> Iterator[TaskStatus]:
         """Yield the job's status each time it changes, ending with its final status.

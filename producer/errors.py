@@ -3,7 +3,8 @@
 RenderError
  ├── SpecError               the caller's input is invalid; the message names the field and the fix
  │    ├── UnsupportedSpecError    a valid spec this worker cannot run (a model without that pipeline)
- │    └── BatchFileError          lines of a batch file are invalid: every one, as `line N: field: message`
+ │    ├── BatchFileError          lines of a batch file are invalid: every one, as `line N: field: message`
+ │    └── IdempotencyConflict     an Idempotency-Key already names a submit of another spec or priority
  ├── ConfigError             a setting (RENDER_*) is invalid
  ├── ModelError              a model or LoRA is not allowlisted, or cannot be loaded
  │    └── ModelLoadError          an allowlisted model failed to load on a worker (its files, the device's memory)
@@ -11,6 +12,7 @@ RenderError
  │    └── StorageUnavailable      storage cannot be reached or answers a transient error, after the retries
  ├── FarmUnavailable         the client cannot reach the farm's Redis
  ├── NoWorkerForModel        submit found no live worker serving the job's model; nothing was enqueued
+ ├── QueueFull               the model's queue holds RENDER_MAX_QUEUED jobs; nothing was enqueued, retry later
  ├── WaitTimeout             `wait` gave up before the job reached a final state
  └── RenderFailed            the pipeline itself failed while rendering (the cause is chained)
 
@@ -47,7 +49,13 @@ class SpecError(RenderError):
             problems.append(f"{where}: {msg}" if where else msg)
         # One line each, whatever the input held: control characters are shown escaped, never emitted.
         problems = ["".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in problem) for problem in problems]
-        error = cls("invalid render spec: " + "; ".join(problems))
+        shown = problems[:1]
+        for problem in problems[1:]:  # a readable sentence: the problems that fit, then how many more there are
+            if len("; ".join([*shown, problem])) > _MAX_MESSAGE:
+                break
+            shown.append(problem)
+        more = f"; and {len(problems) - len(shown)} more problem(s)" if len(shown) < len(problems) else ""
+        error = cls("invalid render spec: " + "; ".join(shown) + more)
         error.problems = problems
         return error
 
@@ -117,11 +125,37 @@ class BatchFileError(SpecError):
         self.problems = errors
 
 
+class IdempotencyConflict(SpecError):
+    """Raised when a submit's idempotency key was used before for another spec or priority; nothing is enqueued."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(
+            f"Idempotency-Key: this key was used for another spec or priority (job {task_id}); send the same body "
+            "to get that job again, or use a new key for a new job"
+        )
+        self.task_id = task_id
+
+
+class QueueFull(RenderError):
+    """Raised at submit when the model's queue already holds `RENDER_MAX_QUEUED` jobs; nothing is enqueued."""
+
+    def __init__(self, model: str, queued: int, limit: int, retry_after: float) -> None:
+        super().__init__(
+            f"queue for model {model!r} is full ({queued} queued, RENDER_MAX_QUEUED={limit}); "
+            f"retry in {retry_after:.0f} s"
+        )
+        self.model = model
+        self.queued = queued
+        self.limit = limit
+        self.retry_after = retry_after
+
+
 class RenderFailed(RenderError):
     """Raised when the pipeline fails while rendering; the cause is chained."""
 
 
 _TAGGED_UNION_LISTS = ("callbacks",)
+_MAX_MESSAGE = 1200
 
 
 def _location(loc: tuple[Any, ...]) -> str:

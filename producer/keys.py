@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Literal
 
@@ -111,6 +112,18 @@ SUBMITTED_AT_HEADER = "render_submitted_at"
 ATTEMPT_HEADER = "render_attempt"
 LOAD_FAILURES_HEADER = "render_load_failures"
 """On a job handed on because its model failed to load on a worker: how many times so far (RENDER_MAX_ATTEMPTS)."""
+
+
+JOB_INDEX = f"{KEY_PREFIX}:jobs"
+"""Sorted set: task_id -> when it was submitted (epoch milliseconds), written with the job's record; what
+`RenderClient.jobs` lists, newest first. Trimmed at each submit to the newest `JOB_INDEX_MAX` and to RESULT_TTL."""
+
+JOB_INDEX_MAX = 100_000
+
+
+def idempotency_key(key: str) -> str:
+    """String holding the submit an idempotency key made (`producer.admission`); the key is hashed, never stored."""
+    return f"{KEY_PREFIX}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
 
 
 def job_key(task_id: str) -> str:

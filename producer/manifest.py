@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RenderStatus = Literal["succeeded", "interrupted", "revoked", "failed"]
+RenderStatus = Literal["succeeded", "interrupted", "revoked", "failed", "expired"]
 InterruptedBy = Literal["max_steps", "max_seconds"]
 
 

@@ -125,13 +125,15 @@ PROGRESS_STATE = "PROGRESS"
 
 @dataclass(frozen=True)
 class Progress:
-    """A running job's progress: `step` of `total` denoising steps done."""
+    """A running job's progress: `step` of `total` denoising steps done, and the storage URL of the newest step
+    frame stored so far (None: the job makes no frames, or none is stored yet)."""
 
     step: int
     total: int
+    frame: str | None = None
 
-    def meta(self) -> dict[str, int]:
-        return {"step": self.step, "total": self.total}
+    def meta(self) -> dict[str, int | str | None]:
+        return {"step": self.step, "total": self.total, "frame": self.frame}
 
     @classmethod
     def from_meta(cls, info: Any) -> Progress | None:
@@ -139,7 +141,8 @@ class Progress:
         if not isinstance(info, dict):
             return None
         try:
-            return cls(int(info["step"]), int(info["total"]))
+            frame = info.get("frame")
+            return cls(int(info["step"]), int(info["total"]), frame if isinstance(frame, str) else None)
         except (KeyError, TypeError, ValueError):
             return None
 

@@ -87,6 +87,12 @@ class ClientSettings(BaseSettings):
         'link-local (producers and workers): a JSON list (`["hooks.internal", "10.0.0.0/8"]`) or the comma form '
         "(`hooks.internal, 10.0.0.0/8`)",
     )
+    max_queued: int | None = Field(
+        default=None,
+        ge=1,
+        description="the most jobs a model's queue (all its priorities) may hold: a submit that would go past it is "
+        "refused with QueueFull (HTTP 429) and nothing is enqueued; unset: unbounded",
+    )
     # Workers expire their advertisement after it; clients count a worker live for as long (set both alike).
     heartbeat_ttl: float = Field(
         default=HEARTBEAT_TTL,

@@ -59,6 +59,10 @@ MAX_LORAS = 4
 LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
+MAX_DEADLINE_SECONDS = 7 * 24 * 3600.0
+"""A job's `deadline_seconds` is at most a week (the time its records live by default)."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -219,6 +223,14 @@ class RenderSpec(_Strict):
         default=None,
         max_length=2048,
         description="http(s) URL the worker POSTs the signed manifest to when the job ends in any final state.",
+    )
+    deadline_seconds: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=MAX_DEADLINE_SECONDS,
+        allow_inf_nan=False,
+        description="Seconds from submit within which a worker must start the job; one that has not started by then "
+        "ends `expired` without rendering (docs/spec.md: Deadlines). None: no deadline.",
     )
 
     @field_validator("webhook")

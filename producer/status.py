@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from producer.manifest import Manifest
 
-State = Literal["unknown", "queued", "started", "progress", "succeeded", "interrupted", "revoked", "failed"]
-TERMINAL: frozenset[str] = frozenset({"succeeded", "interrupted", "revoked", "failed"})
+State = Literal["unknown", "queued", "started", "progress", "succeeded", "interrupted", "revoked", "failed", "expired"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "interrupted", "revoked", "failed", "expired"})
+STATES: tuple[str, ...] = get_args(State)
+"""Every state, in the order above (what a listing's `status` filter accepts)."""
 
 
 @dataclass(frozen=True)
 class TaskStatus:
-    """Where a job stands. `step`/`total` while it renders; `manifest` once it is final; `error` if it failed."""
+    """Where a job stands. `step`/`total` while it renders, and `frame`, the storage URL of the newest step frame
+    stored (a job with a `frames` callback); `manifest` once it is final; `error` if it failed or expired.
+    `submitted_at` (epoch seconds) where the reader knew it cheaply (`RenderClient.jobs`)."""
 
     task_id: str
     state: State
@@ -21,6 +25,8 @@ class TaskStatus:
     total: int | None = None
     manifest: Manifest | None = None
     error: str | None = None
+    frame: str | None = None
+    submitted_at: float | None = None
 
     @property
     def done(self) -> bool:

@@ -16,12 +16,13 @@ from collections.abc import Sequence
 import redis
 from celery import Celery
 
-from producer.keys import UNSENT_JOBS, job_key
+from producer.keys import JOB_INDEX, JOB_INDEX_MAX, UNSENT_JOBS, job_key
 from producer.records import TaskMessage
 
 
 def stage(client: redis.Redis, messages: Sequence[TaskMessage], *, record_ttl: int) -> None:
-    """Write the jobs' records and their unsent messages in one transaction: both are there, or neither."""
+    """Write the jobs' records, their entries in the job index (`render:jobs`) and their unsent messages in one
+    transaction: all are there, or none."""
     staging = client.pipeline(transaction=True)
     for message in messages:
         if message.queue is None or message.priority is None or message.submitted_at is None:
@@ -32,6 +33,11 @@ def stage(client: redis.Redis, messages: Sequence[TaskMessage], *, record_ttl: i
         )
         staging.expire(job_key(message.task_id), record_ttl)
         staging.zadd(UNSENT_JOBS, {message.encode(): message.submitted_at})
+        staging.zadd(JOB_INDEX, {message.task_id: int(message.submitted_at * 1000)})
+    if messages:  # the listing keeps the newest JOB_INDEX_MAX jobs, and none older than their records
+        newest = max(message.submitted_at or 0.0 for message in messages)
+        staging.zremrangebyscore(JOB_INDEX, "-inf", f"({int((newest - record_ttl) * 1000)}")
+        staging.zremrangebyrank(JOB_INDEX, 0, -(JOB_INDEX_MAX + 1))
     staging.execute()
 
 

@@ -166,6 +166,8 @@ def status(
         line += f" {current.step}/{current.total} steps"
     if current.manifest is not None and current.manifest.images:
         line += f", images: {' '.join(current.manifest.images)}"
+    if current.frame and not current.done:
+        line += f", newest frame: {current.frame}"
     if current.error:
         line += f", error: {current.error}"
     typer.echo(line)
@@ -178,6 +180,7 @@ def status_dict(current: Any) -> dict[str, Any]:
         "step": current.step,
         "total": current.total,
         "error": current.error,
+        "frame": current.frame,
         "manifest": current.manifest.model_dump(mode="json") if current.manifest else None,
     }
 

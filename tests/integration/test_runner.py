@@ -34,7 +34,7 @@ class RecordedDelivery:
     def started(self) -> None:
         self.calls.append(("started", None))
 
-    def progress(self, step: int, total: int) -> None:
+    def progress(self, step: int, total: int, frame: str | None = None) -> None:
         self.calls.append(("progress", (step, total)))
 
     def requeue(self, message: TaskMessage) -> None:

@@ -203,6 +203,6 @@ def test_the_display_line_counts_rates_and_eta() -> None:
     display.started -= 10.0  # ten seconds later: four more done, one running, one failed
     display.update(BatchProgress(10, Counter({"succeeded": 6, "failed": 1, "progress": 1, "queued": 2}), images=6))
     first, second = stream.getvalue().splitlines()
-    assert first.startswith("batch night: 2/10 done, 0 running, 8 queued, 0 failed or revoked, 0.00 images/s")
-    assert second.startswith("batch night: 7/10 done, 1 running, 2 queued, 1 failed or revoked, 0.40 images/s")
+    assert first.startswith("batch night: 2/10 done, 0 running, 8 queued, 0 failed, revoked or expired, 0.00 images/s")
+    assert second.startswith("batch night: 7/10 done, 1 running, 2 queued, 1 failed, revoked or expired, 0.40 images/s")
     assert second.endswith("ETA 6 s")  # 3 left at 5 jobs per 10 s

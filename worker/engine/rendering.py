@@ -28,7 +28,7 @@ from worker.engine.callbacks.steps import sampler_steps
 from worker.engine.checkpoints import CheckpointWriter, load_checkpoint
 from worker.engine.job import JobContext
 from worker.engine.outputs import ImageParameters, png_bytes
-from worker.engine.stops import JobRevoked, JobStopped, TimeLimitExceeded
+from worker.engine.stops import JobExpired, JobRevoked, JobStopped, TimeLimitExceeded
 from worker.models import ip_adapter
 from worker.models.families import ModelFamily, family_named
 from worker.models.registry import ModelRegistry
@@ -217,6 +217,10 @@ def _store(prepared: Prepared, outcome: Denoised, storage: Storage) -> Manifest:
         raise outcome.error
     if isinstance(outcome.stop, JobRevoked):
         return _revoked(prepared, outcome.stop, storage)
+    if isinstance(outcome.stop, JobExpired):  # it waited for the GPU past its deadline: no step ran
+        if prepared.stack.frames:
+            prepared.stack.frames.abandon()
+        return prepared.record.finish(storage, "expired", error=outcome.stop.error)
     _check_before_upload(prepared, outcome, storage)
     return _upload(prepared, outcome.images, storage)
 
@@ -287,6 +291,11 @@ def revoked_before_start(job: JobContext, storage: Storage) -> Manifest:
     if job.earlier_attempt:
         record.checkpoints = CheckpointWriter(storage, job.task_id, exists=True)
     return record.finish(storage, "revoked")
+
+
+def expired_before_start(job: JobContext, storage: Storage, expired: JobExpired) -> Manifest:
+    """Record a job whose deadline passed before it started: no model loaded, no step run, no image."""
+    return _Record(job).finish(storage, "expired", error=expired.error)
 
 
 def failed_outside_render(job: JobContext, storage: Storage, error: str, *, steps_completed: int = 0) -> Manifest:

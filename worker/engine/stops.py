@@ -27,6 +27,20 @@ class JobRevoked(JobStopped):
         self.steps_after_revoke = steps_after_revoke
 
 
+class JobExpired(JobStopped):
+    """Raised when the GPU would take a job whose `deadline_seconds` passed before it started: it ends `expired`,
+    with no step run and nothing stored but its manifest."""
+
+    def __init__(self, deadline_seconds: float) -> None:
+        super().__init__("expired", 0)
+        self.deadline_seconds = deadline_seconds
+
+    @property
+    def error(self) -> str:
+        """The manifest's `error`."""
+        return f"deadline of {self.deadline_seconds:g} s passed before a worker started it"
+
+
 class LeaseLost(JobStopped):
     """Raised when this worker no longer holds the job's lease: another worker may own the job now.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from producer.errors import ModelLoadError, RenderFailed, StorageError
@@ -25,8 +26,8 @@ from producer.spec import RenderSpec
 from worker import metrics
 from worker.engine.inputs import load_inputs
 from worker.engine.job import JobContext
-from worker.engine.rendering import finished_manifest, prepare, revoked_before_start, store
-from worker.engine.stops import HandedOff, JobRevoked, LeaseLost
+from worker.engine.rendering import expired_before_start, finished_manifest, prepare, revoked_before_start, store
+from worker.engine.stops import HandedOff, JobExpired, JobRevoked, JobStopped, LeaseLost
 from worker.process.gpu import Arrival, Deadline, ProgressBox
 from worker.process.jobcontrol import Lease, ProgressReport, RevocationCheck
 from worker.process.services import Services
@@ -40,8 +41,8 @@ class Delivery(Protocol):
     def started(self) -> None:
         """The GPU took the job (until then it showed `queued`, though a job thread held it)."""
 
-    def progress(self, step: int, total: int) -> None:
-        """The job completed `step` of `total` steps."""
+    def progress(self, step: int, total: int, frame: str | None = None) -> None:
+        """The job completed `step` of `total` steps; `frame` is the URL of its newest stored step frame, if any."""
 
     def requeue(self, message: TaskMessage) -> None:
         """Put `message`, the job's next attempt, on its queue (the job's lease is already released)."""
@@ -51,6 +52,20 @@ class Delivery(Protocol):
 
     def revoked(self, reason: str) -> None:
         """The job ended revoked (its manifest is already published): record that final state."""
+
+
+def expiry(
+    spec: RenderSpec, message: TaskMessage, clock: Callable[[], float] = time.time
+) -> Callable[[], JobExpired | None]:
+    """The check of the job's `deadline_seconds`: `JobExpired` once submit time + deadline has passed, else None.
+
+    Only a job no worker has started can expire: its first attempt, or one that follows only workers that could
+    not load its model. A job handed back or recovered after it started is never expired."""
+    limit = spec.deadline_seconds
+    if limit is None or message.submitted_at is None or message.attempt - 1 > message.load_failures:
+        return lambda: None
+    at = message.submitted_at + limit
+    return lambda: JobExpired(limit) if clock() >= at else None
 
 
 class JobRunner:
@@ -116,7 +131,7 @@ class JobRunner:
         job.before_store = lease.check
 
         try:
-            manifest = self._render(job, revocation, deadline, box, delivery, arrival)
+            manifest = self._render(job, revocation, expiry(spec, message), deadline, box, delivery, arrival)
             self._publish(manifest)  # before the lease goes: a scanner never finds the job unleased and unfinished
         except HandedOff as handed:
             self._requeue(delivery, message.again(), lease)
@@ -158,31 +173,40 @@ class JobRunner:
         self,
         job: JobContext,
         revocation: RevocationCheck,
+        expired: Callable[[], JobExpired | None],
         deadline: Deadline,
         box: ProgressBox,
         delivery: Delivery,
         arrival: Arrival | None,
     ) -> Manifest:
-        """The leased job's manifest: revoked before it started, or prepared, denoised on the GPU thread and stored."""
+        """The leased job's manifest: revoked or expired before it started, or prepared, denoised on the GPU thread
+        and stored (revoked or expired while it waited for the GPU: recorded so, with no step run)."""
         services, spec = self.services, job.spec
         if revocation.read(services.redis):  # revoked while queued (or before the lease named this worker)
             return revoked_before_start(job, services.storage)
+        if (stop := expired()) is not None:  # its deadline passed while it was queued
+            return expired_before_start(job, services.storage, stop)
         if spec.model in services.withdrawn:  # it failed to load here: another worker serving it takes the job
             raise ModelLoadError(services.withdrawn[spec.model])
 
-        def progress(step: int, total: int) -> None:
-            services.advert.progress(step, total)  # never raises
-            delivery.progress(step, total)
-
         job.inputs = load_inputs(spec, services.settings)  # a bad input image fails here, before any GPU work
         prepared = prepare(job, services.registry, services.storage)
+        frames = prepared.stack.frames
+
+        def progress(step: int, total: int) -> None:
+            services.advert.progress(step, total)  # never raises
+            delivery.progress(step, total, frames.newest if frames else None)
+
+        def skip() -> JobStopped | None:  # when the GPU takes the job: a revoke, then the deadline, stop it there
+            return JobRevoked(0, revoked_at=revocation.revoked_at) if revocation.is_revoked() else expired()
+
         outcome = services.gpu.run(
             prepared,
             deadline=deadline.at,
             box=box,
             report=progress,
             started=delivery.started,
-            skip=lambda: JobRevoked(0, revoked_at=revocation.revoked_at) if revocation.is_revoked() else None,
+            skip=skip,
             arrival=arrival,
         )
         manifest = store(prepared, outcome, services.storage)

@@ -32,8 +32,8 @@ class TaskDelivery:
         # Celery's STARTED: set when the GPU takes the job, not when a job thread takes it.
         self.task.update_state(state=states.STARTED, meta={"pid": os.getpid(), "hostname": self.task.request.hostname})
 
-    def progress(self, step: int, total: int) -> None:
-        self.task.update_state(state=PROGRESS_STATE, meta=Progress(step, total).meta())
+    def progress(self, step: int, total: int, frame: str | None = None) -> None:
+        self.task.update_state(state=PROGRESS_STATE, meta=Progress(step, total, frame).meta())
         self.task.send_event("task-progress", step=step, total=total)
 
     def requeue(self, message: TaskMessage) -> None:

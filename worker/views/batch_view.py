@@ -53,10 +53,10 @@ class BatchDisplay:
             eta = _duration(left * elapsed / finished_now)
         elif left == 0:
             eta = "done"
-        failed = progress.states["failed"] + progress.states["revoked"]
+        failed = progress.states["failed"] + progress.states["revoked"] + progress.states["expired"]
         return (
             f"batch {self.name}: {progress.finished}/{progress.total} done, {progress.running} running, "
-            f"{progress.states['queued']} queued, {failed} failed or revoked, "
+            f"{progress.states['queued']} queued, {failed} failed, revoked or expired, "
             f"{images_now / elapsed:.2f} images/s, ETA {eta}"
         )
 

@@ -20,7 +20,7 @@ from worker.storage import Storage
 
 __all__ = ["STATUSES", "IndexRow", "write_index"]
 
-STATUSES = ("succeeded", "interrupted", "failed", "revoked", "queued", "started", "progress", "unknown")
+STATUSES = ("succeeded", "interrupted", "failed", "revoked", "expired", "queued", "started", "progress", "unknown")
 _LINKABLE = {"http", "https", "file", "s3"}
 
 
@@ -179,7 +179,7 @@ dt { color: #777; } dd { margin: 0; }
 .badge { display: inline-block; margin-right: .2rem; padding: 0 .4rem; border-radius: 3px; background: #999;
   color: #fff; }
 .badge.succeeded { background: #2e7d32; } .badge.interrupted { background: #558b2f; }
-.badge.failed { background: #c62828; }
+.badge.failed { background: #c62828; } .badge.expired { background: #757575; }
 .badge.revoked { background: #6d4c41; } .badge.started, .badge.progress { background: #1565c0; }
 .badge.queued { background: #757575; }
 """

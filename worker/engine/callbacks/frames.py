@@ -7,6 +7,7 @@ image and uploads it, so the loop never waits on storage (nor, on a GPU, on a de
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -33,9 +34,19 @@ class FrameWriter:
         self._futures: list[Future[str]] = []
         self._steps: list[int] = []
         self.adopted: list[str] = []  # frames an earlier attempt stored (a resumed job's), before this one's
+        self._newest: tuple[int, str] | None = None
+        self._lock = threading.Lock()
 
     def adopt(self, urls: list[str]) -> None:
         self.adopted = list(urls)
+
+    @property
+    def newest(self) -> str | None:
+        """The URL of the newest frame stored so far (by step; frames are stored out of order), else the newest an
+        earlier attempt stored, else None: what the job's progress shows as its preview."""
+        with self._lock:
+            newest = self._newest
+        return newest[1] if newest is not None else (self.adopted[-1] if self.adopted else None)
 
     def submit(self, steps_completed: int, rgb: torch.Tensor) -> None:
         event = None
@@ -60,6 +71,9 @@ class FrameWriter:
         name = frame_object(self.task_id, steps_completed, self.spec.format)
         url = self.storage.put(name, encode(image, self.spec.format), CONTENT_TYPES[self.spec.format])
         FRAME_UPLOAD.observe(time.perf_counter() - started)
+        with self._lock:
+            if self._newest is None or steps_completed > self._newest[0]:
+                self._newest = (steps_completed, url)
         return url
 
     def finish(self) -> list[str]:
