@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from producer.errors import RenderError
-from service.deps import Reader, Service
+from service.deps import LinkReader, Service
 from service.errors import ApiError, ErrorResponse
 from service.jobs import job_of
 from service.jobview import JOBS_PATH, Job
@@ -78,7 +78,7 @@ async def snapshots(request: Request, service: Service, task_id: str, last_seen:
     summary="Follow a job (Server-Sent Events)",
 )
 async def events(
-    task_id: str, request: Request, service: Reader, last_event_id: Annotated[str | None, Header()] = None
+    task_id: str, request: Request, service: LinkReader, last_event_id: Annotated[str | None, Header()] = None
 ) -> StreamingResponse:
     """A snapshot of the job now and on every change (state, step, newest preview), ending with its final state."""
     await run_in_threadpool(job_of, service, task_id)  # 404 before the stream starts

@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from producer.errors import StorageError
-from service.deps import Reader, Service
+from service.deps import LinkReader, Service
 from service.errors import ApiError, ErrorResponse
 from worker.storage import LocalStorage
 from worker.storage.base import check_name
@@ -41,7 +41,7 @@ def link(service: Service, url: str) -> str:
     responses={404: {"model": ErrorResponse}},
     summary="A stored file (file:// storage only)",
 )
-def get_file(name: str, service: Reader) -> FileResponse:
+def get_file(name: str, service: LinkReader) -> FileResponse:
     storage = service.storage
     if not isinstance(storage, LocalStorage):
         raise ApiError(404, "not_found", "files are in S3; use the signed links a job's `files` give")

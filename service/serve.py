@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 
 from producer.errors import ConfigError
 from service.settings import ServiceSettings
 
 log = logging.getLogger("service")
+_TOKEN = re.compile(r"(access_token=)[^&\s\"]+")
+
+
+class RedactTokens(logging.Filter):
+    """Keys given as `?access_token=` (event streams, files) never reach the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN.sub(r"\1<redacted>", a) if isinstance(a, str) else a for a in record.args)
+        record.msg = _TOKEN.sub(r"\1<redacted>", str(record.msg))
+        return True
 
 
 def is_loopback(host: str) -> bool:
@@ -45,4 +57,5 @@ def serve(settings: ServiceSettings, host: str, port: int) -> None:
         )
     else:
         log.warning("no API key configured (RENDER_API_KEYS): no key is asked for, bound to loopback only (%s)", host)
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
