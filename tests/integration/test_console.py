@@ -114,7 +114,12 @@ def page(browser: Any, console: Console) -> Iterator[Any]:
     opened = context.new_page()
     opened.set_default_timeout(WAIT_MS)
     console.errors.clear()
-    opened.on("console", lambda message: message.type == "error" and console.errors.append(message.text))
+
+    def logged(message: Any) -> None:
+        if message.type == "error":
+            console.errors.append(message.text)
+
+    opened.on("console", logged)
     opened.on("pageerror", lambda exc: console.errors.append(f"uncaught: {exc}"))
     yield opened
     context.close()
