@@ -307,3 +307,19 @@ def test_s3_files_are_presigned_links(s3_server: str, s3_bucket: str) -> None:
     assert url.startswith(f"{s3_server}/{s3_bucket}/renders/job-1/image-0.png?")
     assert "X-Amz-Signature=" in url and "X-Amz-Expires=60" in url
     assert link(parts, "s3://elsewhere/x.png") == "s3://elsewhere/x.png"
+
+
+def test_a_job_whose_deadline_passes_behind_a_long_one_ends_expired_without_rendering(port: int) -> None:
+    status, _, long = call(port, "POST", "/v1/jobs", LONG)
+    assert status == 201, long
+    poll(port, long["id"], lambda j: j["status"] == "progress", "the long job to render")
+    status, _, late = call(port, "POST", "/v1/jobs", spec(deadline_seconds=1, num_inference_steps=4))
+    assert status == 201, late
+    try:
+        stream = events(port, late["id"])  # a stream of the waiting job: queued, then its final state
+    finally:
+        call(port, "POST", f"/v1/jobs/{long['id']}/cancel")
+    final = stream[-1]["data"]
+    assert final["status"] == "expired", final
+    assert final["manifest"]["steps_completed"] == 0 and final["files"] == []
+    assert "deadline of 1 s passed before a worker started it" in final["manifest"]["error"]
