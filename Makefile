@@ -38,8 +38,8 @@ lint: install
 	$(VENV)/bin/ruff format --check producer worker localfarm service tests bench tools
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml docker-compose.sentinel.yml
-	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml
-	$(VENV)/bin/hadolint infra/worker.Dockerfile
+	$(VENV)/bin/kubernetes-validate --quiet infra/k8s/worker.yaml infra/k8s/api.yaml
+	$(VENV)/bin/hadolint infra/worker.Dockerfile infra/service.Dockerfile
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -25,7 +25,7 @@ ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SENTINEL = ROOT / "docker-compose.sentinel.yml"
 # The settings .env.example leaves empty for the operator to fill in; every other one has a working default.
-SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD")
+SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD", "RENDER_API_KEYS")
 # The SHA-256 of each license's text as its steward publishes it (www.apache.org/licenses/LICENSE-2.0.txt).
 LICENSE_TEXTS = {"Apache-2.0": "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"}
 
@@ -136,8 +136,8 @@ def test_worker_image_runs_as_a_non_root_user_with_a_model_cache() -> None:
     assert 'VOLUME ["/models"]' in dockerfile and "HF_HUB_OFFLINE=1" in dockerfile
 
 
-def _dockerignore_patterns() -> list[tuple[bool, str]]:
-    lines = (ROOT / ".dockerignore").read_text().splitlines()
+def _dockerignore_patterns(ignore: Path) -> list[tuple[bool, str]]:
+    lines = ignore.read_text().splitlines()
     return [(line.startswith("!"), line.removeprefix("!")) for line in lines if line and not line.startswith("#")]
 
 
@@ -153,9 +153,9 @@ def _matches(pattern: str, path: str) -> bool:
     return any(re.fullmatch(regex, "/".join(parts[: i + 1])) for i in range(len(parts)))
 
 
-def build_context(root: Path) -> list[str]:
-    """The files `docker build` would send from `root` under its .dockerignore (the last matching pattern wins)."""
-    patterns = _dockerignore_patterns()
+def build_context(root: Path, ignore: Path = ROOT / ".dockerignore") -> list[str]:
+    """The files `docker build` would send from `root` under the `ignore` file (the last matching pattern wins)."""
+    patterns = _dockerignore_patterns(ignore)
 
     def included(path: str) -> bool:
         keep = True
@@ -324,7 +324,7 @@ def test_docker_compose_config_accepts_the_files_once_the_secrets_are_filled_in(
 def test_the_sentinel_variant_points_workers_and_flower_at_the_sentinels() -> None:
     services = rendered_compose(filled_env(), SENTINEL)["services"]
     assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(services)
-    for name in ("worker-gpu0", "worker-gpu1"):
+    for name in ("worker-gpu0", "worker-gpu1", "api"):
         env = services[name]["environment"]
         assert env["RENDER_REDIS_URL"].count("sentinel://") == 3 and env["RENDER_REDIS_MASTER_NAME"] == "farm"
         WorkerSettings(redis_url=env["RENDER_REDIS_URL"], redis_master_name=env["RENDER_REDIS_MASTER_NAME"])
@@ -388,3 +388,98 @@ def test_the_license_file_is_the_one_pyproject_names() -> None:
     text = (ROOT / "LICENSE").read_bytes()
     assert text.split()[:4] == [b"Apache", b"License", b"Version", b"2.0,"] and spdx == "Apache-2.0"
     assert hashlib.sha256(text).hexdigest() == LICENSE_TEXTS[spdx], "LICENSE is not the license's published text"
+
+
+SERVICE_DOCKERFILE = ROOT / "infra" / "service.Dockerfile"
+API_K8S = ROOT / "infra" / "k8s" / "api.yaml"
+
+
+def test_compose_serves_the_http_api_with_required_keys_and_a_liveness_check(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    assert api["command"] == ["render", "serve", "--host", "0.0.0.0", "--port", "8080"]
+    assert api["ports"] == ["8080:8080"] and api["build"]["dockerfile"] == "infra/service.Dockerfile"
+    assert "/healthz" in " ".join(api["healthcheck"]["test"])
+    ready = {"redis": {"condition": "service_healthy"}, "minio-init": {"condition": "service_completed_successfully"}}
+    assert api["depends_on"] == ready
+    # No default key: compose stops until .env names one (the service would refuse 0.0.0.0 without it anyway).
+    assert api["environment"]["RENDER_API_KEYS"] == "${RENDER_API_KEYS:?set it in .env}"
+    assert env_example()["RENDER_API_KEYS"] == ""
+    # The same storage as the workers, so its file links point at what they wrote.
+    env = rendered_compose(filled_env())["services"]
+    for name in ("RENDER_REDIS_URL", "RENDER_STORAGE_URL", "RENDER_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+        assert env["api"]["environment"][name] == env["worker-gpu0"]["environment"][name], name
+
+
+def test_the_api_settings_take_what_render_api_key_prints() -> None:
+    from service.auth import hash_key
+    from service.settings import ServiceSettings
+
+    keys = json.dumps({"ci": {"hash": hash_key("rk_example"), "scope": "full"}})
+    env = rendered_compose({**filled_env(), "RENDER_API_KEYS": keys})["services"]["api"]["environment"]
+    settings = ServiceSettings(
+        api_keys=env["RENDER_API_KEYS"], redis_url=env["RENDER_REDIS_URL"], storage_url=env["RENDER_STORAGE_URL"]
+    )
+    assert settings.api_keys["ci"].hash.startswith("$argon2id$") and settings.api_keys["ci"].scope == "full"
+
+
+def test_without_a_key_the_service_refuses_to_bind_beyond_loopback() -> None:
+    from producer.errors import ConfigError
+    from service.serve import check_bind
+    from service.settings import ServiceSettings
+
+    with pytest.raises(ConfigError, match="RENDER_API_KEYS"):
+        check_bind(ServiceSettings(), "0.0.0.0")
+    check_bind(ServiceSettings(), "127.0.0.1")
+
+
+def test_the_api_image_is_light_locked_and_runs_render_serve_as_a_numeric_user() -> None:
+    dockerfile = SERVICE_DOCKERFILE.read_text()
+    assert "['optional-dependencies']['serve']" in dockerfile and "'worker'" not in dockerfile, "no torch"
+    assert "pip install --no-cache-dir -c constraints.txt -r /tmp/requirements.txt" in dockerfile
+    copies = re.findall(r"^COPY (.+) \S+$", dockerfile, re.MULTILINE)
+    assert copies[0] == "pyproject.toml constraints.txt", "the dependency layer needs only these"
+    install = dockerfile.index("-r /tmp/requirements.txt")
+    assert all(dockerfile.index(f"COPY {code}") > install for code in ("producer", "worker", "service"))
+    assert re.findall(r"^USER (\S+)", dockerfile, re.MULTILINE)[-1] == "10001"
+    assert 'ENTRYPOINT ["dumb-init", "--"]' in dockerfile and "/healthz" in dockerfile
+    assert 'CMD ["render", "serve", "--host", "0.0.0.0", "--port", "8080"]' in dockerfile
+    pins = locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + project["optional-dependencies"]["serve"]:
+        assert canonicalize_name(Requirement(requirement).name) in pins, requirement
+
+
+def test_the_api_image_s_build_context_holds_what_it_copies() -> None:
+    # BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile in place of the root one (the worker's).
+    context = build_context(ROOT, SERVICE_DOCKERFILE.with_name(SERVICE_DOCKERFILE.name + ".dockerignore"))
+    tops = {path.split("/")[0] for path in context}
+    assert tops == {"pyproject.toml", "README.md", "LICENSE", "constraints.txt", "producer", "worker", "service"}
+    assert "service/static/index.html" in context, "the console's files"
+    assert not [path for path in context if "__pycache__" in path or path.endswith(".pyc")]
+    copied = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", SERVICE_DOCKERFILE.read_text(), re.MULTILINE)
+    for name in (name for source in copied for name in source.split()):
+        assert any(path == name or path.startswith(name.rstrip("/") + "/") for path in context), name
+
+
+def test_kubernetes_api_probes_its_health_and_readiness_and_reads_keys_from_a_secret() -> None:
+    documents = {d["kind"]: d for d in yaml.safe_load_all(API_K8S.read_text())}
+    pod = documents["Deployment"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    assert container["args"] == ["render", "serve", "--host", "0.0.0.0", "--port", "8080"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RENDER_API_KEYS"] == {
+        "name": "RENDER_API_KEYS",
+        "valueFrom": {"secretKeyRef": {"name": "render-api-keys", "key": "keys"}},
+    }, "keys come from a Secret, never a literal value"
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert {"cpu", "memory"} <= set(container["resources"]["requests"]) and "memory" in container["resources"]["limits"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    service = documents["Service"]["spec"]
+    assert (
+        service["selector"] == pod["metadata"]["labels"] == documents["Deployment"]["spec"]["selector"]["matchLabels"]
+    )
+    assert [p["targetPort"] for p in service["ports"]] == ["http"]
