@@ -1,9 +1,12 @@
 """Run the whole benchmark suite in one process and write docs/benchmarks.md from what it measured.
 
-    python bench/record.py [--quick] [--out docs/benchmarks.md]
+    python bench/record.py [--quick] [--out docs/benchmarks.md] [--only http]
 
 Every figure is printed as it is measured and written to the report; nothing in the report is
 typed by hand except the method text below. `--quick` uses a few repeats (a smoke run: noisy).
+`--only NAME[,NAME]` runs just those benchmarks (of the ones in `ALONE`) and puts their sections into the
+page already there, in place of the sections of the same title (or at the end), each saying when and how
+it was measured; the other figures are left as they were (the method text is rewritten from this file).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import bench_checkpoint
 import bench_families
 import bench_fleet
 import bench_gpu
+import bench_http
 import bench_lora
 import bench_queue
 import bench_recovery
@@ -69,6 +74,9 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
   alone, and the family's preview against the pipeline's decode of last-step latents (PSNR); no Redis.
 - Checkpoints: in-process `render()` with checkpoints at every step against none (interleaved), the GPU
   thread's capture timed alone, and a job stopped at 90 % done again from its checkpoint and from step 0.
+- HTTP service: a real `render serve` process (uvicorn) over a private redis-server and one tiny worker; the same
+  job submitted and followed to its final state through HTTP (SSE, or `Prefer: wait`) and through `RenderClient`,
+  interleaved; `GET /v1/jobs/{id}` requests per second from client threads on the same cores.
 - The GPU section runs the same benchmarks on full-size SD 1.5 / SDXL with random fp16 weights
   where CUDA is present; otherwise it says it was skipped and only checks the full-size configs.
 """
@@ -147,15 +155,54 @@ def write(path: Path, command: str, elapsed: float, started: datetime, sections:
     print(f"\nwrote {path}", flush=True)
 
 
+ALONE: dict[str, Callable[[bool], list[Section]]] = {
+    "http": lambda quick: [bench_http.run(rounds=3 if quick else 9, read_seconds=1.0 if quick else 2.0)],
+}
+"""The benchmarks `--only` can run on their own: their sections need nothing from the others."""
+
+
+def splice(path: Path, command: str, started: datetime, sections: list[Section]) -> None:
+    """Put `sections` into the page at `path`, each in place of the section of its title, else at the end; the
+    method text is this file's (it may describe the benchmarks just added)."""
+    page = path.read_text()
+    method, machine = page.find("## Method\n\n"), page.find("## Machine and versions\n")
+    if 0 <= method < machine:
+        page = page[: method + len("## Method\n\n")] + METHOD + "\n" + page[machine:]
+    for section in sections:
+        note = f"\n_Measured alone by `{command}` on {started:%Y-%m-%d %H:%M} UTC, after the rest of the page._\n"
+        text = section.markdown() + note
+        head = f"### {section.title}\n"
+        start = page.find(head)
+        if start < 0:
+            page = page.rstrip("\n") + "\n\n" + text
+            continue
+        end = page.find("\n### ", start + len(head))
+        page = page[:start] + text + (page[end:] if end >= 0 else "")
+    path.write_text(page)
+    print(f"\nwrote {', '.join(s.title for s in sections)} into {path}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repeats: checks that everything runs (noisy)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated, of {', '.join(ALONE)}: run just those, into the page there"
+    )
     args = parser.parse_args()
     python = os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT)) else sys.executable
     command = " ".join([python, os.path.relpath(__file__, ROOT), *sys.argv[1:]])
     started_at = datetime.now(UTC)
     started = time.monotonic()
+    if args.only is not None:
+        names = [name.strip() for name in args.only.split(",") if name.strip()]
+        unknown = [name for name in names if name not in ALONE]
+        if unknown or not names:
+            parser.error(f"--only: {', '.join(unknown) or 'nothing'} is not one of {', '.join(ALONE)}")
+        if not args.out.exists():
+            parser.error(f"--only: {args.out} does not exist yet; run the whole suite first (make bench)")
+        splice(args.out, command, started_at, [section for name in names for section in ALONE[name](args.quick)])
+        return
     repeats = 2 if args.quick else 9
 
     env = Section("Machine and versions")
@@ -182,6 +229,7 @@ def main() -> None:
     step_cache_section = bench_step_cache.run(repeats=3 if args.quick else 6)
     checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
     fleet_section, fleet = bench_fleet.run((10, 100) if args.quick else (10, 100, 1000), 10.0 if args.quick else 20.0)
+    http_section = bench_http.run(rounds=3 if args.quick else 9, read_seconds=1.0 if args.quick else 2.0)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [
         summary(worker, queue, rendered, recovery, throughput, checkpoints, fleet),
@@ -197,6 +245,7 @@ def main() -> None:
         step_cache_section,
         checkpoint_section,
         fleet_section,
+        http_section,
         *gpu_sections,
     ]
     write(args.out, command, time.monotonic() - started, started_at, sections)

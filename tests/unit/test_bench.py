@@ -122,3 +122,52 @@ def test_the_families_benchmark_previews_the_last_step_latents_of_each_family() 
     assert sd15_preview[1] == "fixed factors" and not sd15_preview[4].endswith("(with the fit)")
     assert flux_preview[1] == "fitted to its VAE" and flux_preview[4].endswith("(with the fit)")
     assert float(flux_preview[2]) > 15
+
+
+def test_the_http_benchmark_times_a_job_three_ways_and_counts_reads() -> None:
+    """bench/bench_http.py, quick: a real `render serve`, worker and redis-server; the latency table has the library,
+    SSE and Prefer: wait rows (each a job that succeeded, in ms), and the read table a positive rate per case."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_http.py"), "--quick", "--threads", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "bench",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if cells and cells[0] in ("library", "HTTP + SSE", "HTTP + Prefer: wait", "GET /v1/jobs/{id}", "GET /healthz"):
+            rows[(cells[0], cells[1] if cells[0].startswith("GET") else "")] = cells
+    latency = [rows[(name, "")] for name in ("library", "HTTP + SSE", "HTTP + Prefer: wait")]
+    assert all(float(row[1].split()[0]) > 0 for row in latency), result.stdout
+    assert latency[0][2] == "" and all(row[2].endswith("%)") for row in latency[1:]), result.stdout
+    reads = [rows[key] for key in (("GET /v1/jobs/{id}", "1"), ("GET /v1/jobs/{id}", "4"), ("GET /healthz", "1"))]
+    assert all(float(row[2].split()[0].replace(",", "")) > 0 for row in reads), result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith("http: the service adds ")
+
+
+def test_record_only_puts_a_section_in_place_of_its_namesake_or_at_the_end(tmp_path: Path) -> None:
+    """`record.py --only` measures one benchmark into the page there: the other sections stay as they were, the
+    method text is record.py's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        record = importlib.import_module("record")
+        section_class = importlib.import_module("common").Section
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    page = tmp_path / "benchmarks.md"
+    page.write_text(
+        "# Benchmarks\n\n## Method\n\nold method\n\n## Machine and versions\n\n## Figures\n\n### A\n\nold a\n\n"
+        "### B\n\nold b\n"
+    )
+    fresh_b, fresh_c = section_class("B"), section_class("C")
+    fresh_b.line("new b")
+    fresh_c.line("new c")
+    record.splice(page, "python bench/record.py --only x", record.datetime(2026, 1, 2, 3, 4), [fresh_b, fresh_c])
+    text = page.read_text()
+    assert "old a" in text and "old b" not in text and "old method" not in text
+    assert f"## Method\n\n{record.METHOD}\n## Machine and versions\n" in text
+    assert text.index("### A") < text.index("new b") < text.index("### C") < text.index("new c")
+    assert text.count("_Measured alone by `python bench/record.py --only x` on 2026-01-02 03:04 UTC") == 2
