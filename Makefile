@@ -52,7 +52,7 @@ typecheck: install
 TEST_PROCESSES ?= 2
 
 test: install
-	$(VENV)/bin/pytest -n $(TEST_PROCESSES) --dist loadfile --durations=15
+	$(VENV)/bin/pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install
 	$(VENV)/bin/pytest -m "not slow and not integration and not faults"

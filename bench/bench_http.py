@@ -299,12 +299,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 s per read case (about a minute)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (a multiple of 3)")
     parser.add_argument("--threads", default="4,16", help="concurrent client threads for the read cases")
+    parser.add_argument("--read-seconds", type=float, default=None, help="seconds per read case (default 2; 1 quick)")
     args = parser.parse_args()
     threads = tuple(int(n) for n in args.threads.split(","))
-    if args.quick:
-        run(rounds=3, threads=threads, read_seconds=1.0)
-    else:
-        run(rounds=args.rounds, threads=threads)
+    read_seconds = args.read_seconds or (1.0 if args.quick else 2.0)
+    run(rounds=3 if args.quick else args.rounds, threads=threads, read_seconds=read_seconds)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
+pytestmark = pytest.mark.slow  # each test runs a benchmark script, some with a worker and a service: seconds each
 
 
 def test_make_bench_entry_point_imports_every_benchmark_and_explains_itself() -> None:
@@ -128,7 +131,7 @@ def test_the_http_benchmark_times_a_job_three_ways_and_counts_reads() -> None:
     """bench/bench_http.py, quick: a real `render serve`, worker and redis-server; the latency table has the library,
     SSE and Prefer: wait rows (each a job that succeeded, in ms), and the read table a positive rate per case."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "bench_http.py"), "--quick", "--threads", "4"],
+        [sys.executable, str(ROOT / "bench" / "bench_http.py"), "--quick", "--threads", "4", "--read-seconds", "0.25"],
         capture_output=True,
         text=True,
         timeout=300,
