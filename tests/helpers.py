@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -197,3 +197,25 @@ class Gate:
     def on_step(self, info: Any) -> None:
         self.reached.set()
         assert self.open.wait(60)
+
+
+@contextlib.contextmanager
+def render_serve(command: Sequence[str], env: Mapping[str, str], log: Path) -> Iterator[str]:
+    """`render serve` as a real process (`command`: the executable and its arguments, ending with `--port P`),
+    its output appended to `log`; yields its base URL once /healthz answers, and stops it when the block ends."""
+    port = command[list(command).index("--port") + 1]
+    url = f"http://127.0.0.1:{port}"
+    with log.open("ab") as sink:
+        process = subprocess.Popen(list(command), cwd=ROOT, env=dict(env), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            wait_until(
+                lambda: http_answers(url + "/healthz"), timeout=60, what="render serve", process=process, log=log
+            )
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

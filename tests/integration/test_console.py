@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import pytest
 from argon2 import PasswordHasher
 
 from tests.browser import ensure_chromium
-from tests.helpers import ROOT, free_port, http_answers, wait_until
+from tests.helpers import free_port, render_serve
 from tests.integration.conftest import Farm, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,33 +60,9 @@ def serve(farm: Farm, storage: Path, logs: Path, **settings: str) -> Iterator[st
         "RENDER_STORAGE_URL": storage.as_uri(),
         **{f"RENDER_{name.upper()}": value for name, value in settings.items()},
     }
-    log = (logs / "serve.log").open("ab")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(
-            lambda: http_answers(url + "/healthz"),
-            timeout=60,
-            what="render serve",
-            process=process,
-            log=logs / "serve.log",
-        )
+    command = [sys.executable, "-m", "worker.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with render_serve(command, env, logs / "serve.log") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

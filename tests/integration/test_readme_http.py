@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 
 from tests.browser import ensure_chromium
-from tests.helpers import ROOT, free_port, http_answers, wait_until
+from tests.helpers import ROOT, free_port
+from tests.helpers import render_serve as serve_process
 from tests.integration.conftest import LONG, Farm
 
 pytestmark = [pytest.mark.integration]
@@ -52,27 +53,8 @@ def render_serve(farm: Farm, storage: Path, logs: Path) -> Iterator[str]:
     env = {**os.environ, "RENDER_REDIS_URL": farm.redis_url, "RENDER_STORAGE_URL": storage.as_uri()}
     env.pop("RENDER_API_KEYS", None)
     render = Path(sys.executable).with_name("render")
-    with (logs / "serve.log").open("ab") as log:
-        process = subprocess.Popen(
-            [str(render), "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(
-                lambda: http_answers(url + "/healthz"),
-                timeout=60,
-                what="render serve",
-                process=process,
-                log=logs / "serve.log",
-            )
-            yield url
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with serve_process([str(render), "serve", "--port", str(port)], env, logs / "serve.log") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

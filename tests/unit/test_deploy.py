@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -218,9 +219,13 @@ def test_make_install_and_the_image_resolve_to_the_same_versions() -> None:
     pins = locked()
     # This environment is the one `make install` built: every locked distribution is installed at its version
     # (torch's CPU build carries a local label, +cpu; the image's CUDA build from PyPI has none).
-    installed: dict[str, str] = {
-        str(canonicalize_name(d.metadata["Name"])): d.version for d in importlib.metadata.distributions()
-    }
+    # Each name as an import finds it (the first on sys.path): a test that imported setuptools puts its vendored
+    # copies (importlib_metadata 8.7, zipp 3.23) on sys.path after site-packages, and a scan of every
+    # distribution let the last one found win.
+    installed: dict[str, str] = {}
+    for name in pins:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            installed[name] = importlib.metadata.version(name)
     wrong = {
         name: (version, installed.get(name))
         for name, version in pins.items()
