@@ -35,7 +35,7 @@ from typing import IO, Any
 
 from common import PROMPT, Section, interleaved, median, spread
 
-from localfarm.cluster import RedisServer, WorkerProcess, free_port, wait_until
+from localfarm.cluster import RedisServer, WorkerProcess, free_port, stop_process, wait_until
 from producer.client import RenderClient
 from producer.settings import ClientSettings
 from service.events import POLL
@@ -82,13 +82,8 @@ class ServiceProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         if self._log is not None:
             self._log.close()
 

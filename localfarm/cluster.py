@@ -60,6 +60,18 @@ def _tail(log: Path | None, lines: int = 20) -> str:
     return f"; last lines of {log}:\n" + "\n".join(text) if text else f"; {log} is empty"
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM `process` and wait up to `timeout` seconds for it, then SIGKILL it; nothing if it already exited."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class RedisServer:
     """`redis-server` on a free loopback port, data in a temporary directory, no persistence by default."""
 
@@ -131,13 +143,8 @@ class RedisServer:
             return sock.recv(16).startswith(b"+PONG")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout=10)
 
     def __enter__(self) -> RedisServer:
         return self.start()

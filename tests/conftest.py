@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from localfarm.cluster import stop_process
 from tests.helpers import free_port, http_answers, wait_until
 
 # Nothing in the test run may reach a model hub or real AWS.
@@ -55,12 +56,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             )
             yield endpoint
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=10)
 
 
 @pytest.fixture

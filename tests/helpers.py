@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from localfarm.cluster import free_port, wait_until
+from localfarm.cluster import free_port, stop_process, wait_until
 from producer import RenderSpec
 from producer.errors import FarmUnavailable
 from producer.keys import RUNNING_TASKS
@@ -213,9 +213,4 @@ def render_serve(command: Sequence[str], env: Mapping[str, str], log: Path) -> I
             )
             yield url
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
