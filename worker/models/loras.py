@@ -129,25 +129,6 @@ def file_problem(path: str) -> str | None:
     return None
 
 
-class FileDigests:
-    """sha256 of files, each hashed once per (size, mtime)."""
-
-    def __init__(self) -> None:
-        self._known: dict[str, tuple[int, int, str]] = {}
-
-    def sha256(self, path: str) -> str:
-        stat = os.stat(path)
-        known = self._known.get(path)
-        if known is not None and known[:2] == (stat.st_size, stat.st_mtime_ns):
-            return known[2]
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        self._known[path] = (stat.st_size, stat.st_mtime_ns, digest.hexdigest())
-        return self._known[path][2]
-
-
 # --- one model's adapters ------------------------------------------------------------------------------------
 
 

@@ -16,9 +16,10 @@ from producer.errors import ModelError, ModelLoadError, UnsupportedSpecError
 from producer.spec import LoraRef
 from worker import metrics
 from worker.models import ip_adapter, variants
+from worker.models.digests import FileDigests
 from worker.models.families import family_named
 from worker.models.families.base import ModelFamily
-from worker.models.loras import AppliedLora, FileDigests, ModelLoras, Wanted, activate, deactivate, file_problem
+from worker.models.loras import AppliedLora, ModelLoras, Wanted, activate, deactivate, file_problem
 from worker.settings import TINY, LoraSource, ModelSource, WorkerSettings, default_loras
 
 log = logging.getLogger(__name__)

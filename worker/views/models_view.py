@@ -35,11 +35,11 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.errors import FarmUnavailable, RenderError
+from worker.models.digests import FileDigests
 from worker.settings import HUB_ID, ModelSource, WorkerSettings
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".ckpt", ".pt", ".pth", ".onnx", ".msgpack", ".h5")
 """The files of a directory its sha256 covers: the weights, not configs or tokenizers."""
-_CHUNK = 1 << 20
 
 
 def default_cache_path(setting: str | None = None) -> Path:
@@ -51,39 +51,19 @@ def default_cache_path(setting: str | None = None) -> Path:
     return Path(root) / "render-farm" / "sha256.json"
 
 
-class HashCache:
-    """sha256 of files, remembered by absolute path with (size, mtime_ns); `save()` writes the file back."""
+class HashCache(FileDigests):
+    """`FileDigests` kept in a JSON file across runs; `save()` writes it back."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.entries: dict[str, dict[str, Any]] = {}
-        self.changed = False
+        entries: dict[str, dict[str, Any]] = {}
         try:
             loaded = json.loads(path.read_text())
             if isinstance(loaded, dict):
-                self.entries = {str(k): v for k, v in loaded.items() if isinstance(v, dict)}
+                entries = {str(k): v for k, v in loaded.items() if isinstance(v, dict)}
         except (OSError, ValueError):  # none yet, unreadable or corrupt: start afresh, rewritten on save
             pass
-
-    def sha256(self, file: str | Path) -> str:
-        """The file's sha256 (hex): from the cache when its size and mtime_ns are those recorded, else read."""
-        real = os.path.realpath(file)
-        stat = os.stat(real)
-        entry = self.entries.get(real)
-        if (
-            entry is not None
-            and entry.get("size") == stat.st_size
-            and entry.get("mtime_ns") == stat.st_mtime_ns
-            and isinstance(entry.get("sha256"), str)
-        ):
-            return str(entry["sha256"])
-        digest = hashlib.sha256()
-        with open(real, "rb") as reader:
-            while chunk := reader.read(_CHUNK):
-                digest.update(chunk)
-        self.entries[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
-        self.changed = True
-        return digest.hexdigest()
+        super().__init__(entries)
 
     def save(self) -> str | None:
         """Write the cache if it changed (atomically); a phrase saying why it could not be, else None."""
