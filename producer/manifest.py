@@ -70,5 +70,7 @@ class Manifest(BaseModel):
     steps_after_revoke: int | None = None
     batched_with: list[str] = Field(default_factory=list)  # the other jobs that shared this job's UNet calls
     resumed_from_step: int | None = None  # the checkpoint's step this attempt started from; None: from the start
+    # `a1111` prompts: how many of the prompt's tokens each text encoder saw (its longest span); None for `plain`
+    prompt_tokens: dict[str, int] | None = None
     started_at: str
     finished_at: str

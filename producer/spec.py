@@ -11,7 +11,16 @@ import math
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from producer.errors import SpecError
 
@@ -167,6 +176,50 @@ class LoraRef(_Strict):
     scale: float = Field(default=1.0, ge=-2.0, le=2.0, allow_inf_nan=False)
 
 
+PromptSyntax = Literal["plain", "a1111"]
+
+
+class GuidanceRamp(_Strict):
+    """A guidance scale that moves from `from` at the first step to `to` at the last, along `curve`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True, serialize_by_alias=True)
+
+    start: float = Field(alias="from", ge=0.0, le=50.0, allow_inf_nan=False)
+    end: float = Field(alias="to", ge=0.0, le=50.0, allow_inf_nan=False)
+    curve: Literal["linear", "cosine"] = "linear"
+
+    def at(self, t: float) -> float:
+        """The scale at `t` (0: the first step, 1: the last)."""
+        if self.curve == "cosine":
+            t = (1.0 - math.cos(math.pi * t)) / 2.0
+        return self.start + (self.end - self.start) * t
+
+
+GuidancePoint = tuple[
+    Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)],
+    Annotated[float, Field(ge=0.0, le=50.0, allow_inf_nan=False)],
+]
+Guidance = Annotated[
+    Annotated[GuidanceRamp, Tag("ramp")]
+    | Annotated[list[GuidancePoint], Field(min_length=2, max_length=MAX_STEPS), Tag("points")],
+    Discriminator(lambda value: "points" if isinstance(value, list | tuple) else "ramp"),
+]
+
+
+def guidance_at(guidance: Guidance, index: int, steps: int) -> float:
+    """The guidance scale of step `index` (0-based) of `steps`: step i sits at t = i / (steps - 1), so the first
+    step is at 0 and the last at 1; a point list is joined by straight lines and held flat beyond its ends."""
+    t = index / (steps - 1) if steps > 1 else 0.0
+    if isinstance(guidance, GuidanceRamp):
+        return guidance.at(t)
+    if t <= guidance[0][0]:
+        return guidance[0][1]
+    for (t0, s0), (t1, s1) in zip(guidance, guidance[1:], strict=False):
+        if t <= t1:
+            return s0 + (s1 - s0) * (t - t0) / (t1 - t0)
+    return guidance[-1][1]
+
+
 _C = TypeVar("_C", bound=BaseModel)
 
 Callback = Annotated[CfgCutoff | IpAdapterScaleCutoff | StepBudget | Frames, Field(discriminator="type")]
@@ -180,8 +233,19 @@ class RenderSpec(_Strict):
     pipeline: PipelineKind = "text2img"
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str = Field(default="", max_length=4000)
+    prompt_syntax: PromptSyntax = Field(
+        default="plain",
+        description="How `prompt` and `negative_prompt` are read. `plain`: as text, as diffusers reads it (CLIP "
+        "encoders see at most 77 tokens). `a1111`: AUTOMATIC1111's syntax: (word:1.3) weights, (word), [word], "
+        "BREAK, [from:to:when] prompt editing; long prompts reach the encoders whole (docs/spec.md: Prompt syntax).",
+    )
     num_inference_steps: int = Field(default=30, ge=1, le=MAX_STEPS)
     guidance_scale: float = Field(default=7.5, ge=0.0, le=50.0, allow_inf_nan=False)
+    guidance: Guidance | None = Field(
+        default=None,
+        description="A guidance curve that replaces guidance_scale, step by step: {from, to, curve: linear|cosine} "
+        "or a list of [t, scale] points, t from 0 (the first step) to 1 (the last) (docs/spec.md: Guidance curves).",
+    )
     true_cfg_scale: float = Field(
         default=1.0,
         ge=1.0,
@@ -263,6 +327,35 @@ class RenderSpec(_Strict):
         if not value.strip():
             raise ValueError("must contain some text, not only whitespace")
         return value
+
+    @model_validator(mode="after")
+    def _prompt_syntax(self) -> RenderSpec:
+        if self.prompt_syntax == "a1111":
+            from producer import prompt_syntax
+
+            prompt_syntax.check(self.prompt, field="prompt")
+            if self.negative_prompt:
+                prompt_syntax.check(self.negative_prompt, field="negative_prompt")
+        return self
+
+    @field_validator("guidance")
+    @classmethod
+    def _points_in_order(cls, value: Guidance | None) -> Guidance | None:
+        if isinstance(value, list):
+            for i, ((t0, _), (t1, _)) in enumerate(zip(value, value[1:], strict=False)):
+                if t1 <= t0:
+                    raise ValueError(
+                        f"point {i + 1} is at t={t1:g}, not after point {i}'s t={t0:g}; list the points in "
+                        "increasing t (0: the first step, 1: the last)"
+                    )
+        return value
+
+    @property
+    def first_guidance_scale(self) -> float:
+        """The guidance scale the pipeline starts with: the curve's first step's, or `guidance_scale`."""
+        if self.guidance is None:
+            return self.guidance_scale
+        return guidance_at(self.guidance, 0, self.denoising_steps)
 
     @field_validator("width", "height")
     @classmethod

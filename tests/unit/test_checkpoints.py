@@ -362,3 +362,19 @@ def test_a_drained_job_whose_sampler_state_cannot_be_captured_is_still_handed_of
     assert isinstance(outcome.stop, HandedOff) and outcome.stop.steps_completed == 3
     assert storage.get(checkpoint_object(TASK)) is None, "no checkpoint: the next attempt starts from step 0"
     assert any("no checkpoints for this job" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+def test_a_prompt_schedule_and_a_guidance_curve_resume_byte_for_byte_after_a_switch(
+    registry: ModelRegistry, tmp_path: Path, model: str
+) -> None:
+    """Switches at steps 3 (the prompt) and 5 (the negative), checkpoint of step 6: the resume replays both."""
+    spec = spec_of(
+        model=model,
+        prompt="a [cat:dog:0.3] by the sea, (red:1.3) sky",
+        negative_prompt="[blurry::5], dark",
+        prompt_syntax="a1111",
+        guidance={"from": 8, "to": 3, "curve": "cosine"},
+        num_images=2,
+    )
+    check_resume(registry, tmp_path, spec, stop_at=7)

@@ -39,6 +39,8 @@ def shared_call_key(spec: RenderSpec) -> Hashable | None:
         return None  # a step cache decides for the whole call: a job's rows would not be its image alone
     if any(not isinstance(callback, (CfgCutoff, StepBudget, Frames)) for callback in spec.callbacks):
         return None  # a callback the batch does not run per job
+    if spec.prompt_syntax == "a1111" or spec.guidance is not None:
+        return None  # encoded prompts (their spans) and guidance curves are one job's, in a call of its own
     cutoff = spec.callback(CfgCutoff)
     return (
         spec.model,

@@ -24,6 +24,7 @@ from producer.keys import image_object, manifest_object
 from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
 from worker.engine.callbacks import CallbackStack, Checkpointing, build_callbacks
+from worker.engine.callbacks.prompts import encode_plan
 from worker.engine.callbacks.steps import sampler_steps
 from worker.engine.checkpoints import CheckpointWriter, load_checkpoint
 from worker.engine.job import JobContext
@@ -349,7 +350,7 @@ def pipeline_arguments(
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt or None,
         "num_inference_steps": spec.num_inference_steps,
-        "guidance_scale": spec.guidance_scale,
+        "guidance_scale": spec.first_guidance_scale,
         "num_images_per_prompt": spec.num_images,
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
         **_pipeline_inputs(spec, dict(inputs), control_argument),
@@ -368,7 +369,15 @@ def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
         stack.checkpoint.bind(pipe, arguments["generator"])
     try:
         with torch.inference_mode():
-            arguments.update(prepared.family.clip_skip_arguments(pipe, spec))
+            if spec.prompt_syntax == "a1111" and prepared.family.prompt_weights:
+                plan = encode_plan(pipe, prepared.family, spec)
+                _, positive, negative = plan.spans[0]
+                arguments.update(prepared.family.conditioning_arguments(positive, negative))
+                record.prompt_tokens = plan.tokens
+                if stack.prompts is not None:
+                    stack.prompts.plan = plan
+            else:
+                arguments.update(prepared.family.clip_skip_arguments(pipe, spec))
             prepared.family.before_call(spec, record.image_seed(0))
             output = pipe(
                 **arguments,
@@ -406,6 +415,7 @@ class _Record:
         self.loras: list[LoraRecord] = []
         self.batched_with: list[str] = []
         self.resumed_from_step: int | None = None
+        self.prompt_tokens: dict[str, int] | None = None
         self.checkpoints: CheckpointWriter | None = None
         self.started_at = _now()
 
@@ -457,6 +467,7 @@ class _Record:
             steps_after_revoke=self.steps_after_revoke,
             batched_with=self.batched_with,
             resumed_from_step=self.resumed_from_step,
+            prompt_tokens=self.prompt_tokens,
             started_at=self.started_at,
             finished_at=_now(),
         )

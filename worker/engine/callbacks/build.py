@@ -12,6 +12,7 @@ from worker.engine.callbacks.checkpoint import CheckpointCallback
 from worker.engine.callbacks.control import StepControlCallback
 from worker.engine.callbacks.drain import DrainHook
 from worker.engine.callbacks.frames import FramesCallback, FrameWriter
+from worker.engine.callbacks.prompts import GuidanceCurveCallback, PromptScheduleCallback, switch_steps
 from worker.engine.callbacks.steps import SamplerStepCallbacks
 from worker.engine.checkpoints import Checkpoint, CheckpointWriter, spec_digest
 from worker.engine.drain import Drain
@@ -32,6 +33,7 @@ class CallbackStack:
     checkpoint: CheckpointCallback | None = None
     checkpoints: CheckpointWriter | None = None  # stores (and at the end deletes) the job's checkpoint
     cutoff: Any = None  # the CFG cutoff, whose `release()` (where it has one) undoes what it did to the model
+    prompts: PromptScheduleCallback | None = None  # a prompt schedule's, bound to its encoded spans by the render
 
     def start(self) -> None:
         self.control.start()
@@ -92,6 +94,12 @@ def build_callbacks(
         chain.append(cutoff_callback)
     if (ip_cutoff := spec.callback(IpAdapterScaleCutoff)) is not None:
         chain.append(ip_adapter_scale_cutoff_callback(ip_cutoff))
+    # After the cutoff: a switch at the cutoff's step hands over only the rows the cutoff left.
+    prompts = PromptScheduleCallback(family, spec.num_images) if switch_steps(spec) else None
+    if prompts is not None:
+        chain.append(prompts)
+    if spec.guidance is not None:
+        chain.append(GuidanceCurveCallback(spec.guidance))
     writer = None
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)
@@ -120,4 +128,4 @@ def build_callbacks(
     if drain is not None:
         control.hooks = (*control.hooks, DrainHook(drain, checkpoint))
     multi = SamplerStepCallbacks(control, chain)
-    return CallbackStack(control, budget, writer, multi, checkpoint, checkpoints, cutoff_callback)
+    return CallbackStack(control, budget, writer, multi, checkpoint, checkpoints, cutoff_callback, prompts)

@@ -37,6 +37,10 @@ class ModelFamily:
     step_caches: ClassVar[frozenset[str]] = frozenset()  # the `cache` types its model takes (diffusers' CacheMixin)
     cuda_dtype: ClassVar[str] = "float16"  # RENDER_DTYPE=auto on a GPU: SD's UNets run in float16
     true_cfg: ClassVar[bool] = False  # whether `true_cfg_scale` means anything to it (Flux.1's second, negative pass)
+    prompt_weights: ClassVar[bool] = False  # whether it encodes `a1111` prompts: weights, BREAK, long prompts
+    prompt_schedule_inputs: ClassVar[tuple[str, ...]] = ()  # the loop's tensors a prompt schedule replaces
+    # Why a guidance curve cannot apply to the family (None: its loop reads the guidance scale every step).
+    guidance_curve: ClassVar[str | None] = "has no guidance scale its loop reads every step in this worker"
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -133,6 +137,7 @@ class ModelFamily:
         if spec.clip_skip and not self.clip_skip:
             raise UnsupportedSpecError(f"clip_skip: {model!r} ({self.name}) has no CLIP layers to skip; leave it 0")
         self.check_sampler(spec.scheduler, model)
+        self.check_prompts(spec, model)
         if spec.cache is not None and spec.cache.type not in self.step_caches:
             offered = ", ".join(sorted(self.step_caches)) or "none"
             raise UnsupportedSpecError(
@@ -142,6 +147,49 @@ class ModelFamily:
 
     def check_sampler(self, name: str, model: str) -> None:
         """Refuse a sampler the family does not run."""
+
+    def check_prompts(self, spec: RenderSpec, model: str) -> None:
+        """Refuse an `a1111` prompt the family cannot encode as written (a plain one it reads as text), and a
+        guidance curve it cannot follow step by step."""
+        if spec.prompt_syntax == "a1111" and not self.prompt_weights:
+            from producer import prompt_syntax
+
+            for name in ("prompt", "negative_prompt"):
+                text = getattr(spec, name)
+                spans = prompt_syntax.schedule(text, spec.denoising_steps) if text else []
+                if len(spans) > 1 or any(not span.prompt.is_plain() for span in spans):
+                    raise UnsupportedSpecError(
+                        f"{name}: {model!r} ({self.name}) has no weights, BREAK or prompt editing in this worker; "
+                        "remove them or send prompt_syntax 'plain'"
+                    )
+        if spec.guidance is None:
+            return
+        if self.guidance_curve is not None:
+            raise UnsupportedSpecError(f"guidance: {model!r} ({self.name}) {self.guidance_curve}; remove `guidance`")
+        from producer.spec import guidance_at
+
+        steps = spec.denoising_steps
+        lowest = min(guidance_at(spec.guidance, i, steps) for i in range(steps))
+        if lowest <= 1.0:
+            raise UnsupportedSpecError(
+                f"guidance: every step's scale must be above 1 on {model!r} ({self.name}): at 1 or below its "
+                f"pipeline stops guiding and changes its batch; got {lowest:g}. Keep the curve above 1, and end "
+                "guidance with a cfg_cutoff callback"
+            )
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Any, *, negative: bool = False) -> Any:
+        """`prompt` (a `producer.prompt_syntax.Weighted`) encoded for one image: a
+        `worker.models.prompt_embeds.Encoded`; `negative`: it is the negative prompt."""
+        raise NotImplementedError
+
+    def conditioning_arguments(self, positive: Any, negative: Any) -> dict[str, Any]:
+        """The pipeline arguments that pass encoded prompts in place of `prompt` and `negative_prompt`."""
+        raise NotImplementedError
+
+    def loop_conditioning(self, positive: Any, negative: Any, images: int, guided: bool) -> dict[str, torch.Tensor]:
+        """The loop's tensors (`prompt_schedule_inputs`) for `images` images of the encoded prompts, as the loop
+        holds them (`guided`: with its CFG batch doubled, negative rows first)."""
+        raise NotImplementedError
 
     def cfg_cutoff(self, spec: CfgCutoff, kind: Kind, *, ip_adapter: bool = False) -> Any:
         """The step callback that ends classifier-free guidance at the spec's step; raise why not where it cannot."""

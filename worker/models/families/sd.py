@@ -29,7 +29,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from transformers.initialization import no_init_weights
 
 from producer.errors import UnsupportedSpecError
-from producer.spec import CfgCutoff
+from producer.prompt_syntax import Weighted
+from producer.spec import CfgCutoff, RenderSpec
 from worker.models import sampling, single_file, tiny_sd15, tiny_sdxl
 from worker.models.families.base import Kind, ModelFamily, ModelOff
 from worker.models.families.guidance import (
@@ -38,6 +39,7 @@ from worker.models.families.guidance import (
     BatchSafeSDXLCFGCutoffCallback,
     cutoff_callback,
 )
+from worker.models.prompt_embeds import Encoded, chunks, encode_chunks, pad_to, seen
 
 # SDXL's factors are the ones in diffusers' callback guide ("Display image after each generation step"); SD 1.5's
 # are the widely used least-squares fit of its latent space (in [-1, 1], scaled here to 0..255 the same way).
@@ -72,6 +74,8 @@ class StableDiffusionFamily(ModelFamily):
     ip_adapter = True
     clip_skip = True
     controlnet_class = ControlNetModel
+    prompt_weights = True
+    guidance_curve = None  # CFG in one doubled batch, `guidance_scale` read at every step
 
     def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
         # From a freshly built UNet, equal to the base's as built: the base's may hold LoRA layers by now, whose
@@ -149,6 +153,36 @@ class StableDiffusionFamily(ModelFamily):
             UNet2DConditionOutput,
         )
 
+    def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
+        positive, negative = _same_length(positive, negative)
+        arguments: dict[str, Any] = {"prompt": None, "negative_prompt": None}
+        arguments |= {"prompt_embeds": positive.embeds, "negative_prompt_embeds": negative.embeds}
+        if positive.pooled is not None:
+            arguments |= {"pooled_prompt_embeds": positive.pooled, "negative_pooled_prompt_embeds": negative.pooled}
+        return arguments
+
+    def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
+        positive, negative = _same_length(positive, negative)
+
+        def rows(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+            repeat = (images,) + (1,) * (pos.ndim - 1)
+            return torch.cat([neg.repeat(repeat), pos.repeat(repeat)]) if guided else pos.repeat(repeat)
+
+        tensors = {"prompt_embeds": rows(positive.embeds, negative.embeds)}
+        if positive.pooled is not None and negative.pooled is not None:
+            tensors["add_text_embeds"] = rows(positive.pooled, negative.pooled)
+        return tensors
+
+
+def _same_length(positive: Encoded, negative: Encoded) -> tuple[Encoded, Encoded]:
+    """The prompt and its negative padded to one length with the empty prompt's chunk (A1111's rule); the filler
+    is the negative's own last chunk where it is padding of zeros (SDXL's empty negative)."""
+    longest = max(positive.embeds.shape[1], negative.embeds.shape[1])
+    return (
+        Encoded(pad_to(positive.embeds, longest, positive.filler), positive.pooled, positive.tokens, positive.filler),
+        Encoded(pad_to(negative.embeds, longest, negative.filler), negative.pooled, negative.tokens, negative.filler),
+    )
+
 
 class SD15Family(StableDiffusionFamily):
     name = "sd15"
@@ -161,6 +195,25 @@ class SD15Family(StableDiffusionFamily):
     tiny = {"tiny": tiny_sd15.build}
     load_options = {"safety_checker": None, "requires_safety_checker": False}
     cutoff_class = BatchSafeSDCFGCutoffCallback
+    prompt_schedule_inputs = ("prompt_embeds",)
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
+        encoder = pipe.text_encoder
+        skip = spec.clip_skip
+
+        def hidden(output: Any) -> torch.Tensor:
+            # diffusers' rule: the last layer (with its final norm) or, skipping, an earlier one put through the norm
+            if not skip:
+                last: torch.Tensor = output[0]
+                return last
+            norm = getattr(encoder, "text_model", encoder).final_layer_norm
+            skipped: torch.Tensor = norm(output.hidden_states[-(skip + 1)])
+            return skipped
+
+        parts = chunks(pipe.tokenizer, prompt)
+        embeds, _ = encode_chunks(encoder, parts, hidden)
+        filler, _ = encode_chunks(encoder, chunks(pipe.tokenizer, Weighted(())), hidden)
+        return Encoded(embeds, None, {"text_encoder": seen(parts)}, filler)
 
     def batch_tensor_inputs(self, pipe: Any) -> list[str]:
         return ["latents", "prompt_embeds"]
@@ -180,6 +233,42 @@ class SDXLFamily(StableDiffusionFamily):
     }
     tiny = {"tiny": tiny_sdxl.build}
     cutoff_class = BatchSafeSDXLCFGCutoffCallback
+    prompt_schedule_inputs = ("prompt_embeds", "add_text_embeds")
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
+        pairs = [
+            (name, tokenizer, encoder)
+            for name, tokenizer, encoder in (
+                ("text_encoder", pipe.tokenizer, pipe.text_encoder),
+                ("text_encoder_2", pipe.tokenizer_2, pipe.text_encoder_2),
+            )
+            if encoder is not None
+        ]
+        layer = -(spec.clip_skip + 2)  # diffusers' SDXL rule: the penultimate layer, `clip_skip` more back
+
+        def hidden(output: Any) -> torch.Tensor:
+            embeds: torch.Tensor = output.hidden_states[layer]
+            return embeds
+
+        def encode(text: Weighted) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, int]]:
+            widths, pooled, tokens = [], None, {}
+            for name, tokenizer, encoder in pairs:
+                parts = chunks(tokenizer, text)
+                embeds, pooled = encode_chunks(encoder, parts, hidden, pooled=True)
+                widths.append(embeds)
+                tokens[name] = seen(parts)
+            longest = max(each.shape[1] for each in widths)
+            # One BPE for both encoders gives both as many chunks; pad with zeros all the same if not.
+            widths = [torch.nn.functional.pad(each, (0, 0, 0, longest - each.shape[1])) for each in widths]
+            return torch.cat(widths, dim=-1), pooled, tokens
+
+        if negative and not prompt.pieces and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            embeds, pooled, tokens = encode(prompt)  # diffusers' rule: an empty negative prompt is zeros
+            zeros = torch.zeros_like(embeds)
+            return Encoded(zeros, torch.zeros_like(pooled) if pooled is not None else None, tokens, zeros)
+        embeds, pooled, tokens = encode(prompt)
+        filler = embeds if not prompt.pieces else encode(Weighted(()))[0]
+        return Encoded(embeds, pooled, tokens, filler)
 
     def whole_file_parts(self, facts: single_file.FileFacts, base: str, dtype: torch.dtype) -> dict[str, Any]:
         # diffusers tells an SDXL file's two text encoders apart by their width; where both are as wide (a small
