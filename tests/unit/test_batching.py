@@ -264,6 +264,10 @@ def test_the_key_keeps_apart_what_one_call_cannot_share() -> None:
     ):
         assert shared_call_key(other) != shared_call_key(base)
     assert shared_call_key(make_spec(pipeline="img2img", image="file:///x.png")) is None
+    # Encoded prompts (a schedule's spans) and guidance curves are one job's: such a job always runs alone.
+    assert shared_call_key(make_spec(prompt="a [cat:dog:0.5]", prompt_syntax="a1111")) is None
+    assert shared_call_key(make_spec(prompt_syntax="a1111")) is None
+    assert shared_call_key(make_spec(guidance={"from": 7, "to": 3})) is None
 
 
 def test_the_gpu_thread_batches_only_compatible_jobs_already_waiting(registry: ModelRegistry, tmp_path: Path) -> None:
