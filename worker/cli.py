@@ -86,12 +86,15 @@ def worker(
 ) -> None:
     """Run a GPU worker: one process, a thread per job in hand, acks late, events on (settings from RENDER_*)."""
     _quiet_libraries()
-    from worker.celery_app import create_app, run_worker, worker_argv
     from worker.process.preflight import check_worker
     from worker.settings import load_settings
 
+    # The settings and their checks first: a setting that cannot work stops the worker here, before it takes a job
+    # (exit 2), and before the seconds Celery, torch and diffusers take to import.
     settings = load_settings()
-    check_worker(settings)  # a setting that cannot work stops the worker here, before it takes a job (exit 2)
+    check_worker(settings)
+    from worker.celery_app import create_app, run_worker, worker_argv
+
     status = run_worker(create_app(settings), worker_argv(settings, hostname=hostname, loglevel=loglevel))
     # Celery's warm shutdown has ended every job (finished, handed back or recorded): exit now. Python's own
     # teardown of torch and the cached pipelines took another ~0.7 s that a stopping pod or spot machine spends

@@ -4,6 +4,10 @@ A setting that is wrong at start (a model folder that does not exist, a bucket n
 there) would otherwise let the worker say `ready`, advertise its models and then fail every job it takes, while
 its probes stay green. Each check here reads only what it must: a model's `model_index.json` and component
 configs, a LoRA file's safetensors header, one probe object written and deleted under the storage prefix.
+
+Each check imports torch, diffusers and the model families only when a setting needs them (a device other than
+`cpu` or `auto`, a model entry, a LoRA file), and `render worker` runs these checks before it imports the rest of
+the worker: a worker refused for a bad setting exits in about a second instead of after seconds of imports.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import socket
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from producer.errors import ConfigError, ModelError, StorageError
-from worker.models import single_file
-from worker.models.families import family_named, family_of
-from worker.models.single_file import config_file
 from worker.settings import TINY, Family, LoraSource, ModelSource, WorkerSettings
+
+if TYPE_CHECKING:
+    from worker.models.families import ModelFamily
 
 PROBE_PREFIX = ".render-probe"
 _FIX_MODELS = "fix the entry in RENDER_MODELS or remove it"
@@ -50,6 +54,8 @@ def check_compile_cache(path: str | None) -> None:
 
 
 def check_device(settings: WorkerSettings) -> None:
+    if settings.device in ("cpu", "auto"):  # always a device: `auto` falls back to the CPU (no torch import needed)
+        return
     from worker.models.registry import resolve_device
 
     try:
@@ -60,28 +66,27 @@ def check_device(settings: WorkerSettings) -> None:
 
 def check_models(models: Mapping[str, ModelSource]) -> None:
     for name, model in models.items():
-        built_in = family_named(model.family).tiny
         if model.file is not None:
             check_file_model(name, model)
-        elif model.tiny and model.source not in built_in:
+        elif model.tiny and model.source not in (built_in := _family(model.family).tiny):
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: {model.source!r} is not a built-in {model.family} model; use one "
                 f"of: {', '.join(built_in)}, or a diffusers directory"
             )
         elif model.source is not None and not model.tiny:
-            index = config_file(model.source, "model_index.json")
+            index = _config_file(model.source, "model_index.json")
             if index is None:
                 raise ConfigError(
                     f"RENDER_MODELS: model {name!r}: {model.source!r} is neither a diffusers directory (with "
                     f"model_index.json) nor a hub id in the local cache; {_FIX_MODELS}"
                 )
             _check_index(name, model.family, index)
-        if model.controlnet and config_file(model.controlnet, "config.json") is None:
+        if model.controlnet and _config_file(model.controlnet, "config.json") is None:
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: controlnet {model.controlnet!r} is neither a directory with "
                 f"config.json nor a hub id in the local cache; {_FIX_MODELS}"
             )
-        if model.image_encoder and config_file(model.image_encoder, "config.json") is None:
+        if model.image_encoder and _config_file(model.image_encoder, "config.json") is None:
             raise ConfigError(
                 f"RENDER_MODELS: model {name!r}: image_encoder {model.image_encoder!r} is not a directory with "
                 f"config.json; {_FIX_MODELS}"
@@ -95,27 +100,29 @@ def check_models(models: Mapping[str, ModelSource]) -> None:
 def check_file_model(name: str, model: ModelSource) -> None:
     """A single-file model: `base` is there and of its family, and the file's header is whole and of its family."""
     assert model.file is not None
-    family = family_named(model.family)
     if model.base is None:
         raise ConfigError(
             f'RENDER_MODELS: model {name!r}: the file {model.file} needs "base": the local diffusers directory of the '
             f"{model.family} reference model (its configs and tokenizers, and the components the file lacks); add it"
         )
+    from worker.models import single_file
+
     try:
         facts = single_file.inspect(model.file)
     except single_file.FileProblem as exc:
         raise ConfigError(f"RENDER_MODELS: model {name!r}: {exc}") from None
-    what = "whole checkpoint" if facts.holds == "pipeline" else family_named(facts.family or model.family).denoiser
     if facts.family is None:
         raise ConfigError(
             f"RENDER_MODELS: model {name!r}: {model.file} holds no model of a family this worker runs (its "
             f"{len(facts.keys)} tensor names match none of them); check that it is the file you meant"
         )
     if facts.family != model.family:
+        what = "whole checkpoint" if facts.holds == "pipeline" else _family(facts.family).denoiser
         raise ConfigError(
             f'RENDER_MODELS: model {name!r} says "family": "{model.family}" but {model.file} holds a {facts.family} '
             f'{what}; set "family" to "{facts.family}" or use a file of the {model.family} family'
         )
+    family = _family(model.family)
     if facts.format == "gguf" and (facts.holds == "pipeline" or family.denoiser != "transformer"):
         raise ConfigError(
             f"RENDER_MODELS: model {name!r}: {model.file} is GGUF, which this worker loads for a transformer alone "
@@ -126,7 +133,7 @@ def check_file_model(name: str, model: ModelSource) -> None:
             f"RENDER_MODELS: model {name!r}: {model.file} is a whole {model.family} checkpoint, which diffusers loads "
             'only as the transformer alone; use a transformer-only file with the rest in "base"'
         )
-    index = config_file(model.base, "model_index.json")
+    index = _config_file(model.base, "model_index.json")
     if index is None:
         raise ConfigError(
             f"RENDER_MODELS: model {name!r}: base {model.base!r} is neither a diffusers directory (with "
@@ -137,10 +144,12 @@ def check_file_model(name: str, model: ModelSource) -> None:
 
 
 def check_loras(loras: Mapping[str, LoraSource]) -> None:
-    from worker.models.loras import file_problem
-
     for name, lora in loras.items():
-        problem = None if lora.path == TINY else file_problem(lora.path)
+        if lora.path == TINY:
+            continue
+        from worker.models.loras import file_problem
+
+        problem = file_problem(lora.path)
         if problem:
             raise ConfigError(f"RENDER_LORAS: LoRA {name!r}: {problem}; fix its path or remove it")
 
@@ -168,8 +177,24 @@ def check_storage(settings: WorkerSettings) -> None:
         raise ConfigError(f"RENDER_STORAGE_URL={settings.storage_url!r} cannot be used: {exc}") from None
 
 
+def _config_file(source: str, name: str) -> Path | None:
+    """`worker.models.single_file.config_file`, imported when first needed (it imports torch)."""
+    from worker.models.single_file import config_file as find
+
+    return find(source, name)
+
+
+def _family(name: str) -> ModelFamily:
+    """The family called `name`; the first call imports the families (diffusers, torch: seconds)."""
+    from worker.models.families import family_named
+
+    return family_named(name)
+
+
 def _check_index(name: str, family: Family, index: Path) -> None:
     """The pipeline class in model_index.json is of `family`, and each component it lists has its folder."""
+    from worker.models.families import family_of
+
     try:
         config: dict[str, Any] = json.loads(index.read_text())
         pipeline = str(config["_class_name"])
