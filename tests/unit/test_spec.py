@@ -52,6 +52,13 @@ def spec(**overrides: Any) -> dict[str, Any]:
         (spec(spec_version=2), "spec_version", "1"),
         ({"prompt": "x"}, "model", "Field required"),
         (spec(num_inference_steps="ten"), "num_inference_steps", "valid integer"),
+        (spec(prompt="a (red fox", prompt_syntax="a1111"), "prompt", "position 2"),
+        (spec(negative_prompt="[a|b]", prompt_syntax="a1111"), "negative_prompt", "position"),
+        (spec(prompt_syntax="comfy"), "prompt_syntax", "'plain' or 'a1111'"),
+        (spec(guidance={"from": 7}), "guidance.ramp.to", "Field required"),
+        (spec(guidance={"from": 7, "to": 51}), "guidance.ramp.to", "less than or equal to 50"),
+        (spec(guidance=[[0.5, 7], [0.2, 3]]), "guidance", "increasing t"),
+        (spec(guidance=[[0, 7]]), "guidance.points", "at least 2"),
     ],
 )
 def test_bad_input_names_the_field(data: dict[str, Any], field: str, hint: str) -> None:
@@ -71,6 +78,10 @@ def test_the_sampler_step_limit_is_one_sentence_naming_the_limit() -> None:
         "invalid render spec: num_inference_steps must be at most 50 with scheduler 'lcm'; got 51"
     )
     assert RenderSpec.parse(spec(scheduler="lcm", num_inference_steps=50)).num_inference_steps == 50
+
+
+def test_plain_prompts_keep_brackets_as_text() -> None:
+    assert RenderSpec.parse(spec(prompt="a (red fox")).prompt == "a (red fox"
 
 
 def test_nan_in_json_text_is_rejected() -> None:
