@@ -480,6 +480,28 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command("spec-from-png")
+def spec_from_png(
+    png_path: Annotated[Path, typer.Argument(metavar="FILE.png", help="A PNG with generation parameters.")],
+    model: Annotated[str | None, typer.Option(help="The model the spec names (default: the PNG's).")] = None,
+) -> None:
+    """Print the render spec a PNG's metadata describes (this farm's exactly; A1111's, Forge's and ComfyUI's
+    `parameters` as far as they map); what does not map goes to stderr as `not mapped: ...`."""
+    from producer.png_params import spec_from_png as read_png
+
+    try:
+        spec, notes = read_png(png_path.read_bytes(), model=model)
+    except OSError as exc:
+        typer.echo(f"error: cannot read {str(png_path)!r}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(1) from None
+    except SpecError as exc:
+        typer.echo(f"error: {png_path}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(spec, indent=2))
+    for note in notes:
+        typer.echo(f"not mapped: {note}", err=True)
+
+
 @app.command()
 def schema() -> None:
     """Print the render spec's JSON Schema."""
