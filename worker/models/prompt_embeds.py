@@ -45,6 +45,9 @@ class Encoded:
     pooled: torch.Tensor | None = None
     tokens: dict[str, int] = field(default_factory=dict)
     filler: torch.Tensor | None = None  # the empty prompt's chunk, that pads this one to a longer partner
+    mask: torch.Tensor | None = None  # (1, positions) where a family's transformer masks the text (Chroma's)
+    # The images one pipeline call makes of it: flow pipelines take given embeddings as the whole batch, unrepeated.
+    images: int = 1
 
 
 def chunks(tokenizer: Any, prompt: Weighted) -> list[Chunk]:
@@ -92,16 +95,23 @@ def encode_chunks(
     output = encoder(ids, attention_mask=mask, output_hidden_states=True)
     embeds = hidden(output).to(dtype=encoder.dtype)
     weights = torch.tensor([chunk.weights for chunk in parts], device=device, dtype=embeds.dtype)
-    if bool((weights != 1.0).any()):
-        before = embeds.mean(dim=(1, 2), keepdim=True)
-        embeds = embeds * weights.unsqueeze(-1)
-        after = embeds.mean(dim=(1, 2), keepdim=True)
-        # A1111 divides by the new mean unguarded; a layer norm without bias (an untrained encoder's) leaves a mean
-        # of ~0, and the ratio would blow up: such a chunk keeps its weighted values as they are.
-        sizeable = after.abs() > 1e-3 * embeds.abs().mean(dim=(1, 2), keepdim=True)
-        embeds = embeds * torch.where(sizeable, before / torch.where(sizeable, after, 1.0), 1.0)
+    embeds = emphasised(embeds, weights)
     joined = embeds.reshape(1, -1, embeds.shape[-1])
     return joined, (output[0][:1].to(dtype=encoder.dtype) if pooled else None)
+
+
+def emphasised(embeds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(n, positions, width) embeddings scaled by each position's weight (n, positions), each row's mean restored
+    (A1111's and Forge's rule); unchanged where every weight is 1."""
+    if not bool((weights != 1.0).any()):
+        return embeds
+    before = embeds.mean(dim=(1, 2), keepdim=True)
+    embeds = embeds * weights.unsqueeze(-1)
+    after = embeds.mean(dim=(1, 2), keepdim=True)
+    # A1111 divides by the new mean unguarded; a layer norm without bias (an untrained encoder's) leaves a mean
+    # of ~0, and the ratio would blow up: such a row keeps its weighted values as they are.
+    sizeable = after.abs() > 1e-3 * embeds.abs().mean(dim=(1, 2), keepdim=True)
+    return embeds * torch.where(sizeable, before / torch.where(sizeable, after, 1.0), 1.0)
 
 
 def pad_to(embeds: torch.Tensor, positions: int, filler: torch.Tensor | None) -> torch.Tensor:
@@ -116,3 +126,47 @@ def pad_to(embeds: torch.Tensor, positions: int, filler: torch.Tensor | None) ->
 def seen(parts: Sequence[Chunk]) -> int:
     """The prompt's tokens the encoder saw: all of them."""
     return sum(chunk.tokens for chunk in parts)
+
+
+# --- T5 (Flux.1, SD3, Chroma): one sequence, no chunks ------------------------------------------------------------
+
+T5_MOST = 512
+"""The most positions a T5 prompt takes (diffusers' `max_sequence_length` limit for Flux.1, SD3 and Chroma)."""
+
+
+def sequence(tokenizer: Any, prompt: Weighted) -> tuple[list[int], list[float]]:
+    """The prompt's token ids (no special tokens) and each token's weight, every run tokenized on its own as A1111
+    and Forge tokenize them; a plain prompt is one run, so its ids are the tokenizer's own."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for piece in prompt.pieces:
+        if isinstance(piece, Piece):
+            tokens = tokenizer(piece.text, add_special_tokens=False, truncation=False)["input_ids"]
+            ids += [int(token) for token in tokens]
+            weights += [piece.weight] * len(tokens)
+    return ids, weights
+
+
+def t5_positions(tokenizer: Any, prompt: Weighted) -> int:
+    """The positions `prompt` fills in a T5 input: its tokens and the end token."""
+    return len(sequence(tokenizer, prompt)[0]) + 1
+
+
+def encode_t5(
+    encoder: Any, tokenizer: Any, prompt: Weighted, length: int, *, masked: bool = False
+) -> tuple[torch.Tensor, int]:
+    """`prompt` through a T5 encoder as diffusers pads it (its tokens, the end token, padding to `length`), each
+    token's embedding scaled by its weight with the mean restored (`emphasised`); `masked`: with the padding masked
+    out of the encoder's attention (Chroma's rule). Returns (1, length, width) and the prompt's token count."""
+    ids, weights = sequence(tokenizer, prompt)
+    count = len(ids)
+    if count + 1 > length:
+        raise ValueError(f"encode_t5: {count + 1} positions do not fit in {length}")
+    fill = length - count - 1
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = encoder.device
+    input_ids = torch.tensor([[*ids, tokenizer.eos_token_id] + [pad] * fill], device=device)
+    mask = torch.tensor([[1] * (count + 1) + [0] * fill], device=device) if masked else None
+    embeds = encoder(input_ids, attention_mask=mask, output_hidden_states=False)[0].to(dtype=encoder.dtype)
+    scale = torch.tensor([[*weights, 1.0] + [1.0] * fill], device=device, dtype=embeds.dtype)
+    return emphasised(embeds, scale), count

@@ -11,6 +11,14 @@ Its latents are Flux's packed 2x2 patches, (B, (H/16)(W/16), 64); a preview and 
 0.42.1 has text2img, img2img and inpaint pipelines for it, and no ControlNet. Per-row tensors the callbacks cannot
 reach (the attention masks, the negative prompt's embeddings) are fixed before the loop, so rows that leave a shared
 call stay in it, unused, as on Flux.1.
+
+`a1111` prompts: its T5 reads the whole prompt, weighted, in diffusers' 512 positions (a longer one is refused,
+never cut), with the padding masked as diffusers masks it. A prompt schedule replaces `prompt_embeds`; the
+transformer's text mask is fixed before the loop, so every span of the prompt is shown as many positions as its
+longest span fills (a shorter span's own padding embeddings fill the rest). The negative prompt cannot change (its
+pass reads embeddings and a mask fixed before the loop), and a guidance curve cannot apply: the loop mixes its two
+passes with the call's `guidance_scale` argument, read once (only whether to run the negative pass is read each
+step).
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from diffusers import ChromaImg2ImgPipeline, ChromaInpaintPipeline, ChromaPipeli
 from diffusers.callbacks import PipelineCallback
 
 from producer.errors import UnsupportedSpecError
+from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_chroma
 from worker.models.families.base import Kind
-from worker.models.families.flow import FlowFamily
+from worker.models.families.flow import FlowFamily, prompt_spans
+from worker.models.prompt_embeds import Encoded, encode_t5, t5_positions
 
 
 class NegativePassCutoff(PipelineCallback):
@@ -82,6 +92,46 @@ class ChromaFamily(FlowFamily):
         "inpaint": ChromaInpaintPipeline,
     }
     tiny = {"tiny": tiny_chroma.build}
+    prompt_weights = True
+    t5 = ("tokenizer", "text_encoder")
+    prompt_schedule_inputs = ("prompt_embeds",)
+    negative_schedule = "its negative pass reads embeddings and a mask fixed before the loop, which no callback reaches"
+    guidance_curve = (
+        "mixes its two passes with the call's guidance_scale argument, read once before the loop (only whether to "
+        "run the negative pass is read each step)"
+    )
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
+        if negative and spec.guidance_scale <= 1:
+            return Encoded(torch.empty(0), images=spec.num_images)  # no negative pass: nothing to encode
+        length = self.t5_sequence_length(pipe, spec)
+        embeds, count = encode_t5(pipe.text_encoder, pipe.tokenizer, prompt, length, masked=True)
+        # diffusers shows the transformer the tokens, the end token and the first padding position; a schedule's
+        # spans share one mask (it is fixed before the loop): its longest span's.
+        shown = count + 1
+        if not negative:
+            spans = dict(prompt_spans(spec))["prompt"]
+            shown = max([shown, *(t5_positions(pipe.tokenizer, each) for _, each in spans)])
+        mask = (torch.arange(length, device=embeds.device) <= shown).to(embeds.dtype).unsqueeze(0)
+        return Encoded(embeds, None, {"text_encoder": count}, mask=mask, images=spec.num_images)
+
+    def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
+        images = positive.images  # given embeddings are the call's whole batch: one row per image
+        assert positive.mask is not None
+        arguments: dict[str, Any] = {
+            "prompt": None,
+            "negative_prompt": None,
+            "num_images_per_prompt": 1,
+            "prompt_embeds": positive.embeds.repeat(images, 1, 1),
+            "prompt_attention_mask": positive.mask.repeat(images, 1),
+        }
+        if negative.mask is not None:
+            arguments["negative_prompt_embeds"] = negative.embeds.repeat(images, 1, 1)
+            arguments["negative_prompt_attention_mask"] = negative.mask.repeat(images, 1)
+        return arguments
+
+    def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
+        return {"prompt_embeds": positive.embeds.repeat(images, 1, 1)}  # the negative pass is a separate call
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:

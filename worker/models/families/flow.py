@@ -1,5 +1,11 @@
 """What the flow-matching transformer families (Flux.1, SD3.5, ...) share: flow samplers, a transformer in the
-loop, a preview fitted to each loaded model's own VAE, and the VAE decode of rows that leave a shared call."""
+loop, a preview fitted to each loaded model's own VAE, the VAE decode of rows that leave a shared call, and `a1111`
+prompts on a T5 encoder (Flux.1, SD3, Chroma): the whole prompt as one weighted sequence of up to 512 positions
+(`worker.models.prompt_embeds.encode_t5`), an error beyond them, and BREAK refused (it ends a 75-token CLIP chunk;
+a T5 sequence has no chunks).
+
+LLM-encoded families (Qwen-Image, Z-Image, Flux.2) take `a1111` prompts without weights: `llm_positions` counts
+what their pipelines' own encoders would see, so that a prompt beyond their limit is refused, never cut."""
 
 from __future__ import annotations
 
@@ -9,9 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from producer.errors import UnsupportedSpecError
+from producer.prompt_syntax import Break, Weighted
 from producer.spec import RenderSpec
 from worker.models import flow_sampling, preview_fit
 from worker.models.families.base import ModelFamily
+from worker.models.prompt_embeds import T5_MOST, t5_positions
 
 _MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
 _MAPS_LOCK = threading.Lock()
@@ -40,6 +49,48 @@ class FlowFamily(ModelFamily):
     denoiser = "transformer"
     cuda_dtype = "bfloat16"  # trained in bfloat16; float16 overflows in their activations (Flux's notably)
     stochastic: ClassVar[frozenset[str]] = frozenset({"flow_euler_sde", "lcm"})
+    t5: ClassVar[tuple[str, str] | None] = None  # the pipeline's T5 (tokenizer, encoder) attributes, where it has one
+    t5_length: ClassVar[int] = 512  # the pipeline's default `max_sequence_length`: a prompt that fits is padded to it
+    # Why the negative prompt cannot change during the loop (None: the loop's callback tensors carry it).
+    negative_schedule: ClassVar[str | None] = None
+
+    def check_prompts(self, spec: RenderSpec, model: str) -> None:
+        super().check_prompts(spec, model)
+        if spec.prompt_syntax != "a1111" or not self.prompt_weights:
+            return
+        for name, spans in prompt_spans(spec):
+            if any(isinstance(piece, Break) for _, prompt in spans for piece in prompt.pieces):
+                raise UnsupportedSpecError(
+                    f"{name}: {model!r} ({self.name}) reads the prompt as one T5 sequence, where BREAK (the end of a "
+                    "75-token CLIP chunk) means nothing; remove BREAK"
+                )
+            if name == "negative_prompt" and len(spans) > 1 and self.negative_schedule is not None:
+                raise UnsupportedSpecError(
+                    f"negative_prompt: {model!r} ({self.name}) cannot change its negative prompt during the loop: "
+                    f"{self.negative_schedule}; remove the prompt editing from negative_prompt"
+                )
+
+    def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
+        super().check_loaded(pipe, spec)
+        if spec.prompt_syntax == "a1111" and self.prompt_weights and self.t5 is not None:
+            self.t5_sequence_length(pipe, spec)
+
+    def t5_sequence_length(self, pipe: Any, spec: RenderSpec) -> int:
+        """The positions every T5 input of the spec is padded to: the pipeline's default where all its spans fit,
+        else 512; a prompt beyond 512 is refused by name."""
+        assert self.t5 is not None
+        tokenizer = getattr(pipe, self.t5[0])
+        longest = 0
+        for name, spans in prompt_spans(spec):
+            for _, prompt in spans:
+                positions = t5_positions(tokenizer, prompt)
+                if positions > T5_MOST:
+                    raise UnsupportedSpecError(
+                        f"{name}: {positions - 1} T5 tokens on {spec.model!r} ({self.name}), more than its encoder "
+                        f"takes ({T5_MOST - 1} and an end token, diffusers' max_sequence_length); shorten it"
+                    )
+                longest = max(longest, positions)
+        return self.t5_length if longest <= self.t5_length else T5_MOST
 
     def check_sampler(self, name: str, model: str) -> None:
         flow_sampling.check_flow_sampler(name, model)
@@ -81,3 +132,30 @@ class FlowFamily(ModelFamily):
 
     def batchable(self, pipe: Any) -> bool:
         return True
+
+
+def prompt_spans(spec: RenderSpec) -> list[tuple[str, list[tuple[int, Weighted]]]]:
+    """The `a1111` prompt and negative prompt of `spec`, each as (first step, prompt) spans."""
+    from producer import prompt_syntax
+
+    found = []
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(spec, name)
+        spans = prompt_syntax.schedule(text, spec.denoising_steps) if text else []
+        found.append((name, [(span.first_step, span.prompt) for span in spans]))
+    return found
+
+
+def check_llm_positions(spec: RenderSpec, model: str, family: str, count: Any, most: int) -> None:
+    """Refuse an `a1111` prompt that an LLM encoder would cut: `count(text)` is the positions the pipeline's own
+    encoder fills with it (chat template included), `most` what the pipeline keeps."""
+    if spec.prompt_syntax != "a1111":
+        return
+    for name, spans in prompt_spans(spec):
+        for _, prompt in spans:
+            positions = count(prompt.text())
+            if positions > most:
+                raise UnsupportedSpecError(
+                    f"{name}: {positions} positions on {model!r} ({family}) with its chat template, more than its "
+                    f"text encoder keeps ({most}, the pipeline's max_sequence_length); shorten it"
+                )

@@ -5,6 +5,13 @@ makes one pass per step, with no unconditional rows, so there is nothing for a C
 prompt to condition on (both are refused, saying why). Its latents are packed 2x2 patches, (B, (H/16)(W/16), 64);
 a preview and a decode unpack them first. Per-row tensors the callbacks cannot reach (the pooled CLIP vector, the
 guidance) are fixed before the loop, so rows that leave a shared call stay in it, unused.
+
+`a1111` prompts: T5 reads the whole prompt, weighted, in diffusers' 512 positions (a longer one is refused, never
+cut); the CLIP encoder gives a pooled vector alone, of the first 75 tokens unweighted (a weight scales per-token
+embeddings; a pooled vector has none). A prompt schedule replaces `prompt_embeds`, the one text tensor the loop
+lets a callback replace: the pooled vector stays the first span's. The negative prompt cannot change (its true-CFG
+embeddings are fixed before the loop), and a guidance curve cannot apply: the distilled guidance is an embedding
+made once before the loop, and `true_cfg_scale` is read once before it too.
 """
 
 from __future__ import annotations
@@ -22,11 +29,13 @@ from diffusers import (
 )
 
 from producer.errors import UnsupportedSpecError
+from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_flux
 from worker.models.families.base import Kind
 from worker.models.families.flow import FlowFamily
 from worker.models.families.guidance import NegativePassCutoff
+from worker.models.prompt_embeds import Encoded, chunks, encode_t5, seen
 
 
 class FluxFamily(FlowFamily):
@@ -57,6 +66,43 @@ class FluxFamily(FlowFamily):
             )
 
     true_cfg = True
+    prompt_weights = True
+    t5 = ("tokenizer_2", "text_encoder_2")
+    prompt_schedule_inputs = ("prompt_embeds",)
+    negative_schedule = "its true-CFG pass reads negative embeddings fixed before the loop, which no callback reaches"
+    guidance_curve = (
+        "is guidance-distilled: its guidance is an embedding made once before the loop, and its true_cfg_scale is "
+        "read once before the loop too"
+    )
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
+        if negative and spec.true_cfg_scale <= 1:
+            return Encoded(torch.empty(0), images=spec.num_images)  # no negative pass: nothing to encode
+        first = chunks(pipe.tokenizer, prompt)[:1]  # its first 75 tokens, unweighted: a pooled vector alone
+        ids = torch.tensor([first[0].ids], device=pipe.text_encoder.device)
+        pooled = pipe.text_encoder(ids, output_hidden_states=False).pooler_output.to(dtype=pipe.text_encoder.dtype)
+        length = self.t5_sequence_length(pipe, spec)
+        embeds, count = encode_t5(pipe.text_encoder_2, pipe.tokenizer_2, prompt, length)
+        tokens = {"text_encoder": seen(first), "text_encoder_2": count}
+        return Encoded(embeds, pooled, tokens, images=spec.num_images)
+
+    def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
+        images = positive.images  # given embeddings are the call's whole batch: one row per image
+        assert positive.pooled is not None
+        arguments: dict[str, Any] = {
+            "prompt": None,
+            "negative_prompt": None,
+            "num_images_per_prompt": 1,
+            "prompt_embeds": positive.embeds.repeat(images, 1, 1),
+            "pooled_prompt_embeds": positive.pooled.repeat(images, 1),
+        }
+        if negative.pooled is not None:
+            arguments["negative_prompt_embeds"] = negative.embeds.repeat(images, 1, 1)
+            arguments["negative_pooled_prompt_embeds"] = negative.pooled.repeat(images, 1)
+        return arguments
+
+    def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
+        return {"prompt_embeds": positive.embeds.repeat(images, 1, 1)}  # one pass per step: no negative rows
 
     def check(self, spec: RenderSpec, model: str) -> None:
         super().check(spec, model)
