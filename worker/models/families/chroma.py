@@ -102,7 +102,7 @@ class ChromaFamily(FlowFamily):
     )
 
     def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
-        if negative and spec.guidance_scale <= 1:
+        if negative and spec.first_guidance_scale <= 1:
             return Encoded(torch.empty(0), images=spec.num_images)  # no negative pass: nothing to encode
         length = self.t5_sequence_length(pipe, spec)
         embeds, count = encode_t5(pipe.text_encoder, pipe.tokenizer, prompt, length, masked=True)

@@ -4,8 +4,9 @@ prompts on a T5 encoder (Flux.1, SD3, Chroma): the whole prompt as one weighted 
 (`worker.models.prompt_embeds.encode_t5`), an error beyond them, and BREAK refused (it ends a 75-token CLIP chunk;
 a T5 sequence has no chunks).
 
-LLM-encoded families (Qwen-Image, Z-Image, Flux.2) take `a1111` prompts without weights: `llm_positions` counts
-what their pipelines' own encoders would see, so that a prompt beyond their limit is refused, never cut."""
+LLM-encoded families (Qwen-Image, Z-Image, Flux.2) take `a1111` prompts without weights (`refuse_weights`, each
+family saying why) but with prompt editing, encoded by their pipelines' own encoders; `check_llm_positions` counts
+what those encoders would see, so that a prompt beyond their limit is refused, never cut."""
 
 from __future__ import annotations
 
@@ -159,3 +160,15 @@ def check_llm_positions(spec: RenderSpec, model: str, family: str, count: Any, m
                     f"{name}: {positions} positions on {model!r} ({family}) with its chat template, more than its "
                     f"text encoder keeps ({most}, the pipeline's max_sequence_length); shorten it"
                 )
+
+
+def refuse_weights(spec: RenderSpec, model: str, family: str, why: str) -> None:
+    """Refuse weights and BREAK in an `a1111` prompt of a family whose encoder cannot take them (`why`)."""
+    if spec.prompt_syntax != "a1111":
+        return
+    for name, spans in prompt_spans(spec):
+        if any(not prompt.is_plain() for _, prompt in spans):
+            raise UnsupportedSpecError(
+                f"{name}: {model!r} ({family}) takes no weights or BREAK: {why}; remove them (prompt editing works) "
+                "or send prompt_syntax 'plain'"
+            )

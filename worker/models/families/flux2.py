@@ -13,6 +13,15 @@ Kinds: diffusers 0.42.1 has no klein img2img pipeline. `Flux2KleinPipeline`'s `i
 ignores `strength` and runs every step, which the worker's step counts (`num_inference_steps x strength` for
 img2img) would not match; img2img runs `Flux2KleinInpaintPipeline` with a mask covering the whole image instead:
 the image noised to `strength` and denoised, as img2img means. Flux.2 has no ControlNet in diffusers.
+
+`a1111` prompts: no weights or BREAK. The prompt reaches the transformer as three intermediate layers of a causal
+Qwen3 stacked per token, the prompt wrapped in a chat template: A1111's rule (scale a token's final embedding,
+restore the mean) has no tested counterpart there, and LLM hidden states carry a few huge outlier channels that
+dominate any mean, so weights are refused rather than guessed. A prompt is encoded whole up to the pipeline's 512
+positions (template included) and refused beyond. Every prompt is padded to those 512 positions with no text mask,
+so prompt editing (which replaces `prompt_embeds`) is exact. There is no negative prompt to edit. A guidance curve
+cannot apply: klein base mixes its passes with the call's `guidance_scale` argument, read once before the loop
+(only whether to run the negative pass is read each step).
 """
 
 from __future__ import annotations
@@ -25,10 +34,15 @@ from diffusers.callbacks import PipelineCallback
 from PIL import Image
 
 from producer.errors import UnsupportedSpecError
+from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_flux2
 from worker.models.families.base import Kind
-from worker.models.families.flow import FlowFamily
+from worker.models.families.flow import FlowFamily, check_llm_positions, refuse_weights
+from worker.models.prompt_embeds import Encoded
+
+MOST_POSITIONS = 512
+"""The positions of a prompt klein's pipelines take (their `max_sequence_length`, chat template included)."""
 
 
 def _denormalised(vae: Any, patches: torch.Tensor) -> torch.Tensor:
@@ -68,6 +82,37 @@ class Flux2Family(FlowFamily):
     }
     tiny = {"tiny": tiny_flux2.build, "tiny-distilled": tiny_flux2.build_distilled}
     step_caches = frozenset({"taylorseer"})  # first_block fails in its loop (diffusers 0.42.1)
+    prompt_weights = True  # encodes `a1111` prompts itself: editing and long prompts; weights are refused
+    prompt_schedule_inputs = ("prompt_embeds",)
+    guidance_curve = (
+        "mixes its two passes with the call's guidance_scale argument, read once before the loop (only whether to "
+        "run the negative pass is read each step)"
+    )
+
+    def check_prompts(self, spec: RenderSpec, model: str) -> None:
+        super().check_prompts(spec, model)
+        refuse_weights(
+            spec, model, self.name, "its prompt is stacked hidden layers of an LLM, where A1111's weighting is untested"
+        )
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
+        if negative:
+            return Encoded(torch.empty(0), images=spec.num_images)  # the pipeline encodes its own "" negative
+        embeds = pipe._get_qwen3_prompt_embeds(
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            prompt=prompt.text(),
+            device=pipe._execution_device,
+            max_sequence_length=MOST_POSITIONS,
+        )
+        tokens = {"text_encoder": _positions(pipe, prompt.text())}
+        return Encoded(embeds, None, tokens, images=spec.num_images)
+
+    def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
+        return {"prompt": None, "prompt_embeds": positive.embeds}  # repeated for its images by the pipeline
+
+    def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
+        return {"prompt_embeds": positive.embeds.repeat(images, 1, 1)}
 
     def check(self, spec: RenderSpec, model: str) -> None:
         super().check(spec, model)
@@ -78,6 +123,8 @@ class Flux2Family(FlowFamily):
             )
 
     def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
+        super().check_loaded(pipe, spec)
+        check_llm_positions(spec, spec.model, self.name, lambda text: _positions(pipe, text), MOST_POSITIONS)
         # Whether the model is distilled is known only once it is loaded (its pipeline config says).
         if not pipe.config.is_distilled:
             return
@@ -127,6 +174,15 @@ class Flux2Family(FlowFamily):
         # The text and latent ids keep their rows: the transformer reads only their first.
         callback_kwargs["latents"] = callback_kwargs["latents"][index]
         callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"][index]
+
+
+def _positions(pipe: Any, text: str) -> int:
+    """The positions klein's encoder fills with `text` (before its padding): the pipeline's chat template around it."""
+    messages = [{"role": "user", "content": text}]
+    templated = pipe.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    return len(pipe.tokenizer(templated)["input_ids"])
 
 
 FAMILY = Flux2Family()

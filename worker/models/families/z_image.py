@@ -17,6 +17,13 @@ transformer's output into positive and negative halves by it, so dropped rows wo
 leave stay in the call, unused, as Flux.1's do. ControlNet is `ZImageControlNetPipeline` (its control image is
 `control_image`); the ControlNet borrows the transformer's embedders and refiners when the pipeline is built. No
 step cache: the transformer has no diffusers `CacheMixin` (`enable_cache`) in 0.42.1, so `cache` is refused.
+
+`a1111` prompts: no weights or BREAK. The transformer's caption embedder begins with an RMSNorm over each token
+(`cap_embedder`), which divides out a per-token scale, so A1111's weights would do nothing. A prompt is encoded
+whole up to the pipeline's 512 positions (chat template included) and refused beyond. Prompt editing replaces
+`prompt_embeds`, per-image tensors of each span's own length (no mask), so a switch is exact; the negative prompt
+cannot change (no callback can ask for `negative_prompt_embeds`). The loop reads `_guidance_scale` every step, so a
+guidance curve applies, above 0 throughout (0 is unguided here, and ends guidance for good); not on Turbo.
 """
 
 from __future__ import annotations
@@ -34,10 +41,15 @@ from diffusers import (
 from diffusers.callbacks import PipelineCallback
 
 from producer.errors import UnsupportedSpecError
-from producer.spec import CfgCutoff, RenderSpec
+from producer.prompt_syntax import Weighted
+from producer.spec import CfgCutoff, RenderSpec, guidance_at
 from worker.models import flow_sampling, tiny_z_image
 from worker.models.families.base import Kind, ModelOff
-from worker.models.families.flow import FlowFamily
+from worker.models.families.flow import FlowFamily, check_llm_positions, refuse_weights
+from worker.models.prompt_embeds import Encoded
+
+MOST_POSITIONS = 512
+"""The positions of a prompt Z-Image's pipelines keep (their `max_sequence_length`, chat template included)."""
 
 NEEDS_OWN_SIGMAS = ("dpmpp_2m", "unipc")
 """Flow samplers that cannot take the sigma list the Z-Image pipelines always pass: DPM++ 2M's `set_timesteps` takes
@@ -88,6 +100,48 @@ class ZImageFamily(FlowFamily):
     tiny = {"tiny": tiny_z_image.build, "tiny-turbo": tiny_z_image.build_turbo}
     controlnet_class = ZImageControlNetModel
     control_image_argument = "control_image"
+    prompt_weights = True  # encodes `a1111` prompts itself: editing and long prompts; weights are refused
+    prompt_schedule_inputs = ("prompt_embeds",)
+    negative_schedule = "no callback can ask its loop for negative_prompt_embeds"
+    guidance_curve = None  # the loop reads `_guidance_scale` at every step
+
+    def check_prompts(self, spec: RenderSpec, model: str) -> None:
+        # The base rule wants a curve above 1; Z-Image guides at any scale above 0 (`pos + s * (pos - neg)`).
+        super().check_prompts(spec.model_copy(update={"guidance": None}), model)
+        refuse_weights(spec, model, self.name, "its transformer RMS-normalises each caption token, undoing a weight")
+        if spec.guidance is None:
+            return
+        if is_turbo(model):
+            raise UnsupportedSpecError(
+                f"guidance: {model!r} ({self.name}) is Z-Image-Turbo, distilled to run without CFG; remove `guidance`"
+            )
+        steps = spec.denoising_steps
+        lowest = min(guidance_at(spec.guidance, i, steps) for i in range(steps))
+        if lowest <= 0:
+            raise UnsupportedSpecError(
+                f"guidance: every step's scale must be above 0 on {model!r} ({self.name}): at 0 its loop stops "
+                f"guiding for good; got {lowest:g}. Keep the curve above 0, and end guidance with a cfg_cutoff callback"
+            )
+
+    def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
+        super().check_loaded(pipe, spec)
+        check_llm_positions(spec, spec.model, self.name, lambda text: _positions(pipe, text), MOST_POSITIONS)
+
+    def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
+        if negative and (spec.first_guidance_scale <= 0 or is_turbo(spec.model)):
+            return Encoded(torch.empty(0), images=spec.num_images)  # no negative pass: nothing to encode
+        (embeds,) = pipe._encode_prompt([prompt.text()], pipe._execution_device, max_sequence_length=MOST_POSITIONS)
+        return Encoded(embeds.unsqueeze(0), None, {"text_encoder": embeds.shape[0]}, images=spec.num_images)
+
+    def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
+        # Lists of per-prompt tensors, which the pipeline repeats for its images itself.
+        arguments: dict[str, Any] = {"prompt": None, "negative_prompt": None, "prompt_embeds": [positive.embeds[0]]}
+        if negative.embeds.numel():
+            arguments["negative_prompt_embeds"] = [negative.embeds[0]]
+        return arguments
+
+    def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
+        return {"prompt_embeds": [positive.embeds[0]] * images}  # the negative rows are a list of their own
 
     def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
         # Its shared parts come from `base`'s transformer when the pipeline is built (`from_transformer`), so a LoRA
@@ -135,6 +189,15 @@ class ZImageFamily(FlowFamily):
 
     def model_off(self, pipe: Any) -> ModelOff:
         return ModelOff(self.model(pipe), _zeros)
+
+
+def _positions(pipe: Any, text: str) -> int:
+    """The positions Z-Image's encoder fills with `text`: the pipeline's chat template around it."""
+    messages = [{"role": "user", "content": text}]
+    templated = pipe.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    return len(pipe.tokenizer(templated)["input_ids"])
 
 
 FAMILY = ZImageFamily()
