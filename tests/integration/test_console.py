@@ -74,6 +74,22 @@ def console(farm_factory: Callable[[], Farm], tmp_path_factory: pytest.TempPathF
         yield Console(farm, url, storage)
 
 
+KEY = "rk_console-test-key"  # the key the console's prompt is given
+READ_KEY = "rk_console-read-key"  # the key a tab holds before the console's script runs
+
+
+@pytest.fixture(scope="module")
+def keyed(console: Console, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second `render serve` on the same farm that asks for an API key: read-scoped KEY and READ_KEY."""
+    hasher = PasswordHasher()
+    keys = {
+        "console": {"hash": hasher.hash(KEY), "scope": "read"},  # reading is all the lists need
+        "watcher": {"hash": hasher.hash(READ_KEY), "scope": "read"},
+    }
+    with serve(console.farm, console.storage, tmp_path_factory.mktemp("keyed"), api_keys=json.dumps(keys)) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_api.sync_playwright() as playwright:
@@ -242,38 +258,30 @@ def test_an_unknown_job_says_so(console: Console, page: Any) -> None:
     assert all("404" in line for line in console.errors), console.errors
 
 
-def test_a_farm_with_keys_asks_for_one_and_keeps_it_in_the_tab(console: Console, page: Any, tmp_path: Path) -> None:
-    key = "rk_console-test-key"
-    keys = {"console": {"hash": PasswordHasher().hash(key), "scope": "read"}}  # reading is all the lists need
-    with serve(console.farm, console.storage, tmp_path, api_keys=json.dumps(keys)) as url:
-        page.goto(url + "/")
-        page.wait_for_selector("#key-dialog[open]")
-        assert "asks for an API key" in text_of(page, "#key-reason")
-        page.fill("#key-input", "rk_wrong")
-        page.get_by_role("button", name="Use key").click()
-        page.wait_for_function("() => /not accepted/.test(document.querySelector('#key-reason').textContent)")
-        assert page.locator("#key-dialog").get_attribute("open") is not None
-        page.fill("#key-input", key)
-        page.get_by_role("button", name="Use key").click()
-        page.wait_for_selector("#key-dialog:not([open])", state="attached")
-        page.wait_for_selector("table.jobs tbody tr[data-job-id]")
-        assert page.evaluate("() => sessionStorage.getItem('render.apiKey')") == key
-        assert page.locator("#forget-key").is_visible()
+def test_a_farm_with_keys_asks_for_one_and_keeps_it_in_the_tab(console: Console, page: Any, keyed: str) -> None:
+    page.goto(keyed + "/")
+    page.wait_for_selector("#key-dialog[open]")
+    assert "asks for an API key" in text_of(page, "#key-reason")
+    page.fill("#key-input", "rk_wrong")
+    page.get_by_role("button", name="Use key").click()
+    page.wait_for_function("() => /not accepted/.test(document.querySelector('#key-reason').textContent)")
+    assert page.locator("#key-dialog").get_attribute("open") is not None
+    page.fill("#key-input", KEY)
+    page.get_by_role("button", name="Use key").click()
+    page.wait_for_selector("#key-dialog:not([open])", state="attached")
+    page.wait_for_selector("table.jobs tbody tr[data-job-id]")
+    assert page.evaluate("() => sessionStorage.getItem('render.apiKey')") == KEY
+    assert page.locator("#forget-key").is_visible()
     # Chromium logs each refused request (401) as a failed resource; the script itself logs nothing.
     assert all("401" in line for line in console.errors), console.errors
 
 
-def test_with_a_read_key_the_event_stream_and_the_served_files_work(
-    console: Console, page: Any, tmp_path: Path
-) -> None:
-    key = "rk_console-read-key"
-    keys = {"watcher": {"hash": PasswordHasher().hash(key), "scope": "read"}}
+def test_with_a_read_key_the_event_stream_and_the_served_files_work(console: Console, page: Any, keyed: str) -> None:
     job = console.farm.client.submit(QUICK | {"seed": 7, "num_inference_steps": 40})
-    with serve(console.farm, console.storage, tmp_path, api_keys=json.dumps(keys)) as url:
-        # The key in the tab before the console's script runs, as after the prompt: no request goes without it.
-        page.add_init_script(f"sessionStorage.setItem('render.apiKey', {json.dumps(key)})")
-        page.goto(f"{url}/#/jobs/{job.task_id}")
-        page.wait_for_selector('#job-status .status[data-status="succeeded"]')
-        loaded = "() => [...document.querySelectorAll('#job-images img, #job-frames img')].filter(i => i.naturalWidth)"
-        page.wait_for_function(loaded + ".length === 21", timeout=30_000)  # its image and 20 frames
+    # The key in the tab before the console's script runs, as after the prompt: no request goes without it.
+    page.add_init_script(f"sessionStorage.setItem('render.apiKey', {json.dumps(READ_KEY)})")
+    page.goto(f"{keyed}/#/jobs/{job.task_id}")
+    page.wait_for_selector('#job-status .status[data-status="succeeded"]')
+    loaded = "() => [...document.querySelectorAll('#job-images img, #job-frames img')].filter(i => i.naturalWidth)"
+    page.wait_for_function(loaded + ".length === 21", timeout=30_000)  # its image and 20 frames
     clean(console, page)
