@@ -60,7 +60,7 @@ class FlowFamily(ModelFamily):
         if spec.prompt_syntax != "a1111" or not self.prompt_weights:
             return
         for name, spans in prompt_spans(spec):
-            if any(isinstance(piece, Break) for _, prompt in spans for piece in prompt.pieces):
+            if self.t5 is not None and any(isinstance(piece, Break) for _, prompt in spans for piece in prompt.pieces):
                 raise UnsupportedSpecError(
                     f"{name}: {model!r} ({self.name}) reads the prompt as one T5 sequence, where BREAK (the end of a "
                     "75-token CLIP chunk) means nothing; remove BREAK"
