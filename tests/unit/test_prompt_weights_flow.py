@@ -28,13 +28,6 @@ T5 = {"tiny-sd3": "text_encoder_3", "tiny-flux": "text_encoder_2", "tiny-chroma"
 LLM = {"tiny-qwen-image": qwen_positions, "tiny-z-image": z_image_positions, "tiny-flux2": flux2_positions}
 MODELS = [*T5, *LLM]
 LIMITS = {"tiny-qwen-image": 1024, "tiny-z-image": 512, "tiny-flux2": 512}
-# Prompt schedules read `pipeline.do_classifier_free_guidance` in worker/engine/callbacks/prompts.py, which the Flux.1
-# and Qwen-Image pipelines lack: strict, so the mark goes once prompts.py asks with a default.
-NO_CFG_PROPERTY = pytest.mark.xfail(
-    reason="PromptScheduleCallback reads pipeline.do_classifier_free_guidance, absent on FluxPipeline and "
-    "QwenImagePipeline",
-    strict=True,
-)
 WORDS = "a lighthouse on a cliff at dusk with waves and gulls and a red boat and pine trees and clouds "
 
 
@@ -180,8 +173,7 @@ def test_a_long_prompt_reaches_the_encoder_whole(
 
 @pytest.mark.parametrize(
     "model",
-    ["tiny-sd3", pytest.param("tiny-flux", marks=NO_CFG_PROPERTY), "tiny-chroma"]
-    + [pytest.param("tiny-qwen-image", marks=NO_CFG_PROPERTY), "tiny-z-image", "tiny-flux2"],
+    ["tiny-sd3", "tiny-flux", "tiny-chroma", "tiny-qwen-image", "tiny-z-image", "tiny-flux2"],
 )
 def test_prompt_editing_switches_the_conditioning_at_its_step(
     registry: ModelRegistry, storage: LocalStorage, spy: Any, model: str

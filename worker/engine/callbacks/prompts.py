@@ -92,7 +92,8 @@ class PromptScheduleCallback(PipelineCallback):
         assert self.plan is not None, "PromptScheduleCallback: the render binds the plan before the call"
         for first_step, positive, negative in self.plan.spans:
             if first_step == step_index + 1:
-                guided = bool(pipeline.do_classifier_free_guidance)
+                # Flux.1 and Qwen-Image have no such property (their negative pass is decided before the loop).
+                guided = bool(getattr(pipeline, "do_classifier_free_guidance", False))
                 callback_kwargs.update(self.family.loop_conditioning(positive, negative, self.images, guided))
         return callback_kwargs
 
