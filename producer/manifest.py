@@ -44,6 +44,21 @@ class LoraRecord(BaseModel):
     sha256: str
 
 
+StageName = Literal["base", "hires", "refiner"]
+
+
+class StageRecord(BaseModel):
+    """One stage of a job with a second stage (hires fix, refiner): its sampler steps and seconds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: StageName
+    steps_planned: int
+    steps_completed: int = 0
+    denoise: float | None = None  # seconds to its last step's end; None where it did not run
+    decode: float | None = None  # seconds of the VAE decode that ended it; None where none did
+
+
 class Manifest(BaseModel):
     """The record of one job: status, what was planned and done, where the files are."""
 
@@ -72,5 +87,7 @@ class Manifest(BaseModel):
     resumed_from_step: int | None = None  # the checkpoint's step this attempt started from; None: from the start
     # `a1111` prompts: how many of the prompt's tokens each text encoder saw (its longest span); None for `plain`
     prompt_tokens: dict[str, int] | None = None
+    # jobs with a hires or refiner stage: each stage's steps and times (the job's steps are their sums); [] otherwise
+    stages: list[StageRecord] = Field(default_factory=list)
     started_at: str
     finished_at: str

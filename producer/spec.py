@@ -220,6 +220,33 @@ def guidance_at(guidance: Guidance, index: int, steps: int) -> float:
     return guidance[-1][1]
 
 
+MAX_HIRES_SCALE = 4.0
+
+
+class Hires(_Strict):
+    """A1111's hires fix: text2img at width x height, the result upscaled by `scale` (to a multiple of 8), then an
+    img2img pass of `steps` at `strength` (it runs int(steps x strength) of them, as diffusers' img2img counts)."""
+
+    scale: float = Field(default=2.0, gt=1.0, le=MAX_HIRES_SCALE, allow_inf_nan=False)
+    strength: float = Field(default=0.5, gt=0.0, le=1.0, allow_inf_nan=False)
+    steps: int | None = Field(
+        default=None, ge=1, le=MAX_STEPS, description="the img2img pass's num_inference_steps; None: the job's own"
+    )
+    upscaler: Literal["latent", "lanczos"] = Field(
+        default="latent",
+        description="latent: the latents resized (bilinear), SD 1.5 and SDXL only; lanczos: stage 1 decoded, the "
+        "image resized with PIL's LANCZOS and encoded again",
+    )
+
+
+class Refiner(_Strict):
+    """SDXL's base + refiner ensemble: the base denoises the first `switch_at` of the schedule and hands its latents
+    to `model`'s img2img pipeline, which denoises the rest (diffusers' `denoising_end` / `denoising_start`)."""
+
+    model: str = Field(min_length=1, max_length=200, description="An SDXL model name from the worker's allowlist.")
+    switch_at: float = Field(default=0.8, gt=0.0, lt=1.0, allow_inf_nan=False)
+
+
 _C = TypeVar("_C", bound=BaseModel)
 
 Callback = Annotated[CfgCutoff | IpAdapterScaleCutoff | StepBudget | Frames, Field(discriminator="type")]
@@ -282,6 +309,16 @@ class RenderSpec(_Strict):
     callbacks: list[Callback] = Field(default_factory=list, max_length=8)
     cache: StepCache | None = Field(
         default=None, description="A step cache (docs/spec.md: Step caches); none by default."
+    )
+    hires: Hires | None = Field(
+        default=None,
+        description="A hires-fix pass after text2img: upscale by `scale`, then img2img at `strength` "
+        "(docs/spec.md: Stages: hires fix and refiner). text2img only.",
+    )
+    refiner: Refiner | None = Field(
+        default=None,
+        description="SDXL only: a refiner model denoises the last (1 - switch_at) of the schedule "
+        "(docs/spec.md: Stages: hires fix and refiner). text2img only.",
     )
     webhook: str | None = Field(
         default=None,
@@ -430,6 +467,48 @@ class RenderSpec(_Strict):
                     f"or no frame would be made; got {cb.every}"
                 )
         return self
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> RenderSpec:
+        if self.hires is not None and self.refiner is not None:
+            raise ValueError("hires, refiner: a job takes one second stage, not both; remove hires or refiner")
+        for name, stage in (("hires", self.hires), ("refiner", self.refiner)):
+            if stage is None:
+                continue
+            if self.pipeline != "text2img":
+                raise ValueError(f"{name}: runs after a text2img stage only; remove it or send pipeline 'text2img'")
+            if self.ip_adapter is not None:
+                raise ValueError(f"{name}: not with ip_adapter in this worker; remove one of them")
+            if self.cache is not None:
+                raise ValueError(f"{name}: not with a step cache (cache); remove one of them")
+        if self.hires is not None:
+            width, height = self.hires_size
+            if max(width, height) > MAX_SIDE:
+                most = MAX_SIDE / max(self.width, self.height)
+                raise ValueError(
+                    f"hires.scale: {self.hires.scale:g} makes {width}x{height}, over {MAX_SIDE} a side; "
+                    f"use a scale of at most {most:.3g}"
+                )
+            if self.hires_steps < 1:
+                steps = self.hires.steps or self.num_inference_steps
+                raise ValueError(
+                    f"hires.strength: {self.hires.strength:g} x hires.steps {steps} runs no step "
+                    "(int(steps x strength) is 0); raise either"
+                )
+        return self
+
+    @property
+    def hires_size(self) -> tuple[int, int]:
+        """The hires pass's (width, height): the base size times `hires.scale`, each to the nearest multiple of 8."""
+        assert self.hires is not None
+        return round(self.width * self.hires.scale / 8) * 8, round(self.height * self.hires.scale / 8) * 8
+
+    @property
+    def hires_steps(self) -> int:
+        """Steps the hires pass really runs: int(steps x strength), as diffusers' img2img counts them."""
+        assert self.hires is not None
+        steps = self.hires.steps or self.num_inference_steps
+        return min(int(steps * self.hires.strength), steps)
 
     def callback(self, kind: type[_C]) -> _C | None:
         """The callback of this class in the spec, if any."""

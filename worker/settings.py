@@ -106,6 +106,7 @@ def default_models() -> dict[str, ModelSource]:
     return {
         "tiny-sd15": ModelSource(family="sd15", source=TINY),
         "tiny-sdxl": ModelSource(family="sdxl", source=TINY),
+        "tiny-sdxl-refiner": ModelSource(family="sdxl", source=f"{TINY}-refiner"),
         "tiny-sd3": ModelSource(family="sd3", source=TINY),
         "tiny-flux": ModelSource(family="flux", source=TINY),
         "tiny-flux-schnell": ModelSource(family="flux", source=f"{TINY}-schnell"),

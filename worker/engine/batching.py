@@ -41,6 +41,8 @@ def shared_call_key(spec: RenderSpec) -> Hashable | None:
         return None  # a callback the batch does not run per job
     if spec.prompt_syntax == "a1111" or spec.guidance is not None:
         return None  # encoded prompts (their spans) and guidance curves are one job's, in a call of its own
+    if spec.hires is not None or spec.refiner is not None:
+        return None  # a second stage is a second call, the job's own
     cutoff = spec.callback(CfgCutoff)
     return (
         spec.model,

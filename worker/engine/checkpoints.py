@@ -69,6 +69,7 @@ class Checkpoint:
     spec_digest: str
     budget_seconds: float | None = None  # of a time budget, spent by `step`
     frames: list[str] = field(default_factory=list)  # frames stored through `step`
+    stage: int = 0  # the stage it is in (0: the first; 1: a hires or refiner stage); `step` counts over all stages
 
 
 Rows = tuple[slice, int, int]

@@ -45,6 +45,16 @@ def parameters_text(params: ImageParameters) -> str:
     pairs.append(f"Model: {spec.model}")
     if spec.pipeline in ("img2img", "inpaint"):
         pairs.append(f"Denoising strength: {spec.strength:g}")
+    if spec.hires is not None:
+        hires = spec.hires
+        pairs += [
+            f"Hires upscale: {hires.scale:g}",
+            f"Hires steps: {hires.steps or spec.num_inference_steps}",
+            f"Hires upscaler: {hires.upscaler.capitalize()}",
+            f"Denoising strength: {hires.strength:g}",
+        ]
+    if spec.refiner is not None:
+        pairs += [f"Refiner: {spec.refiner.model}", f"Refiner switch at: {spec.refiner.switch_at:g}"]
     if spec.clip_skip:
         pairs.append(f"Clip skip: {spec.clip_skip + 1}")  # A1111 counts the last layer as 1; diffusers as 0
     if params.loras:

@@ -19,10 +19,11 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from pydantic import ValidationError
 
-from producer.errors import RenderFailed, StorageError
+from producer.errors import RenderFailed, StorageError, UnsupportedSpecError
 from producer.keys import image_object, manifest_object
-from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, Timings
+from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, StageRecord, Timings
 from producer.spec import MAX_SEED, NEEDS, RenderSpec
+from worker.engine import stages
 from worker.engine.callbacks import CallbackStack, Checkpointing, build_callbacks
 from worker.engine.callbacks.prompts import encode_plan
 from worker.engine.callbacks.steps import sampler_steps
@@ -32,6 +33,7 @@ from worker.engine.outputs import ImageParameters, png_bytes
 from worker.engine.stops import JobExpired, JobRevoked, JobStopped, TimeLimitExceeded
 from worker.models import ip_adapter
 from worker.models.families import ModelFamily, family_named
+from worker.models.families.sd import refiner_source
 from worker.models.registry import ModelRegistry
 from worker.models.sampling import scheduled
 from worker.storage import Storage
@@ -41,11 +43,32 @@ _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
 
 def check_supported(spec: RenderSpec, registry: ModelRegistry) -> None:
     """The worker-side checks a producer cannot make: allowlist and what this worker runs for the model's family."""
-    family_named(registry.source(spec.model).family).check(spec, spec.model)
+    source = registry.source(spec.model)
+    family_named(source.family).check(spec, spec.model)
+    if source.family == "sdxl" and source.source is not None and spec.pipeline != "img2img":
+        if refiner_source(source.source):
+            raise UnsupportedSpecError(
+                f"model: {spec.model!r} is an SDXL refiner, which runs img2img only; send pipeline 'img2img', or "
+                f'run an SDXL base model with "refiner": {{"model": {spec.model!r}}}'
+            )
+    if spec.refiner is not None:
+        _check_refiner(spec.refiner.model, registry)
     if spec.loras:
         registry.check_loras(spec.model, spec.loras)
     if spec.ip_adapter is not None:
         registry.check_ip_adapter(spec.model)  # its weights load on the GPU thread, with the pipeline
+
+
+def _check_refiner(name: str, registry: ModelRegistry) -> None:
+    if name not in registry.models:
+        allowed = ", ".join(sorted(registry.models)) or "(none)"
+        raise UnsupportedSpecError(
+            f"refiner.model: {name!r} is not on this worker's allowlist; use one of: {allowed} (or add it to "
+            "RENDER_MODELS)"
+        )
+    family = registry.source(name).family
+    if family != "sdxl":
+        raise UnsupportedSpecError(f"refiner.model: {name!r} is a {family} model; a refiner must be an SDXL model")
 
 
 def read_manifest(storage: Storage, task_id: str) -> Manifest | None:
@@ -194,7 +217,7 @@ def denoise(prepared: Prepared, registry: ModelRegistry) -> Denoised:
         return Denoised(error=exc, before_any_step=True)
     try:
         with job_setup(pipe, [prepared], registry):
-            return Denoised(pixels=_run(pipe, prepared))
+            return Denoised(pixels=_run(pipe, prepared, registry))
     except JobStopped as stop:
         return Denoised(stop=stop)
     except Exception as exc:
@@ -357,43 +380,126 @@ def pipeline_arguments(
     }
 
 
-def _run(pipe: Any, prepared: Prepared) -> torch.Tensor:
-    spec, record, stack = prepared.spec, prepared.record, prepared.stack
+def _run(pipe: Any, prepared: Prepared, registry: ModelRegistry) -> torch.Tensor:
+    spec, record = prepared.spec, prepared.record
     seeds = [record.image_seed(i) for i in range(spec.num_images)]
     arguments = pipeline_arguments(spec, prepared.job.inputs, seeds, prepared.family)
     prepared.family.adjust_arguments(spec, arguments)
-    stack.start()
+    if stages.stage_name(spec) is not None:
+        return _run_stages(pipe, prepared, registry, arguments, seeds)
+    prepared.stack.start()
     started = time.perf_counter()
     decoded = None
+    try:
+        with torch.inference_mode():
+            pixels = _call(pipe, prepared, arguments, prepared.stack.multi, first=True)
+        decoded = time.perf_counter()
+    finally:
+        # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
+        last_step = prepared.stack.control.last_step_end or time.perf_counter()
+        record.ran(pipe, started, last_step, prepared.stack.control.steps_completed, decoded)
+    return pixels
+
+
+def _call(
+    pipe: Any, prepared: Prepared, arguments: dict[str, Any], multi: Any, *, first: bool, output_type: str = "pt"
+) -> torch.Tensor:
+    """One pipeline call of the job with `multi`, its callbacks (`first`: the job's first stage, which encodes an
+    `a1111` prompt's spans); its images (pixels on the CPU) or, `output_type="latent"`, its latents as they are."""
+    spec, record, stack = prepared.spec, prepared.record, prepared.stack
     if stack.checkpoint is not None:
         stack.checkpoint.bind(pipe, arguments["generator"])
     try:
-        with torch.inference_mode():
-            if spec.prompt_syntax == "a1111" and prepared.family.prompt_weights:
-                plan = encode_plan(pipe, prepared.family, spec)
-                _, positive, negative = plan.spans[0]
-                arguments.update(prepared.family.conditioning_arguments(positive, negative))
-                record.prompt_tokens = plan.tokens
-                if stack.prompts is not None:
-                    stack.prompts.plan = plan
-            else:
-                arguments.update(prepared.family.clip_skip_arguments(pipe, spec))
-            prepared.family.before_call(spec, record.image_seed(0))
-            output = pipe(
-                **arguments,
-                output_type="pt",
-                callback_on_step_end=stack.multi,
-                # Passed, not left to the callback object: Flux, SD3 img2img and others ignore its tensor_inputs.
-                callback_on_step_end_tensor_inputs=list(dict.fromkeys(stack.multi.tensor_inputs)),
-            )
-            pixels: torch.Tensor = output.images.cpu()
-        decoded = time.perf_counter()
+        if first and spec.prompt_syntax == "a1111" and prepared.family.prompt_weights:
+            plan = encode_plan(pipe, prepared.family, spec)
+            _, positive, negative = plan.spans[0]
+            arguments.update(prepared.family.conditioning_arguments(positive, negative))
+            record.prompt_tokens = plan.tokens
+            if stack.prompts is not None:
+                stack.prompts.plan = plan
+        elif first:
+            arguments.update(prepared.family.clip_skip_arguments(pipe, spec))
+        prepared.family.before_call(spec, record.image_seed(0))
+        output = pipe(
+            **arguments,
+            output_type=output_type,
+            callback_on_step_end=multi,
+            # Passed, not left to the callback object: Flux, SD3 img2img and others ignore its tensor_inputs.
+            callback_on_step_end_tensor_inputs=list(dict.fromkeys(multi.tensor_inputs)),
+        )
+        images: torch.Tensor = output.images
+        return images if output_type == "latent" else images.cpu()
     finally:
         stack.release()
-        # The step callbacks mark where denoising ended; what follows the last one is the VAE decode.
-        last_step = stack.control.last_step_end or time.perf_counter()
-        record.ran(pipe, started, last_step, stack.control.steps_completed, decoded)
+
+
+def _run_stages(
+    pipe: Any, prepared: Prepared, registry: ModelRegistry, arguments: dict[str, Any], seeds: list[int]
+) -> torch.Tensor:
+    """A job of two stages (`worker.engine.stages`): the first call ends with latents, the second makes the image;
+    a budget spent in the first ends the job with the first stage's image. A resume into the second skips the first."""
+    spec, record, stack, family = prepared.spec, prepared.record, prepared.stack, prepared.family
+    loading = time.perf_counter()
+    second = stages.second_pipeline(spec, registry)
+    record.timings.load = (record.timings.load or 0.0) + time.perf_counter() - loading
+    with scheduled(second, spec.scheduler, family.make_scheduler):
+        record.stages = first_record, second_record = stages.plan(spec, pipe, second)
+        stack.plan(first_record.steps_planned + second_record.steps_planned)
+        stack.start()
+        resume = stack.checkpoint.resume if stack.checkpoint is not None else None
+        with torch.inference_mode():
+            if resume is not None and resume.stage == 1:
+                first_record.steps_completed = first_record.steps_planned
+                image = stages.stand_in(spec, family, second)
+            else:
+                started = time.perf_counter()
+                try:
+                    arguments |= stages.first_stage_arguments(spec)
+                    latents = _call(pipe, prepared, arguments, stack.multi, first=True, output_type="latent")
+                finally:
+                    _stage_ran(
+                        record, first_record, started, stack.control.last_step_end, stack.control.steps_completed
+                    )
+                handed = time.perf_counter()
+                if stack.budget is not None and stack.budget.interrupted_by is not None:
+                    pixels = stages.decode(family, pipe, latents, spec.height, spec.width)
+                    first_record.decode = time.perf_counter() - handed
+                    return pixels
+                image = stages.hand_over(spec, family, pipe, latents)
+                if spec.hires is not None and spec.hires.upscaler == "lanczos":
+                    first_record.decode = time.perf_counter() - handed
+            offset = first_record.steps_planned
+            height, width = (spec.hires_size[1], spec.hires_size[0]) if spec.hires else (spec.height, spec.width)
+            multi = stack.stage_callbacks(1, second_record.name, offset, (height, width))
+            second_arguments = stages.second_arguments(spec, family, second, image, seeds)
+            started, decoded = time.perf_counter(), None
+            try:
+                pixels = _call(second, prepared, second_arguments, multi, first=False)
+                decoded = time.perf_counter()
+            finally:
+                last = stack.control.last_step_end
+                _stage_ran(record, second_record, started, last, stack.control.steps_completed - offset, decoded)
     return pixels
+
+
+def _stage_ran(
+    record: _Record,
+    stage: StageRecord,
+    started: float,
+    last_step: float | None,
+    steps: int,
+    decoded: float | None = None,
+) -> None:
+    """Record a stage's call: its steps, denoise time (to its last step), decode time; the job's totals after it."""
+    last = last_step if last_step is not None and last_step >= started else time.perf_counter()
+    stage.steps_completed = max(steps, 0)
+    stage.denoise = last - started
+    stage.decode = None if decoded is None else decoded - last
+    record.steps_planned = sum(each.steps_planned for each in record.stages)
+    record.steps_completed = sum(each.steps_completed for each in record.stages)
+    record.timings.denoise = sum(each.denoise for each in record.stages if each.denoise is not None)
+    decodes = [each.decode for each in record.stages if each.decode is not None]
+    record.timings.decode = sum(decodes) if decodes else None
 
 
 class _Record:
@@ -416,6 +522,7 @@ class _Record:
         self.batched_with: list[str] = []
         self.resumed_from_step: int | None = None
         self.prompt_tokens: dict[str, int] | None = None
+        self.stages: list[StageRecord] = []  # a job of two stages: each one's steps and times
         self.checkpoints: CheckpointWriter | None = None
         self.started_at = _now()
 
@@ -468,6 +575,7 @@ class _Record:
             batched_with=self.batched_with,
             resumed_from_step=self.resumed_from_step,
             prompt_tokens=self.prompt_tokens,
+            stages=self.stages,
             started_at=self.started_at,
             finished_at=_now(),
         )

@@ -131,6 +131,22 @@ class ModelRegistry:
                 )
             return pipes[kind]
 
+    def refiner(self, base: str, name: str) -> Any:
+        """Refiner `name`'s img2img pipeline for jobs of `base`, kept with `base`'s cached pipelines (a job needs
+        both at once, so the refiner never evicts its base); `base` must be loaded (`pipeline(base)`) first."""
+        source = self.source(name)
+        with self._lock:
+            pipes = self._cache[base]
+            key = f"refiner:{name}"
+            if key not in pipes:
+                loaded = self._loaded(name, source, lambda: self._load(name, source))
+                pipes[key] = self._loaded(
+                    name, source, lambda: variants.variant(loaded, "img2img", source, self.dtype_of(name))
+                )
+                self.loads[name] = self.loads.get(name, 0) + 1
+                metrics.MODEL_LOADS.labels(model=name).inc()
+            return pipes[key]
+
     @staticmethod
     def _loaded(name: str, source: ModelSource, load: Callable[[], Any]) -> Any:
         """`load()`, whose failure (its files, the device's memory) is this model's on this worker: a ModelLoadError."""

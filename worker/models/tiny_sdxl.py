@@ -2,12 +2,15 @@
 
 Two text encoders (the second with a projection, as SDXL's), the `text_time` added
 conditioning, SDXL's VAE scaling factor; tiny sizes and a fixed seed, like diffusers' own tests.
+
+`tiny-sdxl-refiner` (`build_refiner`) is shaped like SDXL's refiner: the second text encoder alone, aesthetic-score
+time ids, and the same VAE (one latent space with the base, so the base's latents hand over as they are).
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from worker.models.tiny_sd15 import SEED, euler_scheduler, tiny_text_config, tiny_vae
@@ -52,5 +55,44 @@ def build() -> StableDiffusionXLPipeline:
         tokenizer_2=tiny_clip_tokenizer(),
         unet=unet,
         scheduler=euler_scheduler(),
+        add_watermarker=False,
+    )
+
+
+def build_refiner() -> StableDiffusionXLImg2ImgPipeline:
+    tokenizer = tiny_clip_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
+    torch.manual_seed(SEED + 2)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        transformer_layers_per_block=(1, 1),
+        # five numbers (original size, crop, aesthetic score), each embedded, plus the pooled text embedding
+        projection_class_embeddings_input_dim=5 * TIME_EMBED_DIM + PROJECTION_DIM,
+        cross_attention_dim=config.hidden_size,  # the second encoder's hidden states alone
+        norm_num_groups=4,
+    )
+    torch.manual_seed(SEED + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=tiny_vae(scaling_factor=0.13025),
+        text_encoder=None,
+        text_encoder_2=text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=euler_scheduler(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
         add_watermarker=False,
     )

@@ -24,6 +24,8 @@ class StepBudgetCallback(PipelineCallback):
         self.clock = clock
         self.started = clock()
         self.interrupted_by: InterruptedBy | None = None
+        self.offset = 0  # a later stage's call: the steps of the stages before it, which the budget counts too
+        self.total: int | None = None  # the steps of all the job's stages (None: the call's own)
 
     def start(self) -> None:
         self.started = self.clock()
@@ -42,6 +44,7 @@ class StepBudgetCallback(PipelineCallback):
         return self.interrupted_by is not None
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
-        if self.spent(step_index + 1, pipeline.num_timesteps):
+        total = self.total if self.total is not None else pipeline.num_timesteps
+        if self.spent(self.offset + step_index + 1, total):
             pipeline._interrupt = True
         return callback_kwargs

@@ -34,6 +34,33 @@ class CallbackStack:
     checkpoints: CheckpointWriter | None = None  # stores (and at the end deletes) the job's checkpoint
     cutoff: Any = None  # the CFG cutoff, whose `release()` (where it has one) undoes what it did to the model
     prompts: PromptScheduleCallback | None = None  # a prompt schedule's, bound to its encoded spans by the render
+    frames_callback: FramesCallback | None = None  # the first stage's (a later stage gets one of its own)
+
+    def plan(self, total: int) -> None:
+        """The job runs stages of `total` steps in all: progress and the step budget count over all of them."""
+        self.control.planned = total
+        if self.budget is not None:
+            self.budget.total = total
+
+    def stage_callbacks(self, index: int, label: str, offset: int, size: tuple[int, int]) -> SamplerStepCallbacks:
+        """The callbacks of stage `index` (`label`: hires, refiner) of a job, after `offset` steps of the ones before
+        it: the job-wide ones (control, budget, checkpoint) go on counting; frames are the stage's (`label`-step-NNN,
+        a preview of its `size` (height, width) latents); cutoffs, prompt schedules and guidance curves are the first
+        stage's only."""
+        self.control.offset = offset
+        chain: list[Any] = []
+        if self.budget is not None:
+            self.budget.offset = offset
+            chain.append(self.budget)
+        if self.frames is not None and self.frames_callback is not None:
+            frames = FramesCallback(self.frames, self.frames_callback.family, size)
+            frames.stage, frames.offset = label, offset
+            frames.skip_through = self.frames_callback.skip_through
+            chain.append(frames)
+        if self.checkpoint is not None:
+            self.checkpoint.enter_stage(index, offset)
+            chain.append(self.checkpoint)
+        return SamplerStepCallbacks(self.control, chain)
 
     def start(self) -> None:
         self.control.start()
@@ -100,7 +127,7 @@ def build_callbacks(
         chain.append(prompts)
     if spec.guidance is not None:
         chain.append(GuidanceCurveCallback(spec.guidance))
-    writer = None
+    writer = frames_callback = None
     if (frames := spec.callback(Frames)) is not None:
         writer = FrameWriter(storage, task_id, frames, threads=frame_threads)
         frames_callback = FramesCallback(writer, family, (spec.height, spec.width))
@@ -128,4 +155,6 @@ def build_callbacks(
     if drain is not None:
         control.hooks = (*control.hooks, DrainHook(drain, checkpoint))
     multi = SamplerStepCallbacks(control, chain)
-    return CallbackStack(control, budget, writer, multi, checkpoint, checkpoints, cutoff_callback, prompts)
+    return CallbackStack(
+        control, budget, writer, multi, checkpoint, checkpoints, cutoff_callback, prompts, frames_callback
+    )

@@ -66,13 +66,26 @@ class CheckpointCallback(PipelineCallback):
         self.unsupported = False
         self.bound = False  # in a pipeline call (alone, or a batch's: `bind_batch`)
         self.hand_off = False
+        self.stage = 0  # the stage whose call runs (`enter_stage`); a checkpoint records it
+        self.offset = 0  # the job's steps in the stages before it: a checkpoint's `step` counts over all stages
+
+    def enter_stage(self, stage: int, offset: int) -> None:
+        """The job's stage `stage` begins, after `offset` steps of the ones before it."""
+        self.stage, self.offset = stage, offset
+
+    @property
+    def replaying(self) -> int | None:
+        """The step within this stage that a resume restores (its checkpoint is of this stage), else None."""
+        if self.resume is None or self.resume.stage != self.stage:
+            return None
+        return self.resume.step - self.offset
 
     def bind(self, pipe: Any, generators: Sequence[torch.Generator]) -> None:
         """The run is starting on `pipe` with these generators; a resume turns the model off until its step."""
         self.generators = generators
         self.last = self.clock()
         self.bound = True
-        if self.resume is not None:
+        if self.replaying is not None:
             if self.family is None:
                 raise ValueError("a resume needs the job's model family (CheckpointCallback(family=...))")
             self._model_off = self.family.model_off(pipe)
@@ -88,17 +101,18 @@ class CheckpointCallback(PipelineCallback):
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
         done = step_index + 1
-        if self.resume is not None and done <= self.resume.step:
-            if done < self.resume.step and self.hand_off:  # still replaying: the stored checkpoint stands
-                raise HandedOff(done)
-            if done == self.resume.step:
+        replaying = self.replaying
+        if replaying is not None and done <= replaying:
+            if done < replaying and self.hand_off:  # still replaying: the stored checkpoint stands
+                raise HandedOff(self.offset + done)
+            if done == replaying:
                 loop = callback_kwargs["latents"]
                 callback_kwargs["latents"] = _like(self._restore(pipeline, _as_tensor(loop)), loop)
             if not self.hand_off:
                 return callback_kwargs
         latents = _as_tensor(callback_kwargs["latents"])
         if self.step_end(pipeline.scheduler, done, pipeline.num_timesteps, latents, self.generators):
-            raise HandedOff(done)
+            raise HandedOff(self.offset + done)
         return callback_kwargs
 
     def bind_batch(self) -> None:
@@ -154,7 +168,7 @@ class CheckpointCallback(PipelineCallback):
         if self.budget is not None and self.budget.max_seconds is not None:
             budget_seconds = self.budget.clock() - self.budget.started
         checkpoint = Checkpoint(
-            step=done,
+            step=self.offset + done,
             latents=latents.detach().to("cpu", copy=True),
             scheduler=state,
             scheduler_class=type(scheduler).__name__,
@@ -162,6 +176,7 @@ class CheckpointCallback(PipelineCallback):
             seed=self.seed,
             spec_digest=self.digest,
             budget_seconds=budget_seconds,
+            stage=self.stage,
         )
         self.writer.submit(checkpoint, self.frames)
         if self.hand_off:

@@ -32,6 +32,10 @@ class StepControlCallback(PipelineCallback):
         self.steps_completed = 0
         self.hook_seconds = 0.0  # what the hooks cost the denoising thread, over `hook_calls` model calls
         self.hook_calls = 0
+        # A job of several stages (hires fix, refiner) counts over all of them: the steps of the stages before this
+        # call's, and the steps planned over all (None: the call's own).
+        self.offset = 0
+        self.planned: int | None = None
 
     def start(self) -> None:
         self.started = self.clock()
@@ -43,10 +47,12 @@ class StepControlCallback(PipelineCallback):
         return callback_kwargs
 
     def on_model_call(self, pipeline: Any, steps_completed: int) -> None:
-        """After each model call: record the sampler steps completed so far and run the hooks."""
-        self.steps_completed = steps_completed
+        """After each model call: record the sampler steps completed so far (over the job's stages) and run the
+        hooks."""
+        self.steps_completed = steps_completed = self.offset + steps_completed
         self.last_step_end = self.clock()
-        info = StepInfo(self.task_id, steps_completed, pipeline.num_timesteps, self.last_step_end - self.started)
+        planned = self.planned if self.planned is not None else pipeline.num_timesteps
+        info = StepInfo(self.task_id, steps_completed, planned, self.last_step_end - self.started)
         try:
             for hook in self.hooks:
                 try:

@@ -48,7 +48,9 @@ class FrameWriter:
             newest = self._newest
         return newest[1] if newest is not None else (self.adopted[-1] if self.adopted else None)
 
-    def submit(self, steps_completed: int, rgb: torch.Tensor) -> None:
+    def submit(self, steps_completed: int, rgb: torch.Tensor, stage: tuple[str, int] | None = None) -> None:
+        """A frame at `steps_completed` (the job's steps, over its stages); `stage` (its label and the step within
+        it) names a later stage's frame `frames/<label>-step-NNN`."""
         event = None
         if rgb.device.type == "cuda":
             host = torch.empty(rgb.shape, dtype=rgb.dtype, pin_memory=True)
@@ -57,18 +59,18 @@ class FrameWriter:
             event.record()
             rgb = host
         self._steps.append(steps_completed)
-        self._futures.append(self._pool.submit(self._store, steps_completed, rgb, event))
+        self._futures.append(self._pool.submit(self._store, steps_completed, rgb, event, stage))
 
     def stored_through(self, step: int) -> list[str]:
         """The URLs of every frame through `step`, once stored (a checkpoint's); raises the first upload error."""
         return self.adopted + [f.result() for s, f in zip(self._steps, list(self._futures), strict=False) if s <= step]
 
-    def _store(self, steps_completed: int, rgb: torch.Tensor, event: Any) -> str:
+    def _store(self, steps_completed: int, rgb: torch.Tensor, event: Any, stage: tuple[str, int] | None) -> str:
         if event is not None:
             event.synchronize()
         started = time.perf_counter()
         image = contact_strip(rgb.numpy(), self.spec.size)
-        name = frame_object(self.task_id, steps_completed, self.spec.format)
+        name = stage_frame_object(self.task_id, steps_completed, self.spec.format, stage)
         url = self.storage.put(name, encode(image, self.spec.format), CONTENT_TYPES[self.spec.format])
         FRAME_UPLOAD.observe(time.perf_counter() - started)
         with self._lock:
@@ -88,8 +90,19 @@ class FrameWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def stage_frame_object(task_id: str, steps_completed: int, extension: str, stage: tuple[str, int] | None) -> str:
+    """The frame's object name: `frame_object`'s (`frames/step-NNN`) for the first stage, so readers of one-stage
+    jobs read it unchanged; `frames/<label>-step-NNN` (NNN the step within the stage) for a later stage."""
+    if stage is None:
+        return frame_object(task_id, steps_completed, extension)
+    label, step = stage
+    first = frame_object(task_id, step, extension)
+    folder, _, name = first.rpartition("/")
+    return f"{folder}/{label}-{name}"
+
+
 class FramesCallback(PipelineCallback):
-    """Hands a preview of the latents to a `FrameWriter` every `every` steps."""
+    """Hands a preview of the latents to a `FrameWriter` every `every` steps (of its stage)."""
 
     tensor_inputs = ["latents"]
 
@@ -100,10 +113,12 @@ class FramesCallback(PipelineCallback):
         self.height, self.width = size
         self.every = writer.spec.every
         self.skip_through = 0  # a resumed job's frames through its checkpoint's step are stored already
+        self.stage: str | None = None  # a later stage's label (its frames are named by it)
+        self.offset = 0  # a later stage's: the job's steps before it
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> Any:
-        if (step_index + 1) % self.every == 0 and step_index + 1 > self.skip_through:
-            self.writer.submit(
-                step_index + 1, self.family.preview(pipeline, callback_kwargs["latents"], self.height, self.width)
-            )
+        step = step_index + 1
+        if step % self.every == 0 and self.offset + step > self.skip_through:
+            rgb = self.family.preview(pipeline, callback_kwargs["latents"], self.height, self.width)
+            self.writer.submit(self.offset + step, rgb, None if self.stage is None else (self.stage, step))
         return callback_kwargs

@@ -41,6 +41,8 @@ class ModelFamily:
     prompt_schedule_inputs: ClassVar[tuple[str, ...]] = ()  # the loop's tensors a prompt schedule replaces
     # Why a guidance curve cannot apply to the family (None: its loop reads the guidance scale every step).
     guidance_curve: ClassVar[str | None] = "has no guidance scale its loop reads every step in this worker"
+    latent_hires: ClassVar[bool] = False  # whether a hires pass may resize its loop's latents as they are
+    refiner: ClassVar[bool] = False  # whether a refiner model may finish its text2img (SDXL's ensemble)
 
     # --- loading --------------------------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class ModelFamily:
             raise UnsupportedSpecError(f"clip_skip: {model!r} ({self.name}) has no CLIP layers to skip; leave it 0")
         self.check_sampler(spec.scheduler, model)
         self.check_prompts(spec, model)
+        self.check_stages(spec, model)
         if spec.cache is not None and spec.cache.type not in self.step_caches:
             offered = ", ".join(sorted(self.step_caches)) or "none"
             raise UnsupportedSpecError(
@@ -147,6 +150,24 @@ class ModelFamily:
 
     def check_sampler(self, name: str, model: str) -> None:
         """Refuse a sampler the family does not run."""
+
+    def check_stages(self, spec: RenderSpec, model: str) -> None:
+        """Refuse a second stage (`hires`, `refiner`) the family cannot run; the refiner model's own checks need
+        the allowlist (`worker.engine.rendering.check_supported`)."""
+        if spec.refiner is not None and not self.refiner:
+            raise UnsupportedSpecError(
+                f"refiner: {model!r} ({self.name}) takes no refiner; the base + refiner ensemble is SDXL's. "
+                "Remove `refiner` or use an SDXL model"
+            )
+        if spec.hires is None:
+            return
+        if "img2img" not in self.pipelines:
+            raise UnsupportedSpecError(f"hires: {model!r} ({self.name}) has no img2img pipeline; remove `hires`")
+        if spec.hires.upscaler == "latent" and not self.latent_hires:
+            raise UnsupportedSpecError(
+                f"hires.upscaler: {model!r} ({self.name}) takes 'lanczos' only (its latents are not an image to "
+                "resize as they are); send upscaler 'lanczos'"
+            )
 
     def check_prompts(self, spec: RenderSpec, model: str) -> None:
         """Refuse an `a1111` prompt the family cannot encode as written (a plain one it reads as text), and a

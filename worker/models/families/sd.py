@@ -7,6 +7,7 @@ drop a job's rows mid-loop (every per-row tensor of the loop is a callback tenso
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import cache
 from typing import Any, ClassVar
 
@@ -14,6 +15,7 @@ import safetensors
 import torch
 from diffusers import (
     ControlNetModel,
+    DiffusionPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -25,10 +27,11 @@ from diffusers import (
 )
 from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from diffusers.utils.logging import disable_progress_bar
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from transformers.initialization import no_init_weights
 
-from producer.errors import UnsupportedSpecError
+from producer.errors import ModelError, UnsupportedSpecError
 from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import sampling, single_file, tiny_sd15, tiny_sdxl
@@ -76,6 +79,7 @@ class StableDiffusionFamily(ModelFamily):
     controlnet_class = ControlNetModel
     prompt_weights = True
     guidance_curve = None  # CFG in one doubled batch, `guidance_scale` read at every step
+    latent_hires = True  # 4-channel latents, which their img2img pipelines take as `image`
 
     def tiny_controlnet(self, base: Any, seed: int = 0) -> Any:
         # From a freshly built UNet, equal to the base's as built: the base's may hold LoRA layers by now, whose
@@ -184,6 +188,20 @@ def _same_length(positive: Encoded, negative: Encoded) -> tuple[Encoded, Encoded
     )
 
 
+def refiner_source(source: str) -> bool:
+    """Whether an SDXL model source is a refiner: the built-in `tiny-refiner`, or a directory (or cached hub id)
+    whose `model_index.json` names `StableDiffusionXLImg2ImgPipeline`."""
+    if source == "tiny-refiner":
+        return True
+    if source.startswith("tiny"):
+        return False
+    try:
+        config = DiffusionPipeline.load_config(source, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return bool(config.get("_class_name") == StableDiffusionXLImg2ImgPipeline.__name__)
+
+
 class SD15Family(StableDiffusionFamily):
     name = "sd15"
     pipelines = {
@@ -231,9 +249,28 @@ class SDXLFamily(StableDiffusionFamily):
         "inpaint": StableDiffusionXLInpaintPipeline,
         "controlnet": StableDiffusionXLControlNetPipeline,
     }
-    tiny = {"tiny": tiny_sdxl.build}
+    tiny = {"tiny": tiny_sdxl.build, "tiny-refiner": tiny_sdxl.build_refiner}
     cutoff_class = BatchSafeSDXLCFGCutoffCallback
     prompt_schedule_inputs = ("prompt_embeds", "add_text_embeds")
+    refiner = True
+
+    def load(self, source: str, dtype: torch.dtype) -> Any:
+        # A refiner's directory names the img2img pipeline: `StableDiffusionXLPipeline` would load it without its
+        # aesthetic-score setting and with no first text encoder to encode with.
+        if refiner_source(source):
+            disable_progress_bar()
+            try:
+                return StableDiffusionXLImg2ImgPipeline.from_pretrained(source, dtype=dtype, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"could not load the SDXL refiner from {source!r}: {exc}") from exc
+        return super().load(source, dtype)
+
+    def variant(self, base: Any, kind: Kind, extra: Mapping[str, Any]) -> Any:
+        if isinstance(base, StableDiffusionXLImg2ImgPipeline):  # a refiner: its own pipeline is its img2img one
+            if kind != "img2img":
+                raise UnsupportedSpecError(f"pipeline: an SDXL refiner runs img2img only; got {kind!r}")
+            return base
+        return super().variant(base, kind, extra)
 
     def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Weighted, *, negative: bool = False) -> Encoded:
         pairs = [

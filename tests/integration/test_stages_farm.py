@@ -1,0 +1,75 @@
+"""A hires-fix job whose worker is SIGKILLed in the second stage resumes on another `render worker` process in that
+stage (the first is skipped) and makes the image an uninterrupted run makes, byte for byte."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import boto3
+import pytest
+
+from tests.helpers import pixels, wait_until
+from tests.integration.conftest import Farm, spec
+from worker.engine.checkpoints import Checkpoint, decode
+from worker.storage import open_storage
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+BASE_STEPS = 8
+
+
+def stored_checkpoint(farm: Farm, task_id: str) -> Checkpoint | None:
+    """The job's checkpoint in the bucket, read straight from the S3 server."""
+    s3 = boto3.client("s3", endpoint_url=farm.s3_endpoint)
+    try:
+        body = s3.get_object(Bucket=farm.bucket, Key=f"renders/{task_id}/checkpoint.pt")["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    return decode(body)
+
+
+def test_a_worker_killed_in_the_hires_stage_resumes_there_elsewhere_byte_for_byte(
+    farm_factory: Callable[[], Farm],
+) -> None:
+    farm = farm_factory()
+    (first,) = farm.start_workers("stage-a", checkpoint_seconds="0.3")
+    # The hires pass: 120 steps on 256x256 (a 32x32 latent): long enough to be killed in, a checkpoint or more in.
+    job = spec(
+        num_inference_steps=BASE_STEPS,
+        seed=21,
+        scheduler="dpmpp_2m",
+        hires={"scale": 4, "strength": 1.0, "steps": 120, "upscaler": "latent"},
+        callbacks=[{"type": "frames", "every": 8}],
+    )
+    handle = farm.client.submit(job)
+
+    def in_second_stage() -> bool:
+        checkpoint = stored_checkpoint(farm, handle.task_id)
+        return handle.status().state == "succeeded" or (
+            checkpoint is not None and checkpoint.stage == 1 and checkpoint.step > BASE_STEPS + 2
+        )
+
+    wait_until(in_second_stage, timeout=180, what="a checkpoint in the hires stage", interval=0.05)
+    assert handle.status().state != "succeeded", "the job ended before a checkpoint in its hires stage was seen"
+    checkpoint = stored_checkpoint(farm, handle.task_id)
+    assert checkpoint is not None
+    first.kill(signal.SIGKILL)
+    farm.start_workers("stage-b", checkpoint_seconds="0.3")
+
+    (manifest,) = farm.finish([handle])
+    assert manifest.status == "succeeded" and manifest.attempt == 2 and manifest.worker.startswith("stage-b@")
+    assert manifest.resumed_from_step is not None and manifest.resumed_from_step >= checkpoint.step > BASE_STEPS
+    assert [(s.name, s.steps_planned, s.steps_completed) for s in manifest.stages] == [
+        ("base", BASE_STEPS, BASE_STEPS),
+        ("hires", 120, 120),
+    ]
+    assert stored_checkpoint(farm, handle.task_id) is None, "the final state deleted the checkpoint"
+
+    (whole,) = farm.finish([farm.client.submit(job)])  # the same spec uninterrupted, on the same kind of worker
+    assert whole.resumed_from_step is None and whole.seed == manifest.seed
+    storage = open_storage(f"s3://{farm.bucket}/renders", s3_endpoint_url=farm.s3_endpoint)
+    assert pixels(storage, manifest.images[0]) == pixels(storage, whole.images[0]), "the resumed image differs"
+    names = [url.rsplit("/", 1)[-1] for url in manifest.frames]
+    assert names == [url.rsplit("/", 1)[-1] for url in whole.frames]
+    assert names == ["step-008.png", *(f"hires-step-{step:03d}.png" for step in range(8, 121, 8))]
