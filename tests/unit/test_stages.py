@@ -18,6 +18,7 @@ from producer import RenderSpec
 from producer.errors import SpecError, UnsupportedSpecError
 from producer.keys import checkpoint_object
 from producer.manifest import Manifest
+from tests.helpers import UNetCalls
 from tests.unit.test_checkpoints import EVERY_STEP, TASK, image_bytes, interrupted_at, resumed
 from worker.engine.batching import shared_call_key
 from worker.engine.checkpoints import Checkpoint, decode, encode
@@ -344,3 +345,74 @@ def test_png_parameters_name_the_stages() -> None:
     assert "Hires upscale: 2, Hires steps: 12, Hires upscaler: Latent, Denoising strength: 0.5" in hires
     refined = parameters_text(ImageParameters(spec_of(**REFINER), 5))
     assert "Refiner: tiny-sdxl-refiner, Refiner switch at: 0.7" in refined
+
+
+# --- what applies to which stage -----------------------------------------------------------------------------------
+
+
+def test_a_cfg_cutoff_ends_guidance_in_the_first_stage_only(registry: ModelRegistry, tmp_path: Path) -> None:
+    spec = spec_of(**HIRES, callbacks=[{"type": "cfg_cutoff", "step_index": 2}])
+    with UNetCalls(registry.pipeline("tiny-sd15")) as calls:  # the hires pass's img2img pipeline shares the UNet
+        manifest = render(spec, registry=registry, storage=LocalStorage(tmp_path))
+    assert manifest.status == "succeeded"
+    assert calls.batches == [2, 2, 2] + [1] * (STEPS - 3) + [2] * 5  # the hires pass guides at guidance_scale
+
+
+def test_a_guidance_curve_shapes_the_first_stage_and_the_second_runs_at_its_last_value(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    spec = spec_of(**HIRES, guidance={"from": 9, "to": 3})
+    render(spec, registry=registry, storage=LocalStorage(tmp_path))
+    assert registry.pipeline("tiny-sd15").guidance_scale == 3.0
+    assert registry.pipeline("tiny-sd15", "img2img").guidance_scale == 3.0
+
+
+def test_the_second_stage_runs_the_prompts_last_span(registry: ModelRegistry, tmp_path: Path) -> None:
+    """`[cat:dog:0.5]`: the first stage switches at step 5; the hires pass sees `dog` throughout, as a `dog` job's."""
+
+    def conditioning(prompt: str) -> list[torch.Tensor]:
+        seen: list[torch.Tensor] = []
+        pipe = registry.pipeline("tiny-sd15")
+
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen.append(kwargs["encoder_hidden_states"].clone())
+
+        handle = pipe.unet.register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            spec = spec_of(**HIRES, prompt=prompt, prompt_syntax="a1111")
+            render(spec, registry=registry, storage=LocalStorage(tmp_path))
+        finally:
+            handle.remove()
+        return seen
+
+    scheduled, dog = conditioning("a [cat:dog:0.5] on a hill"), conditioning("a dog on a hill")
+    assert len(scheduled) == len(dog) == STEPS + 5
+    assert not torch.equal(scheduled[0], dog[0]) and torch.equal(scheduled[STEPS - 1], dog[STEPS - 1])
+    assert all(torch.equal(a, b) for a, b in zip(scheduled[STEPS:], dog[STEPS:], strict=True))
+
+
+FLOW = ["tiny-sd3", "tiny-flux", "tiny-chroma", "tiny-qwen-image", "tiny-z-image", "tiny-flux2"]
+
+
+@pytest.mark.parametrize("model", FLOW)
+def test_the_flow_families_run_a_lanczos_hires_pass(registry: ModelRegistry, tmp_path: Path, model: str) -> None:
+    storage = LocalStorage(tmp_path)
+    spec = spec_of(model=model, num_inference_steps=4, hires={"scale": 1.5, "upscaler": "lanczos"})
+    manifest = render(spec, registry=registry, storage=storage)
+    assert manifest.status == "succeeded" and image_of(storage, manifest).size == (96, 96)
+    assert [(s.name, s.steps_planned, s.steps_completed) for s in manifest.stages] == [("base", 4, 4), ("hires", 2, 2)]
+
+
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd3"])
+def test_a_flow_family_stopped_in_the_hires_pass_resumes_byte_for_byte(
+    registry: ModelRegistry, tmp_path: Path, model: str
+) -> None:
+    spec = spec_of(model=model, num_inference_steps=6, hires={"scale": 1.5, "upscaler": "lanczos", "strength": 0.7})
+    whole_storage, storage = LocalStorage(tmp_path / "whole"), LocalStorage(tmp_path / "resumed")
+    whole = render(JobContext(spec, TASK), registry=registry, storage=whole_storage)
+    interrupted_at(9, spec, registry, storage)  # 6 base steps, then the hires pass's 4: a checkpoint at step 8
+    data = storage.get(checkpoint_object(TASK))
+    assert data is not None and decode(data).stage == 1
+    manifest = resumed(spec, registry, storage, checkpoint_seconds=EVERY_STEP)
+    assert manifest.status == "succeeded" and manifest.resumed_from_step == 8
+    assert image_bytes(storage, manifest) == image_bytes(whole_storage, whole), "the resumed image differs"

@@ -452,22 +452,23 @@ def _run_stages(
                 first_record.steps_completed = first_record.steps_planned
                 image = stages.stand_in(spec, family, second)
             else:
-                started = time.perf_counter()
+                output_type = stages.first_output(spec)
+                started, decoded = time.perf_counter(), None
                 try:
                     arguments |= stages.first_stage_arguments(spec)
-                    latents = _call(pipe, prepared, arguments, stack.multi, first=True, output_type="latent")
+                    first = _call(pipe, prepared, arguments, stack.multi, first=True, output_type=output_type)
+                    decoded = time.perf_counter() if output_type != "latent" else None
                 finally:
-                    _stage_ran(
-                        record, first_record, started, stack.control.last_step_end, stack.control.steps_completed
-                    )
-                handed = time.perf_counter()
-                if stack.budget is not None and stack.budget.interrupted_by is not None:
-                    pixels = stages.decode(family, pipe, latents, spec.height, spec.width)
-                    first_record.decode = time.perf_counter() - handed
-                    return pixels
-                image = stages.hand_over(spec, family, pipe, latents)
-                if spec.hires is not None and spec.hires.upscaler == "lanczos":
-                    first_record.decode = time.perf_counter() - handed
+                    last, done = stack.control.last_step_end, stack.control.steps_completed
+                    _stage_ran(record, first_record, started, last, done, decoded)
+                if stack.budget is not None and stack.budget.interrupted_by is not None:  # the first stage's image
+                    if output_type == "latent":
+                        handed = time.perf_counter()
+                        first = family.decode(pipe, first, spec.height, spec.width)
+                        first_record.decode = time.perf_counter() - handed
+                        _totals(record)
+                    return first
+                image = stages.hand_over(spec, pipe, first)
             offset = first_record.steps_planned
             height, width = (spec.hires_size[1], spec.hires_size[0]) if spec.hires else (spec.height, spec.width)
             multi = stack.stage_callbacks(1, second_record.name, offset, (height, width))
@@ -495,6 +496,11 @@ def _stage_ran(
     stage.steps_completed = max(steps, 0)
     stage.denoise = last - started
     stage.decode = None if decoded is None else decoded - last
+    _totals(record)
+
+
+def _totals(record: _Record) -> None:
+    """The job's steps and times: its stages' sums."""
     record.steps_planned = sum(each.steps_planned for each in record.stages)
     record.steps_completed = sum(each.steps_completed for each in record.stages)
     record.timings.denoise = sum(each.denoise for each in record.stages if each.denoise is not None)

@@ -16,6 +16,7 @@ right shape, which the checkpoint's latents replace at its step (the model-off r
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,32 +82,37 @@ def _cutoff(scheduler: Any, switch_at: float) -> int:
 
 
 def first_stage_arguments(spec: RenderSpec) -> dict[str, Any]:
-    """What the first call adds to its arguments (it ends with latents: `output_type="latent"`): a refiner's base
-    stops at `switch_at`."""
+    """What the first call adds to its arguments: a refiner's base stops at `switch_at`."""
     return {"denoising_end": spec.refiner.switch_at} if spec.refiner is not None else {}
 
 
-def hand_over(spec: RenderSpec, family: ModelFamily, pipe: Any, latents: torch.Tensor) -> Any:
-    """The second call's `image` from the first's latents: the latents themselves (refiner), resized (hires
-    `latent`), or decoded, resized with LANCZOS and given as images (hires `lanczos`)."""
+def first_output(spec: RenderSpec) -> str:
+    """The first call's `output_type`: its latents as they are, or pixels for a `lanczos` hires pass (decoded by
+    the pipeline itself, whatever its family's latents look like)."""
+    return "pt" if spec.hires is not None and spec.hires.upscaler == "lanczos" else "latent"
+
+
+def hand_over(spec: RenderSpec, pipe: Any, first: torch.Tensor) -> Any:
+    """The second call's `image` from the first call's output (`first_output`): the latents themselves (refiner),
+    resized (hires `latent`), or the pixels resized with LANCZOS, as images (hires `lanczos`)."""
     if spec.hires is None:
-        return latents
+        return first
     width, height = spec.hires_size
     if spec.hires.upscaler == "latent":
         scale = pipe.vae_scale_factor
-        return torch.nn.functional.interpolate(latents, size=(height // scale, width // scale), mode="bilinear")
-    return upscaled_images(decode(family, pipe, latents, spec.height, spec.width), (width, height))
+        return torch.nn.functional.interpolate(first, size=(height // scale, width // scale), mode="bilinear")
+    return upscaled_images(first, (width, height))
 
 
-def decode(family: ModelFamily, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The first stage's latents decoded by its family (an interrupted job's image, or a `lanczos` hand-over)."""
-    return family.decode(pipe, latents, height, width)
-
-
-def upscaled_images(pixels: torch.Tensor, size: tuple[int, int]) -> list[Image.Image]:
+def upscaled_images(pixels: torch.Tensor, size: tuple[int, int]) -> Image.Image | list[Image.Image]:
     """(n, 3, h, w) pixels in [0, 1] as 8-bit images resized to `size` (width, height) with PIL's LANCZOS."""
     images = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels))
-    return [image.resize(size, Image.Resampling.LANCZOS) for image in images]
+    return _one_or_list([image.resize(size, Image.Resampling.LANCZOS) for image in images])
+
+
+def _one_or_list(images: list[Image.Image]) -> Image.Image | list[Image.Image]:
+    """One image as itself (families' img2img arguments read `image.size`), several as a list (a row each)."""
+    return images[0] if len(images) == 1 else images
 
 
 def stand_in(spec: RenderSpec, family: ModelFamily, second: Any) -> Any:
@@ -120,7 +126,16 @@ def stand_in(spec: RenderSpec, family: ModelFamily, second: Any) -> Any:
         return torch.zeros(
             (spec.num_images, channels, height // scale, width // scale), dtype=model.dtype, device=model.device
         )
-    return [Image.new("RGB", (width, height)) for _ in range(spec.num_images)]
+    return _one_or_list([Image.new("RGB", (width, height)) for _ in range(spec.num_images)])
+
+
+def stage_spec(spec: RenderSpec) -> RenderSpec:
+    """The second stage as an img2img spec of its own steps and strength (what families' argument rules read)."""
+    if spec.hires is None:
+        return spec.model_copy(update={"pipeline": "img2img", "refiner": None})
+    steps = spec.hires.steps or spec.num_inference_steps
+    update = {"pipeline": "img2img", "strength": spec.hires.strength, "num_inference_steps": steps, "hires": None}
+    return spec.model_copy(update=update)
 
 
 def second_arguments(
@@ -138,6 +153,9 @@ def second_arguments(
         "num_images_per_prompt": spec.num_images,
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
     }
+    if "height" in inspect.signature(second.__call__).parameters:  # flow families' img2img: else its default size
+        width, height = spec.hires_size if spec.hires is not None else (spec.width, spec.height)
+        arguments |= {"width": width, "height": height}
     if spec.hires is not None:
         arguments |= {
             "num_inference_steps": spec.hires.steps or spec.num_inference_steps,
@@ -146,7 +164,8 @@ def second_arguments(
     else:
         assert spec.refiner is not None
         arguments |= {"num_inference_steps": spec.num_inference_steps, "denoising_start": spec.refiner.switch_at}
-    family.adjust_arguments(spec, arguments)
+    # The family adjusts them as for an img2img job of the stage's steps and strength (Flux.2's mask, Qwen's size).
+    family.adjust_arguments(stage_spec(spec), arguments)
     if spec.prompt_syntax == "a1111" and family.prompt_weights:
         _, positive, negative = encode_plan(second, family, spec).spans[-1]
         arguments.update(family.conditioning_arguments(positive, negative))
