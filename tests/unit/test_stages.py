@@ -397,9 +397,10 @@ FLOW = ["tiny-sd3", "tiny-flux", "tiny-chroma", "tiny-qwen-image", "tiny-z-image
 @pytest.mark.parametrize("model", FLOW)
 def test_the_flow_families_run_a_lanczos_hires_pass(registry: ModelRegistry, tmp_path: Path, model: str) -> None:
     storage = LocalStorage(tmp_path)
-    spec = spec_of(model=model, num_inference_steps=4, hires={"scale": 1.5, "upscaler": "lanczos"})
+    spec = spec_of(model=model, num_inference_steps=4, num_images=2, hires={"scale": 1.5, "upscaler": "lanczos"})
     manifest = render(spec, registry=registry, storage=storage)
-    assert manifest.status == "succeeded" and image_of(storage, manifest).size == (96, 96)
+    assert manifest.status == "succeeded" and len(manifest.images) == 2, manifest.error
+    assert image_of(storage, manifest).size == (96, 96)
     assert [(s.name, s.steps_planned, s.steps_completed) for s in manifest.stages] == [("base", 4, 4), ("hires", 2, 2)]
 
 

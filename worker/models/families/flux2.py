@@ -146,8 +146,9 @@ class Flux2Family(FlowFamily):
             # the float rounding of steps x strength.
             arguments["strength"] = (spec.denoising_steps - 0.5) / spec.num_inference_steps
         if spec.pipeline == "img2img":
-            image: Image.Image = arguments["image"]
-            arguments["mask_image"] = Image.new("L", image.size, 255)  # redo everywhere: img2img
+            image = arguments["image"]  # one image, or a hires pass's list of them (a row each)
+            first: Image.Image = image[0] if isinstance(image, list) else image
+            arguments["mask_image"] = Image.new("L", first.size, 255)  # redo everywhere: img2img
 
     def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # The pipeline's latent ids list the patches row by row (`_prepare_latent_ids`), so a reshape places them.

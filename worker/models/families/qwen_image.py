@@ -130,7 +130,8 @@ class QwenImageFamily(FlowFamily):
         image = arguments.get("image")
         if spec.pipeline == "img2img" and image is not None and "width" not in arguments:
             # Qwen's img2img renders at 1024 px unless told: the input image's size, as other families' img2img.
-            arguments["width"], arguments["height"] = image.size
+            first = image[0] if isinstance(image, list) else image  # a hires pass's list: a row each
+            arguments["width"], arguments["height"] = first.size
 
     def unpacked(self, pipe: Any, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         frames: torch.Tensor = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
