@@ -168,7 +168,8 @@ def test_a_batch_gallery_shows_its_images(console: Console, page: Any) -> None:
         "() => [...document.querySelectorAll('#batch-gallery img')].filter(i => i.complete && i.naturalWidth).length"
         " === 3"
     )
-    assert "3 succeeded" in text_of(page, "#batch-counts")
+    # The counts come from the batch's own poll, which may land a moment after the gallery's.
+    page.wait_for_function("() => document.querySelector('#batch-counts').textContent.includes('3 succeeded')")
     assert page.locator("#cancel-batch").is_hidden(), "a finished batch offers no cancel"
     shot(page, "batch")
 
