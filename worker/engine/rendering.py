@@ -410,7 +410,7 @@ def _call(
     if stack.checkpoint is not None:
         stack.checkpoint.bind(pipe, arguments["generator"])
     try:
-        if first and spec.prompt_syntax == "a1111" and prepared.family.prompt_weights:
+        if first and spec.prompt_syntax == "a1111" and prepared.family.prompt_encoding:
             plan = encode_plan(pipe, prepared.family, spec)
             _, positive, negative = plan.spans[0]
             arguments.update(prepared.family.conditioning_arguments(positive, negative))

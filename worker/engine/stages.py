@@ -166,7 +166,7 @@ def second_arguments(
         arguments |= {"num_inference_steps": spec.num_inference_steps, "denoising_start": spec.refiner.switch_at}
     # The family adjusts them as for an img2img job of the stage's steps and strength (Flux.2's mask, Qwen's size).
     family.adjust_arguments(stage_spec(spec), arguments)
-    if spec.prompt_syntax == "a1111" and family.prompt_weights:
+    if spec.prompt_syntax == "a1111" and family.prompt_encoding:
         _, positive, negative = encode_plan(second, family, spec).spans[-1]
         arguments.update(family.conditioning_arguments(positive, negative))
     else:

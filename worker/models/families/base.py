@@ -37,7 +37,9 @@ class ModelFamily:
     step_caches: ClassVar[frozenset[str]] = frozenset()  # the `cache` types its model takes (diffusers' CacheMixin)
     cuda_dtype: ClassVar[str] = "float16"  # RENDER_DTYPE=auto on a GPU: SD's UNets run in float16
     true_cfg: ClassVar[bool] = False  # whether `true_cfg_scale` means anything to it (Flux.1's second, negative pass)
-    prompt_weights: ClassVar[bool] = False  # whether it encodes `a1111` prompts: weights, BREAK, long prompts
+    # Whether it encodes `a1111` prompts itself (long prompts, prompt editing; weights and BREAK unless its
+    # `check_prompts` refuses them); without, an `a1111` prompt with any syntax is refused.
+    prompt_encoding: ClassVar[bool] = False
     prompt_schedule_inputs: ClassVar[tuple[str, ...]] = ()  # the loop's tensors a prompt schedule replaces
     # Why a guidance curve cannot apply to the family (None: its loop reads the guidance scale every step).
     guidance_curve: ClassVar[str | None] = "has no guidance scale its loop reads every step in this worker"
@@ -172,7 +174,7 @@ class ModelFamily:
     def check_prompts(self, spec: RenderSpec, model: str) -> None:
         """Refuse an `a1111` prompt the family cannot encode as written (a plain one it reads as text), and a
         guidance curve it cannot follow step by step."""
-        if spec.prompt_syntax == "a1111" and not self.prompt_weights:
+        if spec.prompt_syntax == "a1111" and not self.prompt_encoding:
             from producer import prompt_syntax
 
             for name in ("prompt", "negative_prompt"):

@@ -92,7 +92,7 @@ class ChromaFamily(FlowFamily):
         "inpaint": ChromaInpaintPipeline,
     }
     tiny = {"tiny": tiny_chroma.build}
-    prompt_weights = True
+    prompt_encoding = True
     t5 = ("tokenizer", "text_encoder")
     prompt_schedule_inputs = ("prompt_embeds",)
     negative_schedule = "its negative pass reads embeddings and a mask fixed before the loop, which no callback reaches"

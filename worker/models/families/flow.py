@@ -57,7 +57,7 @@ class FlowFamily(ModelFamily):
 
     def check_prompts(self, spec: RenderSpec, model: str) -> None:
         super().check_prompts(spec, model)
-        if spec.prompt_syntax != "a1111" or not self.prompt_weights:
+        if spec.prompt_syntax != "a1111" or not self.prompt_encoding:
             return
         for name, spans in prompt_spans(spec):
             if self.t5 is not None and any(isinstance(piece, Break) for _, prompt in spans for piece in prompt.pieces):
@@ -73,7 +73,7 @@ class FlowFamily(ModelFamily):
 
     def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
         super().check_loaded(pipe, spec)
-        if spec.prompt_syntax == "a1111" and self.prompt_weights and self.t5 is not None:
+        if spec.prompt_syntax == "a1111" and self.prompt_encoding and self.t5 is not None:
             self.t5_sequence_length(pipe, spec)
 
     def t5_sequence_length(self, pipe: Any, spec: RenderSpec) -> int:

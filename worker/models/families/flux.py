@@ -66,7 +66,7 @@ class FluxFamily(FlowFamily):
             )
 
     true_cfg = True
-    prompt_weights = True
+    prompt_encoding = True
     t5 = ("tokenizer_2", "text_encoder_2")
     prompt_schedule_inputs = ("prompt_embeds",)
     negative_schedule = "its true-CFG pass reads negative embeddings fixed before the loop, which no callback reaches"

@@ -82,7 +82,7 @@ class Flux2Family(FlowFamily):
     }
     tiny = {"tiny": tiny_flux2.build, "tiny-distilled": tiny_flux2.build_distilled}
     step_caches = frozenset({"taylorseer"})  # first_block fails in its loop (diffusers 0.42.1)
-    prompt_weights = True  # encodes `a1111` prompts itself: editing and long prompts; weights are refused
+    prompt_encoding = True  # editing and long prompts; its `check_prompts` refuses weights
     prompt_schedule_inputs = ("prompt_embeds",)
     guidance_curve = (
         "mixes its two passes with the call's guidance_scale argument, read once before the loop (only whether to "

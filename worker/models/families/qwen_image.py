@@ -70,7 +70,7 @@ class QwenImageFamily(FlowFamily):
     }
     tiny = {"tiny": tiny_qwen_image.build}
     step_caches = frozenset({"first_block", "taylorseer"})
-    prompt_weights = True  # encodes `a1111` prompts itself: editing and long prompts; weights are refused
+    prompt_encoding = True  # editing and long prompts; its `check_prompts` refuses weights
     prompt_schedule_inputs = ("prompt_embeds",)
     negative_schedule = "its negative pass reads embeddings and a mask fixed before the loop, which no callback reaches"
     guidance_curve = "guides by true_cfg_scale, which its pipeline reads once before the loop"

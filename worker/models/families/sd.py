@@ -77,7 +77,7 @@ class StableDiffusionFamily(ModelFamily):
     ip_adapter = True
     clip_skip = True
     controlnet_class = ControlNetModel
-    prompt_weights = True
+    prompt_encoding = True
     guidance_curve = None  # CFG in one doubled batch, `guidance_scale` read at every step
     latent_hires = True  # 4-channel latents, which their img2img pipelines take as `image`
 

@@ -42,7 +42,7 @@ class SD3Family(FlowFamily):
         "inpaint": StableDiffusion3InpaintPipeline,
     }
     tiny = {"tiny": tiny_sd3.build}
-    prompt_weights = True
+    prompt_encoding = True
     t5 = ("tokenizer_3", "text_encoder_3")
     t5_length = 256
     prompt_schedule_inputs = ("prompt_embeds",)

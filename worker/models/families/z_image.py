@@ -100,7 +100,7 @@ class ZImageFamily(FlowFamily):
     tiny = {"tiny": tiny_z_image.build, "tiny-turbo": tiny_z_image.build_turbo}
     controlnet_class = ZImageControlNetModel
     control_image_argument = "control_image"
-    prompt_weights = True  # encodes `a1111` prompts itself: editing and long prompts; weights are refused
+    prompt_encoding = True  # editing and long prompts; its `check_prompts` refuses weights
     prompt_schedule_inputs = ("prompt_embeds",)
     negative_schedule = "no callback can ask its loop for negative_prompt_embeds"
     guidance_curve = None  # the loop reads `_guidance_scale` at every step
