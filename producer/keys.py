@@ -81,8 +81,11 @@ def image_object(task_id: str, index: int) -> str:
     return f"{task_id}/image-{index}.png"
 
 
-def frame_object(task_id: str, steps_completed: int, extension: str) -> str:
-    return f"{task_id}/{FRAMES_DIR}/step-{steps_completed:03d}.{extension}"
+def frame_object(task_id: str, steps_completed: int, extension: str, stage: str | None = None) -> str:
+    """A preview frame: `frames/step-NNN` in a job's first stage (or its only one), `frames/<stage>-step-NNN` in a
+    later stage (`hires`, `refiner`), NNN the step within that stage."""
+    label = f"{stage}-" if stage else ""
+    return f"{task_id}/{FRAMES_DIR}/{label}step-{steps_completed:03d}.{extension}"
 
 
 def checkpoint_object(task_id: str) -> str:

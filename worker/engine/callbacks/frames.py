@@ -70,7 +70,11 @@ class FrameWriter:
             event.synchronize()
         started = time.perf_counter()
         image = contact_strip(rgb.numpy(), self.spec.size)
-        name = stage_frame_object(self.task_id, steps_completed, self.spec.format, stage)
+        name = (
+            frame_object(self.task_id, steps_completed, self.spec.format)
+            if stage is None
+            else frame_object(self.task_id, stage[1], self.spec.format, stage[0])
+        )
         url = self.storage.put(name, encode(image, self.spec.format), CONTENT_TYPES[self.spec.format])
         FRAME_UPLOAD.observe(time.perf_counter() - started)
         with self._lock:
@@ -88,17 +92,6 @@ class FrameWriter:
     def abandon(self) -> None:
         """Drop frames not yet started (the job failed); wait for the ones in flight."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def stage_frame_object(task_id: str, steps_completed: int, extension: str, stage: tuple[str, int] | None) -> str:
-    """The frame's object name: `frame_object`'s (`frames/step-NNN`) for the first stage, so readers of one-stage
-    jobs read it unchanged; `frames/<label>-step-NNN` (NNN the step within the stage) for a later stage."""
-    if stage is None:
-        return frame_object(task_id, steps_completed, extension)
-    label, step = stage
-    first = frame_object(task_id, step, extension)
-    folder, _, name = first.rpartition("/")
-    return f"{folder}/{label}-{name}"
 
 
 class FramesCallback(PipelineCallback):
