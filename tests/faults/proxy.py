@@ -148,10 +148,10 @@ class FaultProxy:
                     gate.wait()
                     with self._lock:
                         self.held -= 1
-                sink.sendall(chunk)
-                if delay is None:
+                if delay is None:  # counted before it is sent: a client never holds bytes not yet counted
                     with self._lock:
                         self.downstream += len(chunk)
+                sink.sendall(chunk)
         except OSError:
             pass
         finally:
