@@ -35,7 +35,7 @@ def wait_until(
     *,
     timeout: float,
     what: str,
-    process: subprocess.Popen[Any] | None = None,
+    process: Any = None,  # a subprocess.Popen, or anything with its `poll` and `returncode`
     log: Path | None = None,
     interval: float = 0.1,
 ) -> None:
@@ -156,18 +156,25 @@ class RedisServer:
 class WorkerProcess:
     """One `render worker` process (its Celery consumer, job threads and GPU thread) in its own process group."""
 
-    def __init__(self, name: str, env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, env: Mapping[str, str], log_path: Path, *, warm: bool = False) -> None:
         self.name = name
         self.hostname = f"{name}@{socket.gethostname()}"
         self.env = {**os.environ, **env}
         self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
+        self.warm = warm  # forked from a process that has imported the libraries already (`localfarm.warm`)
+        self.process: Any = None  # a subprocess.Popen, or a `localfarm.warm.WarmProcess` with its interface
         self._log: IO[bytes] | None = None
 
     def start(self) -> WorkerProcess:
+        argv = ["worker", "--hostname", self.hostname, "--loglevel", "INFO"]
+        if self.warm:
+            from localfarm.warm import warm_start
+
+            self.process = warm_start(argv, self.env, self.log_path)
+            return self
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker", "--hostname", self.hostname, "--loglevel", "INFO"],
+            [sys.executable, "-m", "worker.cli", *argv],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -191,12 +198,16 @@ class WorkerProcess:
     @property
     def pid(self) -> int:
         assert self.process is not None
-        return self.process.pid
+        pid: int = self.process.pid
+        return pid
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole group: the main process and the child rendering."""
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, sig)
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:  # a warm start not yet in its own session: the process alone
+                self.process.send_signal(sig)
 
     def stop(self, timeout: float = 15, *, signalled: bool = False) -> None:
         """SIGTERM (unless `signalled` already), wait up to `timeout` s for the warm shutdown, then SIGKILL."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,11 @@ class Farm:
             "RENDER_WEBHOOK_BACKOFF_SECONDS": "0.2",
             **{f"RENDER_{k.upper()}": v for k, v in settings.items()},
         }
-        started = [WorkerProcess(name, env, self.logs / f"{name}.log").start() for name in names]
+        # Forked warm from one process per test process that has imported torch, diffusers and Celery once
+        # (`localfarm.warm`): seconds less per worker, and test files start dozens. RENDER_TEST_COLD_WORKERS=1
+        # starts each as a new interpreter, as production does (the demo's test always does).
+        warm = os.environ.get("RENDER_TEST_COLD_WORKERS", "") in ("", "0")
+        started = [WorkerProcess(name, env, self.logs / f"{name}.log", warm=warm).start() for name in names]
         for worker in started if ready else ():
             worker.wait_ready(self.client.app, timeout=90)
         self.workers.extend(started)
