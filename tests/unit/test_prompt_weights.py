@@ -55,6 +55,7 @@ class Calls:
     def _record(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.samples.append((args[0] if args else kwargs["sample"]).clone())
         hidden = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        assert hidden is not None, "the UNet was called without text conditioning"
         self.conditioning.append(hidden.clone())
 
     def close(self) -> None:

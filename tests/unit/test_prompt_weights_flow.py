@@ -81,6 +81,7 @@ class TextSpy:
 
     def _record(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        assert text is not None, "the transformer was called without text conditioning"
         self.texts.append([each.clone() for each in text] if isinstance(text, list) else text.clone())
         self.scales.append(float(self.pipe.guidance_scale))
 
