@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -60,9 +61,8 @@ def _run(argv: Sequence[str], env: Mapping[str, str], log: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     sys.argv = ["render", *argv]
-    from worker.cli import main
-
-    main()
+    # What `python -m worker.cli` runs, as it runs it (its imports are already loaded in this process).
+    runpy.run_module("worker.cli", run_name="__main__", alter_sys=True)
 
 
 class WarmProcess:
