@@ -183,15 +183,53 @@ def _from_parameters(text: str, model: str | None) -> tuple[dict[str, Any], list
     handled |= _scheduler(pairs, spec, notes)
     if loras:
         spec["loras"] = loras
-    hires = [key for key in pairs if key.startswith("Hires")]
-    if "Denoising strength" in pairs:
+    handled |= _stages(pairs, spec, notes)
+    if "Denoising strength" in pairs and "hires" not in spec:
         handled.add("Denoising strength")
-        why = "a hires-fix pass" if hires else "img2img or inpaint, whose input image is not in the PNG"
+        why = "img2img or inpaint, whose input image is not in the PNG"
         notes.append(f"Denoising strength: {pairs['Denoising strength']} ({why}); the spec is text2img")
     for key, value in pairs.items():
         if key not in handled:
             notes.append(f"{key}: {value}")
     return spec, notes
+
+
+_LATENT_UPSCALERS = ("latent",)  # A1111's "Latent", "Latent (antialiased)", "Latent (bicubic)", ... all start so
+
+
+def _stages(pairs: dict[str, str], spec: dict[str, Any], notes: list[str]) -> set[str]:
+    """A1111's hires fix (`Hires upscale`, `Hires steps`, `Hires upscaler`, `Denoising strength`) as `hires`, and its
+    SDXL refiner (`Refiner`, `Refiner switch at`) as `refiner`; the keys it took."""
+    taken: set[str] = set()
+    if "Hires upscale" in pairs:
+        hires: dict[str, Any] = {}
+        taken |= {"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"} & set(pairs)
+        if (scale := _number("Hires upscale", pairs["Hires upscale"], notes, float)) is not None:
+            hires["scale"] = scale
+        steps = _number("Hires steps", pairs.get("Hires steps", "0"), notes, int)
+        if steps:  # A1111's 0: as many as the first pass
+            hires["steps"] = steps
+        if (
+            strength := _number("Denoising strength", pairs.get("Denoising strength", "0.7"), notes, float)
+        ) is not None:
+            hires["strength"] = strength
+        upscaler = pairs.get("Hires upscaler", "Latent")
+        if upscaler.lower().startswith(_LATENT_UPSCALERS):
+            hires["upscaler"] = "latent"
+        else:
+            hires["upscaler"] = "lanczos"
+            if upscaler.lower() != "lanczos":
+                notes.append(f"Hires upscaler: {upscaler} has no equivalent here; used lanczos")
+        spec["hires"] = hires
+    if "Refiner" in pairs:
+        taken |= {"Refiner", "Refiner switch at"} & set(pairs)
+        name = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", pairs["Refiner"]).strip()  # A1111 appends the short hash
+        refiner: dict[str, Any] = {"model": name}
+        if (switch := _number("Refiner switch at", pairs.get("Refiner switch at", "0.8"), notes, float)) is not None:
+            refiner["switch_at"] = switch
+        spec["refiner"] = refiner
+        notes.append(f"Refiner: {name!r} is used as the refiner's model name; it must be one of the workers'")
+    return taken
 
 
 def _take_loras(prompt: str, notes: list[str]) -> tuple[str, list[dict[str, Any]]]:

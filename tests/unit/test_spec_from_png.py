@@ -136,20 +136,28 @@ def test_forge_and_comfyui_forms() -> None:
     assert notes[1:] == ["Version: ComfyUI"]
 
 
-def test_img2img_hires_and_unknown_keys_are_notes() -> None:
+def test_hires_and_refiner_map_to_stages_and_img2img_and_unknown_keys_are_notes() -> None:
     text = (
         "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x512, Model: m, Denoising strength: 0.45, "
         "Hires upscale: 2, Hires steps: 10, Hires upscaler: Latent, Variation seed: 5"
     )
     spec, notes = spec_from_png(png({"parameters": text}), model="tiny-sd15")
     assert "strength" not in spec and "pipeline" not in spec
-    assert notes == [
-        "Denoising strength: 0.45 (a hires-fix pass); the spec is text2img",
-        "Hires upscale: 2",
-        "Hires steps: 10",
-        "Hires upscaler: Latent",
-        "Variation seed: 5",
-    ]
+    assert spec["hires"] == {"scale": 2.0, "steps": 10, "strength": 0.45, "upscaler": "latent"}
+    assert notes == ["Variation seed: 5"]
+    assert RenderSpec.parse(spec).hires is not None
+    esrgan = text.replace("Hires upscaler: Latent", "Hires upscaler: R-ESRGAN 4x+").replace(
+        "Hires steps: 10", "Hires steps: 0"
+    )
+    spec, notes = spec_from_png(png({"parameters": esrgan}), model="tiny-sd15")
+    assert spec["hires"] == {"scale": 2.0, "strength": 0.45, "upscaler": "lanczos"}
+    assert notes == ["Hires upscaler: R-ESRGAN 4x+ has no equivalent here; used lanczos", "Variation seed: 5"]
+    refined = (
+        "a cat\nSteps: 30, Seed: 1, Size: 1024x1024, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8"
+    )
+    spec, notes = spec_from_png(png({"parameters": refined}), model="tiny-sdxl")
+    assert spec["refiner"] == {"model": "sd_xl_refiner_1.0", "switch_at": 0.8}
+    assert notes == ["Refiner: 'sd_xl_refiner_1.0' is used as the refiner's model name; it must be one of the workers'"]
     img2img = text.split(", Hires")[0]
     _, notes = spec_from_png(png({"parameters": img2img}), model="tiny-sd15")
     assert notes == [
