@@ -20,12 +20,10 @@ TIME_EMBED_DIM = 8
 PROJECTION_DIM = 32
 
 
-def build() -> StableDiffusionXLPipeline:
-    tokenizer = tiny_clip_tokenizer()
-    vocab = tokenizer.get_vocab()
-    config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
-    torch.manual_seed(SEED)
-    unet = UNet2DConditionModel(
+def _unet(time_ids: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    """SDXL's UNet, tiny: `time_ids` size/crop (and aesthetic score) numbers, each embedded in TIME_EMBED_DIM, plus
+    the pooled text embedding condition it; its cross-attention reads `cross_attention_dim`-wide text states."""
+    return UNet2DConditionModel(
         block_out_channels=(8, 16),
         layers_per_block=1,
         sample_size=8,
@@ -38,11 +36,19 @@ def build() -> StableDiffusionXLPipeline:
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_EMBED_DIM,
         transformer_layers_per_block=(1, 1),
-        # six size/crop numbers, each embedded in TIME_EMBED_DIM, plus the pooled text embedding
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + PROJECTION_DIM,
-        cross_attention_dim=64,  # both encoders' hidden states, concatenated
+        projection_class_embeddings_input_dim=time_ids * TIME_EMBED_DIM + PROJECTION_DIM,
+        cross_attention_dim=cross_attention_dim,
         norm_num_groups=4,
     )
+
+
+def build() -> StableDiffusionXLPipeline:
+    tokenizer = tiny_clip_tokenizer()
+    vocab = tokenizer.get_vocab()
+    config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
+    torch.manual_seed(SEED)
+    # six size/crop numbers, each embedded, plus the pooled text embedding; both encoders' hidden states, concatenated
+    unet = _unet(time_ids=6, cross_attention_dim=64)
     torch.manual_seed(SEED)
     text_encoder = CLIPTextModel(config)
     torch.manual_seed(SEED + 1)
@@ -64,24 +70,9 @@ def build_refiner() -> StableDiffusionXLImg2ImgPipeline:
     vocab = tokenizer.get_vocab()
     config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
     torch.manual_seed(SEED + 2)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        transformer_layers_per_block=(1, 1),
-        # five numbers (original size, crop, aesthetic score), each embedded, plus the pooled text embedding
-        projection_class_embeddings_input_dim=5 * TIME_EMBED_DIM + PROJECTION_DIM,
-        cross_attention_dim=config.hidden_size,  # the second encoder's hidden states alone
-        norm_num_groups=4,
-    )
+    # five numbers (original size, crop, aesthetic score), each embedded, plus the pooled text embedding; the second
+    # encoder's hidden states alone
+    unet = _unet(time_ids=5, cross_attention_dim=config.hidden_size)
     torch.manual_seed(SEED + 1)
     text_encoder_2 = CLIPTextModelWithProjection(config)
     return StableDiffusionXLImg2ImgPipeline(
