@@ -37,7 +37,7 @@ from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_chroma
 from worker.models.families.base import Kind
-from worker.models.families.flow import FlowFamily, prompt_spans
+from worker.models.families.flow import FlowFamily, given_embeddings, prompt_spans
 from worker.models.prompt_embeds import Encoded, encode_t5, t5_positions
 
 
@@ -116,19 +116,7 @@ class ChromaFamily(FlowFamily):
         return Encoded(embeds, None, {"text_encoder": count}, mask=mask, images=spec.num_images)
 
     def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
-        images = positive.images  # given embeddings are the call's whole batch: one row per image
-        assert positive.mask is not None
-        arguments: dict[str, Any] = {
-            "prompt": None,
-            "negative_prompt": None,
-            "num_images_per_prompt": 1,
-            "prompt_embeds": positive.embeds.repeat(images, 1, 1),
-            "prompt_attention_mask": positive.mask.repeat(images, 1),
-        }
-        if negative.mask is not None:
-            arguments["negative_prompt_embeds"] = negative.embeds.repeat(images, 1, 1)
-            arguments["negative_prompt_attention_mask"] = negative.mask.repeat(images, 1)
-        return arguments
+        return given_embeddings(positive, negative, "mask")
 
     def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
         return {"prompt_embeds": positive.embeds.repeat(images, 1, 1)}  # the negative pass is a separate call

@@ -21,7 +21,7 @@ from producer.prompt_syntax import Break, Weighted
 from producer.spec import RenderSpec
 from worker.models import flow_sampling, preview_fit
 from worker.models.families.base import ModelFamily
-from worker.models.prompt_embeds import T5_MOST, t5_positions
+from worker.models.prompt_embeds import T5_MOST, Encoded, t5_positions
 
 _MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
 _MAPS_LOCK = threading.Lock()
@@ -172,3 +172,27 @@ def refuse_weights(spec: RenderSpec, model: str, family: str, why: str) -> None:
                 f"{name}: {model!r} ({family}) takes no weights or BREAK: {why}; remove them (prompt editing works) "
                 "or send prompt_syntax 'plain'"
             )
+
+
+SECOND_TENSOR = {"pooled": ("pooled_prompt_embeds", "pooled"), "mask": ("prompt_attention_mask", "mask")}
+"""What goes with a T5 family's given embeddings: Flux's pooled CLIP vector, Chroma's attention mask."""
+
+
+def given_embeddings(positive: Encoded, negative: Encoded, second: str) -> dict[str, Any]:
+    """A T5 family's call arguments for encoded prompts: the embeddings and their `second` tensor (`SECOND_TENSOR`),
+    one row per image (given embeddings are the call's whole batch), the negative's where it was encoded."""
+    name, attribute = SECOND_TENSOR[second]
+    images = positive.images
+    extra = getattr(positive, attribute)
+    assert extra is not None
+    arguments: dict[str, Any] = {
+        "prompt": None,
+        "negative_prompt": None,
+        "num_images_per_prompt": 1,
+        "prompt_embeds": positive.embeds.repeat(images, 1, 1),
+        name: extra.repeat(images, 1),
+    }
+    if (negative_extra := getattr(negative, attribute)) is not None:
+        arguments["negative_prompt_embeds"] = negative.embeds.repeat(images, 1, 1)
+        arguments[f"negative_{name}"] = negative_extra.repeat(images, 1)
+    return arguments

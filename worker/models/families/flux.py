@@ -33,7 +33,7 @@ from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_flux
 from worker.models.families.base import Kind
-from worker.models.families.flow import FlowFamily
+from worker.models.families.flow import FlowFamily, given_embeddings
 from worker.models.families.guidance import NegativePassCutoff
 from worker.models.prompt_embeds import Encoded, chunks, encode_t5, seen
 
@@ -87,19 +87,7 @@ class FluxFamily(FlowFamily):
         return Encoded(embeds, pooled, tokens, images=spec.num_images)
 
     def conditioning_arguments(self, positive: Encoded, negative: Encoded) -> dict[str, Any]:
-        images = positive.images  # given embeddings are the call's whole batch: one row per image
-        assert positive.pooled is not None
-        arguments: dict[str, Any] = {
-            "prompt": None,
-            "negative_prompt": None,
-            "num_images_per_prompt": 1,
-            "prompt_embeds": positive.embeds.repeat(images, 1, 1),
-            "pooled_prompt_embeds": positive.pooled.repeat(images, 1),
-        }
-        if negative.pooled is not None:
-            arguments["negative_prompt_embeds"] = negative.embeds.repeat(images, 1, 1)
-            arguments["negative_pooled_prompt_embeds"] = negative.pooled.repeat(images, 1)
-        return arguments
+        return given_embeddings(positive, negative, "pooled")
 
     def loop_conditioning(self, positive: Encoded, negative: Encoded, images: int, guided: bool) -> dict[str, Any]:
         return {"prompt_embeds": positive.embeds.repeat(images, 1, 1)}  # one pass per step: no negative rows
