@@ -364,11 +364,12 @@ def test_a_drained_job_whose_sampler_state_cannot_be_captured_is_still_handed_of
     assert any("no checkpoints for this job" in record.getMessage() for record in caplog.records)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl", "tiny-sd3"])
 def test_a_prompt_schedule_and_a_guidance_curve_resume_byte_for_byte_after_a_switch(
     registry: ModelRegistry, tmp_path: Path, model: str
 ) -> None:
-    """Switches at steps 3 (the prompt) and 5 (the negative), checkpoint of step 6: the resume replays both."""
+    """Switches at steps 3 (the prompt) and 5 (the negative), checkpoint of step 6: the resume replays both (SD3
+    also runs its prompt schedule through a transformer with joint attention)."""
     spec = spec_of(
         model=model,
         prompt="a [cat:dog:0.3] by the sea, (red:1.3) sky",

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from producer import RenderSpec, UnsupportedSpecError
-from tests.unit.test_checkpoints import check_resume, spec_of
 from worker.engine.rendering import render
 from worker.models.families import family_named
 from worker.models.families.flux2 import _positions as flux2_positions
@@ -253,18 +252,3 @@ def test_what_a_family_cannot_follow_is_refused_by_name(
 ) -> None:
     found = refusal(registry, model, prompt_syntax="a1111", **overrides)
     assert re.search(message, found), found
-
-
-def test_an_sd3_prompt_schedule_and_a_guidance_curve_resume_byte_for_byte_after_a_switch(
-    registry: ModelRegistry, tmp_path: Path
-) -> None:
-    """SD3: switches at steps 3 (the prompt) and 5 (the negative), checkpoint of step 6: the resume replays both."""
-    spec = spec_of(
-        model="tiny-sd3",
-        prompt="a [cat:dog:0.3] by the sea, (red:1.3) sky",
-        negative_prompt="[blurry::5], dark",
-        prompt_syntax="a1111",
-        guidance={"from": 8, "to": 3, "curve": "cosine"},
-        num_images=2,
-    )
-    check_resume(registry, tmp_path, spec, stop_at=7)
