@@ -120,6 +120,21 @@ def http_answers(url: str) -> bool:
         connection.close()
 
 
+def stored_checkpoint(s3_endpoint: str, bucket: str, task_id: str) -> Any:
+    """The job's checkpoint in the bucket (a `worker.engine.checkpoints.Checkpoint`), read straight from the S3
+    server; None when there is none."""
+    import boto3
+
+    from worker.engine.checkpoints import decode
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    try:
+        body = s3.get_object(Bucket=bucket, Key=f"renders/{task_id}/checkpoint.pt")["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+    return decode(body)
+
+
 def pixels(storage: Storage, url: str) -> bytes:
     """The decoded pixels of a stored image (PNG metadata differs between tasks; pixels must not)."""
     data = storage.get(url.removeprefix(storage.base_url + "/"))

@@ -7,14 +7,12 @@ import signal
 import time
 from collections.abc import Callable
 
-import boto3
 import pytest
 
 from localfarm.cluster import wait_until
 from producer.keys import deaths_key
 from tests.faults.conftest import ChaosFarm, assert_complete, holder, job, progressed
-from tests.helpers import pixels, running
-from worker.engine.checkpoints import decode
+from tests.helpers import pixels, running, stored_checkpoint
 from worker.storage import open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -22,12 +20,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(3
 
 def stored_checkpoint_step(farm: ChaosFarm, task_id: str) -> int | None:
     """The step of the job's checkpoint in the bucket, read straight from the S3 server."""
-    s3 = boto3.client("s3", endpoint_url=farm.s3_endpoint)
-    try:
-        body = s3.get_object(Bucket=farm.bucket, Key=f"renders/{task_id}/checkpoint.pt")["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
-    return decode(body).step
+    checkpoint = stored_checkpoint(farm.s3_endpoint, farm.bucket, task_id)
+    return None if checkpoint is None else int(checkpoint.step)
 
 
 def test_a_150_step_job_killed_past_step_100_resumes_elsewhere_from_its_checkpoint_with_the_same_image(

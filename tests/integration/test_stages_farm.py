@@ -7,12 +7,12 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 
-import boto3
 import pytest
 
 from tests.helpers import pixels, wait_until
+from tests.helpers import stored_checkpoint as checkpoint_in
 from tests.integration.conftest import Farm, spec
-from worker.engine.checkpoints import Checkpoint, decode
+from worker.engine.checkpoints import Checkpoint
 from worker.storage import open_storage
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -22,12 +22,8 @@ BASE_STEPS = 8
 
 def stored_checkpoint(farm: Farm, task_id: str) -> Checkpoint | None:
     """The job's checkpoint in the bucket, read straight from the S3 server."""
-    s3 = boto3.client("s3", endpoint_url=farm.s3_endpoint)
-    try:
-        body = s3.get_object(Bucket=farm.bucket, Key=f"renders/{task_id}/checkpoint.pt")["Body"].read()
-    except s3.exceptions.NoSuchKey:
-        return None
-    return decode(body)
+    found: Checkpoint | None = checkpoint_in(farm.s3_endpoint, farm.bucket, task_id)
+    return found
 
 
 # The second stage is long enough to be killed in, a checkpoint or more in: 120 hires steps on 256x256 (a 32x32
