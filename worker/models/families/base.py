@@ -43,6 +43,8 @@ class ModelFamily:
     prompt_schedule_inputs: ClassVar[tuple[str, ...]] = ()  # the loop's tensors a prompt schedule replaces
     # Why a guidance curve cannot apply to the family (None: its loop reads the guidance scale every step).
     guidance_curve: ClassVar[str | None] = "has no guidance scale its loop reads every step in this worker"
+    # A curve's every step must stay above this scale, and why (SD's pipelines guide only above 1).
+    guidance_floor: ClassVar[tuple[float, str]] = (1.0, "its pipeline stops guiding and changes its batch")
     latent_hires: ClassVar[bool] = False  # whether a hires pass may resize its loop's latents as they are
     refiner: ClassVar[bool] = False  # whether a refiner model may finish its text2img (SDXL's ensemble)
 
@@ -193,11 +195,12 @@ class ModelFamily:
 
         steps = spec.denoising_steps
         lowest = min(guidance_at(spec.guidance, i, steps) for i in range(steps))
-        if lowest <= 1.0:
+        floor, why = self.guidance_floor
+        if lowest <= floor:
             raise UnsupportedSpecError(
-                f"guidance: every step's scale must be above 1 on {model!r} ({self.name}): at 1 or below its "
-                f"pipeline stops guiding and changes its batch; got {lowest:g}. Keep the curve above 1, and end "
-                "guidance with a cfg_cutoff callback"
+                f"guidance: every step's scale must be above {floor:g} on {model!r} ({self.name}): at {floor:g} or "
+                f"below {why}; got {lowest:g}. Keep the curve above {floor:g}, and end guidance with a cfg_cutoff "
+                "callback"
             )
 
     def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Any, *, negative: bool = False) -> Any:

@@ -42,7 +42,7 @@ from diffusers.callbacks import PipelineCallback
 
 from producer.errors import UnsupportedSpecError
 from producer.prompt_syntax import Weighted
-from producer.spec import CfgCutoff, RenderSpec, guidance_at
+from producer.spec import CfgCutoff, RenderSpec
 from worker.models import flow_sampling, tiny_z_image
 from worker.models.families.base import Kind, ModelOff
 from worker.models.families.flow import FlowFamily, check_llm_positions, refuse_weights
@@ -105,23 +105,15 @@ class ZImageFamily(FlowFamily):
     negative_schedule = "no callback can ask its loop for negative_prompt_embeds"
     guidance_curve = None  # the loop reads `_guidance_scale` at every step
 
+    guidance_floor = (0.0, "its loop stops guiding for good")  # it guides at any scale above 0
+
     def check_prompts(self, spec: RenderSpec, model: str) -> None:
-        # The base rule wants a curve above 1; Z-Image guides at any scale above 0 (`pos + s * (pos - neg)`).
-        super().check_prompts(spec.model_copy(update={"guidance": None}), model)
         refuse_weights(spec, model, self.name, "its transformer RMS-normalises each caption token, undoing a weight")
-        if spec.guidance is None:
-            return
-        if is_turbo(model):
+        if spec.guidance is not None and is_turbo(model):
             raise UnsupportedSpecError(
                 f"guidance: {model!r} ({self.name}) is Z-Image-Turbo, distilled to run without CFG; remove `guidance`"
             )
-        steps = spec.denoising_steps
-        lowest = min(guidance_at(spec.guidance, i, steps) for i in range(steps))
-        if lowest <= 0:
-            raise UnsupportedSpecError(
-                f"guidance: every step's scale must be above 0 on {model!r} ({self.name}): at 0 its loop stops "
-                f"guiding for good; got {lowest:g}. Keep the curve above 0, and end guidance with a cfg_cutoff callback"
-            )
+        super().check_prompts(spec, model)
 
     def check_loaded(self, pipe: Any, spec: RenderSpec) -> None:
         super().check_loaded(pipe, spec)
