@@ -426,8 +426,11 @@ function fillGallery(box, files, caption, empty) {
 }
 
 function frameName(url, index) {
-  const match = /step-(\d+)/.exec(url || "");
-  return match ? "Step " + Number(match[1]) : "Frame " + (index + 1);
+  // frames/step-NNN.png, or a later stage's frames/hires-step-NNN.png / frames/refiner-step-NNN.png
+  const match = /(?:\/([a-z]+)-)?step-(\d+)/.exec(url || "");
+  if (!match) return "Frame " + (index + 1);
+  const stage = match[1] ? match[1].charAt(0).toUpperCase() + match[1].slice(1) + " step " : "Step ";
+  return stage + Number(match[2]);
 }
 
 function batchView(name) {

@@ -252,6 +252,21 @@ def test_the_fleet_panel_lists_the_worker_and_its_model(console: Console, page: 
     clean(console, page)
 
 
+def test_a_two_stage_job_s_frames_are_named_by_stage(console: Console, page: Any) -> None:
+    hires = spec(
+        num_inference_steps=2,
+        hires={"scale": 1.5, "strength": 0.5, "steps": 2},
+        callbacks=[{"type": "frames", "every": 1, "format": "png", "size": 64}],
+    )
+    handle = console.farm.client.submit(hires)
+    page.goto(console.url + f"/#/jobs/{handle.task_id}")
+    page.wait_for_selector('#job-status .status[data-status="succeeded"]')
+    page.wait_for_function("() => document.querySelectorAll('#job-frames figcaption').length === 3")
+    captions = [str(c) for c in page.locator("#job-frames figcaption").all_text_contents()]
+    assert captions == ["Step 1", "Step 2", "Hires step 1"], captions
+    clean(console, page)
+
+
 def test_an_unknown_job_says_so(console: Console, page: Any) -> None:
     page.goto(console.url + "/#/jobs/no-such-job")
     page.wait_for_selector("text=No such job")
