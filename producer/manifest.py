@@ -85,8 +85,11 @@ class Manifest(BaseModel):
     steps_after_revoke: int | None = None
     batched_with: list[str] = Field(default_factory=list)  # the other jobs that shared this job's UNet calls
     resumed_from_step: int | None = None  # the checkpoint's step this attempt started from; None: from the start
-    # `a1111` prompts: how many of the prompt's tokens each text encoder saw (its longest span); None for `plain`
+    # How many of the prompt's tokens each text encoder saw (an `a1111` prompt's longest span; a `plain` prompt as
+    # diffusers cuts it); None where no CLIP or T5 encoder read it
     prompt_tokens: dict[str, int] | None = None
+    # What a job should know that did not stop it, e.g. a `plain` prompt longer than a text encoder takes
+    warnings: list[str] = Field(default_factory=list)
     # jobs with a hires or refiner stage: each stage's steps and times (the job's steps are their sums); [] otherwise
     stages: list[StageRecord] = Field(default_factory=list)
     started_at: str

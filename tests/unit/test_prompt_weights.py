@@ -227,3 +227,24 @@ def test_a_guidance_curve_at_or_below_one_is_refused() -> None:
     family = family_named("sd15")
     with pytest.raises(UnsupportedSpecError, match=r"guidance: every step's scale must be above 1"):
         family.check(make_spec("tiny-sd15", guidance={"from": 7, "to": 1}), "tiny-sd15")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_plain_prompt_cut_by_the_encoder_says_so_in_the_manifest(
+    registry: ModelRegistry, storage: LocalStorage, model: str
+) -> None:
+    """`plain` keeps diffusers' 77-position cut (today's images), but the manifest tells what each encoder saw."""
+    pipe = registry.pipeline(model)
+    text = " ".join((WORDS * 20)[:200])
+    tokens = len(pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
+    encoders = {"tiny-sd15": ["text_encoder"], "tiny-sdxl": ["text_encoder", "text_encoder_2"]}[model]
+    cut = render(make_spec(model, prompt=text), registry=registry, storage=storage)
+    assert cut.status == "succeeded" and cut.prompt_tokens == dict.fromkeys(encoders, 75)
+    assert cut.warnings == [
+        f"prompt: {name} saw 75 of its {tokens} tokens (a plain prompt is cut as diffusers cuts it); "
+        'send "prompt_syntax": "a1111" for the whole prompt'
+        for name in encoders
+    ]
+    short = render(make_spec(model, prompt="a red fox"), registry=registry, storage=storage)
+    few = len(pipe.tokenizer("a red fox", add_special_tokens=False)["input_ids"])
+    assert short.warnings == [] and short.prompt_tokens == dict.fromkeys(encoders, few)

@@ -4,6 +4,7 @@ tokens), and the library versions."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -29,6 +30,8 @@ from worker.engine.outputs import ImageParameters
 from worker.engine.stops import JobStopped
 from worker.models.families import ModelFamily
 from worker.storage import Storage
+
+log = logging.getLogger(__name__)
 
 _VERSIONED = ("render-farm", "torch", "diffusers", "transformers")
 
@@ -116,6 +119,7 @@ class JobRecord:
         self.batched_with: list[str] = []
         self.resumed_from_step: int | None = None
         self.prompt_tokens: dict[str, int] | None = None
+        self.warnings: list[str] = []
         self.stages: list[StageRecord] = []  # a job of two stages: each one's steps and times
         self.checkpoints: CheckpointWriter | None = None
         self.started_at = now()
@@ -128,6 +132,18 @@ class JobRecord:
         self.steps_completed = steps_completed
         self.timings.denoise = last_step - started
         self.timings.decode = None if decoded is None else decoded - last_step
+
+    def plain_prompt(self, tokens: dict[str, tuple[int, int]]) -> None:
+        """Record what each text encoder sees of a `plain` prompt, and a warning for each that cuts it."""
+        self.prompt_tokens = {name: seen for name, (_, seen) in tokens.items()} or None
+        for name, (count, seen) in tokens.items():
+            if seen < count:
+                warning = (
+                    f"prompt: {name} saw {seen} of its {count} tokens (a plain prompt is cut as diffusers cuts it); "
+                    'send "prompt_syntax": "a1111" for the whole prompt'
+                )
+                log.warning("task %s: %s", self.task_id, warning)
+                self.warnings.append(warning)
 
     def image_seed(self, index: int) -> int:
         return (self.seed + index) % (MAX_SEED + 1)
@@ -169,6 +185,7 @@ class JobRecord:
             batched_with=self.batched_with,
             resumed_from_step=self.resumed_from_step,
             prompt_tokens=self.prompt_tokens,
+            warnings=self.warnings,
             stages=self.stages,
             started_at=self.started_at,
             finished_at=now(),

@@ -141,6 +141,9 @@ def load_pipeline(prepared: Sequence[Prepared], registry: ModelRegistry) -> Any:
         each.record.timings.load = time.perf_counter() - started
         each.record.started_at = now()  # the GPU took it: a job held while another denoised started now
     prepared[0].family.check_loaded(pipe, spec)
+    for each in prepared:
+        if each.spec.prompt_syntax == "plain":
+            each.record.plain_prompt(each.family.plain_prompt_tokens(pipe, each.spec.prompt))
     return pipe
 
 

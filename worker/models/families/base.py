@@ -22,6 +22,8 @@ from producer.spec import CfgCutoff, RenderSpec, StepCache
 from worker.models import single_file
 
 Kind = str  # a spec's `pipeline`: text2img, img2img, inpaint, controlnet
+PLAIN_ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
+CLIP_TOKENS = 75  # a CLIP encoder's 77 positions less its start and end tokens
 
 
 class ModelFamily:
@@ -202,6 +204,21 @@ class ModelFamily:
                 f"below {why}; got {lowest:g}. Keep the curve above {floor:g}, and end guidance with a cfg_cutoff "
                 "callback"
             )
+
+    def plain_prompt_tokens(self, pipe: Any, prompt: str) -> dict[str, tuple[int, int]]:
+        """For a `plain` prompt, per CLIP or T5 text encoder: the prompt's tokens and how many of them the encoder
+        sees as diffusers cuts them (75 for CLIP; the pipeline's default `max_sequence_length` less its end token
+        for T5). LLM encoders are left out."""
+        found: dict[str, tuple[int, int]] = {}
+        for tokenizer_name, encoder_name in PLAIN_ENCODERS:
+            tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
+            kind = str(getattr(getattr(encoder, "config", None), "model_type", ""))
+            if tokenizer is None or not kind.startswith(("clip", "t5", "umt5")):
+                continue
+            count = len(tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"])
+            most = CLIP_TOKENS if kind.startswith("clip") else int(getattr(self, "t5_length", 512)) - 1
+            found[encoder_name] = (count, min(count, most))
+        return found
 
     def prompt_conditioning(self, pipe: Any, spec: RenderSpec, prompt: Any, *, negative: bool = False) -> Any:
         """`prompt` (a `producer.prompt_syntax.Weighted`) encoded for one image: a
