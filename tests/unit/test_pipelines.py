@@ -280,3 +280,30 @@ def test_a_job_after_a_revoked_and_an_interrupted_one_renders_as_on_a_fresh_pipe
     fresh = ModelRegistry(registry.models, device=registry.device, dtype=registry.dtype)
     again = render(JobContext(job, inputs=load_inputs(job, settings)), registry=fresh, storage=storage)
     assert [pixels(storage, u) for u in after.images] == [pixels(storage, u) for u in again.images]
+
+
+@pytest.mark.parametrize("model", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("kind", ["img2img", "inpaint", "controlnet"])
+def test_a1111_prompts_with_weights_and_editing_run_on_every_pipeline_kind(
+    registry: ModelRegistry, settings: WorkerSettings, inputs_dir: Path, tmp_path: Path, model: str, kind: str
+) -> None:
+    """Weights, a prompt switch after a CFG cutoff and two images on the image pipelines: the plain-equivalent
+    `a1111` prompt gives the `plain` image, a weight changes it, and the switch reaches every row."""
+    storage = LocalStorage(tmp_path / "out")
+
+    def image(**overrides: Any) -> bytes:
+        spec = pipeline_spec(kind, inputs_dir, model, num_images=2, **overrides)
+        manifest = render(JobContext(spec, inputs=load_inputs(spec, settings)), registry=registry, storage=storage)
+        assert manifest.status == "succeeded" and len(manifest.images) == 2, manifest.error
+        return pixels(storage, manifest.images[1])
+
+    plain = image(prompt="a red fox")
+    assert image(prompt="a red fox", prompt_syntax="a1111") == plain
+    assert image(prompt="a (red:1.4) fox", prompt_syntax="a1111") != plain
+    edited = image(
+        prompt="a [red:blue:4] fox",
+        prompt_syntax="a1111",
+        negative_prompt="blurry",
+        callbacks=[{"type": "cfg_cutoff", "step_index": 1}],
+    )
+    assert edited != plain
