@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -351,17 +351,21 @@ class RenderClient:
         lookups = self.redis.pipeline(transaction=False)
         for task_id, meta in zip(task_ids, metas, strict=True):
             if meta["status"] == states.PENDING:
-                lookups.exists(job_key(task_id))
+                lookups.hget(job_key(task_id), "queue")
             elif meta["status"] in (states.SUCCESS, states.REVOKED, states.FAILURE) and not isinstance(
                 meta["result"], dict
             ):
                 lookups.get(manifest_key(task_id))
         answers = iter(lookups.execute())
-        found = []
+        found: list[TaskStatus] = []
+        queues: dict[int, str] = {}  # a queued job's place in `found` -> the queue its record names
         for task_id, meta in zip(task_ids, metas, strict=True):
             state, info = meta["status"], meta["result"]
             if state == states.PENDING:
-                found.append(TaskStatus(task_id, "queued" if next(answers) else "unknown"))
+                queue = next(answers)
+                if queue is not None:
+                    queues[len(found)] = text(queue)
+                found.append(TaskStatus(task_id, "queued" if queue is not None else "unknown"))
                 continue
             manifest = None
             if isinstance(info, dict) and state in (states.SUCCESS, states.REVOKED, states.FAILURE):
@@ -370,7 +374,18 @@ class RenderClient:
                 data = next(answers)
                 manifest = Manifest.model_validate_json(data) if data else None
             found.append(_from_meta(task_id, state, info, manifest))
+        if queues:
+            self._explain_waiting(found, queues)
         return found
+
+    def _explain_waiting(self, found: list[TaskStatus], queues: dict[int, str]) -> None:
+        """Say, on each queued job of `found` whose model no live worker serves, that it waits for one (two round
+        trips, whatever the number of jobs)."""
+        served = {model_queue(self.settings.queue, model) for model in served_by(live_workers(self.redis))}
+        prefix = f"{self.settings.queue}."
+        for index, queue in queues.items():
+            if queue.startswith(prefix) and queue not in served:
+                found[index] = replace(found[index], waiting=f"no live worker serves {queue.removeprefix(prefix)}")
 
     def jobs(
         self,

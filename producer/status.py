@@ -17,7 +17,8 @@ STATES: tuple[str, ...] = get_args(State)
 class TaskStatus:
     """Where a job stands. `step`/`total` while it renders, and `frame`, the storage URL of the newest step frame
     stored (a job with a `frames` callback); `manifest` once it is final; `error` if it failed or expired.
-    `submitted_at` (epoch seconds) where the reader knew it cheaply (`RenderClient.jobs`)."""
+    `submitted_at` (epoch seconds) where the reader knew it cheaply (`RenderClient.jobs`); `waiting`, for a queued
+    job, why no worker can start it now (AI Horde's `is_possible`)."""
 
     task_id: str
     state: State
@@ -27,6 +28,7 @@ class TaskStatus:
     error: str | None = None
     frame: str | None = None
     submitted_at: float | None = None
+    waiting: str | None = None  # why a queued job cannot start now, e.g. "no live worker serves tiny-sdxl"
 
     @property
     def done(self) -> bool:

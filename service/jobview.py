@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from producer.batch import batch_tasks_key
 from producer.client import TaskStatus
@@ -40,6 +40,9 @@ class Job(BaseModel):
     model: str | None
     batch: str | None
     error: str | None
+    waiting: str | None = Field(
+        default=None, description="A queued job: why no worker can start it now (no live worker serves its model)."
+    )
     preview: str | None
     manifest: dict[str, Any] | None
     files: list[FileLink]
@@ -105,6 +108,7 @@ def _job(service: Service, status: TaskStatus, queue: Any, batch: str | None) ->
         model=model,
         batch=batch,
         error=status.error,
+        waiting=status.waiting,
         preview=frames[-1] if frames else None,
         manifest=manifest.model_dump(mode="json") if manifest is not None else None,
         files=shown,

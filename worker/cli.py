@@ -173,6 +173,8 @@ def status(
         line += f", newest frame: {current.frame}"
     if current.error:
         line += f", error: {current.error}"
+    if current.waiting:
+        line += f", waiting: {current.waiting}"
     typer.echo(line)
 
 
@@ -184,6 +186,7 @@ def status_dict(current: Any) -> dict[str, Any]:
         "total": current.total,
         "error": current.error,
         "frame": current.frame,
+        "waiting": current.waiting,
         "manifest": current.manifest.model_dump(mode="json") if current.manifest else None,
     }
 

@@ -140,8 +140,18 @@ def test_submitting_for_a_model_no_live_worker_serves(farm_factory: Callable[[],
 
     queued = render_cli("submit", str(path), "--queue-anyway", env=env)
     assert queued.returncode == 0, queued.stderr
-    assert farm.client.status(queued.stdout.strip()).state == "queued"
+    task_id = queued.stdout.strip()
+    waiting = farm.client.status(task_id)
+    assert (waiting.state, waiting.waiting) == ("queued", "no live worker serves tiny-sdxl")
     assert farm.redis.llen(priority_lists(model_queue("render", "tiny-sdxl"))["normal"]) == 1
+    shown = render_cli("status", task_id, env=env)
+    assert shown.stdout == f"{task_id}: queued, waiting: no live worker serves tiny-sdxl\n", shown.stderr
+    assert json.loads(render_cli("status", task_id, "--json", env=env).stdout)["waiting"] == waiting.waiting
+    # A queued job whose model is served waits for nothing.
+    served = farm.client.submit(job("tiny-sd15"))
+    both = farm.client.statuses([served.task_id, task_id])
+    assert both[0].waiting is None and both[1].waiting == waiting.waiting
     # A worker for the model that arrives later takes it.
     farm.start_workers("sdxl-late", models=json.dumps(SDXL))
-    assert farm.client.wait(queued.stdout.strip(), timeout=120).status == "succeeded"
+    assert farm.client.wait(task_id, timeout=120).status == "succeeded"
+    assert farm.client.wait(served.task_id, timeout=120).status == "succeeded"
