@@ -160,8 +160,11 @@ def test_statuses_reads_many_jobs_in_a_few_round_trips(client: RenderClient) -> 
     found = client.statuses(ids)
     after = client.redis.info("commandstats")
     assert [s.state for s in found] == ["queued"] * 5 + ["unknown"]
+    # No worker is live here: every queued job says what it waits for.
+    assert {s.waiting for s in found[:5]} == {f"no live worker serves {GOOD['model']}"} and found[5].waiting is None
     calls = {name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"] for name in after}
-    assert calls["cmdstat_mget"] == 1 and calls["cmdstat_exists"] == 6  # one MGET, one pipeline
+    # One MGET, one pipeline of the job records, one look at the live workers (none: no second round trip).
+    assert calls["cmdstat_mget"] == 1 and calls["cmdstat_hget"] == 6 and calls["cmdstat_zrangebyscore"] == 1
 
 
 def test_render_batch_reads_stdin_and_detaches(client: RenderClient) -> None:
