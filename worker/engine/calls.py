@@ -153,7 +153,7 @@ def _run_stages(
                     return first
                 image = stages.hand_over(spec, pipe, first)
             offset = first_record.steps_planned
-            height, width = (spec.hires_size[1], spec.hires_size[0]) if spec.hires else (spec.height, spec.width)
+            width, height = stages.second_size(spec)
             multi = stack.stage_callbacks(1, second_record.name, offset, (height, width))
             second_arguments = stages.second_arguments(spec, family, second, image, seeds)
             started, decoded = time.perf_counter(), None

@@ -115,10 +115,15 @@ def _one_or_list(images: list[Image.Image]) -> Image.Image | list[Image.Image]:
     return images[0] if len(images) == 1 else images
 
 
+def second_size(spec: RenderSpec) -> tuple[int, int]:
+    """The second stage's image size (width, height): the hires size, or the job's own (a refiner's)."""
+    return spec.hires_size if spec.hires is not None else (spec.width, spec.height)
+
+
 def stand_in(spec: RenderSpec, family: ModelFamily, second: Any) -> Any:
     """The second call's `image` when a resume skips the first stage: of the hand-over's shape, zeros. Latents where
     the hand-over is latents or the family's img2img takes them (SD's 4 channels), else black images."""
-    width, height = spec.hires_size if spec.hires is not None else (spec.width, spec.height)
+    width, height = second_size(spec)
     if spec.refiner is not None or family.latent_hires:
         scale = second.vae_scale_factor
         channels = int(second.vae.config.latent_channels)
@@ -154,7 +159,7 @@ def second_arguments(
         "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
     }
     if "height" in inspect.signature(second.__call__).parameters:  # flow families' img2img: else its default size
-        width, height = spec.hires_size if spec.hires is not None else (spec.width, spec.height)
+        width, height = second_size(spec)
         arguments |= {"width": width, "height": height}
     if spec.hires is not None:
         arguments |= {
@@ -167,7 +172,7 @@ def second_arguments(
     # The family adjusts them as for an img2img job of the stage's steps and strength (Flux.2's mask, Qwen's size).
     family.adjust_arguments(stage_spec(spec), arguments)
     if spec.prompt_syntax == "a1111" and family.prompt_encoding:
-        _, positive, negative = encode_plan(second, family, spec).spans[-1]
+        _, positive, negative = encode_plan(second, family, spec, last_only=True).spans[-1]
         arguments.update(family.conditioning_arguments(positive, negative))
     else:
         arguments.update(family.clip_skip_arguments(second, spec))

@@ -51,8 +51,9 @@ def switch_steps(spec: RenderSpec) -> list[int]:
     return sorted(found)
 
 
-def encode_plan(pipe: Any, family: ModelFamily, spec: RenderSpec) -> PromptPlan:
-    """Every span of the spec's `a1111` prompts encoded on `pipe`'s text encoders (each distinct text once)."""
+def encode_plan(pipe: Any, family: ModelFamily, spec: RenderSpec, *, last_only: bool = False) -> PromptPlan:
+    """Every span of the spec's `a1111` prompts encoded on `pipe`'s text encoders (each distinct text once); with
+    `last_only`, the last span alone (a second stage runs the prompts as they end)."""
     steps = spec.denoising_steps
     positive = prompt_syntax.schedule(spec.prompt, steps)
     negative = prompt_syntax.schedule(spec.negative_prompt, steps) if spec.negative_prompt else []
@@ -72,6 +73,8 @@ def encode_plan(pipe: Any, family: ModelFamily, spec: RenderSpec) -> PromptPlan:
         return current
 
     starts = sorted({0, *(span.first_step for span in positive), *(span.first_step for span in negative)})
+    if last_only:
+        starts = starts[-1:]
     return PromptPlan([(step, encode(at(positive, step), False), encode(at(negative, step), True)) for step in starts])
 
 
