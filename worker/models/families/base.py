@@ -18,6 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils.logging import disable_progress_bar
 
 from producer.errors import ConfigError, ModelError, UnsupportedSpecError
+from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec, StepCache
 from worker.models import single_file
 
@@ -179,12 +180,8 @@ class ModelFamily:
         """Refuse an `a1111` prompt the family cannot encode as written (a plain one it reads as text), and a
         guidance curve it cannot follow step by step."""
         if spec.prompt_syntax == "a1111" and not self.prompt_encoding:
-            from producer import prompt_syntax
-
-            for name in ("prompt", "negative_prompt"):
-                text = getattr(spec, name)
-                spans = prompt_syntax.schedule(text, spec.denoising_steps) if text else []
-                if len(spans) > 1 or any(not span.prompt.is_plain() for span in spans):
+            for name, spans in prompt_spans(spec):
+                if len(spans) > 1 or any(not prompt.is_plain() for _, prompt in spans):
                     raise UnsupportedSpecError(
                         f"{name}: {model!r} ({self.name}) has no weights, BREAK or prompt editing in this worker; "
                         "remove them or send prompt_syntax 'plain'"
@@ -332,6 +329,18 @@ class ModelFamily:
             and getattr(getattr(pipe, name).config, "model_type", "")
             in ("clip_text_model", "clip_text_with_projection")
         ]
+
+
+def prompt_spans(spec: RenderSpec) -> list[tuple[str, list[tuple[int, Weighted]]]]:
+    """The `a1111` prompt and negative prompt of `spec`, each as (first step, prompt) spans."""
+    from producer import prompt_syntax
+
+    found = []
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(spec, name)
+        spans = prompt_syntax.schedule(text, spec.denoising_steps) if text else []
+        found.append((name, [(span.first_step, span.prompt) for span in spans]))
+    return found
 
 
 class ModelOff:

@@ -36,8 +36,8 @@ from producer.errors import UnsupportedSpecError
 from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import tiny_chroma
-from worker.models.families.base import Kind
-from worker.models.families.flow import FlowFamily, given_embeddings, prompt_spans
+from worker.models.families.base import Kind, prompt_spans
+from worker.models.families.flow import FlowFamily, given_embeddings
 from worker.models.prompt_embeds import Encoded, encode_t5, t5_positions
 
 

@@ -17,10 +17,10 @@ from typing import Any, ClassVar
 import torch
 
 from producer.errors import UnsupportedSpecError
-from producer.prompt_syntax import Break, Weighted
+from producer.prompt_syntax import Break
 from producer.spec import RenderSpec
 from worker.models import flow_sampling, preview_fit
-from worker.models.families.base import ModelFamily
+from worker.models.families.base import ModelFamily, prompt_spans
 from worker.models.prompt_embeds import T5_MOST, Encoded, t5_positions
 
 _MAPS: weakref.WeakKeyDictionary[Any, preview_fit.LatentRgb] = weakref.WeakKeyDictionary()
@@ -133,18 +133,6 @@ class FlowFamily(ModelFamily):
 
     def batchable(self, pipe: Any) -> bool:
         return True
-
-
-def prompt_spans(spec: RenderSpec) -> list[tuple[str, list[tuple[int, Weighted]]]]:
-    """The `a1111` prompt and negative prompt of `spec`, each as (first step, prompt) spans."""
-    from producer import prompt_syntax
-
-    found = []
-    for name in ("prompt", "negative_prompt"):
-        text = getattr(spec, name)
-        spans = prompt_syntax.schedule(text, spec.denoising_steps) if text else []
-        found.append((name, [(span.first_step, span.prompt) for span in spans]))
-    return found
 
 
 def check_llm_positions(spec: RenderSpec, model: str, family: str, count: Any, most: int) -> None:

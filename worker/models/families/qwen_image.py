@@ -34,8 +34,8 @@ from producer.errors import UnsupportedSpecError
 from producer.prompt_syntax import Weighted
 from producer.spec import CfgCutoff, RenderSpec
 from worker.models import flow_sampling, tiny_qwen_image
-from worker.models.families.base import Kind
-from worker.models.families.flow import FlowFamily, check_llm_positions, prompt_spans, refuse_weights
+from worker.models.families.base import Kind, prompt_spans
+from worker.models.families.flow import FlowFamily, check_llm_positions, refuse_weights
 from worker.models.families.guidance import NegativePassCutoff
 from worker.models.prompt_embeds import Encoded
 
