@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -64,6 +66,11 @@ def parameters_text(params: ImageParameters) -> str:
         pairs.append(f"Version: render-farm {params.version}")
     lines.append(", ".join(pairs))
     return "\n".join(lines)
+
+
+def pil_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """(n, 3, h, w) pixels in [0, 1] (a pipeline's `output_type="pt"`) as 8-bit PIL images, as diffusers makes them."""
+    return list(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels)))
 
 
 def png_bytes(image: Image.Image, params: ImageParameters, *, task_id: str, index: int) -> bytes:

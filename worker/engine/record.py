@@ -16,7 +16,6 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from producer.keys import manifest_object
@@ -26,7 +25,7 @@ from worker.engine.callbacks import CallbackStack
 from worker.engine.callbacks.steps import sampler_steps
 from worker.engine.checkpoints import CheckpointWriter
 from worker.engine.job import JobContext
-from worker.engine.outputs import ImageParameters
+from worker.engine.outputs import ImageParameters, pil_images
 from worker.engine.stops import JobStopped
 from worker.models.families import ModelFamily
 from worker.storage import Storage
@@ -71,7 +70,7 @@ class Denoised:
         pixels into 8-bit images is CPU work the GPU thread leaves to it, as it leaves the PNG encoding."""
         if self.pixels is None:
             return []
-        return list(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(self.pixels)))
+        return pil_images(self.pixels)
 
 
 def stage_ran(

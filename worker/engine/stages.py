@@ -21,13 +21,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from producer.manifest import StageName, StageRecord
 from producer.spec import RenderSpec, guidance_at
 from worker.engine.callbacks.prompts import encode_plan
 from worker.engine.callbacks.steps import steps_over
+from worker.engine.outputs import pil_images
 from worker.models.families import ModelFamily
 from worker.models.registry import ModelRegistry
 
@@ -106,7 +106,7 @@ def hand_over(spec: RenderSpec, pipe: Any, first: torch.Tensor) -> Any:
 
 def upscaled_images(pixels: torch.Tensor, size: tuple[int, int]) -> Image.Image | list[Image.Image]:
     """(n, 3, h, w) pixels in [0, 1] as 8-bit images resized to `size` (width, height) with PIL's LANCZOS."""
-    images = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels))
+    images = pil_images(pixels)
     return _one_or_list([image.resize(size, Image.Resampling.LANCZOS) for image in images])
 
 
