@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import redis
 
 from producer.errors import IdempotencyConflict, QueueFull, SpecError
-from producer.keys import idempotency_key, priority_lists
+from producer.keys import DEFAULT_TENANT, idempotency_key, priority_lists, tenant_queue
 from producer.spec import RenderSpec
 
 RETRY_AFTER_SECONDS = 5.0
@@ -52,28 +52,30 @@ def body_digest(spec: RenderSpec, priority: str) -> str:
     return hashlib.sha256(f"{canonical}\n{priority}".encode()).hexdigest()
 
 
-def earlier(client: redis.Redis, key: str, body: str) -> str | None:
+def earlier(client: redis.Redis, key: str, body: str, tenant: str = DEFAULT_TENANT) -> str | None:
     """The task id an earlier submit with `key` and this `body` made; None if the key names no submit now.
     Raises `IdempotencyConflict` if it names a submit of another body."""
-    raw = client.get(idempotency_key(key))
+    raw = client.get(idempotency_key(key, tenant))
     return None if raw is None else _same(raw, body)
 
 
-def claim(client: redis.Redis, key: str, body: str, task_id: str, *, ttl: int) -> str | None:
+def claim(
+    client: redis.Redis, key: str, body: str, task_id: str, *, ttl: int, tenant: str = DEFAULT_TENANT
+) -> str | None:
     """Claim `key` for the submit of `task_id` (SET NX): None when claimed; else what `earlier` says of the submit
     that holds it."""
     value = json.dumps({"body": body, "task_id": task_id})
     for _ in range(3):  # a claim that lapses between our SET and GET is claimed again
-        if client.set(idempotency_key(key), value, nx=True, ex=ttl):
+        if client.set(idempotency_key(key, tenant), value, nx=True, ex=ttl):
             return None
-        if (found := earlier(client, key, body)) is not None:
+        if (found := earlier(client, key, body, tenant)) is not None:
             return found
     raise SpecError("Idempotency-Key: the key kept changing hands while this submit claimed it; retry")
 
 
-def release(client: redis.Redis, key: str, task_id: str) -> None:
+def release(client: redis.Redis, key: str, task_id: str, tenant: str = DEFAULT_TENANT) -> None:
     """Give `key` up after the submit of `task_id` failed, unless another submit holds it now."""
-    client.eval(_RELEASE, 1, idempotency_key(key), task_id)
+    client.eval(_RELEASE, 1, idempotency_key(key, tenant), task_id)
 
 
 def _same(raw: bytes | str, body: str) -> str:
@@ -87,9 +89,16 @@ def _same(raw: bytes | str, body: str) -> str:
     return task_id
 
 
-def check_room(client: redis.Redis, limit: int | None, queues: Sequence[str], models: Sequence[str]) -> None:
+def check_room(
+    client: redis.Redis,
+    limit: int | None,
+    queues: Sequence[str],
+    models: Sequence[str],
+    tenants: Sequence[str] = (DEFAULT_TENANT,),
+) -> None:
     """Raise `QueueFull` if sending one job to each of `queues` (the queue of each job's model in `models`) would
-    make any queue hold more than `limit` jobs; one pipelined round trip. No limit: nothing is read."""
+    make any queue hold more than `limit` jobs, counting every tenant's lists of it; one pipelined round trip. No
+    limit: nothing is read."""
     if limit is None or not queues:
         return
     adding = Counter(queues)
@@ -97,8 +106,9 @@ def check_room(client: redis.Redis, limit: int | None, queues: Sequence[str], mo
     names = sorted(adding)
     lengths = client.pipeline(transaction=False)
     for queue in names:
-        for lst in priority_lists(queue).values():
-            lengths.llen(lst)
+        for tenant in tenants:
+            for lst in priority_lists(tenant_queue(queue, tenant)).values():
+                lengths.llen(lst)
     replies = lengths.execute()
     per_queue = len(replies) // len(names)
     for index, queue in enumerate(names):

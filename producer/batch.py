@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import redis
 
 from producer.errors import BatchFileError, SpecError, WaitTimeout
-from producer.keys import KEY_PREFIX, check_task_id
+from producer.keys import DEFAULT_TENANT, check_task_id, tenant_key
 from producer.reaching import reaching
 from producer.records import text
 from producer.settings import ClientSettings
@@ -35,14 +35,14 @@ REVOKED_SUFFIX = ".r"
 """A revoked line is submitted again as `<task id>.r<run>`: Celery workers remember revoked ids for hours."""
 
 
-def batch_key(name: str) -> str:
-    """Hash describing the batch: name, source, total, runs, created_at, updated_at."""
-    return f"{KEY_PREFIX}:batch:{name}"
+def batch_key(name: str, tenant: str = DEFAULT_TENANT) -> str:
+    """Hash describing the batch: name, source, total, runs, created_at, updated_at (each tenant has its own)."""
+    return tenant_key(tenant, f"batch:{name}")
 
 
-def batch_tasks_key(name: str) -> str:
+def batch_tasks_key(name: str, tenant: str = DEFAULT_TENANT) -> str:
     """Hash line -> the task id that line was last submitted as."""
-    return f"{KEY_PREFIX}:batch:{name}:tasks"
+    return tenant_key(tenant, f"batch:{name}:tasks")
 
 
 def check_batch_name(name: str) -> str:
@@ -132,6 +132,9 @@ class BatchClient(Protocol):
 
     @property
     def settings(self) -> ClientSettings: ...
+
+    @property
+    def tenant(self) -> str: ...
 
     def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]: ...
 
@@ -233,7 +236,7 @@ def load_handle(client: BatchClient, name: str) -> BatchHandle:
     """The handle of a batch submitted before, from its record in Redis."""
     check_batch_name(name)
     with reaching(client.settings.redis_url):
-        mapping = client.redis.hgetall(batch_tasks_key(name))
+        mapping = client.redis.hgetall(batch_tasks_key(name, client.tenant))
     if not mapping:
         raise SpecError(f"name: no batch {name!r} is known (it never ran, or its record expired)")
     pairs = sorted((int(line), text(task_id)) for line, task_id in mapping.items())
@@ -273,21 +276,20 @@ def record(client: BatchClient, name: str, source: str, lines: list[BatchLine], 
     """Write the batch's record and its line -> task id map (one pipelined round trip)."""
     now = time.time()
     ttl = client.settings.result_ttl
+    info, tasks = batch_key(name, client.tenant), batch_tasks_key(name, client.tenant)
     writes = client.redis.pipeline(transaction=True)
-    writes.hsetnx(batch_key(name), "created_at", now)
-    writes.hset(
-        batch_key(name), mapping={"name": name, "source": source, "total": len(lines), "runs": run, "updated_at": now}
-    )
-    writes.delete(batch_tasks_key(name))  # the batch is this file's lines now, should an edited file reuse a name
-    writes.hset(batch_tasks_key(name), mapping={str(line.line): line.task_id for line in lines})
-    for key in (batch_key(name), batch_tasks_key(name)):
+    writes.hsetnx(info, "created_at", now)
+    writes.hset(info, mapping={"name": name, "source": source, "total": len(lines), "runs": run, "updated_at": now})
+    writes.delete(tasks)  # the batch is this file's lines now, should an edited file reuse a name
+    writes.hset(tasks, mapping={str(line.line): line.task_id for line in lines})
+    for key in (info, tasks):
         writes.expire(key, ttl)
     writes.execute()
 
 
 def describe(client: BatchClient, name: str) -> dict[str, Any]:
     """The batch's record (source, total, runs, created_at, updated_at)."""
-    raw = client.redis.hgetall(batch_key(name))
+    raw = client.redis.hgetall(batch_key(name, client.tenant))
     out: dict[str, Any] = {text(key): text(value) for key, value in raw.items()}
     for key in ("total", "runs"):
         if key in out:

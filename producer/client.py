@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 import uuid
@@ -15,29 +16,34 @@ import redis
 from celery import Celery, states
 from celery.exceptions import TaskRevokedError
 
-from producer import admission, batch, joblist, unsent
+from producer import admission, batch, joblist, tenants, unsent
 from producer.batch import BatchHandle
 from producer.batch import load_handle as batch_handle
 from producer.celery_config import base_config
-from producer.errors import NoWorkerForModel, RenderFailed, SpecError, WaitTimeout
+from producer.errors import NoWorkerForModel, RenderFailed, SpecError, UnknownTenant, WaitTimeout
 from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
 from producer.keys import (
     DEFAULT_PRIORITY,
+    DEFAULT_TENANT,
     PRIORITIES,
-    RUNNING_TASKS,
     Priority,
     check_task_id,
+    check_tenant,
     job_key,
     manifest_key,
     model_queue,
     priority_lists,
     revocations_channel,
     revoked_key,
+    scoped_id,
+    tenant_of,
+    tenant_queue,
+    unscoped,
 )
 from producer.manifest import Manifest
 from producer.reaching import reaching
 from producer.reaching import redacted as redacted
-from producer.records import PROGRESS_STATE, Progress, Revocation, TaskMessage, running_worker, text
+from producer.records import PROGRESS_STATE, Progress, Revocation, TaskMessage, text
 from producer.redis_connect import connect
 from producer.settings import ClientSettings
 from producer.spec import RenderSpec
@@ -129,6 +135,19 @@ class RenderClient:
             base_config(url, queue=self.settings.queue, result_ttl=self.settings.result_ttl, **sentinel)
         )
         self.redis = connect(url, socket_connect_timeout=5, socket_timeout=10, **sentinel)
+        self.tenant = self.settings.tenant
+
+    def as_tenant(self, tenant: str) -> RenderClient:
+        """This client, submitting and reading as `tenant` (the HTTP service's per-key view); shares the connections.
+        Submits check that the farm declares the tenant (`UnknownTenant`)."""
+        view = copy.copy(self)
+        view.tenant = check_tenant(tenant, "tenant")
+        return view
+
+    def owns(self, task_id: str) -> bool:
+        """Whether this client may read and revoke `task_id`: a tenant's client its own jobs only; the default
+        tenant's (the farm operator's) every job."""
+        return self.tenant == DEFAULT_TENANT or tenant_of(task_id) == self.tenant
 
     # -- submitting -----------------------------------------------------------------------------------
 
@@ -174,11 +193,13 @@ class RenderClient:
             raise SpecError(f"priority: must be one of {', '.join(PRIORITIES)}; got {priority!r}")
         parsed = _coerce_spec(spec)
         body = admission.body_digest(parsed, priority)
-        new_id = task_id or uuid.uuid4().hex
+        new_id = scoped_id(self.tenant, task_id or uuid.uuid4().hex)
         with self._reaching():
             # A replay is answered before any check: the job exists, whatever the queue or the fleet is like now.
-            found = admission.earlier(self.redis, key, body)
-            found = found or admission.claim(self.redis, key, body, new_id, ttl=self.settings.result_ttl)
+            found = admission.earlier(self.redis, key, body, self.tenant)
+            found = found or admission.claim(
+                self.redis, key, body, new_id, ttl=self.settings.result_ttl, tenant=self.tenant
+            )
         if found is not None:
             return JobHandle(found, self)
         try:
@@ -187,7 +208,7 @@ class RenderClient:
             )[0]
         except BaseException:
             with contextlib.suppress(redis.RedisError):
-                admission.release(self.redis, key, new_id)
+                admission.release(self.redis, key, new_id, self.tenant)
             raise
 
     def submit_many(
@@ -221,13 +242,37 @@ class RenderClient:
             raise SpecError(f"task_ids: got {len(ids)} ids for {len(parsed)} specs; give one per spec or none")
         for index, task_id in enumerate(ids):
             check_task_id(task_id, f"task_ids[{index}]")
+        ids = [scoped_id(self.tenant, task_id) for task_id in ids]
         queues = [queue or model_queue(self.settings.queue, spec.model) for spec in parsed]
         self._check_webhooks({spec.webhook for spec in parsed if spec.webhook})
         with self._reaching():
             if not wait_for_worker:
                 self._check_served(sorted({spec.model for spec in parsed}))
-            admission.check_room(self.redis, self.settings.max_queued, queues, [spec.model for spec in parsed])
+            parsed = self._admit(parsed, queues)
             return self._enqueue(parsed, ids, queues, PRIORITIES[priority])
+
+    def _admit(self, parsed: list[RenderSpec], queues: list[str]) -> list[RenderSpec]:
+        """The farm's checks of a submit of `parsed` to `queues` (base queue names), before anything is enqueued:
+        the tenant is declared (`UnknownTenant`), within its `max_queued` (`QuotaExceeded`), each model's queue
+        within RENDER_MAX_QUEUED (`QueueFull`). Returns the specs with the tenant's default deadline where they set
+        none. One round trip, two with a quota, three with both bounds."""
+        declared = tenants.declared(self.redis)
+        config = declared.get(self.tenant)
+        if config is None:
+            raise UnknownTenant(self.tenant, sorted(declared))
+        if config.max_queued is not None:
+            served = [model_queue(self.settings.queue, model) for model in served_by(live_workers(self.redis))]
+            tenants.check_quota(self.redis, self.tenant, config, [*queues, *served], len(parsed))
+        models = [spec.model for spec in parsed]
+        admission.check_room(self.redis, self.settings.max_queued, queues, models, sorted(declared))
+        if config.deadline_seconds is None:
+            return parsed
+        return [
+            spec
+            if spec.deadline_seconds is not None
+            else spec.model_copy(update={"deadline_seconds": config.deadline_seconds})
+            for spec in parsed
+        ]
 
     def submit_batch(
         self,
@@ -248,22 +293,24 @@ class RenderClient:
         if priority not in PRIORITIES:
             raise SpecError(f"priority: must be one of {', '.join(PRIORITIES)}; got {priority!r}")
         lines = [_as_line(spec) for spec in specs]
-        parsed = batch.parse_lines(lines, name=name, webhook=webhook)
+        parsed = [
+            replace(line, task_id=scoped_id(self.tenant, line.task_id))
+            for line in batch.parse_lines(lines, name=name, webhook=webhook)
+        ]
         self._check_webhooks({line.spec.webhook for line in parsed if line.spec.webhook})
         with self._reaching():
-            previous = {int(k): text(v) for k, v in self.redis.hgetall(batch.batch_tasks_key(name)).items()}
-            run = int(self.redis.hget(batch.batch_key(name), "runs") or 0) + 1
+            known = self.redis.hgetall(batch.batch_tasks_key(name, self.tenant))
+            previous = {int(k): text(v) for k, v in known.items()}
+            run = int(self.redis.hget(batch.batch_key(name, self.tenant), "runs") or 0) + 1
         found = self.statuses([previous.get(line.line, line.task_id) for line in parsed])
         todo, current, counts = batch.plan(parsed, previous, found, run)
         with self._reaching():
             if todo and not wait_for_worker:
                 self._check_served(sorted({line.spec.model for line in todo}))
-            admission.check_room(
-                self.redis,
-                self.settings.max_queued,
-                [model_queue(self.settings.queue, line.spec.model) for line in todo],
-                [line.spec.model for line in todo],
+            admitted = self._admit(
+                [line.spec for line in todo], [model_queue(self.settings.queue, line.spec.model) for line in todo]
             )
+            todo = [replace(line, spec=spec) for line, spec in zip(todo, admitted, strict=True)]
             batch.record(self, name, source, current, run)
             again = [line.task_id for line in todo if line.task_id in previous.values()]
             if again:  # a failed or lost job submitted under its old id: its old outcome must not show
@@ -308,16 +355,17 @@ class RenderClient:
     def _enqueue(self, parsed: list[RenderSpec], ids: list[str], queues: list[str], priority: int) -> list[JobHandle]:
         now = time.time()
         messages = [
-            TaskMessage(task_id, spec.model_dump_json(), queue, priority, now)
+            TaskMessage(task_id, spec.model_dump_json(), tenant_queue(queue, self.tenant), priority, now)
             for task_id, spec, queue in zip(ids, parsed, queues, strict=True)
         ]
         # Records and messages-to-send in one transaction, then the sends: a submitter that dies in between leaves
         # its messages for the workers' recovery scan to send (producer.unsent), never a record without a message.
-        unsent.stage(self.redis, messages, record_ttl=self.settings.result_ttl)
+        deadlines = [spec.deadline_seconds for spec in parsed]
+        unsent.stage(self.redis, messages, record_ttl=self.settings.result_ttl, tenant=self.tenant, deadlines=deadlines)
         with self.app.producer_or_acquire() as producer, producer.batch():
             for message in messages:
                 message.send(self.app, producer=producer)
-        unsent.sent(self.redis, messages)
+        unsent.sent(self.redis, messages, self.tenant)
         return [JobHandle(task_id, self) for task_id in ids]
 
     # -- asking ---------------------------------------------------------------------------------------
@@ -345,6 +393,10 @@ class RenderClient:
     def _statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]:
         # One MGET of the result metas, then one pipeline for what the metas leave open: whether a pending job
         # is queued (its job record) and the manifest of a revoked or failed one.
+        if not all(self.owns(task_id) for task_id in task_ids):  # another tenant's job is none of this client's
+            mine = [task_id for task_id in task_ids if self.owns(task_id)]
+            known = dict(zip(mine, self._statuses(mine), strict=True)) if mine else {}
+            return [known.get(task_id) or TaskStatus(task_id, "unknown") for task_id in task_ids]
         backend = self.app.backend
         raws = self.redis.mget([backend.get_key_for_task(task_id) for task_id in task_ids])
         metas = [backend.decode_result(raw) if raw else {"status": states.PENDING, "result": None} for raw in raws]
@@ -384,6 +436,7 @@ class RenderClient:
         served = {model_queue(self.settings.queue, model) for model in served_by(live_workers(self.redis))}
         prefix = f"{self.settings.queue}."
         for index, queue in queues.items():
+            queue = unscoped(queue)
             if queue.startswith(prefix) and queue not in served:
                 found[index] = replace(found[index], waiting=f"no live worker serves {queue.removeprefix(prefix)}")
 
@@ -514,16 +567,15 @@ class RenderClient:
         writes = self.redis.pipeline(transaction=False)
         for task_id in task_ids:
             writes.set(revoked_key(task_id), Revocation(at).value(), ex=self.settings.revoke_ttl)
-            writes.hget(job_key(task_id), "queue")
-            writes.hget(RUNNING_TASKS, task_id)
+            writes.hmget(job_key(task_id), ["queue", "worker"])
         replies = writes.execute()
         notices = self.redis.pipeline(transaction=False)
-        for task_id, record in zip(task_ids, replies[2::3], strict=True):
-            if (worker := running_worker(record)) is not None:
-                notices.publish(revocations_channel(worker), Revocation(at, task_id).notice())
+        for task_id, (_, worker) in zip(task_ids, replies[1::2], strict=True):
+            if worker is not None:
+                notices.publish(revocations_channel(text(worker)), Revocation(at, task_id).notice())
         if len(notices):
             notices.execute()
-        return list(replies[1::3])
+        return [queue for queue, _ in replies[1::2]]
 
     def _mark_revoked(self, task_ids: set[str]) -> None:
         """State REVOKED for jobs taken off their queue (no worker will ever see them), in one pipeline."""

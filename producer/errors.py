@@ -13,6 +13,8 @@ RenderError
  ├── FarmUnavailable         the client cannot reach the farm's Redis
  ├── NoWorkerForModel        submit found no live worker serving the job's model; nothing was enqueued
  ├── QueueFull               the model's queue holds RENDER_MAX_QUEUED jobs; nothing was enqueued, retry later
+ │    └── QuotaExceeded           the tenant holds its `max_queued` jobs (RENDER_TENANTS); nothing was enqueued
+ ├── UnknownTenant           the client's tenant (RENDER_TENANT) is not one the farm declares in RENDER_TENANTS
  ├── WaitTimeout             `wait` gave up before the job reached a final state
  └── RenderFailed            the pipeline itself failed while rendering (the cause is chained)
 
@@ -148,6 +150,36 @@ class QueueFull(RenderError):
         self.queued = queued
         self.limit = limit
         self.retry_after = retry_after
+
+
+class QuotaExceeded(QueueFull):
+    """Raised at submit when the tenant's queued jobs would pass its `max_queued` (RENDER_TENANTS); nothing is
+    enqueued. A `QueueFull`, so whoever answers that (the HTTP service's 429 with Retry-After) answers this too."""
+
+    def __init__(self, tenant: str, queued: int, adding: int, limit: int, retry_after: float) -> None:
+        RenderError.__init__(
+            self,
+            f"tenant {tenant!r} is over its queued quota: {queued} queued + {adding} submitted > max_queued={limit} "
+            f"(RENDER_TENANTS); nothing was enqueued; retry in {retry_after:.0f} s or submit fewer",
+        )
+        self.model = ""
+        self.tenant = tenant
+        self.queued = queued
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class UnknownTenant(RenderError):
+    """Raised at submit when the client's tenant is not declared by the farm (its workers' RENDER_TENANTS): no
+    worker would ever take its jobs; nothing is enqueued."""
+
+    def __init__(self, tenant: str, known: list[str]) -> None:
+        super().__init__(
+            f"tenant {tenant!r} (RENDER_TENANT) is not declared by this farm; its workers declare "
+            f"{', '.join(known) or 'only default'}: add it to RENDER_TENANTS on the workers, or set RENDER_TENANT to "
+            "one of those"
+        )
+        self.tenant = tenant
 
 
 class RenderFailed(RenderError):

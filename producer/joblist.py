@@ -17,7 +17,7 @@ from typing import Protocol
 import redis
 
 from producer.errors import SpecError
-from producer.keys import JOB_INDEX
+from producer.keys import job_index_key
 from producer.records import text
 from producer.status import STATES, TaskStatus
 
@@ -33,6 +33,9 @@ class ListingClient(Protocol):
 
     @property
     def redis(self) -> redis.Redis: ...
+
+    @property
+    def tenant(self) -> str: ...
 
     def statuses(self, task_ids: Sequence[str]) -> list[TaskStatus]: ...
 
@@ -69,7 +72,12 @@ def list_jobs(
     if status is not None and status not in STATES:
         raise SpecError(f"status: must be one of {', '.join(STATES)}; got {status!r}")
     after = parse_cursor(cursor)
-    entries = _of_batch(client.redis, batch_ids, after) if batch_ids is not None else _indexed(client.redis, after)
+    index = job_index_key(client.tenant)
+    entries = (
+        _of_batch(client.redis, index, batch_ids, after)
+        if batch_ids is not None
+        else _indexed(client.redis, index, after)
+    )
     found: list[tuple[Entry, TaskStatus]] = []
     for chunk in entries:
         for entry, current in zip(chunk, client.statuses([task_id for _, task_id in chunk]), strict=True):
@@ -82,7 +90,7 @@ def list_jobs(
     return [current for _, current in page], encode_cursor(page[-1][0]) if more else None
 
 
-def _indexed(client: redis.Redis, after: Entry | None) -> Iterator[list[Entry]]:
+def _indexed(client: redis.Redis, index: str, after: Entry | None) -> Iterator[list[Entry]]:
     """The index's entries after `after` (all, if None), newest first, in chunks."""
     while True:
         chunk: list[Entry] = []
@@ -90,11 +98,11 @@ def _indexed(client: redis.Redis, after: Entry | None) -> Iterator[list[Entry]]:
             top = "+inf"
         else:
             score, last = after
-            ties: list[bytes] = client.zrevrangebyscore(JOB_INDEX, score, score)  # type: ignore[assignment]
+            ties: list[bytes] = client.zrevrangebyscore(index, score, score)  # type: ignore[assignment]
             chunk = [(score, member) for member in map(text, ties) if member < last]
             top = f"({score}"
         rows: list[tuple[bytes, float]] = client.zrevrangebyscore(  # type: ignore[assignment]
-            JOB_INDEX, top, "-inf", start=0, num=_CHUNK, withscores=True
+            index, top, "-inf", start=0, num=_CHUNK, withscores=True
         )
         chunk += [(int(score), text(member)) for member, score in rows]
         if not chunk:
@@ -103,10 +111,10 @@ def _indexed(client: redis.Redis, after: Entry | None) -> Iterator[list[Entry]]:
         after = chunk[-1]
 
 
-def _of_batch(client: redis.Redis, task_ids: Sequence[str], after: Entry | None) -> Iterator[list[Entry]]:
+def _of_batch(client: redis.Redis, index: str, task_ids: Sequence[str], after: Entry | None) -> Iterator[list[Entry]]:
     """A batch's jobs after `after`, newest first (a job missing from the index last), in chunks."""
     ids = list(dict.fromkeys(task_ids))
-    scores = client.zmscore(JOB_INDEX, ids) if ids else []
+    scores = client.zmscore(index, ids) if ids else []
     entries = sorted(
         ((int(score) if score is not None else 0, task_id) for task_id, score in zip(ids, scores, strict=True)),
         reverse=True,

@@ -38,7 +38,101 @@ FRAMES_DIR = "frames"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# -- tenants (producer.tenants holds their settings) ----------------------------------------------------------------
+#
+# A tenant's jobs carry its name in their task id (`team-a@<id>`), their queue (`team-a@render.sd15`) and their
+# storage folder (`team-a/<id>/`), and its submit-time structures live under `render:t:<tenant>:`; so one Redis ACL
+# user per tenant can be given exactly its own keys (producer.acl). The `default` tenant keeps the layout from before
+# tenants: bare ids, bare queues, `render:<name>`.
+
+DEFAULT_TENANT = "default"
+TENANT_SEPARATOR = "@"
+_TENANT_NAME = r"[a-z0-9][a-z0-9_-]{0,39}"
+_TENANT = re.compile(_TENANT_NAME)
+
+TENANTS = f"{KEY_PREFIX}:tenants"
+"""Hash: tenant -> its settings as JSON (weight, max_queued, max_gpus, deadline_seconds): RENDER_TENANTS as the
+workers publish it at start, read by producers and the HTTP service for quotas and default deadlines."""
+
+
+def check_tenant(name: str, field: str = "RENDER_TENANT") -> str:
+    """Return `name` if it is a tenant name (1-40 lowercase letters, digits, `_` or `-`, not starting with `_`/`-`);
+    raise SpecError naming `field` if not."""
+    if not isinstance(name, str) or not _TENANT.fullmatch(name):
+        raise SpecError(
+            f"{field}: {name!r} is not a tenant name; use 1-40 lowercase letters, digits, '_' or '-', starting with "
+            "a letter or digit"
+        )
+    return name
+
+
+def scoped_id(tenant: str, task_id: str) -> str:
+    """The id of `task_id` as `tenant`'s job: `<tenant>@<id>`, or the id itself for the default tenant and for an id
+    already scoped to `tenant`. An id scoped to another tenant raises SpecError."""
+    owner = tenant_of(task_id)
+    if owner == tenant:
+        return task_id
+    if owner != DEFAULT_TENANT:
+        raise SpecError(f"task_id: {task_id!r} belongs to tenant {owner!r}, not to this client's tenant {tenant!r}")
+    return task_id if tenant == DEFAULT_TENANT else f"{tenant}{TENANT_SEPARATOR}{task_id}"
+
+
+def tenant_of(name: str) -> str:
+    """The tenant a task id or a queue name belongs to: what comes before its `@`, else `default`."""
+    owner, separator, _ = name.partition(TENANT_SEPARATOR)
+    return owner if separator else DEFAULT_TENANT
+
+
+def unscoped(name: str) -> str:
+    """A task id or queue name without its tenant: `team-a@render.sd15` -> `render.sd15`."""
+    return name.partition(TENANT_SEPARATOR)[2] or name
+
+
+def tenant_queue(queue: str, tenant: str) -> str:
+    """The queue `tenant`'s jobs for `queue` wait in: `<tenant>@<queue>`, or `queue` itself for the default tenant.
+    Workers consume `queue` and take from every tenant's list of it in weighted turn (worker.process.fairshare)."""
+    return queue if tenant == DEFAULT_TENANT else f"{tenant}{TENANT_SEPARATOR}{queue}"
+
+
+def tenant_key(tenant: str, name: str) -> str:
+    """A key `tenant`'s submits write (`unsent`, `jobs`, `deadlines`, `idem:<sha>`, `batch:<name>`):
+    `render:t:<tenant>:<name>`, or `render:<name>` for the default tenant."""
+    return f"{KEY_PREFIX}:{name}" if tenant == DEFAULT_TENANT else f"{KEY_PREFIX}:t:{tenant}:{name}"
+
+
+def unsent_key(tenant: str) -> str:
+    """Sorted set of the tenant's staged messages (`render:unsent` for the default tenant)."""
+    return tenant_key(tenant, "unsent")
+
+
+def job_index_key(tenant: str) -> str:
+    """Sorted set: the tenant's task ids -> when submitted (ms); what `RenderClient.jobs` lists (`render:jobs`)."""
+    return tenant_key(tenant, "jobs")
+
+
+def deadlines_key(tenant: str) -> str:
+    """Sorted set: the tenant's task ids with a deadline -> when it passes (epoch seconds): what the recovery scan
+    reads to expire jobs still queued past it (worker.process.expiry)."""
+    return tenant_key(tenant, "deadlines")
+
+
+def job_dir(task_id: str) -> str:
+    """The storage folder of a job's files: `<tenant>/<id>` for a tenant's job, the bare id for the default one."""
+    owner = tenant_of(task_id)
+    return task_id if owner == DEFAULT_TENANT else f"{owner}/{unscoped(task_id)}"
+
+
+def fair_key(lst: str) -> str:
+    """Sorted set: tenant -> its pass in the weighted turn of one priority list of one queue (worker only)."""
+    return f"{KEY_PREFIX}:fair:{lst}"
+
+
+def gpus_key(tenant: str) -> str:
+    """Sorted set: task id -> when a worker took it, for every job of `tenant` a worker holds (`max_gpus`)."""
+    return f"{KEY_PREFIX}:gpus:{tenant}"
+
+
+_TASK_ID = re.compile(rf"(?:{_TENANT_NAME}{TENANT_SEPARATOR})?[A-Za-z0-9][A-Za-z0-9._-]{{0,127}}")
 
 
 def check_task_id(task_id: str, field: str = "task_id") -> str:
@@ -78,23 +172,23 @@ def active_list(queue: str | None) -> str:
 
 
 def image_object(task_id: str, index: int) -> str:
-    return f"{task_id}/image-{index}.png"
+    return f"{job_dir(task_id)}/image-{index}.png"
 
 
 def frame_object(task_id: str, steps_completed: int, extension: str, stage: str | None = None) -> str:
     """A preview frame: `frames/step-NNN` in a job's first stage (or its only one), `frames/<stage>-step-NNN` in a
     later stage (`hires`, `refiner`), NNN the step within that stage."""
     label = f"{stage}-" if stage else ""
-    return f"{task_id}/{FRAMES_DIR}/{label}step-{steps_completed:03d}.{extension}"
+    return f"{job_dir(task_id)}/{FRAMES_DIR}/{label}step-{steps_completed:03d}.{extension}"
 
 
 def checkpoint_object(task_id: str) -> str:
     """A running job's latest checkpoint (what a resume needs); deleted when the job ends."""
-    return f"{task_id}/{CHECKPOINT_NAME}"
+    return f"{job_dir(task_id)}/{CHECKPOINT_NAME}"
 
 
 def manifest_object(task_id: str) -> str:
-    return f"{task_id}/{MANIFEST_NAME}"
+    return f"{job_dir(task_id)}/{MANIFEST_NAME}"
 
 
 RUNNING_TASKS = f"{KEY_PREFIX}:running"
@@ -124,9 +218,10 @@ JOB_INDEX = f"{KEY_PREFIX}:jobs"
 JOB_INDEX_MAX = 100_000
 
 
-def idempotency_key(key: str) -> str:
-    """String holding the submit an idempotency key made (`producer.admission`); the key is hashed, never stored."""
-    return f"{KEY_PREFIX}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
+def idempotency_key(key: str, tenant: str = DEFAULT_TENANT) -> str:
+    """String holding the submit an idempotency key made (`producer.admission`); the key is hashed, never stored.
+    Each tenant has its own keys."""
+    return tenant_key(tenant, f"idem:{hashlib.sha256(key.encode()).hexdigest()}")
 
 
 def job_key(task_id: str) -> str:

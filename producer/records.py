@@ -4,7 +4,6 @@ form in one place the same way).
 - `TaskMessage`: the `render.run` message, built by a submit, by a worker that hands its job back, and by the
   recovery scan that sends a dead worker's job again (from the job's running record, `TaskMessage.running`); read
   by the worker's task from what Celery delivered.
-- `running_worker`: which worker a running record names (where a revoke is pushed).
 - `Progress`: a running job's step, the meta of its Celery `PROGRESS` state.
 - `Revocation`: the value of `render:revoked:<id>` and the notice pushed to the worker running the job.
 - `WorkerInfo`: a worker's advert, the hash `render:worker:<hostname>` (read by `producer.fleet`, written by the
@@ -106,17 +105,6 @@ class TaskMessage:
     @classmethod
     def decode(cls, raw: bytes | str) -> TaskMessage:
         return cls(**json.loads(raw))
-
-
-def running_worker(raw: Any) -> str | None:
-    """The worker (`host:pid`) a job's record in `render:running` (`TaskMessage.running`, as stored) names, if any."""
-    if not raw:
-        return None
-    try:
-        worker = json.loads(raw).get("worker")
-    except (ValueError, AttributeError):
-        return None
-    return worker if isinstance(worker, str) and worker else None
 
 
 PROGRESS_STATE = "PROGRESS"

@@ -6,13 +6,13 @@ import json
 import re
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from producer.errors import ConfigError
+from producer.errors import ConfigError, SpecError
 from producer.fleet import HEARTBEAT_TTL, MAX_HEARTBEAT_TTL
-from producer.keys import DEFAULT_QUEUE
+from producer.keys import DEFAULT_QUEUE, DEFAULT_TENANT, check_tenant
 from producer.redis_connect import SentinelOptions, is_sentinel, sentinel_addresses
 from producer.webhooks import parse_allowed_hosts
 
@@ -79,6 +79,11 @@ class ClientSettings(BaseSettings):
         description="base queue name (producer and worker): jobs go to `render.<model>`; workers consume those of "
         "their models and the bare `render`",
     )
+    tenant: str = Field(
+        default=DEFAULT_TENANT,
+        description="the tenant this client submits as (one the workers declare in RENDER_TENANTS); its jobs' ids "
+        "begin with `<tenant>@`, and it reads only its own jobs (docs/tenants.md)",
+    )
     revoke_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds a revocation key lives (7 days)")
     result_ttl: int = Field(default=7 * 24 * 3600, ge=60, description="seconds results and job records live (7 days)")
     webhook_hosts: Annotated[tuple[str, ...], NoDecode, BeforeValidator(_allowed_hosts)] = Field(
@@ -106,6 +111,14 @@ class ClientSettings(BaseSettings):
     def sentinel(self) -> SentinelOptions:
         """`master_name` and `sentinel_password`, the keywords `producer.redis_connect.connect` takes."""
         return SentinelOptions(master_name=self.redis_master_name, sentinel_password=self.redis_sentinel_password)
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_name(cls, value: str) -> str:
+        try:
+            return check_tenant(value, "tenant name")
+        except SpecError as exc:
+            raise ValueError(str(exc).removeprefix("tenant name: ")) from None
 
     @model_validator(mode="after")
     def _sentinel_needs_a_master(self) -> ClientSettings:

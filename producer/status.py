@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from producer.keys import tenant_of
 from producer.manifest import Manifest
 
 State = Literal["unknown", "queued", "started", "progress", "succeeded", "interrupted", "revoked", "failed", "expired"]
@@ -29,6 +30,11 @@ class TaskStatus:
     frame: str | None = None
     submitted_at: float | None = None
     waiting: str | None = None  # why a queued job cannot start now, e.g. "no live worker serves tiny-sdxl"
+
+    @property
+    def tenant(self) -> str:
+        """The tenant the job belongs to (its id says: `team-a@<id>`; `default` for a bare id)."""
+        return tenant_of(self.task_id)
 
     @property
     def done(self) -> bool:

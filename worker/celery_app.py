@@ -16,12 +16,14 @@ from typing import Any
 from celery import Celery, Task, bootsteps
 from celery.signals import task_received, worker_init, worker_shutdown, worker_shutting_down
 
+from producer import tenants
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
-from producer.keys import TASK_RENDER, model_queue, priority_lists
+from producer.keys import DEFAULT_TENANT, TASK_RENDER, model_queue, priority_lists, tenant_queue
 from producer.redis_connect import connect, is_sentinel
 from worker import metrics
 from worker.process.affinity import Affinity, AffinityWatcher
+from worker.process.fairshare import tenants_option
 from worker.process.fleet import Heartbeat
 from worker.process.gpu import Deliveries
 from worker.process.jobcontrol import control_client
@@ -70,6 +72,7 @@ class ServicesStep(bootsteps.StartStopStep):
         hostname = getattr(parent, "hostname", None)
         app._runner = JobRunner(Services.start(app.render_settings, hostname=hostname, deliveries=app.deliveries))
         app.recovery_scanner.owner = hostname or app.recovery_scanner.owner
+        tenants.publish(app.recovery_scanner.client, app.render_settings.tenants)  # what producers check quotas by
         app.recovery_scanner.start()
         app.affinity_watcher.start()
         app.heartbeat.start(hostname)
@@ -93,6 +96,7 @@ def create_app(settings: WorkerSettings) -> RenderApp:
         **conf["broker_transport_options"],
         "visibility_timeout": settings.visibility_timeout,
         **affinity_option(affinity),  # read by worker.process.transport's channel: which list to poll first
+        **tenants_option(settings.tenants),  # and whose jobs it takes in turn (worker.process.fairshare)
     }
     conf.update(
         # kombu's Redis transport, except that a non-JSON item pushed onto the queue is dropped, not fatal.
@@ -141,12 +145,18 @@ def create_app(settings: WorkerSettings) -> RenderApp:
         grace=settings.lease_ttl,
         max_attempts=settings.max_attempts,
         result_ttl=settings.result_ttl,
+        tenants=[DEFAULT_TENANT, *settings.tenants],
     )
 
     app.affinity_watcher = AffinityWatcher(
         connect(settings.redis_url, socket_connect_timeout=5, socket_timeout=10, **settings.sentinel),
         affinity,
-        [name for queue in consumed_queues(settings) for name in priority_lists(queue).values()],
+        [
+            name
+            for queue in consumed_queues(settings)
+            for tenant in (DEFAULT_TENANT, *settings.tenants)
+            for name in priority_lists(tenant_queue(queue, tenant)).values()
+        ],
         switch_after=settings.switch_after_seconds,
     )
 

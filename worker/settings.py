@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from producer.settings import ClientSettings, ListSetting, load
 from producer.spec import LORA_NAME_PATTERN
+from producer.tenants import TenantConfig, parse_tenants
 
 Family = Literal["sd15", "sdxl", "sd3", "flux", "qwen-image", "z-image", "flux2", "chroma"]
 """The model families this worker runs (`worker.models.families`)."""
@@ -331,6 +332,13 @@ class WorkerSettings(ClientSettings):
         gt=0.0,
         description="a worker prefers jobs for the model it has loaded (and higher priorities) until another job it "
         "serves has waited this long; the bound on unfairness (docs/cli.md, Many models, priorities)",
+    )
+
+    tenants: Annotated[dict[str, TenantConfig], NoDecode, BeforeValidator(parse_tenants)] = Field(
+        default_factory=dict,
+        description='the farm\'s tenants, as JSON: `{"team-a": {"weight": 2, "max_queued": 1000, "max_gpus": 4, '
+        '"deadline_seconds": 3600}}`; published to Redis at start (set it alike on every worker); `default` is '
+        "always one (docs/tenants.md)",
     )
 
     @field_validator("loras")

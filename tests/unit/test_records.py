@@ -17,7 +17,7 @@ from celery.app.task import Context
 from localfarm.cluster import RedisServer
 from producer.celery_config import base_config
 from producer.keys import ATTEMPT_HEADER, LOAD_FAILURES_HEADER, SUBMITTED_AT_HEADER, TASK_RENDER, priority_lists
-from producer.records import Progress, Revocation, TaskMessage, WorkerInfo, running_worker
+from producer.records import Progress, Revocation, TaskMessage, WorkerInfo
 
 MESSAGE = TaskMessage("job-1", '{"model": "tiny-sd15"}', "render.tiny-sd15", 3, 1_700_000_000.5, 2, 1)
 
@@ -67,12 +67,6 @@ def test_a_sent_message_is_received_as_it_was_sent(tmp_path: Path) -> None:
         assert TaskMessage.received(request, body_args[0]) == MESSAGE
         client.close()
         app.close()
-
-
-def test_a_running_record_names_its_worker_and_a_malformed_one_none() -> None:
-    assert running_worker(json.dumps(MESSAGE.running("gpu0@host:42")).encode()) == "gpu0@host:42"
-    for raw in (None, b"", b"not json", b"[1]", json.dumps({"worker": ""}), json.dumps({"worker": 3})):
-        assert running_worker(raw) is None
 
 
 def test_progress_round_trips_as_its_state_s_meta() -> None:

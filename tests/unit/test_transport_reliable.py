@@ -38,7 +38,7 @@ def channel(app: Any) -> Iterator[Channel]:
     with app.connection_for_read() as connection:
         chan = connection.default_channel
         assert isinstance(chan, Channel)
-        connection.default_channel.client.script_load(transport._POP)  # as after the worker's first poll
+        connection.default_channel.client.script_load(transport.POP)  # as after the worker's first poll
         chan.delivered = []  # type: ignore[attr-defined]
         chan.basic_consume(QUEUE, False, chan.delivered.append, "test-consumer")  # type: ignore[attr-defined]
         yield chan

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import redis
 
+from producer.keys import unscoped
 from worker.process.periodic import PeriodicThread
 
 # For each list: the submit time in the header of its oldest message (the tail; LPUSH adds at the head), or "".
@@ -96,6 +97,9 @@ class AffinityWatcher(PeriodicThread):
             text = raw.decode() if isinstance(raw, bytes) else str(raw)
             if text:
                 waits.append((now - float(text), name))
-        starved = tuple(name for wait, name in sorted(waits, reverse=True) if wait > self.switch_after)
+        # A tenant's list (`team-a@render.m`) is polled through its queue's own list (worker.process.fairshare).
+        starved = tuple(
+            dict.fromkeys(unscoped(name) for wait, name in sorted(waits, reverse=True) if wait > self.switch_after)
+        )
         self.affinity.starved = starved
         return starved

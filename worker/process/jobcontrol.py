@@ -22,7 +22,15 @@ import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
-from producer.keys import LEASE_DEADLINES, RUNNING_TASKS, active_list, lease_key, revocations_channel, revoked_key
+from producer.keys import (
+    LEASE_DEADLINES,
+    RUNNING_TASKS,
+    active_list,
+    job_key,
+    lease_key,
+    revocations_channel,
+    revoked_key,
+)
 from producer.records import Revocation
 from producer.redis_connect import SentinelOptions, connect
 from worker.engine.stops import JobRevoked, LeaseLost
@@ -32,13 +40,17 @@ log = logging.getLogger(__name__)
 
 # Take the lease and record the job as running in one step, so a scanner never sees one without the other;
 # the job's id also goes on its queue's active list (`active_list`), which autoscalers count, and its lease's
-# deadline (server time) on `render:lease-deadlines`, which the recovery scan reads.
+# deadline (server time) on `render:lease-deadlines`, which the recovery scan reads; and the job's record names the
+# worker (`worker`), where a revoke pushes its notice (a tenant's producer may read its jobs' records, not the
+# running records of every tenant).
 _DEADLINE = "local t = redis.call('time') local at = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]) "
 _ACQUIRE = (
     "if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
     + _DEADLINE
     + "redis.call('zadd', KEYS[4], at, ARGV[3]) "
-    "redis.call('hset', KEYS[2], ARGV[3], ARGV[4]) redis.call('rpush', KEYS[3], ARGV[3]) return 1 end return 0"
+    "redis.call('hset', KEYS[2], ARGV[3], ARGV[4]) redis.call('rpush', KEYS[3], ARGV[3]) "
+    "if redis.call('exists', KEYS[5]) == 1 then redis.call('hset', KEYS[5], 'worker', ARGV[5]) end "
+    "return 1 end return 0"
 )
 # Renew only while we still hold it: a lease that expired and was taken by another worker stays theirs.
 _RENEW = (
@@ -102,9 +114,10 @@ class Lease:
         simulated fleet does). The record names this run by its lease token (`lease`), which the recovery scan
         counts a death by."""
         self.active = active_list(record.get("queue"))
-        keys = (self.key, RUNNING_TASKS, self.active, LEASE_DEADLINES)
+        keys = (self.key, RUNNING_TASKS, self.active, LEASE_DEADLINES, job_key(self.task_id))
         record = {**record, "lease": self.token}
-        taken = self.client.eval(_ACQUIRE, 4, *keys, self.token, self.ttl_ms, self.task_id, json.dumps(record))
+        args = (self.token, self.ttl_ms, self.task_id, json.dumps(record), record.get("worker", ""))
+        taken = self.client.eval(_ACQUIRE, 5, *keys, *args)
         if not taken:
             return False
         self._renewed_at = time.monotonic()

@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
@@ -42,6 +42,7 @@ from celery.result import AsyncResult
 
 from producer.errors import RenderFailed, StorageError
 from producer.keys import (
+    DEFAULT_TENANT,
     LEASE_DEADLINES,
     RECOVERY_TURN,
     RUNNING_TASKS,
@@ -58,6 +59,7 @@ from producer.unsent import resend_unsent
 from worker import metrics
 from worker.engine.job import JobContext
 from worker.engine.rendering import failed_outside_render
+from worker.process.fairshare import free_gpu, sweep_gpus
 from worker.process.periodic import PeriodicThread
 from worker.process.webhooks import WebhookSender
 from worker.storage import Storage
@@ -96,6 +98,7 @@ class RecoveryScanner(PeriodicThread):
         grace: float = 30.0,
         max_attempts: int = 3,
         result_ttl: int = 7 * 24 * 3600,
+        tenants: Sequence[str] = (DEFAULT_TENANT,),
     ) -> None:
         """`storage` opens the storage a failed job's manifest goes to (on the first one); `max_attempts`: the
         worker deaths after which a job ends failed; `result_ttl`: how long its manifest and death count live."""
@@ -106,6 +109,7 @@ class RecoveryScanner(PeriodicThread):
         self.grace = grace
         self.max_attempts = max_attempts
         self.result_ttl = result_ttl
+        self.tenants = list(tenants)
         self._open_storage = storage
         self._storage: Storage | None = None
 
@@ -125,7 +129,9 @@ class RecoveryScanner(PeriodicThread):
             running = self._recover_running(deliveries, qos)
             orphans = self._restore_orphans(deliveries, qos)
         # Messages a submitter staged with their jobs' records and died before sending (producer.unsent).
-        return running + orphans + resend_unsent(self.app, self.client, grace=self.grace)
+        resent = resend_unsent(self.app, self.client, grace=self.grace, tenants=self.tenants)
+        sweep_gpus(self.client, self.tenants, grace=self.grace, now=time.time())
+        return running + orphans + resent
 
     def lapsed(self) -> list[str]:
         """The jobs whose lease deadline has passed (Redis server time): dead workers' jobs, and jobs ending now."""
@@ -220,9 +226,11 @@ class RecoveryScanner(PeriodicThread):
         log.error("task %s failed: %s", task_id, reason)
 
     def _unlist(self, task_id: str, raw_record: bytes | str, record: dict[str, Any]) -> None:
-        """The dead run is no longer running: out of `render:running`, its queue's active list and the deadlines."""
+        """The dead run is no longer running: out of `render:running`, its queue's active list, the deadlines and its
+        tenant's GPUs."""
         keys = (RUNNING_TASKS, active_list(record.get("queue")), LEASE_DEADLINES)
         self.client.eval(_UNLIST, 3, *keys, task_id, raw_record)
+        free_gpu(self.client, task_id)  # its tenant's GPU too (`max_gpus`): it waits on its queue again
 
     def _deliveries(self, qos: Any) -> dict[str, list[str]]:
         """Unacknowledged deliveries older than `grace`, by task id (kombu's `unacked` hash and its index)."""

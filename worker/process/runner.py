@@ -28,6 +28,7 @@ from worker.engine.inputs import load_inputs
 from worker.engine.job import JobContext
 from worker.engine.rendering import expired_before_start, finished_manifest, prepare, revoked_before_start, store
 from worker.engine.stops import HandedOff, JobExpired, JobRevoked, JobStopped, LeaseLost
+from worker.process.fairshare import free_gpu
 from worker.process.gpu import Arrival, Deadline, ProgressBox
 from worker.process.jobcontrol import Lease, ProgressReport, RevocationCheck
 from worker.process.services import Services
@@ -95,13 +96,16 @@ class JobRunner:
         )
         deadline = Deadline(services.settings.task_time_limit)  # counted from here, as Celery's time limit was
 
-        if (done := finished_manifest(services.storage, task_id)) is not None:
-            return done.model_dump(mode="json")  # a redelivery of a finished job
-        revocation = services.revocations.watch(task_id)  # before the lease, which tells `revoke` where to push
         try:
-            return self._leased(message, job, revocation, deadline, delivery, arrival)
+            if (done := finished_manifest(services.storage, task_id)) is not None:
+                return done.model_dump(mode="json")  # a redelivery of a finished job
+            revocation = services.revocations.watch(task_id)  # before the lease, which tells `revoke` where to push
+            try:
+                return self._leased(message, job, revocation, deadline, delivery, arrival)
+            finally:
+                services.revocations.forget(revocation)
         finally:
-            services.revocations.forget(revocation)
+            free_gpu(services.redis, task_id)
 
     def _leased(
         self,

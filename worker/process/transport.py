@@ -16,9 +16,12 @@ tested), with the decode step guarded and the lists of one poll in the worker's 
 The app's `AMQP` gives it a `Connection` that names its URL by the broker's scheme (`redis://`, `rediss://`,
 `sentinel://`), not by this transport's import path: Flower picks its Broker tab's Redis client by that scheme.
 
+Fair share. A poll takes, from each list in the worker's order, the next job of the tenants in weighted turn
+(`worker.process.fairshare`, whose script `POP` this transport runs).
+
 Reliable dequeue. kombu's BRPOP takes a message off its list on the server, and only the worker's own receipt
 records it in kombu's `unacked` hash: a reply lost on the way (Redis stopped, the connection cut, the worker
-killed between the two) lost the job, in no list, not unacked, not leased. Here a poll is one script (`_POP`) that
+killed between the two) lost the job, in no list, not unacked, not leased. Here a poll is one script (`POP`) that
 pops the first message of the lists in the worker's order and, in the same atomic step, records it in the
 `unacked` hash and index as kombu's receipt would (which then writes the same entry again). A reply that never
 arrives leaves the job an unacknowledged delivery with no lease, which the recovery scan puts back on its queue
@@ -31,7 +34,6 @@ a second; a job costs one script call, as it cost one BRPOP.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import uuid
 from time import monotonic, time
@@ -48,38 +50,11 @@ from kombu.utils.json import loads
 
 from producer.keys import DEFAULT_PRIORITY, PRIORITIES
 from worker.process.affinity import Affinity
+from worker.process.fairshare import POP, POP_SHA, TENANTS_OPTION, tenants_arg
 
 AFFINITY_OPTION = "render_affinity"  # broker_transport_options: the name the worker's `Affinity` is registered under
 POLL_OPTION = "render_poll_seconds"  # broker_transport_options: the longest wait between two polls of every list
 POLL_SECONDS = 0.5
-
-# KEYS: kombu's unacked hash, its index, then the lists in order of preference; ARGV: the time of the delivery (the
-# consumer's clock, as kombu's own receipt writes it). Returns {list, item, delivery tag or nil}, or nil. An item
-# that is not a kombu envelope is popped and returned unrecorded: the worker drops it. No shebang flags: a script
-# without them runs on a full (noeviction) Redis as BRPOP did, its RPOP coming before the writes that need memory.
-_POP = """
-for i = 3, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
-    local tag = false
-    local ok, message = pcall(cjson.decode, item)
-    if ok and type(message) == 'table' and type(message.properties) == 'table' then
-      local info = message.properties.delivery_info
-      local candidate = message.properties.delivery_tag
-      if type(candidate) == 'string' and type(info) == 'table' and type(info.exchange) == 'string'
-          and type(info.routing_key) == 'string' then
-        tag = candidate
-        redis.call('ZADD', KEYS[2], ARGV[1], tag)
-        redis.call('HSET', KEYS[1], tag,
-          '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
-      end
-    end
-    return {KEYS[i], item, tag}
-  end
-end
-return false
-"""
-_POP_SHA = hashlib.sha1(_POP.encode()).hexdigest()
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +131,7 @@ class Channel(kombu_redis.Channel):
         return max(0.01, min(seconds, float(self.brpop_timeout or seconds)))
 
     def basic_consume(self, queue: str, no_ack: bool, *args: Any, **kwargs: Any) -> Any:
-        # Remember the queues consumed without acks (Celery's inspect replies): `_POP` records every envelope it pops
+        # Remember the queues consumed without acks (Celery's inspect replies): `POP` records every envelope it pops
         # as delivered, and nobody would ever ack those, so a later restore would put the reply back on its queue.
         if no_ack:
             self._no_ack_queues.add(queue)
@@ -172,7 +147,7 @@ class Channel(kombu_redis.Channel):
         return queues
 
     def _brpop_start(self, timeout: Any = None) -> None:
-        # kombu's own, except: a poll is the `_POP` script over the lists in the worker's order of preference, and
+        # kombu's own, except: a poll is the `POP` script over the lists in the worker's order of preference, and
         # a poll that found nothing is followed by a wait that pops nothing (the module's docstring says why).
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
@@ -194,10 +169,12 @@ class Channel(kombu_redis.Channel):
         self.client.connection.send_command(*command_args)
 
     def _pop_args(self, lists: list[str]) -> list[Any]:
-        """EVALSHA of `_POP` over `lists`, every key with the global prefix (kombu's prefixing covers one key)."""
+        """EVALSHA of `POP` over `lists`, every key with the global prefix (kombu's prefixing covers one key), for the
+        tenants the worker's transport options name."""
         prefix = self.global_keyprefix or ""
         keys = [prefix + key for key in (self.unacked_key, self.unacked_index_key, *lists)]
-        return ["EVALSHA", _POP_SHA, len(keys), *keys, repr(time())]
+        tenants = tenants_arg(self.connection.client.transport_options.get(TENANTS_OPTION))
+        return ["EVALSHA", POP_SHA, len(keys), *keys, repr(time()), prefix, tenants]
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
@@ -209,7 +186,7 @@ class Channel(kombu_redis.Channel):
                 raise
             except redis.exceptions.NoScriptError:  # a new or restarted Redis: load it, poll again next time
                 self._in_poll = None  # type: ignore[assignment]
-                self.client.script_load(_POP)
+                self.client.script_load(POP)
                 self._waiting = False
                 raise Empty() from None
             if self._sent_wait:  # a job arrived on the waited list, or the wait is over: poll every list again
@@ -243,7 +220,7 @@ class Channel(kombu_redis.Channel):
             try:  # redis-py's own, past kombu's prefixing: `_pop_args` prefixed every key
                 reply = redis.Redis.execute_command(client, *args)
             except redis.exceptions.NoScriptError:
-                client.script_load(_POP)
+                client.script_load(POP)
                 reply = redis.Redis.execute_command(client, *args)
             self._maybe_update_queues_expire(client, queue)
             if not reply:
@@ -257,7 +234,7 @@ class Channel(kombu_redis.Channel):
                 raise Empty() from None
 
     def _forget(self, tag: Any) -> None:
-        """A dropped item that `_POP` recorded as delivered: out of kombu's unacked hash and index again."""
+        """A dropped item that `POP` recorded as delivered: out of kombu's unacked hash and index again."""
         if tag:
             self.qos._remove_from_indices(bytes_to_str(tag)).execute()
 
