@@ -7,8 +7,8 @@ loaded model: `worker.process.affinity`), and for each takes the next job from t
 
 - stride scheduling: every tenant with jobs waiting in the list has a pass (`render:fair:<list>`, a sorted set);
   the lowest pass goes next and its pass grows by 1/weight, so a weight-2 tenant gets two jobs to a weight-1
-  tenant's one. A tenant that runs out leaves the set; one that (re)appears starts at the lowest pass there, so it
-  neither waits for the others' backlog nor gets credit for the time it was idle.
+  tenant's one. A tenant that runs out leaves the set; one that (re)appears starts at the lowest pass there, ahead
+  of the tenants at that pass, so it neither waits for the others' backlog nor gets credit for the time it was idle.
 - FIFO inside a tenant (its list), and priorities still win across tenants (the lists are polled in priority order,
   every tenant's high list before any normal one).
 - `max_gpus`: a tenant holding that many jobs (`render:gpus:<tenant>`, one entry per job a worker took, removed
@@ -78,6 +78,7 @@ for i = 3, #KEYS do
   end
   table.sort(turn, function(a, b)
     if a[4] ~= b[4] then return a[4] < b[4] end
+    if a[5] ~= b[5] then return b[5] end
     return a[1] < b[1]
   end)
   for _, t in ipairs(turn) do
