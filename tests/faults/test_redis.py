@@ -24,7 +24,7 @@ from producer.errors import FarmUnavailable
 from producer.settings import ClientSettings
 from tests.faults.conftest import ChaosFarm, assert_complete, blocked_consumers, cut_held, job, progressed
 from worker.celery_app import create_app
-from worker.process import transport
+from worker.process import fairshare
 from worker.settings import WorkerSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(300)]
@@ -148,7 +148,7 @@ def test_a_job_popped_by_a_worker_that_never_read_the_reply_is_restored_and_done
     with app.connection_for_read() as connection:
         channel = connection.default_channel
         channel.basic_consume(queue, False, lambda message: None, "doomed")
-        channel.client.script_load(transport.POP)  # as any worker's first poll leaves it
+        channel.client.script_load(fairshare.POP)  # as any worker's first poll leaves it
         channel.connection.cycle._register_BRPOP(channel)  # the worker's poll goes out ...
         sock = channel.client.connection._sock
         assert select.select([sock], [], [], 30)[0], "the server answered the poll"

@@ -16,7 +16,7 @@ from localfarm.cluster import RedisServer
 from producer.keys import DEFAULT_TENANT, PRIORITIES, gpus_key, scoped_id, tenant_of, tenant_queue
 from producer.records import TaskMessage
 from worker.celery_app import create_app
-from worker.process import transport
+from worker.process import fairshare
 from worker.process.fairshare import free_gpu, sweep_gpus
 from worker.process.transport import Channel
 from worker.settings import WorkerSettings
@@ -39,7 +39,7 @@ def channel(app: Any) -> Iterator[Channel]:
     with app.connection_for_read() as connection:
         chan = connection.default_channel
         assert isinstance(chan, Channel)
-        chan.client.script_load(transport.POP)
+        chan.client.script_load(fairshare.POP)
         chan.delivered = []  # type: ignore[attr-defined]
         chan.basic_consume(QUEUE, False, chan.delivered.append, "test-consumer")  # type: ignore[attr-defined]
         yield chan

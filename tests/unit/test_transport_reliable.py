@@ -17,7 +17,7 @@ from localfarm.cluster import RedisServer
 from producer.keys import PRIORITIES, priority_lists
 from producer.records import TaskMessage
 from worker.celery_app import create_app
-from worker.process import transport
+from worker.process import fairshare
 from worker.process.recovery import RecoveryScanner
 from worker.process.transport import Channel, Undecodable
 from worker.settings import WorkerSettings
@@ -38,7 +38,7 @@ def channel(app: Any) -> Iterator[Channel]:
     with app.connection_for_read() as connection:
         chan = connection.default_channel
         assert isinstance(chan, Channel)
-        connection.default_channel.client.script_load(transport.POP)  # as after the worker's first poll
+        connection.default_channel.client.script_load(fairshare.POP)  # as after the worker's first poll
         chan.delivered = []  # type: ignore[attr-defined]
         chan.basic_consume(QUEUE, False, chan.delivered.append, "test-consumer")  # type: ignore[attr-defined]
         yield chan
