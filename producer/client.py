@@ -21,7 +21,7 @@ from producer.batch import BatchHandle
 from producer.batch import load_handle as batch_handle
 from producer.celery_config import base_config
 from producer.errors import NoWorkerForModel, RenderFailed, SpecError, UnknownTenant, WaitTimeout
-from producer.fleet import WorkerInfo, live_workers, queue_lengths, served_by, served_models
+from producer.fleet import WorkerInfo, live_workers, served_by, served_models, summed, tenant_queue_lengths
 from producer.keys import (
     DEFAULT_PRIORITY,
     DEFAULT_TENANT,
@@ -620,7 +620,13 @@ class RenderClient:
             return live_workers(self.redis)
 
     def queue_lengths(self, models: Iterable[str] | None = None) -> dict[str, dict[str, int]]:
-        """Jobs waiting per model and priority; `models` defaults to those the live workers serve."""
+        """Jobs waiting per model and priority, every tenant's together; `models` defaults to those the live workers
+        serve. A tenant's client counts its own jobs only."""
+        return summed(self.tenant_queue_lengths(models))
+
+    def tenant_queue_lengths(self, models: Iterable[str] | None = None) -> dict[str, dict[str, dict[str, int]]]:
+        """Jobs waiting per tenant, model and priority: every declared tenant's, or a tenant's client's own."""
         names = served_by(self.workers()) if models is None else models
+        tenants = None if self.tenant == DEFAULT_TENANT else [self.tenant]
         with self._reaching():
-            return queue_lengths(self.redis, self.settings.queue, names)
+            return tenant_queue_lengths(self.redis, self.settings.queue, names, tenants)

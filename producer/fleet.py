@@ -14,7 +14,16 @@ from collections.abc import Iterable
 
 import redis
 
-from producer.keys import WORKERS, model_queue, model_workers_key, priority_lists, worker_key
+from producer.keys import (
+    DEFAULT_TENANT,
+    TENANTS,
+    WORKERS,
+    model_queue,
+    model_workers_key,
+    priority_lists,
+    tenant_queue,
+    worker_key,
+)
 from producer.records import WorkerInfo, text
 
 HEARTBEAT_TTL = 15.0
@@ -48,19 +57,47 @@ def served_models(
     return {model: int(count) for model, count in zip(names, counts.execute(), strict=True)}
 
 
-def queue_lengths(client: redis.Redis, queue: str, models: Iterable[str]) -> dict[str, dict[str, int]]:
-    """Jobs waiting per model and priority (`{"tiny-sd15": {"high": 0, "normal": 2, "low": 0}}`): one round trip."""
+def tenant_queue_lengths(
+    client: redis.Redis, queue: str, models: Iterable[str], tenants: Iterable[str] | None = None
+) -> dict[str, dict[str, dict[str, int]]]:
+    """Jobs waiting per tenant, model and priority (`{"team-a": {"tiny-sd15": {"high": 0, "normal": 2, "low": 0}}}`).
+    `tenants`: the tenants to count; None: every tenant the farm declares (`render:tenants`, plus `default`), a
+    second round trip. A tenant's jobs wait in lists of their own (`team-a@render.tiny-sd15`), so a count of the
+    default tenant's lists alone would miss them. A tenant's client passes its own name only: its Redis user may
+    read no other tenant's lists."""
+    if tenants is None:
+        tenants = [DEFAULT_TENANT, *sorted(text(name) for name in client.hkeys(TENANTS))]
     slots = [
-        (model, priority, name)
+        (tenant, model, priority, name)
+        for tenant in dict.fromkeys(tenants)
         for model in dict.fromkeys(models)
-        for priority, name in priority_lists(model_queue(queue, model)).items()
+        for priority, name in priority_lists(tenant_queue(model_queue(queue, model), tenant)).items()
     ]
     lengths = client.pipeline(transaction=False)
     for *_, name in slots:
         lengths.llen(name)
+    found: dict[str, dict[str, dict[str, int]]] = {}
+    for (tenant, model, priority, _), count in zip(slots, lengths.execute(), strict=True):
+        found.setdefault(tenant, {}).setdefault(model, {})[priority] = int(count)
+    return found
+
+
+def queue_lengths(
+    client: redis.Redis, queue: str, models: Iterable[str], tenants: Iterable[str] | None = None
+) -> dict[str, dict[str, int]]:
+    """Jobs waiting per model and priority, summed over `tenants` (None: every declared one), as
+    `tenant_queue_lengths` counts them: `{"tiny-sd15": {"high": 0, "normal": 2, "low": 0}}`."""
+    return summed(tenant_queue_lengths(client, queue, models, tenants))
+
+
+def summed(by_tenant: dict[str, dict[str, dict[str, int]]]) -> dict[str, dict[str, int]]:
+    """`tenant_queue_lengths`' counts added up over the tenants: per model and priority."""
     found: dict[str, dict[str, int]] = {}
-    for (model, priority, _), count in zip(slots, lengths.execute(), strict=True):
-        found.setdefault(model, {})[priority] = int(count)
+    for lengths in by_tenant.values():
+        for model, counts in lengths.items():
+            total = found.setdefault(model, dict.fromkeys(counts, 0))
+            for priority, count in counts.items():
+                total[priority] = total.get(priority, 0) + count
     return found
 
 
@@ -77,4 +114,6 @@ __all__ = [
     "queue_lengths",
     "served_by",
     "served_models",
+    "summed",
+    "tenant_queue_lengths",
 ]

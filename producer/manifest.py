@@ -65,6 +65,9 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_id: str
+    # the tenant the job belongs to (its id's `<tenant>@`, producer.keys.tenant_of); manifests from before tenants
+    # have none and were all the default tenant's
+    tenant: str = "default"
     status: RenderStatus
     steps_planned: int
     steps_completed: int

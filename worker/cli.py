@@ -14,15 +14,15 @@ from typing import Annotated, Any
 import kombu.exceptions
 import redis
 import typer
-from rich import box
 from rich.console import Console
-from rich.table import Table
 
 from producer.errors import RenderError, RenderFailed, SpecError, StorageError
-from producer.fleet import WorkerInfo, served_by
-from producer.keys import DEFAULT_PRIORITY, PRIORITIES, Priority
+from producer.fleet import served_by
+from producer.keys import DEFAULT_PRIORITY, Priority
 from producer.spec import RenderSpec, json_schema
 from worker.views.display import JobBoard, StepProgress, table_console
+from worker.views.fleet_view import fleet_table, queue_table, workers_dict
+from worker.views.status_view import status_dict, status_line
 
 app = typer.Typer(
     name="render",
@@ -164,31 +164,7 @@ def status(
     if as_json:
         typer.echo(json.dumps({**status_dict(current), "webhook": client.webhook_delivery(task_id)}, indent=2))
         return
-    line = f"{task_id}: {current.state}"
-    if current.step is not None and current.total:
-        line += f" {current.step}/{current.total} steps"
-    if current.manifest is not None and current.manifest.images:
-        line += f", images: {' '.join(current.manifest.images)}"
-    if current.frame and not current.done:
-        line += f", newest frame: {current.frame}"
-    if current.error:
-        line += f", error: {current.error}"
-    if current.waiting:
-        line += f", waiting: {current.waiting}"
-    typer.echo(line)
-
-
-def status_dict(current: Any) -> dict[str, Any]:
-    return {
-        "task_id": current.task_id,
-        "state": current.state,
-        "step": current.step,
-        "total": current.total,
-        "error": current.error,
-        "frame": current.frame,
-        "waiting": current.waiting,
-        "manifest": current.manifest.model_dump(mode="json") if current.manifest else None,
-    }
+    typer.echo(status_line(current))
 
 
 @app.command()
@@ -338,42 +314,19 @@ def _batch_index(handle: Any, storage: str | None, link_expiry: int, *, quiet_fa
 
 @app.command()
 def workers(as_json: Annotated[bool, typer.Option("--json", help="Print the fleet as JSON.")] = False) -> None:
-    """Show the live workers (models, loaded, job and step, loads, last seen) and the jobs queued per model."""
+    """Show the live workers (models, loaded, job, step and tenant, loads, last seen) and the jobs queued per model."""
     client = _client()
     found = client.workers()
-    queued = client.queue_lengths(served_by(found))
+    by_tenant = client.tenant_queue_lengths(served_by(found))
     if as_json:
-        typer.echo(json.dumps({"workers": [dataclasses.asdict(info) for info in found], "queues": queued}, indent=2))
+        typer.echo(json.dumps(workers_dict(found, by_tenant), indent=2))
         return
     if not found:
         typer.echo("no live worker: none has sent a heartbeat within its TTL (start one with `render worker`)")
         return
     console = table_console()
-    console.print(_fleet_table(found, time.time()))
-    console.print(_queue_table(queued, client.settings.queue))
-
-
-def _fleet_table(found: list[WorkerInfo], now: float) -> Table:
-    table = Table("worker", "models", "loaded", "job", "step", "loads", "last seen", "families", box=box.SIMPLE_HEAD)
-    for info in found:
-        table.add_row(
-            info.hostname,
-            ", ".join(info.models),
-            ", ".join(info.loaded) or "-",
-            info.job or "idle",
-            f"{info.step}/{info.total}" if info.job and info.step is not None and info.total else "-",
-            ", ".join(f"{model} {count}" for model, count in sorted(info.loads.items())) or "-",
-            f"{max(0.0, now - info.last_seen):.0f} s ago",
-            ", ".join(sorted(set(info.families.values()))) or "-",
-        )
-    return table
-
-
-def _queue_table(queued: dict[str, dict[str, int]], queue: str) -> Table:
-    table = Table("model", *PRIORITIES, title=f"jobs queued (queue {queue})", box=box.SIMPLE_HEAD)
-    for model, lengths in sorted(queued.items()):
-        table.add_row(model, *(str(lengths[priority]) for priority in PRIORITIES))
-    return table
+    console.print(fleet_table(found, time.time()))
+    console.print(queue_table(by_tenant, client.settings.queue))
 
 
 @app.command()

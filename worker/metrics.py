@@ -11,6 +11,7 @@ import time
 
 from prometheus_client import Counter, Histogram, start_http_server
 
+from producer.keys import tenant_of
 from producer.manifest import Manifest
 from worker.hooks import StepInfo
 
@@ -19,9 +20,13 @@ log = logging.getLogger(__name__)
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _SLOW = (0.01, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 3600.0)
 
-JOBS = Counter("render_jobs_total", "Jobs by final status.", ["status"])
+# `tenant`: the job's tenant (producer.keys.tenant_of); tenants are declared (RENDER_TENANTS), so the label's values
+# are few, and a bare id's job counts as `default`.
+JOBS = Counter("render_jobs_total", "Jobs by final status and tenant.", ["status", "tenant"])
 STEP_SECONDS = Histogram("render_step_seconds", "Seconds per denoising step.", ["model"], buckets=_FAST)
-QUEUE_WAIT = Histogram("render_queue_wait_seconds", "Seconds from submit to the start of rendering.", buckets=_SLOW)
+QUEUE_WAIT = Histogram(
+    "render_queue_wait_seconds", "Seconds from submit to the start of rendering.", ["tenant"], buckets=_SLOW
+)
 REVOKE_TO_STOP = Histogram("render_revoke_to_stop_seconds", "Seconds from a revoke to the job stopping.", buckets=_FAST)
 FRAME_UPLOAD = Histogram("render_frame_upload_seconds", "Seconds to encode and store one step frame.", buckets=_FAST)
 MODEL_LOADS = Counter("render_model_loads_total", "Pipelines loaded (cache hits not counted).", ["model"])
@@ -73,11 +78,16 @@ def record_hooks(model: str, seconds: float, calls: int) -> None:
 
 def record(manifest: Manifest) -> None:
     """Everything a finished job's manifest tells the metrics."""
-    JOBS.labels(status=manifest.status).inc()
+    JOBS.labels(status=manifest.status, tenant=manifest.tenant).inc()
     timings = manifest.timings
     if timings.queue_wait is not None:
-        QUEUE_WAIT.observe(timings.queue_wait)
+        QUEUE_WAIT.labels(tenant=manifest.tenant).observe(timings.queue_wait)
     if timings.load is not None:
         PIPELINE_LOAD.observe(timings.load)
     if timings.revoke_to_stop is not None:
         REVOKE_TO_STOP.observe(timings.revoke_to_stop)
+
+
+def failed(task_id: str) -> None:
+    """Count a job that failed where no manifest reached `record` (a render error, a job whose workers kept dying)."""
+    JOBS.labels(status="failed", tenant=tenant_of(task_id)).inc()

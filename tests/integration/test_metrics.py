@@ -43,9 +43,9 @@ def test_metrics_from_the_start_and_after_real_jobs(farm_factory: Callable[[], F
 
     text = scrape(port)
     for status in ("succeeded", "interrupted", "revoked"):
-        assert sample(text, "render_jobs_total", f'{{status="{status}"}}') == 1
+        assert sample(text, "render_jobs_total", f'{{status="{status}",tenant="default"}}') == 1
     assert sample(text, "render_step_seconds_count", '{model="tiny-sd15"}') >= 10 + 4 + 3
-    assert sample(text, "render_queue_wait_seconds_count") == 3
+    assert sample(text, "render_queue_wait_seconds_count", '{tenant="default"}') == 3
     assert sample(text, "render_pipeline_load_seconds_count") == 3
     assert sample(text, "render_revoke_to_stop_seconds_count") == 1
     assert sample(text, "render_frame_upload_seconds_count") == 5

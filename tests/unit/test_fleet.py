@@ -194,7 +194,7 @@ def test_render_workers_shows_the_fleet_and_its_queues(server: RedisServer, clie
     assert table.returncode == 0, table.stderr
     row = next(line for line in table.stdout.splitlines() if "gpu0@host" in line).split()
     assert row[:8] == ["gpu0@host", "tiny-sd15,", "tiny-sdxl", "tiny-sd15", "job-1", "4/20", "tiny-sd15", "1"]
-    assert row[8:] in (["0", "s", "ago", "sd15,", "sdxl"], ["1", "s", "ago", "sd15,", "sdxl"])
+    assert row[8:] in (["0", "s", "ago", "sd15,", "sdxl", "default"], ["1", "s", "ago", "sd15,", "sdxl", "default"])
     assert "\x1b[" not in table.stdout  # not a terminal: plain text
     queued = next(line for line in table.stdout.splitlines() if line.split()[:1] == ["tiny-sd15"]).split()
     assert queued == ["tiny-sd15", "0", "0", "2"]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from producer.keys import manifest_object
+from producer.keys import manifest_object, tenant_of
 from producer.manifest import LoraRecord, Manifest, RenderStatus, SchedulerRecord, StageRecord, Timings
 from producer.spec import MAX_SEED, RenderSpec
 from worker.engine.callbacks import CallbackStack
@@ -163,6 +163,7 @@ class JobRecord:
     ) -> Manifest:
         manifest = Manifest(
             task_id=self.task_id,
+            tenant=tenant_of(self.task_id),
             status=status,
             steps_planned=self.steps_planned,
             steps_completed=self.steps_completed,

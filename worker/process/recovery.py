@@ -220,7 +220,7 @@ class RecoveryScanner(PeriodicThread):
         manifest = failed_outside_render(job, self._storage, reason, steps_completed=int(reached or 0))
         self.client.set(manifest_key(task_id), manifest.model_dump_json(), ex=self.result_ttl)
         self.app.backend.mark_as_failure(task_id, RenderFailed(f"task {task_id} failed: {reason}"))
-        metrics.JOBS.labels(status="failed").inc()
+        metrics.failed(task_id)
         if spec.webhook is not None:  # queued in Redis; a worker's sender delivers it, signed with its secret
             WebhookSender(self.client, secret=None).enqueue(task_id, spec.webhook, manifest.model_dump_json().encode())
         log.error("task %s failed: %s", task_id, reason)

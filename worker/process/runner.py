@@ -156,7 +156,7 @@ class JobRunner:
             log.error("task %s: lease lost; stopped and dropped this delivery", task_id)
             return None
         except (RenderFailed, StorageError) as exc:
-            metrics.JOBS.labels(status="failed").inc()
+            metrics.failed(task_id)
             if exc.manifest is not None:
                 self._publish(exc.manifest)
             self._notify(spec, task_id, exc.manifest, exc)
