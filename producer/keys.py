@@ -167,8 +167,9 @@ def lease_key(task_id: str) -> str:
 def active_list(queue: str | None) -> str:
     """Redis list of the task ids leased from `queue` (one entry per running job, held or denoising): what an
     autoscaler that reads list lengths (KEDA's redis scaler) counts, so it never scales a running job's worker to
-    zero. Pushed with the lease, removed with its release or by the recovery scan that re-enqueues a dead job."""
-    return f"{KEY_PREFIX}:active:{queue or 'default'}"
+    zero. Pushed with the lease, removed with its release or by the recovery scan that re-enqueues a dead job. One per
+    model queue, whatever the tenant: a tenant's queue (`team-a@render.m`) counts on its model's list."""
+    return f"{KEY_PREFIX}:active:{unscoped(queue) if queue else 'default'}"
 
 
 def image_object(task_id: str, index: int) -> str:

@@ -15,6 +15,7 @@ from producer import tenants
 from producer.client import RenderClient
 from producer.errors import ConfigError, QueueFull, QuotaExceeded, SpecError, UnknownTenant
 from producer.keys import (
+    active_list,
     check_task_id,
     image_object,
     job_dir,
@@ -59,6 +60,7 @@ def test_a_tenant_s_id_queue_and_folder_carry_its_name() -> None:
     assert tenant_queue(QUEUE, "team-a") == "team-a@render.tiny-sd15" and unscoped("team-a@render.tiny-sd15") == QUEUE
     assert job_dir("team-a@abc") == "team-a/abc" and image_object("team-a@abc", 0) == "team-a/abc/image-0.png"
     assert manifest_object("abc") == "abc/manifest.json"  # the default tenant keeps the layout from before
+    assert active_list("team-a@render.tiny-sd15") == active_list(QUEUE)  # what autoscalers count, per model
 
 
 def test_render_tenants_is_checked_entry_by_entry() -> None:
