@@ -66,7 +66,13 @@ def models(service: Reader) -> ModelList:
 
 @fleet.get("/workers", summary="The live workers' adverts")
 def workers(service: Reader) -> WorkerList:
-    return WorkerList(workers=[dataclasses.asdict(info) for info in service.client.workers()])
+    """Every live worker; the job in hand (and its step) only where the key's tenant may read that job."""
+    found = []
+    for info in service.client.workers():
+        if info.job is not None and not service.client.owns(info.job):
+            info = dataclasses.replace(info, job=None, step=None, total=None)
+        found.append(dataclasses.asdict(info))
+    return WorkerList(workers=found)
 
 
 @probes.get("/healthz", summary="Liveness: the process answers (touches nothing)")

@@ -66,6 +66,10 @@ class Keys:
             raise ApiError(403, "forbidden", f"API key {name!r} is read-only; this request needs a full-scope key")
         return name
 
+    def tenant(self, name: str | None) -> str | None:
+        """The tenant key `name` acts as (None: no key was asked for, the service's own client answers)."""
+        return None if name is None else self.keys[name].tenant
+
     def _identify(self, token: str) -> tuple[str, Scope]:
         digest = hashlib.sha256(token.encode()).hexdigest()
         with self._lock:

@@ -118,7 +118,13 @@ def _submit(service: Service, body: bytes, name: str | None, priority: str, queu
     return found
 
 
-@router.post("", status_code=201, openapi_extra=_LINES_BODY, summary="Submit or resume a batch")
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=_LINES_BODY,
+    responses={429: {"model": ErrorResponse}},
+    summary="Submit or resume a batch",
+)
 async def submit_batch(
     request: Request,
     response: Response,

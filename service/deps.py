@@ -1,8 +1,15 @@
-"""What every route needs: the one `Service` of the app (client, storage, keys), and the key checks."""
+"""What every route needs: the one `Service` of the app (client, storage, keys), and the key checks.
+
+A request acts as its key's tenant: the routes get the `Service` with a client that submits and reads as that
+tenant (`RenderClient.as_tenant`, sharing the connections), so another tenant's job is unknown to it (404, as an
+unknown id). The `default` tenant's keys are the farm operator's: they read and cancel every tenant's job (what
+`RenderClient.owns` allows), while listings and batches stay per tenant. Without keys (loopback only), requests act
+as the service's own RENDER_TENANT, `default` unless set.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated
 
 from fastapi import Depends, Header, Query, Request
@@ -22,6 +29,12 @@ class Service:
     storage: Storage
     keys: Keys
 
+    def acting_as(self, tenant: str | None) -> Service:
+        """These parts with the client acting as `tenant` (None: as the service's own client)."""
+        if tenant is None or tenant == self.client.tenant:
+            return self
+        return replace(self, client=self.client.as_tenant(tenant))
+
 
 def service(request: Request) -> Service:
     found: Service = request.app.state.service
@@ -31,15 +44,13 @@ def service(request: Request) -> Service:
 def reader(request: Request, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Service:
     """The service, for a request that only reads (any valid key)."""
     found = service(request)
-    found.keys.check(authorization, write=False)
-    return found
+    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=False)))
 
 
 def writer(request: Request, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Service:
     """The service, for a request that changes something (a full-scope key)."""
     found = service(request)
-    found.keys.check(authorization, write=True)
-    return found
+    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=True)))
 
 
 def link_reader(
@@ -55,8 +66,7 @@ def link_reader(
     found = service(request)
     if authorization is None and access_token:
         authorization = f"Bearer {access_token}"
-    found.keys.check(authorization, write=False)
-    return found
+    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=False)))
 
 
 Reader = Annotated[Service, Depends(reader)]

@@ -20,10 +20,12 @@ from producer.errors import (
     IdempotencyConflict,
     NoWorkerForModel,
     QueueFull,
+    QuotaExceeded,
     RenderError,
     SpecError,
     StorageError,
     StorageUnavailable,
+    UnknownTenant,
     WaitTimeout,
 )
 
@@ -37,7 +39,9 @@ _RENDER_ERRORS: list[tuple[type[RenderError], str, int]] = [
     (IdempotencyConflict, "idempotency_conflict", 422),
     (SpecError, "invalid_spec", 422),
     (NoWorkerForModel, "no_worker_for_model", 409),
+    (QuotaExceeded, "quota_exceeded", 429),
     (QueueFull, "queue_full", 429),
+    (UnknownTenant, "unknown_tenant", 403),
     (FarmUnavailable, "unavailable", 503),
     (StorageUnavailable, "unavailable", 503),
     (StorageError, "storage_error", 502),
@@ -130,6 +134,11 @@ def render_error_response(exc: RenderError) -> JSONResponse:
         headers = {"Retry-After": str(max(1, round(retry)))}
     if code == "no_worker_for_model":
         field = "model"
+    if isinstance(exc, UnknownTenant):
+        # Over HTTP the tenant is the API key's, not the caller's RENDER_TENANT: the fix is in RENDER_API_KEYS.
+        message = message.replace("(RENDER_TENANT)", "(the API key's tenant in RENDER_API_KEYS)").replace(
+            "or set RENDER_TENANT to one of those", "or give the key one of those"
+        )
     return error_response(status, code, message, field=field, headers=headers, **extra)
 
 

@@ -1,7 +1,8 @@
 """Links to a job's files, and the route that serves them from a `file://` storage.
 
 S3: a presigned GET that lasts `RENDER_SIGNED_URL_SECONDS`. A local directory: `/v1/files/<name>`, served here
-(read scope) from under the storage root only.
+(read scope) from under the storage root only, and to a tenant's key only from its own folder (`<tenant>/<id>/`,
+`producer.keys.job_dir`); the `default` tenant's keys, the operator's, read every file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from producer.errors import StorageError
+from producer.keys import DEFAULT_TENANT
 from service.deps import LinkReader, Service
 from service.errors import ApiError, ErrorResponse
 from worker.storage import LocalStorage
@@ -50,7 +52,15 @@ def get_file(name: str, service: LinkReader) -> FileResponse:
     except StorageError as exc:
         raise ApiError(404, "not_found", str(exc), field="path") from None
     path = Path(storage.root, *name.split("/")).resolve()
-    if not path.is_relative_to(storage.root) or not path.is_file():
+    if not path.is_relative_to(storage.root) or not path.is_file() or not _readable(service, name):
         raise ApiError(404, "not_found", f"no file {name!r} in storage")
     media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return FileResponse(path, media_type=media_type)
+
+
+def _readable(service: Service, name: str) -> bool:
+    """Whether the request's tenant may read the object `name`: its own jobs' folder (job_dir: `<tenant>/<id>/`),
+    or anything for the default tenant. Answered as a missing file otherwise, so no other tenant's file is told
+    from one that never was."""
+    tenant = service.client.tenant
+    return tenant == DEFAULT_TENANT or name.startswith(f"{tenant}/")

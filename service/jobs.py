@@ -58,7 +58,7 @@ def _waited(service: Service, task_id: str, seconds: float) -> TaskStatus:
 def _submit(service: Service, body: bytes, priority: str, queue_anyway: bool, key: str | None) -> tuple[str, bool]:
     spec = RenderSpec.parse(body)  # the CLI's own check, so the same field and message
     # Whether the key was used before decides only 200 (a replay) or 201; the producer makes the submit atomic.
-    replay = key is not None and bool(service.client.redis.exists(idempotency_key(key)))
+    replay = key is not None and bool(service.client.redis.exists(idempotency_key(key, service.client.tenant)))
     handle = service.client.submit(
         spec, priority=cast(Priority, priority), wait_for_worker=queue_anyway, idempotency_key=key
     )

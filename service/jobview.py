@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 from producer.batch import batch_tasks_key
 from producer.client import TaskStatus
-from producer.keys import job_key
+from producer.keys import job_key, tenant_of, unscoped
 from producer.records import text
 from service.deps import Service
 from service.files import link
@@ -34,6 +34,7 @@ class Job(BaseModel):
     """A job: where it stands, its files (signed or served links) and where to follow or cancel it."""
 
     id: str
+    tenant: str = Field(description="The tenant the job belongs to (its id says: `team-a@<id>`; `default` if bare).")
     status: str
     step: int | None
     total: int | None
@@ -78,10 +79,10 @@ def jobs(service: Service, statuses: list[TaskStatus]) -> list[Job]:
     batches: list[str | None] = []
     for status in statuses:
         reads.hget(job_key(status.task_id), "queue")
-        match = _BATCH_LINE.fullmatch(status.task_id)
+        match = _BATCH_LINE.fullmatch(unscoped(status.task_id))
         batches.append(match["name"] if match else None)
         if match:
-            reads.hget(batch_tasks_key(match["name"]), str(int(match["line"])))
+            reads.hget(batch_tasks_key(match["name"], tenant_of(status.task_id)), str(int(match["line"])))
     replies = iter(reads.execute())
     found = []
     for status, batch in zip(statuses, batches, strict=True):
@@ -97,11 +98,12 @@ def _job(service: Service, status: TaskStatus, queue: Any, batch: str | None) ->
     if manifest is not None:
         model = manifest.spec.get("model")
     elif queue:
-        model = text(queue).removeprefix(service.settings.queue + ".")
+        model = unscoped(text(queue)).removeprefix(service.settings.queue + ".")
     shown = files(service, status)
     frames = [item.url for item in shown if item.kind == "frame"]
     return Job(
         id=status.task_id,
+        tenant=status.tenant,
         status=status.state,
         step=status.step,
         total=status.total,

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from producer.errors import SpecError
+from producer.keys import DEFAULT_TENANT, check_tenant
 from producer.settings import ClientSettings
 
 Scope = Literal["full", "read"]
@@ -18,6 +20,20 @@ class ApiKey(BaseModel):
 
     hash: str = Field(description="the key's argon2id hash, as `render api-key` prints it")
     scope: Scope = Field(default="full", description="`full` (submit, cancel, read) or `read` (status, events, files)")
+    tenant: str = Field(
+        default=DEFAULT_TENANT,
+        description="the tenant the key acts as: it submits that tenant's jobs and reads only those; `default` "
+        "(the farm operator's) reads every tenant's jobs",
+    )
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_name(cls, value: str) -> str:
+        # The settings' error names the place (RENDER_API_KEYS (<name>.tenant)); this says what is wrong with it.
+        try:
+            return check_tenant(value, "tenant")
+        except SpecError as exc:
+            raise ValueError(str(exc).removeprefix("tenant: ")) from None
 
 
 class ServiceSettings(ClientSettings):
@@ -25,8 +41,9 @@ class ServiceSettings(ClientSettings):
 
     api_keys: dict[str, ApiKey] = Field(
         default_factory=dict,
-        description='API keys by name, as JSON: `{"ci": {"hash": "$argon2id$...", "scope": "full"}}` (`render '
-        "api-key NAME` prints an entry); none: the service binds to loopback only and asks for no key",
+        description='API keys by name, as JSON: `{"ci": {"hash": "$argon2id$...", "scope": "full", "tenant": '
+        '"team-a"}}` (`render api-key NAME [--tenant T]` prints an entry); none: the service binds to loopback only, '
+        "asks for no key and acts as RENDER_TENANT (`default` unless set)",
     )
     storage_url: str = Field(
         default="file://./render-output",

@@ -400,15 +400,20 @@ def api_key(
     scope: Annotated[
         str, typer.Option(help="full: submit, cancel and read; read: status, events and files only.")
     ] = "full",
+    tenant: Annotated[
+        str | None, typer.Option(help="The tenant the key acts as (one RENDER_TENANTS declares); unset: default.")
+    ] = None,
 ) -> None:
     """Make a new API key: print it once, and the RENDER_API_KEYS entry that holds only its argon2id hash."""
     if scope not in ("full", "read"):
         raise SpecError(f"--scope: must be full or read; got {scope!r}")
+    from producer.keys import check_tenant
     from service.auth import hash_key, new_key
 
+    fields = {"scope": scope} if tenant is None else {"scope": scope, "tenant": check_tenant(tenant, "--tenant")}
     key = new_key()
     typer.echo(f"key (shown once; give it to the client): {key}")
-    entry = json.dumps({name: {"hash": hash_key(key), "scope": scope}})
+    entry = json.dumps({name: {"hash": hash_key(key), **fields}})
     typer.echo(f"RENDER_API_KEYS entry (merge it into the JSON object): {entry}")
 
 

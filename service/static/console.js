@@ -353,6 +353,7 @@ function jobView(id) {
     status.replaceChildren(statusBadge(job.status));
     fields.replaceChildren(...[
       ["Status", status], ["Model", job.model || "—"], ["Batch", batchLink(job.batch) || "—"],
+      ["Tenant", job.tenant || "default"],
     ].flatMap(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
     fillProgress(bar, job);
     steps.textContent = stepText(job);
