@@ -41,7 +41,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # -- tenants (producer.tenants holds their settings) ----------------------------------------------------------------
 #
 # A tenant's jobs carry its name in their task id (`team-a@<id>`), their queue (`team-a@render.sd15`) and their
-# storage folder (`team-a/<id>/`), and its submit-time structures live under `render:t:<tenant>:`; so one Redis ACL
+# storage folder (`team-a@<id>/`), and its submit-time structures live under `render:t:<tenant>:`; so one Redis ACL
 # user per tenant can be given exactly its own keys (producer.acl). The `default` tenant keeps the layout from before
 # tenants: bare ids, bare queues, `render:<name>`.
 
@@ -117,9 +117,10 @@ def deadlines_key(tenant: str) -> str:
 
 
 def job_dir(task_id: str) -> str:
-    """The storage folder of a job's files: `<tenant>/<id>` for a tenant's job, the bare id for the default one."""
-    owner = tenant_of(task_id)
-    return task_id if owner == DEFAULT_TENANT else f"{owner}/{unscoped(task_id)}"
+    """The storage folder of a job's files: its id, so a tenant's jobs are all under the prefix `<tenant>@`, which
+    no default job's id (no `@`) and no other tenant's (names have no `@`) can begin with. (A `<tenant>/` folder would
+    also hold the files of a default job whose id is the tenant's name.)"""
+    return task_id
 
 
 def fair_key(lst: str) -> str:

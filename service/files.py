@@ -1,7 +1,7 @@
 """Links to a job's files, and the route that serves them from a `file://` storage.
 
 S3: a presigned GET that lasts `RENDER_SIGNED_URL_SECONDS`. A local directory: `/v1/files/<name>`, served here
-(read scope) from under the storage root only, and to a tenant's key only from its own folder (`<tenant>/<id>/`,
+(read scope) from under the storage root only, and to a tenant's key only from its own jobs' folders (`<tenant>@<id>/`,
 `producer.keys.job_dir`); the `default` tenant's keys, the operator's, read every file.
 """
 
@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from producer.errors import StorageError
-from producer.keys import DEFAULT_TENANT
+from producer.keys import DEFAULT_TENANT, TENANT_SEPARATOR
 from service.deps import LinkReader, Service
 from service.errors import ApiError, ErrorResponse
 from worker.storage import LocalStorage
@@ -59,8 +59,8 @@ def get_file(name: str, service: LinkReader) -> FileResponse:
 
 
 def _readable(service: Service, name: str) -> bool:
-    """Whether the request's tenant may read the object `name`: its own jobs' folder (job_dir: `<tenant>/<id>/`),
+    """Whether the request's tenant may read the object `name`: its own jobs' folders (job_dir: `<tenant>@<id>/`),
     or anything for the default tenant. Answered as a missing file otherwise, so no other tenant's file is told
     from one that never was."""
     tenant = service.client.tenant
-    return tenant == DEFAULT_TENANT or name.startswith(f"{tenant}/")
+    return tenant == DEFAULT_TENANT or name.startswith(f"{tenant}{TENANT_SEPARATOR}")

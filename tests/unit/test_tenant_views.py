@@ -127,7 +127,7 @@ def test_a_manifest_written_before_tenants_reads_as_the_default_tenant_s() -> No
 def test_the_worker_records_the_job_s_tenant_in_its_manifest(tmp_path: Path) -> None:
     spec = RenderSpec.model_validate({"model": "tiny-sd15", "prompt": "a lighthouse", "seed": 1})
     storage = LocalStorage(tmp_path)
-    for task_id, tenant, folder in (("team-a@job-1", "team-a", "team-a/job-1"), ("job-2", "default", "job-2")):
+    for task_id, tenant, folder in (("team-a@job-1", "team-a", "team-a@job-1"), ("job-2", "default", "job-2")):
         written = JobRecord(JobContext(spec, task_id)).finish(storage, "failed", error="a test")
         stored = json.loads((tmp_path / folder / "manifest.json").read_text())
         assert written.tenant == stored["tenant"] == tenant and stored["task_id"] == task_id
