@@ -16,7 +16,7 @@ import redis
 from celery import Celery, states
 from celery.exceptions import TaskRevokedError
 
-from producer import admission, batch, joblist, tenants, unsent
+from producer import admission, batch, joblist, queued, tenants, unsent
 from producer.batch import BatchHandle
 from producer.batch import load_handle as batch_handle
 from producer.celery_config import base_config
@@ -32,7 +32,6 @@ from producer.keys import (
     job_key,
     manifest_key,
     model_queue,
-    priority_lists,
     revocations_channel,
     revoked_key,
     scoped_id,
@@ -79,15 +78,6 @@ def _as_line(spec: RenderSpec | dict[str, Any] | str) -> str:
     if isinstance(spec, RenderSpec):
         return spec.model_dump_json()
     return spec if isinstance(spec, str) else json.dumps(spec)
-
-
-def _message_id(raw: bytes | str) -> str | None:
-    """The task id in a kombu message on a Redis list, or None if it holds none (or is not a message)."""
-    try:
-        task_id = json.loads(raw)["headers"]["id"]
-    except (ValueError, TypeError, KeyError, RecursionError):
-        return None
-    return task_id if isinstance(task_id, str) else None
 
 
 def _from_meta(task_id: str, state: str, info: Any, manifest: Manifest | None) -> TaskStatus:
@@ -595,18 +585,7 @@ class RenderClient:
     def _dequeue(self, queues: set[str], wanted: set[str]) -> set[str]:
         """Take the messages of `wanted` off every priority list of `queues`; return the ids really removed
         (one a worker popped meanwhile is not, and stops at start on its revocation key)."""
-        removed: set[str] = set()
-        for queue in sorted(queues):
-            for name in priority_lists(queue).values():
-                ids = [(raw, _message_id(raw)) for raw in self.redis.lrange(name, 0, -1)]
-                hits = [(raw, task_id) for raw, task_id in ids if task_id is not None and task_id in wanted]
-                if not hits:
-                    continue
-                deletes = self.redis.pipeline(transaction=False)
-                for raw, _ in hits:
-                    deletes.lrem(name, 1, raw)  # type: ignore[arg-type]  # redis-py sends bytes as they are
-                removed |= {task_id for (_, task_id), gone in zip(hits, deletes.execute(), strict=True) if gone}
-        return removed
+        return queued.dequeue(self.redis, queues, wanted)
 
     def close(self) -> None:
         self.redis.close()

@@ -59,6 +59,7 @@ from producer.unsent import resend_unsent
 from worker import metrics
 from worker.engine.job import JobContext
 from worker.engine.rendering import failed_outside_render
+from worker.process.expiry import expire_overdue
 from worker.process.fairshare import free_gpu, sweep_gpus
 from worker.process.periodic import PeriodicThread
 from worker.process.webhooks import WebhookSender
@@ -131,7 +132,16 @@ class RecoveryScanner(PeriodicThread):
         # Messages a submitter staged with their jobs' records and died before sending (producer.unsent).
         resent = resend_unsent(self.app, self.client, grace=self.grace, tenants=self.tenants)
         sweep_gpus(self.client, self.tenants, grace=self.grace, now=time.time())
+        # Jobs still queued past their deadline, which no worker took to expire them (worker.process.expiry).
+        expire_overdue(
+            self.app, self.client, self._opened_storage, self.tenants, result_ttl=self.result_ttl, grace=self.grace
+        )
         return running + orphans + resent
+
+    def _opened_storage(self) -> Storage:
+        if self._storage is None:
+            self._storage = self._open_storage()
+        return self._storage
 
     def lapsed(self) -> list[str]:
         """The jobs whose lease deadline has passed (Redis server time): dead workers' jobs, and jobs ending now."""
