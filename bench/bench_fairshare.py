@@ -1,0 +1,351 @@
+"""Benchmark the cost of fair share at dequeue (issue 33): Redis commands per job, a no-op worker's jobs/s, and the
+cost of an empty poll, for the dequeue before tenants and the fair-share dequeue over 1, 2 and 8 tenants.
+
+One private redis-server. For each variant, `--jobs` real `render.run` task messages are queued (`TaskMessage.send`
+through a `RenderClient`'s Celery app, as `RenderClient` sends them, spread evenly over the variant's tenants' queues
+for one model, normal priority), then drained by a real worker channel (`worker.celery_app.create_app` and its
+`worker.process.transport.Channel`, polled as the worker's event loop polls it) whose callback acks each job at once;
+for today's dequeue the callback also frees the job's tenant GPU slot (`fairshare.free_gpu`), as the worker does when
+any job ends. Variants:
+- before: the plain pop script of the commit before tenants (`_POP` of f86a481~1's worker/process/transport.py,
+  copied below unchanged as `BEFORE_POP`), with that commit's arguments; the rest of the channel is unchanged;
+- fair share, default tenant only: what a farm without RENDER_TENANTS runs now (`worker.process.fairshare.POP`);
+- fair share over 2 and 8 declared tenants (the `default` tenant, always listed, has none queued), and over 8 with
+  `max_gpus` set on each (one more ZCARD per tenant tried; the cap never binds: the no-op worker holds one job).
+Figures: commands per job from INFO commandstats deltas over each drain (commands run inside a script are counted
+there, so both the EVALSHA calls and the total are given), redis-server CPU per job (used_cpu_user + sys), jobs/s of
+the drain in interleaved rounds (medians, ratio to before), and the commands of one empty poll: the poll's script
+over every list, then the wait (BLMOVE) that follows it.
+
+    python bench/bench_fairshare.py [--jobs 2000] [--rounds 5] [--idle-polls 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import redis
+from common import Section, interleaved, median, percent, spread
+from kombu.transport.virtual import Empty
+
+from localfarm.cluster import RedisServer
+from producer.client import RenderClient
+from producer.keys import DEFAULT_TENANT, PRIORITIES, scoped_id, tenant_queue
+from producer.records import TaskMessage
+from producer.settings import ClientSettings
+from worker.celery_app import create_app
+from worker.process import fairshare, transport
+from worker.settings import WorkerSettings
+
+MODEL = "tiny-sd15"
+QUEUE = f"render.{MODEL}"
+CHUNK = 200  # jobs/s is the median over chunks of this many jobs: a burst of load on the shared cores hits a few
+
+# The baseline: the dequeue script of the commit before tenants (f86a481~1, worker/process/transport.py `_POP`),
+# copied unchanged. Its channel passed one ARGV, the time of the delivery.
+BEFORE_POP = """
+for i = 3, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local tag = false
+    local ok, message = pcall(cjson.decode, item)
+    if ok and type(message) == 'table' and type(message.properties) == 'table' then
+      local info = message.properties.delivery_info
+      local candidate = message.properties.delivery_tag
+      if type(candidate) == 'string' and type(info) == 'table' and type(info.exchange) == 'string'
+          and type(info.routing_key) == 'string' then
+        tag = candidate
+        redis.call('ZADD', KEYS[2], ARGV[1], tag)
+        redis.call('HSET', KEYS[1], tag,
+          '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
+      end
+    end
+    return {KEYS[i], item, tag}
+  end
+end
+return false
+"""
+BEFORE_POP_SHA = hashlib.sha1(BEFORE_POP.encode()).hexdigest()
+
+
+class BeforeChannel(transport.Channel):
+    """Today's channel polling with the script of the commit before tenants, as that commit's `_pop_args` did."""
+
+    def _pop_args(self, lists: list[str]) -> list[Any]:
+        prefix = self.global_keyprefix or ""
+        keys = [prefix + key for key in (self.unacked_key, self.unacked_index_key, *lists)]
+        return ["EVALSHA", BEFORE_POP_SHA, len(keys), *keys, repr(time.time())]
+
+
+class BeforeTransport(transport.Transport):
+    Channel = BeforeChannel
+
+
+@dataclass
+class Variant:
+    label: str
+    tenants: dict[str, dict[str, Any]]  # RENDER_TENANTS; the jobs go to these (to `default` when empty)
+    before: bool = False
+
+    @property
+    def owners(self) -> list[str]:
+        return list(self.tenants) or [DEFAULT_TENANT]
+
+
+def team(i: int) -> str:
+    return f"team-{i}"
+
+
+VARIANTS = [
+    Variant("before: plain pop (f86a481~1)", {}, before=True),
+    Variant("fair share, default tenant only", {}),
+    Variant("fair share, 2 tenants", {team(0): {"weight": 2}, team(1): {}}),
+    Variant("fair share, 8 tenants", {team(0): {"weight": 2}, **{team(i): {} for i in range(1, 8)}}),
+    Variant("fair share, 8 tenants, max_gpus 4", {team(i): {"max_gpus": 4} for i in range(8)}),
+]
+
+
+Counters = tuple[Counter[str], Counter[str], float]
+
+
+def counters(client: redis.Redis) -> Counters:
+    """Calls and server µs per command so far (INFO itself left out), and the server's CPU seconds."""
+    info: dict[str, Any] = client.info("all")
+    stats = {k.removeprefix("cmdstat_"): v for k, v in info.items() if k.startswith("cmdstat_") and k != "cmdstat_info"}
+    calls = Counter({name: int(v["calls"]) for name, v in stats.items()})
+    usec = Counter({name: int(v["usec"]) for name, v in stats.items()})
+    return calls, usec, float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+@dataclass
+class Usage:
+    """Redis's counters over some events (jobs drained, or empty polls)."""
+
+    events: int = 0
+    calls: Counter[str] = field(default_factory=Counter)
+    usec: Counter[str] = field(default_factory=Counter)
+    cpu: float = 0.0
+
+    def add(self, events: int, before: Counters, after: Counters) -> None:
+        self.events += events
+        self.calls.update(after[0] - before[0])
+        self.usec.update(after[1] - before[1])
+        self.cpu += after[2] - before[2]
+
+    def per(self, command: str | None = None) -> float:
+        """Calls of `command` (all commands when None) per event."""
+        total = sum(self.calls.values()) if command is None else self.calls[command]
+        return total / max(self.events, 1)
+
+    def script_micros(self) -> float:
+        """Server µs per EVALSHA: the script's whole run, the commands inside it included."""
+        return self.usec["evalsha"] / max(self.calls["evalsha"], 1)
+
+    def breakdown(self) -> str:
+        """Calls per event by command; those under 0.005 per event (the clients' health-check PINGs) left out."""
+        shown = {name: count / self.events for name, count in sorted(self.calls.items())}
+        return ", ".join(f"{name} {per:.2f}" for name, per in shown.items() if per >= 0.005)
+
+
+class Drainer:
+    """One variant's worker app and broker channel on the shared redis-server, and its producer."""
+
+    def __init__(self, variant: Variant, url: str, sender: RenderClient, monitor: redis.Redis) -> None:
+        self.variant, self.sender, self.monitor = variant, sender, monitor
+        settings = WorkerSettings(
+            redis_url=url, models={MODEL: {"family": "sd15", "source": "tiny"}}, tenants=variant.tenants
+        )
+        app = create_app(settings)
+        app.conf.broker_transport_options[transport.POLL_OPTION] = 0.01  # the idle figure's waits: short, same count
+        self.connection = app.connection_for_read(transport=BeforeTransport if variant.before else None)
+        self.channel: transport.Channel = self.connection.default_channel
+        self.channel.client.script_load(BEFORE_POP if variant.before else fairshare.POP)
+        self.channel.basic_consume(QUEUE, False, self._received, f"bench-{id(self)}")
+        self.delivered = 0
+        self.jobs = Usage()
+        self.idle = Usage()
+        self.client_cpu = 0.0  # this process's CPU seconds over the counted drains
+        self.chunks: list[float] = []  # seconds of each CHUNK jobs of the counted drains
+        self.batches = 0
+
+    def _received(self, message: Any) -> None:
+        """The no-op worker: ack at once and, as today's worker does when a job ends, free its tenant GPU slot."""
+        message.ack()
+        if not self.variant.before:
+            fairshare.free_gpu(self.channel.client, message.headers["id"])
+        self.delivered += 1
+
+    def fill(self, jobs: int) -> None:
+        self.batches += 1
+        owners = self.variant.owners
+        spec = json.dumps({"model": MODEL, "prompt": "a lighthouse", "num_inference_steps": 1})
+        now = time.time()
+        messages = [
+            TaskMessage(
+                scoped_id(owners[i % len(owners)], f"b{self.batches}-{i}"),
+                spec,
+                tenant_queue(QUEUE, owners[i % len(owners)]),
+                PRIORITIES["normal"],
+                now,
+            )
+            for i in range(jobs)
+        ]
+        app = self.sender.app
+        with app.producer_or_acquire() as producer, producer.batch():
+            for message in messages:
+                message.send(app, producer=producer)
+
+    def poll(self) -> bool:
+        """One command of the worker's event loop (a poll, or the wait after an empty one): whether it delivered."""
+        self.channel.connection.cycle._register_BRPOP(self.channel)
+        try:
+            return bool(self.channel._brpop_read())
+        except Empty:
+            return False
+
+    def drain(self, jobs: int) -> float:
+        """Queue `jobs`, then the seconds the channel takes to deliver (and ack) them all; counts into `self.jobs`,
+        this process's CPU into `self.client_cpu` and each `CHUNK` jobs' seconds into `self.chunks`."""
+        self.fill(jobs)
+        self.delivered = 0
+        before, cpu = counters(self.monitor), time.process_time()
+        started = mark = time.perf_counter()
+        next_mark = CHUNK
+        while self.delivered < jobs:
+            if not self.poll() and self.channel._waiting:
+                raise RuntimeError(f"{self.variant.label}: every list empty after {self.delivered} of {jobs} jobs")
+            if self.delivered >= next_mark:
+                now = time.perf_counter()
+                self.chunks.append(now - mark)
+                mark, next_mark = now, next_mark + CHUNK
+        seconds = time.perf_counter() - started
+        self.client_cpu += time.process_time() - cpu
+        self.jobs.add(jobs, before, counters(self.monitor))
+        return seconds
+
+    def empty_polls(self, polls: int) -> None:
+        """`polls` times: a poll that finds every list empty, and the wait after it; counts into `self.idle`."""
+        before = counters(self.monitor)
+        for _ in range(polls):
+            if self.poll() or not self.channel._waiting:
+                raise RuntimeError(f"{self.variant.label}: an empty poll delivered, or did not lead to the wait")
+            self.poll()  # the wait (BLMOVE), over after render_poll_seconds
+            if self.channel._waiting:
+                raise RuntimeError(f"{self.variant.label}: the wait was not followed by a poll")
+        self.idle.add(polls, before, counters(self.monitor))
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def measure(jobs: int, rounds: int, idle_polls: int) -> list[Drainer]:
+    work = Path(tempfile.mkdtemp(prefix="bench-fairshare-"))
+    with RedisServer(workdir=work) as server:
+        sender = RenderClient(ClientSettings(redis_url=server.url))
+        monitor = redis.Redis.from_url(server.url)
+        drainers = [Drainer(variant, server.url, sender, monitor) for variant in VARIANTS]
+        try:
+            for drainer in drainers:
+                drainer.drain(min(jobs, 200))  # warm: connections, scripts, kombu's caches
+                drainer.jobs, drainer.client_cpu, drainer.chunks = Usage(), 0.0, []
+            interleaved({d.variant.label: partial(d.drain, jobs) for d in drainers}, rounds, warmup=0, self_timed=True)
+            for drainer in drainers:
+                drainer.empty_polls(idle_polls)
+            lists = [key for key in monitor.scan_iter() if monitor.type(key) == b"list"]
+            leftover = int(monitor.hlen("unacked")) + sum(int(monitor.llen(key)) for key in lists)
+            held = [key for key in monitor.scan_iter("render:*") if monitor.type(key) == b"zset"]
+            if leftover or held:
+                raise RuntimeError(f"{leftover} jobs left queued or unacked, and {held} left, after the drains")
+        finally:
+            for drainer in drainers:
+                drainer.close()
+            monitor.close()
+            sender.close()
+    return drainers
+
+
+def report(drainers: list[Drainer], jobs: int, rounds: int, polls: int) -> Section:
+    section = Section(
+        "Fair share at dequeue: Redis commands and jobs/s of a no-op worker",
+        f"`bench/bench_fairshare.py`: {jobs:,} real task messages per drain, spread evenly over the variant's tenants "
+        "(one model, normal priority), drained by the worker's own broker channel whose callback acks at once (and "
+        "frees the tenant GPU slot, as today's worker does when a job ends); one private redis-server; "
+        f"{rounds} interleaved rounds; jobs/s = {CHUNK} / the median seconds of every {CHUNK} jobs of those drains "
+        "(± = half the IQR: the shared cores' noise). Before: the pop script of f86a481~1 (no tenants). "
+        "Commands from INFO commandstats deltas (a script's own commands included); server µs / EVALSHA = "
+        "commandstats usec per call (the script's whole run); redis CPU = redis-server's used_cpu_user + sys; client "
+        "CPU = this process's (the channel, kombu, the callback). "
+        "Client round trips per job: before 3 (the pop, kombu's receipt, the ack), today 4 (and the release of the "
+        "tenant GPU slot, one ZREM); every other added command runs inside the one EVALSHA.",
+    )
+    base_rate = CHUNK / median(drainers[0].chunks)
+    rows = []
+    for d in drainers:
+        rate = CHUNK / median(d.chunks)
+        rows.append(
+            [
+                d.variant.label,
+                f"{d.jobs.per('evalsha'):.2f}",
+                f"{d.jobs.per():.2f}",
+                f"{d.jobs.script_micros():.1f}",
+                f"{d.jobs.cpu / d.jobs.events * 1e6:.1f}",
+                f"{d.client_cpu / d.jobs.events * 1e6:.0f}",
+                f"{rate:,.0f} (±{spread(d.chunks):.1%})",
+                f"{rate / base_rate:.3f}x ({percent(rate / base_rate)})",
+                f"{d.idle.per():.1f}",
+                f"{d.idle.script_micros():.1f}",
+            ]
+        )
+    section.table(
+        [
+            "dequeue",
+            "EVALSHA / job",
+            "commands / job",
+            "server µs / EVALSHA",
+            "redis CPU µs / job",
+            "client CPU µs / job",
+            "jobs/s (no-op worker)",
+            "vs before",
+            "commands / empty poll",
+            "server µs / empty EVALSHA",
+        ],
+        rows,
+    )
+    section.line("Commands per job, by name (a drain's calls over its jobs):")
+    section.line()
+    for d in drainers:
+        section.line(f"- {d.variant.label}: {d.jobs.breakdown()}")
+    section.line()
+    section.line(f"Commands per empty poll (the poll's script over every list, then the wait; {polls} of each):")
+    section.line()
+    for d in drainers:
+        section.line(f"- {d.variant.label}: {d.idle.breakdown()}")
+    return section
+
+
+def run(*, jobs: int = 2000, rounds: int = 5, idle_polls: int = 100) -> Section:
+    return report(measure(jobs, rounds, idle_polls), jobs, rounds, idle_polls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per drain")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (a multiple of the 5 variants)")
+    parser.add_argument("--idle-polls", type=int, default=100, help="empty polls per variant")
+    args = parser.parse_args()
+    started = time.monotonic()
+    run(jobs=args.jobs, rounds=args.rounds, idle_polls=args.idle_polls)
+    print(f"\nfairshare: {time.monotonic() - started:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
