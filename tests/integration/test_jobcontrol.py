@@ -12,7 +12,7 @@ import redis
 
 from localfarm.cluster import RedisServer
 from producer.client import RenderClient
-from producer.keys import RUNNING_TASKS, lease_key, revocations_channel, revoked_key
+from producer.keys import RUNNING_TASKS, job_key, lease_key, revocations_channel, revoked_key
 from producer.settings import ClientSettings
 from tests.helpers import free_port, wait_until
 from worker.engine.callbacks import StepInfo
@@ -105,9 +105,11 @@ def revoke(client: redis.Redis, task_id: str) -> None:
 def test_a_revoke_is_pushed_to_the_worker_holding_the_job_and_stops_it_at_the_next_step(
     client: redis.Redis, watch: RevocationWatch
 ) -> None:
-    lease = Lease(client, "job", ttl=30, owner="w1:1")  # the job's record names this worker's channel
+    client.hset(job_key("job"), "queue", "render")  # as its submit wrote it
+    lease = Lease(client, "job", ttl=30, owner="w1:1")  # the job's record then names this worker's channel
     check = watch.watch("job")
     assert lease.acquire({"spec": "{}", "worker": "w1:1"})
+    assert client.hget(job_key("job"), "worker") == b"w1:1"
     reports: list[tuple[int, int]] = []
     hooks: list[Any] = [check, ProgressReport(lambda s, t: reports.append((s, t)), interval=0)]
     commands_before = client.info("stats")["total_commands_processed"]

@@ -139,7 +139,7 @@ def test_render_status_shows_the_tenant() -> None:
     as_json = status_dict(done)
     assert as_json["tenant"] == as_json["manifest"]["tenant"] == "team-a"
     waiting = TaskStatus("job-2", "queued", waiting="no live worker serves tiny-sdxl")
-    assert status_line(waiting) == "job-2: queued, waiting: no live worker serves tiny-sdxl, tenant: default"
+    assert status_line(waiting) == "job-2: queued, waiting: no live worker serves tiny-sdxl"  # default: as before
     assert status_dict(waiting)["tenant"] == "default"
     assert status_line(TaskStatus("nobody", "unknown")) == "nobody: unknown", "an unknown id is no tenant's job"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from producer.keys import DEFAULT_TENANT
 from producer.status import TaskStatus
 
 
@@ -21,7 +22,7 @@ def status_line(current: TaskStatus) -> str:
         line += f", error: {current.error}"
     if current.waiting:
         line += f", waiting: {current.waiting}"
-    if current.state != "unknown":
+    if current.state != "unknown" and current.tenant != DEFAULT_TENANT:  # a farm without tenants reads as before
         line += f", tenant: {current.tenant}"
     return line
 
