@@ -156,4 +156,5 @@ def owned_key_patterns(tenant: str, queue: str) -> list[str]:
         f"{tenant_key(tenant, '')}*",
         f"{scoped}{queue}*",
         f"_kombu.binding.{scoped}{queue}*",
+        f"_kombu.binding_permanent.{scoped}{queue}*",
     ]

@@ -20,6 +20,7 @@ from producer.errors import RenderError, RenderFailed, SpecError, StorageError
 from producer.fleet import served_by
 from producer.keys import DEFAULT_PRIORITY, Priority
 from producer.spec import RenderSpec, json_schema
+from worker.acl_cli import redis_acl
 from worker.views.display import JobBoard, StepProgress, table_console
 from worker.views.fleet_view import fleet_table, queue_table, workers_dict
 from worker.views.status_view import status_dict, status_line
@@ -33,6 +34,8 @@ app = typer.Typer(
 )
 
 EXIT_USER_ERROR = 2
+
+app.command("redis-acl")(redis_acl)
 
 
 def read_spec(path: Path) -> RenderSpec:
