@@ -1,23 +1,25 @@
 """Benchmark the cost of fair share at dequeue (issue 33): Redis commands per job, a no-op worker's jobs/s, and the
 cost of an empty poll, for the dequeue before tenants and the fair-share dequeue over 1, 2 and 8 tenants.
 
-One private redis-server. For each variant, `--jobs` real `render.run` task messages are queued (`TaskMessage.send`
-through a `RenderClient`'s Celery app, as `RenderClient` sends them, spread evenly over the variant's tenants' queues
-for one model, normal priority), then drained by a real worker channel (`worker.celery_app.create_app` and its
-`worker.process.transport.Channel`, polled as the worker's event loop polls it) whose callback acks each job at once;
-for today's dequeue the callback also frees the job's tenant GPU slot (`fairshare.free_gpu`), as the worker does when
-any job ends. Variants:
+One private redis-server; each variant has its own worker app and broker channel (`worker.celery_app.create_app` and
+its `worker.process.transport.Channel`, polled as the worker's event loop polls it) consuming its own queue, whose
+callback acks each job at once and, for today's dequeue, frees the job's tenant GPU slot (`fairshare.free_gpu`), as
+the worker does when any job ends. Each pass queues `--jobs` real `render.run` task messages per variant
+(`TaskMessage.send` through a `RenderClient`'s Celery app, as `RenderClient` sends them, spread evenly over the
+variant's tenants, normal priority), then drains them `CHUNK` jobs at a time, the variants taking turns in rotated
+order (`common.interleaved`), so a burst of load on the shared cores hits every variant alike. Variants:
 - before: the plain pop script of the commit before tenants (`_POP` of f86a481~1's worker/process/transport.py,
-  copied below unchanged as `BEFORE_POP`), with that commit's arguments; the rest of the channel is unchanged;
+  copied below unchanged as `BEFORE_POP`), with that commit's arguments; the rest of the channel is today's, which
+  differs from that commit's only in the script it runs;
 - fair share, default tenant only: what a farm without RENDER_TENANTS runs now (`worker.process.fairshare.POP`);
 - fair share over 2 and 8 declared tenants (the `default` tenant, always listed, has none queued), and over 8 with
-  `max_gpus` set on each (one more ZCARD per tenant tried; the cap never binds: the no-op worker holds one job).
-Figures: commands per job from INFO commandstats deltas over each drain (commands run inside a script are counted
-there, so both the EVALSHA calls and the total are given), redis-server CPU per job (used_cpu_user + sys), jobs/s of
-the drain in interleaved rounds (medians, ratio to before), and the commands of one empty poll: the poll's script
-over every list, then the wait (BLMOVE) that follows it.
+  `max_gpus` set on each (a ZCARD per tenant tried; the cap never binds: the no-op worker holds one job at a time).
+Figures: commands per job from INFO commandstats deltas (commands run inside a script are counted there, so both the
+EVALSHA calls and the total are given), the server's µs per EVALSHA (commandstats usec), redis-server and client
+CPU per job, jobs/s (median chunk) and its ratio to before (median of the rounds' paired ratios), and the commands
+of one empty poll: the poll's script over every list, then the wait (BLMOVE) that follows it.
 
-    python bench/bench_fairshare.py [--jobs 2000] [--rounds 5] [--idle-polls 100]
+    python bench/bench_fairshare.py [--jobs 2000] [--passes 3] [--idle-polls 100]
 """
 
 from __future__ import annotations
@@ -47,8 +49,7 @@ from worker.process import fairshare, transport
 from worker.settings import WorkerSettings
 
 MODEL = "tiny-sd15"
-QUEUE = f"render.{MODEL}"
-CHUNK = 200  # jobs/s is the median over chunks of this many jobs: a burst of load on the shared cores hits a few
+CHUNK = 200  # jobs a variant drains in its turn of a round
 
 # The baseline: the dequeue script of the commit before tenants (f86a481~1, worker/process/transport.py `_POP`),
 # copied unchanged. Its channel passed one ARGV, the time of the delivery.
@@ -101,16 +102,17 @@ class Variant:
         return list(self.tenants) or [DEFAULT_TENANT]
 
 
-def team(i: int) -> str:
-    return f"team-{i}"
+def teams(prefix: str, count: int, **first: Any) -> dict[str, dict[str, Any]]:
+    """`count` tenants named `<prefix>0`...; the first with `first` (a weight), each variant with its own names."""
+    return {f"{prefix}{i}": dict(first) if i == 0 else {} for i in range(count)}
 
 
 VARIANTS = [
     Variant("before: plain pop (f86a481~1)", {}, before=True),
     Variant("fair share, default tenant only", {}),
-    Variant("fair share, 2 tenants", {team(0): {"weight": 2}, team(1): {}}),
-    Variant("fair share, 8 tenants", {team(0): {"weight": 2}, **{team(i): {} for i in range(1, 8)}}),
-    Variant("fair share, 8 tenants, max_gpus 4", {team(i): {"max_gpus": 4} for i in range(8)}),
+    Variant("fair share, 2 tenants", teams("a", 2, weight=2)),
+    Variant("fair share, 8 tenants", teams("b", 8, weight=2)),
+    Variant("fair share, 8 tenants, max_gpus 4", {name: {"max_gpus": 4} for name in teams("c", 8)}),
 ]
 
 
@@ -159,8 +161,8 @@ class Usage:
 class Drainer:
     """One variant's worker app and broker channel on the shared redis-server, and its producer."""
 
-    def __init__(self, variant: Variant, url: str, sender: RenderClient, monitor: redis.Redis) -> None:
-        self.variant, self.sender, self.monitor = variant, sender, monitor
+    def __init__(self, variant: Variant, queue: str, url: str, sender: RenderClient, monitor: redis.Redis) -> None:
+        self.variant, self.queue, self.sender, self.monitor = variant, queue, sender, monitor
         settings = WorkerSettings(
             redis_url=url, models={MODEL: {"family": "sd15", "source": "tiny"}}, tenants=variant.tenants
         )
@@ -169,12 +171,11 @@ class Drainer:
         self.connection = app.connection_for_read(transport=BeforeTransport if variant.before else None)
         self.channel: transport.Channel = self.connection.default_channel
         self.channel.client.script_load(BEFORE_POP if variant.before else fairshare.POP)
-        self.channel.basic_consume(QUEUE, False, self._received, f"bench-{id(self)}")
+        self.channel.basic_consume(queue, False, self._received, f"bench-{id(self)}")
         self.delivered = 0
         self.jobs = Usage()
         self.idle = Usage()
-        self.client_cpu = 0.0  # this process's CPU seconds over the counted drains
-        self.chunks: list[float] = []  # seconds of each CHUNK jobs of the counted drains
+        self.client_cpu = 0.0  # this process's CPU seconds over the counted chunks
         self.batches = 0
 
     def _received(self, message: Any) -> None:
@@ -193,7 +194,7 @@ class Drainer:
             TaskMessage(
                 scoped_id(owners[i % len(owners)], f"b{self.batches}-{i}"),
                 spec,
-                tenant_queue(QUEUE, owners[i % len(owners)]),
+                tenant_queue(self.queue, owners[i % len(owners)]),
                 PRIORITIES["normal"],
                 now,
             )
@@ -212,21 +213,15 @@ class Drainer:
         except Empty:
             return False
 
-    def drain(self, jobs: int) -> float:
-        """Queue `jobs`, then the seconds the channel takes to deliver (and ack) them all; counts into `self.jobs`,
-        this process's CPU into `self.client_cpu` and each `CHUNK` jobs' seconds into `self.chunks`."""
-        self.fill(jobs)
+    def take(self, jobs: int) -> float:
+        """The seconds the channel takes to deliver (and ack) the next `jobs` queued; Redis's counters into
+        `self.jobs`, this process's CPU into `self.client_cpu`."""
         self.delivered = 0
         before, cpu = counters(self.monitor), time.process_time()
-        started = mark = time.perf_counter()
-        next_mark = CHUNK
+        started = time.perf_counter()
         while self.delivered < jobs:
             if not self.poll() and self.channel._waiting:
                 raise RuntimeError(f"{self.variant.label}: every list empty after {self.delivered} of {jobs} jobs")
-            if self.delivered >= next_mark:
-                now = time.perf_counter()
-                self.chunks.append(now - mark)
-                mark, next_mark = now, next_mark + CHUNK
         seconds = time.perf_counter() - started
         self.client_cpu += time.process_time() - cpu
         self.jobs.add(jobs, before, counters(self.monitor))
@@ -247,17 +242,30 @@ class Drainer:
         self.connection.close()
 
 
-def measure(jobs: int, rounds: int, idle_polls: int) -> list[Drainer]:
+def measure(jobs: int, passes: int, idle_polls: int) -> tuple[list[Drainer], dict[str, list[float]]]:
+    """The variants' drainers with their counts, and each variant's seconds per CHUNK jobs, round by round."""
     work = Path(tempfile.mkdtemp(prefix="bench-fairshare-"))
+    samples: dict[str, list[float]] = {variant.label: [] for variant in VARIANTS}
     with RedisServer(workdir=work) as server:
         sender = RenderClient(ClientSettings(redis_url=server.url))
         monitor = redis.Redis.from_url(server.url)
-        drainers = [Drainer(variant, server.url, sender, monitor) for variant in VARIANTS]
+        drainers = [Drainer(v, f"render.bench-{i}", server.url, sender, monitor) for i, v in enumerate(VARIANTS)]
         try:
-            for drainer in drainers:
-                drainer.drain(min(jobs, 200))  # warm: connections, scripts, kombu's caches
-                drainer.jobs, drainer.client_cpu, drainer.chunks = Usage(), 0.0, []
-            interleaved({d.variant.label: partial(d.drain, jobs) for d in drainers}, rounds, warmup=0, self_timed=True)
+            for drainer in drainers:  # warm: connections, scripts, kombu's caches
+                drainer.fill(CHUNK)
+                drainer.take(CHUNK)
+                drainer.jobs, drainer.client_cpu = Usage(), 0.0
+            for _ in range(passes):
+                for drainer in drainers:
+                    drainer.fill(jobs)
+                rounds = interleaved(
+                    {d.variant.label: partial(d.take, CHUNK) for d in drainers},
+                    jobs // CHUNK,
+                    warmup=0,
+                    self_timed=True,
+                )
+                for label, seconds in rounds.items():
+                    samples[label] += seconds
             for drainer in drainers:
                 drainer.empty_polls(idle_polls)
             lists = [key for key in monitor.scan_iter() if monitor.type(key) == b"list"]
@@ -270,27 +278,31 @@ def measure(jobs: int, rounds: int, idle_polls: int) -> list[Drainer]:
                 drainer.close()
             monitor.close()
             sender.close()
-    return drainers
+    return drainers, samples
 
 
-def report(drainers: list[Drainer], jobs: int, rounds: int, polls: int) -> Section:
+def report(drainers: list[Drainer], samples: dict[str, list[float]], jobs: int, passes: int, polls: int) -> Section:
+    rounds = len(samples[drainers[0].variant.label])
     section = Section(
         "Fair share at dequeue: Redis commands and jobs/s of a no-op worker",
-        f"`bench/bench_fairshare.py`: {jobs:,} real task messages per drain, spread evenly over the variant's tenants "
-        "(one model, normal priority), drained by the worker's own broker channel whose callback acks at once (and "
-        "frees the tenant GPU slot, as today's worker does when a job ends); one private redis-server; "
-        f"{rounds} interleaved rounds; jobs/s = {CHUNK} / the median seconds of every {CHUNK} jobs of those drains "
-        "(± = half the IQR: the shared cores' noise). Before: the pop script of f86a481~1 (no tenants). "
-        "Commands from INFO commandstats deltas (a script's own commands included); server µs / EVALSHA = "
-        "commandstats usec per call (the script's whole run); redis CPU = redis-server's used_cpu_user + sys; client "
-        "CPU = this process's (the channel, kombu, the callback). "
-        "Client round trips per job: before 3 (the pop, kombu's receipt, the ack), today 4 (and the release of the "
-        "tenant GPU slot, one ZREM); every other added command runs inside the one EVALSHA.",
+        f"`bench/bench_fairshare.py`: one private redis-server; per variant its own queue, worker app and broker "
+        f"channel, whose callback acks at once (and frees the tenant GPU slot, as today's worker does when a job "
+        f"ends); {passes} pass{'es' if passes != 1 else ''} of {jobs:,} real task messages per variant (spread "
+        f"evenly over its tenants, normal priority), drained {CHUNK} jobs at a time with the variants taking turns "
+        f"({rounds} interleaved rounds). "
+        f"jobs/s = {CHUNK} / the median turn, ± = half the IQR (the shared cores' noise); vs before = the median of "
+        "the rounds' paired ratios. Before: the pop script of f86a481~1 (no tenants). Commands from INFO "
+        "commandstats deltas (a script's own commands included); server µs / EVALSHA = commandstats usec per call "
+        "(the script's whole run); redis CPU = redis-server's used_cpu_user + sys; client CPU = the benchmark "
+        "process's (the channel, kombu, the callback). Client round trips per job: before 3 (the pop, kombu's "
+        "receipt, the ack), today 4 (and the release of the tenant GPU slot, one ZREM); every other added command "
+        "runs inside the one EVALSHA.",
     )
-    base_rate = CHUNK / median(drainers[0].chunks)
+    base = samples[drainers[0].variant.label]
     rows = []
     for d in drainers:
-        rate = CHUNK / median(d.chunks)
+        seconds = samples[d.variant.label]
+        ratio = median([b / s for b, s in zip(base, seconds, strict=True)])
         rows.append(
             [
                 d.variant.label,
@@ -299,8 +311,8 @@ def report(drainers: list[Drainer], jobs: int, rounds: int, polls: int) -> Secti
                 f"{d.jobs.script_micros():.1f}",
                 f"{d.jobs.cpu / d.jobs.events * 1e6:.1f}",
                 f"{d.client_cpu / d.jobs.events * 1e6:.0f}",
-                f"{rate:,.0f} (±{spread(d.chunks):.1%})",
-                f"{rate / base_rate:.3f}x ({percent(rate / base_rate)})",
+                f"{CHUNK / median(seconds):,.0f} (±{spread(seconds):.1%})",
+                f"{ratio:.3f}x ({percent(ratio)})",
                 f"{d.idle.per():.1f}",
                 f"{d.idle.script_micros():.1f}",
             ]
@@ -329,21 +341,35 @@ def report(drainers: list[Drainer], jobs: int, rounds: int, polls: int) -> Secti
     section.line()
     for d in drainers:
         section.line(f"- {d.variant.label}: {d.idle.breakdown()}")
+    section.line()
+    before, most = drainers[0], drainers[-1]
+    every = transport.POLL_SECONDS
+    section.line(
+        f"fairshare: {most.variant.label}: {most.jobs.per():.1f} commands a job against {before.jobs.per():.1f} "
+        f"before, {most.jobs.script_micros():.0f} µs of the server per pop against {before.jobs.script_micros():.0f}; "
+        f"an idle worker polls once per {every} s (render_poll_seconds): {most.idle.per() / every:.0f} commands/s "
+        f"against {before.idle.per() / every:.0f}, {most.idle.script_micros() / every / 1e3:.2f} ms/s of the "
+        f"server against {before.idle.script_micros() / every / 1e3:.2f}"
+    )
     return section
 
 
-def run(*, jobs: int = 2000, rounds: int = 5, idle_polls: int = 100) -> Section:
-    return report(measure(jobs, rounds, idle_polls), jobs, rounds, idle_polls)
+def run(*, jobs: int = 2000, passes: int = 3, idle_polls: int = 100) -> Section:
+    """`jobs` per variant and pass (a multiple of CHUNK * 5, so that each variant takes each place equally often)."""
+    if jobs % (CHUNK * len(VARIANTS)):
+        raise ValueError(f"jobs must be a multiple of {CHUNK * len(VARIANTS)}; got {jobs}")
+    drainers, samples = measure(jobs, passes, idle_polls)
+    return report(drainers, samples, jobs, passes, idle_polls)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=2000, help="jobs per drain")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (a multiple of the 5 variants)")
+    parser.add_argument("--jobs", type=int, default=2000, help="jobs per variant and pass (a multiple of 1,000)")
+    parser.add_argument("--passes", type=int, default=3, help="times each variant's queue is filled and drained")
     parser.add_argument("--idle-polls", type=int, default=100, help="empty polls per variant")
     args = parser.parse_args()
     started = time.monotonic()
-    run(jobs=args.jobs, rounds=args.rounds, idle_polls=args.idle_polls)
+    run(jobs=args.jobs, passes=args.passes, idle_polls=args.idle_polls)
     print(f"\nfairshare: {time.monotonic() - started:.0f} s", flush=True)
 
 

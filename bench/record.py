@@ -67,8 +67,8 @@ How these figures are made (this text is in `bench/record.py`; the rest of the p
 - The fleet benchmark runs N simulated workers' real control-plane code (leases, revocation polls, progress
   through Celery's own backend and events, adverts, heartbeats, the recovery scan) on their default intervals in
   simulated time against one redis-server, and reads Redis's own counters per simulated second.
-- Fair share at dequeue: 2,000 real task messages per drain, drained by the worker's own broker channel with a
-  callback that acks at once, for the pop script before tenants and the fair-share script over 1, 2 and 8 tenants,
+- Fair share at dequeue: real task messages drained by the worker's own broker channel with a callback that acks
+  at once, for the pop script before tenants and the fair-share script over 1, 2 and 8 tenants, 200 jobs a turn,
   interleaved; Redis's INFO commandstats per job and per empty poll (a script's own commands included).
 - Throughput times streams of same-shape jobs through a real worker, submit to the last final state,
   against the bare serial `pipe()` loop and bare batched calls over the same specs, interleaved: overlap at
@@ -161,7 +161,7 @@ def write(path: Path, command: str, elapsed: float, started: datetime, sections:
 
 ALONE: dict[str, Callable[[bool], list[Section]]] = {
     "http": lambda quick: [bench_http.run(rounds=3 if quick else 9, read_seconds=1.0 if quick else 2.0)],
-    "fairshare": lambda quick: [bench_fairshare.run(jobs=500 if quick else 2000, rounds=5)],
+    "fairshare": lambda quick: [bench_fairshare.run(jobs=1000 if quick else 2000, passes=1 if quick else 3)],
 }
 """The benchmarks `--only` can run on their own: their sections need nothing from the others."""
 
@@ -234,7 +234,7 @@ def main() -> None:
     step_cache_section = bench_step_cache.run(repeats=3 if args.quick else 6)
     checkpoint_section, checkpoints = bench_checkpoint.run(repeats=2 if args.quick else 5)
     fleet_section, fleet = bench_fleet.run((10, 100) if args.quick else (10, 100, 1000), 10.0 if args.quick else 20.0)
-    fairshare_section = bench_fairshare.run(jobs=500 if args.quick else 2000, rounds=5)
+    fairshare_section = bench_fairshare.run(jobs=1000 if args.quick else 2000, passes=1 if args.quick else 3)
     http_section = bench_http.run(rounds=3 if args.quick else 9, read_seconds=1.0 if args.quick else 2.0)
     gpu_sections = bench_gpu.run(repeats=max(2, repeats // 2))
     sections = [

@@ -174,3 +174,36 @@ def test_record_only_puts_a_section_in_place_of_its_namesake_or_at_the_end(tmp_p
     assert f"## Method\n\n{record.METHOD}\n## Machine and versions\n" in text
     assert text.index("### A") < text.index("new b") < text.index("### C") < text.index("new c")
     assert text.count("_Measured alone by `python bench/record.py --only x` on 2026-01-02 03:04 UTC") == 2
+
+
+def test_the_fairshare_benchmark_counts_the_commands_of_each_dequeue() -> None:
+    """bench/bench_fairshare.py, small: a row per dequeue, each pop one EVALSHA a job (the tenants' turn runs inside
+    it), the commands counted per job and per empty poll (8 tenants' lists cost more than one), and jobs/s."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "bench_fairshare.py"),
+            "--jobs",
+            "1000",
+            "--passes",
+            "1",
+            "--idle-polls",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT / "bench",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        if cells and cells[0].startswith(("before:", "fair share")):
+            rows[cells[0]] = cells
+    assert len(rows) == 5, result.stdout
+    assert all(row[1] == "1.00" for row in rows.values()), result.stdout  # one script call per job, every variant
+    before, eight = rows["before: plain pop (f86a481~1)"], rows["fair share, 8 tenants"]
+    assert float(eight[2]) > float(before[2]) > 0 and float(eight[8]) > float(before[8]) > 0, result.stdout  # 8 lists
+    assert all(float(row[6].split()[0].replace(",", "")) > 0 for row in rows.values()), result.stdout  # jobs/s
+    assert "\nfairshare: fair share, 8 tenants, max_gpus 4: " in result.stdout, result.stdout  # the summary line
