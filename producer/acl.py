@@ -10,8 +10,8 @@ and reading `ACL LOG`, not guessed): least privilege on the farm's Redis (docs/o
 - `monitor`: Flower and `render workers`: read-only keys, INFO, the event stream, and Celery's remote-control
   broadcast (inspect) with its replies.
 
-`users` turns the roles and their passwords into `ACL SETUSER` argument lists; `acl_file` into the lines of an ACL
-file (`aclfile`). Passwords go to Redis as SHA-256 hashes (`#<hex>`), never as text.
+`roles` lists a farm's roles; `apply` sets them on a server (`ACL SETUSER`, `setuser_args`), `acl_file` writes them
+as an ACL file (`aclfile`). Passwords go to Redis as SHA-256 hashes (`#<hex>`), never as text.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import redis
 from producer.keys import (
     DEFAULT_TENANT,
     KEY_PREFIX,
-    LEASE_DEADLINES,
-    RUNNING_TASKS,
     TENANT_SEPARATOR,
     TENANTS,
     WORKERS,
@@ -52,6 +50,9 @@ _CONNECTION = ("+ping", "+echo", "+hello", "+auth", "+select", "+quit", "+reset"
 _EVENTS_CHANNEL = "/*.celeryev/*"
 _BROADCAST_CHANNEL = "/*.celery.pidbox*"
 _BROADCAST_BINDING = "_kombu.binding.celery.pidbox"
+# The reply queue of one inspect call: kombu names it `<uuid>.reply.celery.pidbox` (a priority suffix on its lists);
+# the uuid's shape keeps the pattern off every key a job id could make.
+_REPLY_LISTS = "????????-????-????-????-????????????.reply.celery.pidbox*"
 
 # What a producer sends, as MONITOR showed it under a submit (record, index, idempotency key and staged message in
 # one transaction; the kombu message), a batch, status and job listing reads, a wait, and revokes (key, notice, the
@@ -168,7 +169,7 @@ def monitor_role() -> Role:
         "~_kombu.binding_permanent.reply.celery.pidbox",
         "~_kombu.binding_deadlines",  # kombu's expiry of the queues it declares with a TTL (the reply queue)
         "~celeryev.*",
-        "~*.reply.celery.pidbox*",  # with its priority lists' suffixes
+        f"~{_REPLY_LISTS}",
         "+sadd",
         "+srem",
         "+del",
@@ -186,7 +187,7 @@ def monitor_role() -> Role:
         "+blmove",  # its wait between polls: the list onto itself, popping nothing
         "~unacked",
         "~unacked_index",
-        f"~{KEY_PREFIX}:fair:*.reply.celery.pidbox*",
+        f"~{KEY_PREFIX}:fair:{_REPLY_LISTS}",
         "+hset",
         "+hdel",
         "+zadd",
@@ -224,10 +225,6 @@ def queue_patterns(tenant: str, queue: str) -> list[str]:
 def _shared_reads() -> list[str]:
     """What producers read and no one's secret: the declared tenants, the live workers and the models served."""
     return [TENANTS, WORKERS, f"{KEY_PREFIX}:worker:*", f"{KEY_PREFIX}:model:*"]
-
-
-FORBIDDEN_KEYS = (f"{KEY_PREFIX}:lease:*", RUNNING_TASKS, LEASE_DEADLINES)
-"""What no producer or service may read: the running jobs' leases and records (what a worker holds)."""
 
 
 def password_env(role: str) -> str:

@@ -13,12 +13,14 @@ import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from producer import acl
 from producer.keys import active_list, model_queue, priority_lists
 from worker.settings import WorkerSettings
 
@@ -26,7 +28,17 @@ ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SENTINEL = ROOT / "docker-compose.sentinel.yml"
 # The settings .env.example leaves empty for the operator to fill in; every other one has a working default.
-SECRETS = ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "FLOWER_PASSWORD", "RENDER_API_KEYS")
+SECRETS = (
+    "REDIS_PASSWORD",
+    "RENDER_ACL_PASSWORD_WORKER",
+    "RENDER_ACL_PASSWORD_SERVICE",
+    "RENDER_ACL_PASSWORD_MONITOR",
+    "MINIO_ROOT_PASSWORD",
+    "FLOWER_PASSWORD",
+    "RENDER_API_KEYS",
+)
+# Every Redis client waits for the one-shot that creates its Redis user.
+ACL_READY = {"redis-acl": {"condition": "service_completed_successfully"}}
 # The SHA-256 of each license's text as its steward publishes it (www.apache.org/licenses/LICENSE-2.0.txt).
 LICENSE_TEXTS = {"Apache-2.0": "cfc7749b96f63bd31c3c42b5c471bf756814053e847c10f3eb003417bc523d30"}
 
@@ -42,10 +54,11 @@ def test_every_stateful_service_has_a_healthcheck_and_dependents_wait_for_it(com
     for name in ("redis", "minio", "worker-gpu0", "worker-gpu1", "flower"):
         assert "test" in services[name]["healthcheck"], name
     ready = {"redis": {"condition": "service_healthy"}, "minio-init": {"condition": "service_completed_successfully"}}
+    ready |= ACL_READY
     for name in ("worker-gpu0", "worker-gpu1"):
         assert services[name]["depends_on"] == ready, name
     assert services["minio-init"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
-    assert services["flower"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert services["flower"]["depends_on"] == {"redis": {"condition": "service_healthy"}} | ACL_READY
 
 
 def test_the_worker_has_time_to_finish_a_step(compose: dict[str, Any]) -> None:
@@ -64,7 +77,7 @@ def test_secrets_are_required_and_listed_in_env_example(compose: dict[str, Any])
     assert required <= set(example), f"missing from .env.example: {required - set(example)}"
     flower = compose["services"]["flower"]["environment"]
     assert flower["FLOWER_BASIC_AUTH"] == "${FLOWER_USER:?set it in .env}:${FLOWER_PASSWORD:?set it in .env}"
-    assert "--include /tmp/auth.conf" in " ".join(compose["services"]["redis"]["command"])
+    assert "--aclfile /data/users.acl" in " ".join(compose["services"]["redis"]["command"])
 
 
 def env_example() -> dict[str, str]:
@@ -124,10 +137,10 @@ def test_no_secret_is_on_any_service_s_command_line() -> None:
             assert text not in shown, f"{secret} is on the command line of service {name}: {shown}"
     # They reach the services through the environment instead.
     assert services["redis"]["environment"]["REDIS_PASSWORD"] == secrets["REDIS_PASSWORD"]
-    assert secrets["REDIS_PASSWORD"] in services["flower"]["environment"]["CELERY_BROKER_URL"]
+    assert secrets["RENDER_ACL_PASSWORD_MONITOR"] in services["flower"]["environment"]["CELERY_BROKER_URL"]
     assert secrets["FLOWER_PASSWORD"] in services["flower"]["environment"]["FLOWER_BASIC_AUTH"]
     assert secrets["MINIO_ROOT_PASSWORD"] in services["minio-init"]["environment"]["MC_HOST_farm"]
-    assert secrets["REDIS_PASSWORD"] in services["worker-gpu0"]["environment"]["RENDER_REDIS_URL"]
+    assert secrets["RENDER_ACL_PASSWORD_WORKER"] in services["worker-gpu0"]["environment"]["RENDER_REDIS_URL"]
 
 
 def test_worker_image_runs_as_a_non_root_user_with_a_model_cache() -> None:
@@ -383,7 +396,7 @@ def test_compose_refuses_to_start_until_every_secret_is_filled_in() -> None:
         for secret in {name for name, _ in uses}:
             with pytest.raises(ValueError, match=f"^required variable {secret} is missing a value: set it in .env$"):
                 rendered_compose({**filled_env(), secret: ""}, path)
-        with pytest.raises(ValueError, match="required variable REDIS_PASSWORD"):
+        with pytest.raises(ValueError, match=f"required variable ({'|'.join(SECRETS)}) is missing"):
             rendered_compose(example, path)  # `cp .env.example .env && docker compose up` as it stands
         rendered_compose(filled_env(), path)
 
@@ -405,14 +418,17 @@ def test_compose_serves_the_http_api_with_required_keys_and_a_liveness_check(com
     assert api["ports"] == ["8080:8080"] and api["build"]["dockerfile"] == "infra/service.Dockerfile"
     assert "/healthz" in " ".join(api["healthcheck"]["test"])
     ready = {"redis": {"condition": "service_healthy"}, "minio-init": {"condition": "service_completed_successfully"}}
-    assert api["depends_on"] == ready
+    assert api["depends_on"] == ready | ACL_READY
     # No default key: compose stops until .env names one (the service would refuse 0.0.0.0 without it anyway).
     assert api["environment"]["RENDER_API_KEYS"] == "${RENDER_API_KEYS:?set it in .env}"
     assert env_example()["RENDER_API_KEYS"] == ""
     # The same storage as the workers, so its file links point at what they wrote.
     env = rendered_compose(filled_env())["services"]
-    for name in ("RENDER_REDIS_URL", "RENDER_STORAGE_URL", "RENDER_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+    for name in ("RENDER_STORAGE_URL", "RENDER_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
         assert env["api"]["environment"][name] == env["worker-gpu0"]["environment"][name], name
+    assert urlparse(env["api"]["environment"]["RENDER_REDIS_URL"])._replace(netloc="") == urlparse(
+        env["worker-gpu0"]["environment"]["RENDER_REDIS_URL"]
+    )._replace(netloc=""), "the same Redis, each as its own user"
 
 
 def test_the_api_settings_take_what_render_api_key_prints() -> None:
@@ -488,3 +504,35 @@ def test_kubernetes_api_probes_its_health_and_readiness_and_reads_keys_from_a_se
         service["selector"] == pod["metadata"]["labels"] == documents["Deployment"]["spec"]["selector"]["matchLabels"]
     )
     assert [p["targetPort"] for p in service["ports"]] == ["http"]
+
+
+def test_every_redis_client_logs_in_as_its_role_and_only_redis_acl_as_admin() -> None:
+    """The ACL wiring: a user per role with the password `render redis-acl` reads for it, the default user off,
+    the admin user (REDIS_PASSWORD) for the one-shot that creates the users and for nothing else."""
+    env = filled_env()
+    services = rendered_compose(env)["services"]
+    roles = {role.user: role.password_env for role in acl.roles([], "render")}
+    users = {"worker-gpu0": "worker", "worker-gpu1": "worker", "api": "service", "flower": "monitor"}
+    for name, service in services.items():
+        environment = service.get("environment") or {}
+        urls = [value for key, value in environment.items() if key.endswith(("REDIS_URL", "BROKER_URL"))]
+        if name in users:
+            (url,) = urls
+            parsed = urlparse(url)
+            assert (parsed.username, parsed.password) == (users[name], env[roles[users[name]]]), name
+            assert service["depends_on"]["redis-acl"] == ACL_READY["redis-acl"], name
+        shown = " ".join(map(str, environment.values()))
+        if name not in ("redis", "redis-acl"):
+            assert env["REDIS_PASSWORD"] not in shown, f"{name} has the admin password"
+            assert not [url for url in urls if not urlparse(url).username], f"{name} logs in as the default user"
+    one_shot = services["redis-acl"]
+    assert one_shot["command"] == ["render", "redis-acl", "--apply", "--save"] and one_shot["restart"] == "no"
+    assert one_shot["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    admin = urlparse(one_shot["environment"]["RENDER_ACL_ADMIN_URL"])
+    assert (admin.username, admin.password, admin.hostname) == ("admin", env["REDIS_PASSWORD"], "redis")
+    for user, variable in roles.items():
+        assert one_shot["environment"][variable] == env[variable], user
+    assert one_shot["environment"]["RENDER_TENANTS"] == services["worker-gpu0"]["environment"]["RENDER_TENANTS"]
+    redis_command = " ".join(services["redis"]["command"])
+    assert 'echo "user default off"' in redis_command and "sha256sum" in redis_command
+    assert "redis-cli --user admin ping" in " ".join(services["redis"]["healthcheck"]["test"])
