@@ -100,6 +100,7 @@ def test_a_tenant_at_its_max_gpus_waits_while_others_are_taken(app: Any, channel
     taken = take(channel, 3)
     assert sorted(taken) == sorted([c[0], b]), taken  # team-c holds its one GPU: nothing more of it is taken
     assert client.zrange(gpus_key("team-c"), 0, -1) == [c[0].encode()]
+    assert client.zcard(gpus_key("team-b")) == 0  # an uncapped tenant's jobs take no slot
     free_gpu(client, c[0])  # its job ended
     assert take(channel, 1) == [c[1]]
 

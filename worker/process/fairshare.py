@@ -12,7 +12,9 @@ loaded model: `worker.process.affinity`), and for each takes the next job from t
 - FIFO inside a tenant (its list), and priorities still win across tenants (the lists are polled in priority order,
   every tenant's high list before any normal one).
 - `max_gpus`: a tenant holding that many jobs (`render:gpus:<tenant>`, one entry per job a worker took, removed
-  when it ends) is passed over: its jobs wait while the other tenants' are taken.
+  when it ends; kept for capped tenants only) is passed over: its jobs wait while the other tenants' are taken.
+
+A worker whose farm declares no tenants (the default one alone, uncapped) pops as before: no turn, no slots.
 
 The pop records the message in kombu's unacked hash in the same atomic step, as before (`transport` says why), and
 returns the list the worker consumes (the queue's own), so kombu delivers it to that queue's consumer; the message's
@@ -45,7 +47,7 @@ TENANTS_OPTION = "render_tenants"  # broker_transport_options: [[name, weight, m
 POP = f"""
 local prefix = ARGV[2]
 local tenants = cjson.decode(ARGV[3])
-local function deliver(list, item, tenant)
+local function deliver(list, item, tenant, capped)
   local tag = false
   local ok, message = pcall(cjson.decode, item)
   if ok and type(message) == 'table' and type(message.properties) == 'table' then
@@ -58,12 +60,19 @@ local function deliver(list, item, tenant)
       redis.call('HSET', KEYS[1], tag,
         '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
       local id = type(message.headers) == 'table' and message.headers.id
-      if type(id) == 'string' then
+      if capped and type(id) == 'string' then
         redis.call('ZADD', prefix .. '{KEY_PREFIX}:gpus:' .. tenant, ARGV[1], id)
       end
     end
   end
   return {{list, item, tag}}
+end
+if #tenants == 1 and tenants[1][3] <= 0 then  -- one tenant, uncapped: no turn to keep, the plain pop
+  for i = 3, #KEYS do
+    local item = redis.call('RPOP', KEYS[i])
+    if item then return deliver(KEYS[i], item, tenants[1][1], false) end
+  end
+  return false
 end
 for i = 3, #KEYS do
   local list = KEYS[i]
@@ -93,7 +102,7 @@ for i = 3, #KEYS do
         elseif t[5] then
           redis.call('ZREM', fair, name)
         end
-        return deliver(list, item, name)
+        return deliver(list, item, name, t[3] > 0)
       elseif t[5] then
         redis.call('ZREM', fair, name)
       end
@@ -119,9 +128,15 @@ def tenants_arg(option: object) -> str:
     return json.dumps([[DEFAULT_TENANT, 1.0, 0]])
 
 
+def capped(tenants: Mapping[str, TenantConfig]) -> list[str]:
+    """The tenants whose jobs hold GPU slots (`max_gpus` set): those `free_gpu` and `sweep_gpus` look after."""
+    return sorted(name for name, config in tenants.items() if config.max_gpus is not None)
+
+
 def free_gpu(client: redis.Redis, task_id: str) -> None:
     """The job no longer holds a GPU of its tenant's (`max_gpus`): it ended, was handed back, or was never started.
-    Best effort: an entry left by a Redis error is swept by `sweep_gpus`."""
+    Best effort: an entry left by a Redis error is swept by `sweep_gpus`. Only for a capped tenant's job (`capped`):
+    no other job took a slot."""
     try:
         client.zrem(gpus_key(tenant_of(task_id)), task_id)
     except redis.RedisError as exc:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from producer.errors import ModelLoadError, RenderFailed, StorageError
-from producer.keys import check_task_id, manifest_key, model_queue
+from producer.keys import check_task_id, manifest_key, model_queue, tenant_of
 from producer.manifest import Manifest
 from producer.records import TaskMessage
 from producer.spec import RenderSpec
@@ -28,7 +28,7 @@ from worker.engine.inputs import load_inputs
 from worker.engine.job import JobContext
 from worker.engine.rendering import expired_before_start, finished_manifest, prepare, revoked_before_start, store
 from worker.engine.stops import HandedOff, JobExpired, JobRevoked, JobStopped, LeaseLost
-from worker.process.fairshare import free_gpu
+from worker.process.fairshare import capped, free_gpu
 from worker.process.gpu import Arrival, Deadline, ProgressBox
 from worker.process.jobcontrol import Lease, ProgressReport, RevocationCheck
 from worker.process.services import Services
@@ -105,7 +105,8 @@ class JobRunner:
             finally:
                 services.revocations.forget(revocation)
         finally:
-            free_gpu(services.redis, task_id)
+            if tenant_of(task_id) in capped(services.settings.tenants):  # its job took a slot of its tenant's
+                free_gpu(services.redis, task_id)
 
     def _leased(
         self,
