@@ -66,6 +66,15 @@ def check_tenant(name: str, field: str = "RENDER_TENANT") -> str:
     return name
 
 
+def tenant_name(value: str) -> str:
+    """`check_tenant` as a settings validator needs it: a ValueError that says what is wrong (pydantic's error says
+    where: the setting, the key)."""
+    try:
+        return check_tenant(value, "tenant")
+    except SpecError as exc:
+        raise ValueError(str(exc).removeprefix("tenant: ")) from None
+
+
 def scoped_id(tenant: str, task_id: str) -> str:
     """The id of `task_id` as `tenant`'s job: `<tenant>@<id>`, or the id itself for the default tenant and for an id
     already scoped to `tenant`. An id scoped to another tenant raises SpecError."""

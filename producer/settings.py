@@ -10,9 +10,9 @@ from pydantic import BeforeValidator, Field, ValidationError, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings.exceptions import SettingsError
 
-from producer.errors import ConfigError, SpecError
+from producer.errors import ConfigError
 from producer.fleet import HEARTBEAT_TTL, MAX_HEARTBEAT_TTL
-from producer.keys import DEFAULT_QUEUE, DEFAULT_TENANT, check_tenant
+from producer.keys import DEFAULT_QUEUE, DEFAULT_TENANT, tenant_name
 from producer.redis_connect import SentinelOptions, is_sentinel, sentinel_addresses
 from producer.webhooks import parse_allowed_hosts
 
@@ -112,13 +112,7 @@ class ClientSettings(BaseSettings):
         """`master_name` and `sentinel_password`, the keywords `producer.redis_connect.connect` takes."""
         return SentinelOptions(master_name=self.redis_master_name, sentinel_password=self.redis_sentinel_password)
 
-    @field_validator("tenant")
-    @classmethod
-    def _tenant_name(cls, value: str) -> str:
-        try:
-            return check_tenant(value, "tenant name")
-        except SpecError as exc:
-            raise ValueError(str(exc).removeprefix("tenant name: ")) from None
+    _tenant_name = field_validator("tenant")(tenant_name)
 
     @model_validator(mode="after")
     def _sentinel_needs_a_master(self) -> ClientSettings:

@@ -23,15 +23,15 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.errors import QuotaExceeded, SpecError, UnknownTenant
+from producer.errors import QuotaExceeded, UnknownTenant
 from producer.keys import (
     DEFAULT_TENANT,
     KEY_PREFIX,
     TENANT_SEPARATOR,
     TENANTS,
-    check_tenant,
     priority_lists,
     tenant_key,
+    tenant_name,
     tenant_queue,
 )
 from producer.spec import MAX_DEADLINE_SECONDS
@@ -73,10 +73,7 @@ def parse_tenants(value: Any) -> dict[str, TenantConfig]:
         raise ValueError('must be a JSON object of tenants, like {"team-a": {"weight": 2}}')
     tenants: dict[str, TenantConfig] = {}
     for name, entry in value.items():
-        try:
-            check_tenant(name, "tenant name")
-        except SpecError as exc:
-            raise ValueError(str(exc)) from None
+        tenant_name(name)
         try:
             tenants[name] = entry if isinstance(entry, TenantConfig) else TenantConfig.model_validate(entry or {})
         except ValidationError as exc:

@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from producer.errors import SpecError
-from producer.keys import DEFAULT_TENANT, check_tenant
+from producer.keys import DEFAULT_TENANT, tenant_name
 from producer.settings import ClientSettings
 
 Scope = Literal["full", "read"]
@@ -26,14 +25,7 @@ class ApiKey(BaseModel):
         "(the farm operator's) reads every tenant's jobs",
     )
 
-    @field_validator("tenant")
-    @classmethod
-    def _tenant_name(cls, value: str) -> str:
-        # The settings' error names the place (RENDER_API_KEYS (<name>.tenant)); this says what is wrong with it.
-        try:
-            return check_tenant(value, "tenant")
-        except SpecError as exc:
-            raise ValueError(str(exc).removeprefix("tenant: ")) from None
+    _tenant_name = field_validator("tenant")(tenant_name)  # the error names RENDER_API_KEYS (<name>.tenant)
 
 
 class ServiceSettings(ClientSettings):

@@ -8,10 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ from producer.keys import RUNNING_TASKS, job_key, model_queue, priority_lists
 from producer.webhooks import SIGNATURE_HEADER, verify
 from tests.browser import dump_dom, ensure_chromium
 from tests.helpers import render_cli, wait_until
-from tests.integration.conftest import WEBHOOK_SECRET, Farm, spec
+from tests.integration.conftest import WEBHOOK_SECRET, Farm, Receiver, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 ROOT = Path(__file__).parents[2]
@@ -155,34 +152,6 @@ def test_revoking_a_running_batch_leaves_nothing_queued_or_running_and_finished_
     running: list[bytes] = farm.redis.hkeys(RUNNING_TASKS)  # type: ignore[assignment]
     assert not [k for k in running if k.startswith(b"to-revoke.")]
     assert farm.redis.hlen(batch_tasks_key("to-revoke")) == 10
-
-
-class Receiver(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Hook)
-        self.posts: list[tuple[dict[str, str], bytes]] = []
-
-
-class Hook(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.posts.append((dict(self.headers.items()), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def test_every_job_of_a_batch_posts_one_signed_webhook(farm: Farm, tmp_path: Path, receiver: Receiver) -> None:

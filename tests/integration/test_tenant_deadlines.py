@@ -8,10 +8,7 @@ serves, both end `expired` while they wait, with no image stored and nothing ren
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Callable
 
 import boto3
 import pytest
@@ -23,7 +20,7 @@ from producer.settings import ClientSettings
 from producer.tenants import queued
 from producer.webhooks import SIGNATURE_HEADER, verify
 from tests.helpers import render_cli, wait_until
-from tests.integration.conftest import LONG, WEBHOOK_SECRET, Farm, spec
+from tests.integration.conftest import LONG, WEBHOOK_SECRET, Farm, Receiver, spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -80,34 +77,6 @@ def test_a_job_behind_a_long_backlog_expires_on_its_queue_at_its_tenants_deadlin
     wait_until(
         lambda: all(s.done for s in team_a.statuses([h.task_id for h in backlog])), timeout=120, what="the backlog"
     )
-
-
-class Receiver(ThreadingHTTPServer):
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), Hook)
-        self.posts: list[tuple[dict[str, str], bytes]] = []
-
-
-class Hook(BaseHTTPRequestHandler):
-    server: Receiver
-
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.server.posts.append((dict(self.headers.items()), body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 def test_a_job_for_a_model_no_worker_serves_says_so_then_expires(farm: Farm, receiver: Receiver) -> None:
