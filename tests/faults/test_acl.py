@@ -255,3 +255,17 @@ def test_the_acl_file_loads_into_redis_with_hashed_passwords_and_mode_600(acl_fa
         producer = redis.Redis(port=loaded.port, username="producer.team-a", password=PASSWORDS["producer.team-a"][1])
         with pytest.raises(redis.exceptions.NoPermissionError):
             producer.get("render:lease:x")
+
+
+def test_the_command_says_what_is_missing_and_never_locks_the_admin_out(tmp_path: Path) -> None:
+    neither = redis_acl(env=acl_env())
+    assert neither.returncode == 2 and "give exactly one of --apply" in neither.stderr, neither.stderr
+    nothing = redis_acl("--file", "-", env={"RENDER_TENANTS": "{}"})
+    assert nothing.returncode == 2 and "RENDER_ACL_PASSWORD_WORKER" in nothing.stderr, nothing.stderr
+    partial = redis_acl("--file", "-", env={"RENDER_ACL_PASSWORD_WORKER": "only-this", "RENDER_TENANTS": "{}"})
+    assert partial.returncode == 0 and partial.stdout.startswith("user default off\nuser worker on #"), partial
+    assert "skipped monitor: RENDER_ACL_PASSWORD_MONITOR is not set" in partial.stderr
+    with RedisServer(workdir=tmp_path) as bare:  # an admin URL that logs in as `default`
+        as_default = redis_acl("--apply", env=acl_env() | {"RENDER_ACL_ADMIN_URL": bare.url})
+        assert as_default.returncode == 2 and "--keep-default" in as_default.stderr, as_default.stderr
+        assert redis.Redis(port=bare.port).ping(), "still reachable: nothing was turned off"
