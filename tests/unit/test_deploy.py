@@ -348,6 +348,17 @@ def test_the_sentinel_variant_points_workers_and_flower_at_the_sentinels() -> No
         WorkerSettings(redis_url=env["RENDER_REDIS_URL"], redis_master_name=env["RENDER_REDIS_MASTER_NAME"])
     assert "sentinel monitor farm redis 6379 2" in " ".join(services["sentinel-1"]["command"])
     assert services["flower"]["environment"]["CELERY_BROKER_URL"].startswith("sentinel://")
+    # With the default user off: each client as its role's user, the sentinels and the replica as admin, and the
+    # role users applied to the replica too (it does not copy its master's).
+    urls = {name: services[name]["environment"]["RENDER_REDIS_URL"] for name in ("worker-gpu0", "worker-gpu1", "api")}
+    urls["flower"] = services["flower"]["environment"]["CELERY_BROKER_URL"]
+    roles = {name: urlparse(url.split(";")[0]).username for name, url in urls.items()}
+    assert roles == {"worker-gpu0": "worker", "worker-gpu1": "worker", "api": "service", "flower": "monitor"}
+    assert "sentinel auth-user farm admin" in " ".join(services["sentinel-1"]["command"])
+    assert "masteruser admin" in " ".join(services["redis-replica"]["command"])
+    acl = services["redis-acl"]
+    assert urlparse(acl["environment"]["RENDER_ACL_REPLICA_ADMIN_URL"]).hostname == "redis-replica"
+    assert " ".join(acl["command"]).count("render redis-acl --apply --save") == 2
     config: dict[str, Any] = {}
     exec((ROOT / "infra" / "flower" / "celeryconfig.py").read_text(), config)
     assert config["broker_transport_options"] == {"master_name": "farm"}
