@@ -3,8 +3,8 @@ cost of an empty poll, for the dequeue before tenants and the fair-share dequeue
 
 One private redis-server; each variant has its own worker app and broker channel (`worker.celery_app.create_app` and
 its `worker.process.transport.Channel`, polled as the worker's event loop polls it) consuming its own queue, whose
-callback acks each job at once and, for today's dequeue, frees the job's tenant GPU slot (`fairshare.free_gpu`), as
-the worker does when any job ends. Each pass queues `--jobs` real `render.run` task messages per variant
+callback acks each job at once and, for a capped tenant's job, frees its tenant GPU slot (`fairshare.free_gpu`), as
+the worker does when such a job ends. Each pass queues `--jobs` real `render.run` task messages per variant
 (`TaskMessage.send` through a `RenderClient`'s Celery app, as `RenderClient` sends them, spread evenly over the
 variant's tenants, normal priority), then drains them `CHUNK` jobs at a time, the variants taking turns in rotated
 order (`common.interleaved`), so a burst of load on the shared cores hits every variant alike. Variants:
@@ -41,7 +41,7 @@ from kombu.transport.virtual import Empty
 
 from localfarm.cluster import RedisServer
 from producer.client import RenderClient
-from producer.keys import DEFAULT_TENANT, PRIORITIES, scoped_id, tenant_queue
+from producer.keys import DEFAULT_TENANT, PRIORITIES, scoped_id, tenant_of, tenant_queue
 from producer.records import TaskMessage
 from producer.settings import ClientSettings
 from worker.celery_app import create_app
@@ -172,6 +172,7 @@ class Drainer:
         self.channel: transport.Channel = self.connection.default_channel
         self.channel.client.script_load(BEFORE_POP if variant.before else fairshare.POP)
         self.channel.basic_consume(queue, False, self._received, f"bench-{id(self)}")
+        self.capped = set(fairshare.capped(settings.tenants))
         self.delivered = 0
         self.jobs = Usage()
         self.idle = Usage()
@@ -179,9 +180,9 @@ class Drainer:
         self.batches = 0
 
     def _received(self, message: Any) -> None:
-        """The no-op worker: ack at once and, as today's worker does when a job ends, free its tenant GPU slot."""
+        """The no-op worker: ack at once and, as today's worker does when a capped tenant's job ends, free its slot."""
         message.ack()
-        if not self.variant.before:
+        if tenant_of(message.headers["id"]) in self.capped:
             fairshare.free_gpu(self.channel.client, message.headers["id"])
         self.delivered += 1
 
@@ -286,8 +287,8 @@ def report(drainers: list[Drainer], samples: dict[str, list[float]], jobs: int, 
     section = Section(
         "Fair share at dequeue: Redis commands and jobs/s of a no-op worker",
         f"`bench/bench_fairshare.py`: one private redis-server; per variant its own queue, worker app and broker "
-        f"channel, whose callback acks at once (and frees the tenant GPU slot, as today's worker does when a job "
-        f"ends); {passes} pass{'es' if passes != 1 else ''} of {jobs:,} real task messages per variant (spread "
+        f"channel, whose callback acks at once (and frees a capped tenant's GPU slot, as the worker does when such a "
+        f"job ends); {passes} pass{'es' if passes != 1 else ''} of {jobs:,} real task messages per variant (spread "
         f"evenly over its tenants, normal priority), drained {CHUNK} jobs at a time with the variants taking turns "
         f"({rounds} interleaved rounds). "
         f"jobs/s = {CHUNK} / the median turn, ± = half the IQR (the shared cores' noise); vs before = the median of "
@@ -295,8 +296,9 @@ def report(drainers: list[Drainer], samples: dict[str, list[float]], jobs: int, 
         "commandstats deltas (a script's own commands included); server µs / EVALSHA = commandstats usec per call "
         "(the script's whole run); redis CPU = redis-server's used_cpu_user + sys; client CPU = the benchmark "
         "process's (the channel, kombu, the callback). Client round trips per job: before 3 (the pop, kombu's "
-        "receipt, the ack), today 4 (and the release of the tenant GPU slot, one ZREM); every other added command "
-        "runs inside the one EVALSHA.",
+        "receipt, the ack), as now, and one more (the release of its GPU slot, a ZREM) for a capped tenant's job; "
+        "every other added command runs inside the one EVALSHA. One uncapped tenant (no RENDER_TENANTS) pops as "
+        "before.",
     )
     base = samples[drainers[0].variant.label]
     rows = []
