@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_a_tenants_job_is_its_own_and_the_operators(port: int) -> None:
     assert status == 201 and other["id"] != task_id, other  # team-b's key of the same name is its own
     assert task_id.startswith("team-a@")
     images = [item["url"] for item in job["files"] if item["kind"] == "image"]
-    assert images and all(url.startswith(f"/v1/files/{task_id}/") for url in images)
+    assert images and all(unquote(url).startswith(f"/v1/files/{task_id}/") for url in images)
     status, headers, data = call(port, "GET", images[0], headers=key("team-a-ci"))
     assert (status, headers["content-type"], data[:4]) == (200, "image/png", b"\x89PNG")
 

@@ -262,6 +262,10 @@ class RecoveryScanner(PeriodicThread):
         for task_id, tags in deliveries.items():
             if self.client.exists(lease_key(task_id)):
                 continue  # alive and rendering: its delivery is acknowledged when it ends
+            if self.client.hexists(RUNNING_TASKS, task_id):
+                # A run of it started: its lease may have lapsed since this scan read the lapsed ones, and the next
+                # scan sends it again as its next attempt (`_recover_running`), not as a delivery never started.
+                continue
             if not self.client.set(recovery_lock_key(task_id), self.owner, nx=True, ex=60):
                 continue
             if self._is_final(task_id):  # its acknowledgement was lost (a Redis outage at the end)
