@@ -23,7 +23,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from producer.errors import QuotaExceeded, UnknownTenant
+from producer.errors import QuotaExceeded
 from producer.keys import (
     DEFAULT_TENANT,
     KEY_PREFIX,
@@ -104,16 +104,6 @@ def declared(client: redis.Redis) -> dict[str, TenantConfig]:
         except (ValidationError, UnicodeDecodeError):
             continue  # written by a newer worker with fields this producer does not know: not this client's tenant
     return tenants
-
-
-def config_of(client: redis.Redis, tenant: str) -> TenantConfig:
-    """`tenant`'s settings as the farm declares them; `UnknownTenant` for a tenant it does not declare."""
-    raw = client.hget(TENANTS, tenant)
-    if raw is None:
-        if tenant == DEFAULT_TENANT:
-            return TenantConfig()
-        raise UnknownTenant(tenant, sorted(declared(client)))
-    return TenantConfig.model_validate_json(raw)
 
 
 def queued(client: redis.Redis, tenant: str, queues: Iterable[str]) -> int:
