@@ -17,7 +17,7 @@ up a tenant to get a fresh share. `default` always exists (weight 1, no quota un
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
@@ -80,6 +80,12 @@ def parse_tenants(value: Any) -> dict[str, TenantConfig]:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
             raise ValueError(f"tenant {name!r}: {problems}") from None
     return tenants
+
+
+def names(tenants: Mapping[str, TenantConfig]) -> list[str]:
+    """`default` and each declared tenant, once (RENDER_TENANTS may declare `default` too): whose lists a worker
+    polls and watches, and whose staged messages and slots its recovery scan looks after."""
+    return [DEFAULT_TENANT, *sorted(name for name in tenants if name != DEFAULT_TENANT)]
 
 
 def publish(client: redis.Redis, tenants: dict[str, TenantConfig]) -> None:

@@ -19,7 +19,7 @@ from celery.signals import task_received, worker_init, worker_shutdown, worker_s
 from producer import tenants
 from producer.celery_config import base_config
 from producer.errors import ConfigError, ModelError, SpecError
-from producer.keys import DEFAULT_TENANT, TASK_RENDER, model_queue, priority_lists, tenant_queue
+from producer.keys import TASK_RENDER, model_queue, priority_lists, tenant_queue
 from producer.redis_connect import connect, is_sentinel
 from worker import metrics
 from worker.process.affinity import Affinity, AffinityWatcher
@@ -145,7 +145,7 @@ def create_app(settings: WorkerSettings) -> RenderApp:
         grace=settings.lease_ttl,
         max_attempts=settings.max_attempts,
         result_ttl=settings.result_ttl,
-        tenants=[DEFAULT_TENANT, *settings.tenants],
+        tenants=tenants.names(settings.tenants),
     )
 
     app.affinity_watcher = AffinityWatcher(
@@ -154,7 +154,7 @@ def create_app(settings: WorkerSettings) -> RenderApp:
         [
             name
             for queue in consumed_queues(settings)
-            for tenant in (DEFAULT_TENANT, *settings.tenants)
+            for tenant in tenants.names(settings.tenants)
             for name in priority_lists(tenant_queue(queue, tenant)).values()
         ],
         switch_after=settings.switch_after_seconds,

@@ -64,6 +64,11 @@ def test_a_tenant_s_id_queue_and_folder_carry_its_name() -> None:
     assert active_list("team-a@render.tiny-sd15") == active_list(QUEUE)  # what autoscalers count, per model
 
 
+def test_the_tenants_a_worker_serves_are_default_and_each_declared_one_once() -> None:
+    assert tenants.names({}) == ["default"]
+    assert tenants.names(parse_tenants('{"b": {}, "default": {"weight": 2}, "a": {}}')) == ["default", "a", "b"]
+
+
 def test_render_tenants_is_checked_entry_by_entry() -> None:
     assert parse_tenants("") == {}
     assert parse_tenants('{"a": {"weight": 0.5}}') == {"a": TenantConfig(weight=0.5)}
