@@ -61,7 +61,7 @@ local function deliver(list, item, tenant, capped)
         '[' .. item .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
       local id = type(message.headers) == 'table' and message.headers.id
       if capped and type(id) == 'string' then
-        redis.call('ZADD', prefix .. '{gpus_key('')}' .. tenant, ARGV[1], id)
+        redis.call('ZADD', prefix .. '{gpus_key("")}' .. tenant, ARGV[1], id)
       end
     end
   end
@@ -77,7 +77,7 @@ end
 for i = 3, #KEYS do
   local list = KEYS[i]
   local bare = string.sub(list, #prefix + 1)
-  local fair = prefix .. '{fair_key('')}' .. bare
+  local fair = prefix .. '{fair_key("")}' .. bare
   local lowest = redis.call('ZRANGE', fair, 0, 0, 'WITHSCORES')[2]
   lowest = lowest and tonumber(lowest) or 0
   local turn = {{}}
@@ -92,7 +92,7 @@ for i = 3, #KEYS do
   end)
   for _, t in ipairs(turn) do
     local name = t[1]
-    if t[3] <= 0 or redis.call('ZCARD', prefix .. '{gpus_key('')}' .. name) < t[3] then
+    if t[3] <= 0 or redis.call('ZCARD', prefix .. '{gpus_key("")}' .. name) < t[3] then
       local key = list
       if name ~= '{DEFAULT_TENANT}' then key = prefix .. name .. '{TENANT_SEPARATOR}' .. bare end
       local item = redis.call('RPOP', key)
