@@ -41,16 +41,19 @@ def service(request: Request) -> Service:
     return found
 
 
+def _as_key(found: Service, authorization: str | None, *, write: bool) -> Service:
+    """The service as the request's key: checked (401, 403), then acting as the key's tenant."""
+    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=write)))
+
+
 def reader(request: Request, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Service:
     """The service, for a request that only reads (any valid key)."""
-    found = service(request)
-    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=False)))
+    return _as_key(service(request), authorization, write=False)
 
 
 def writer(request: Request, authorization: Annotated[str | None, Header(include_in_schema=False)] = None) -> Service:
     """The service, for a request that changes something (a full-scope key)."""
-    found = service(request)
-    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=True)))
+    return _as_key(service(request), authorization, write=True)
 
 
 def link_reader(
@@ -66,7 +69,7 @@ def link_reader(
     found = service(request)
     if authorization is None and access_token:
         authorization = f"Bearer {access_token}"
-    return found.acting_as(found.keys.tenant(found.keys.check(authorization, write=False)))
+    return _as_key(found, authorization, write=False)
 
 
 Reader = Annotated[Service, Depends(reader)]

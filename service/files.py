@@ -15,7 +15,6 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
 from producer.errors import StorageError
-from producer.keys import DEFAULT_TENANT, TENANT_SEPARATOR
 from service.deps import LinkReader, Service
 from service.errors import ApiError, ErrorResponse
 from worker.storage import LocalStorage
@@ -59,8 +58,7 @@ def get_file(name: str, service: LinkReader) -> FileResponse:
 
 
 def _readable(service: Service, name: str) -> bool:
-    """Whether the request's tenant may read the object `name`: its own jobs' folders (job_dir: `<tenant>@<id>/`),
-    or anything for the default tenant. Answered as a missing file otherwise, so no other tenant's file is told
-    from one that never was."""
-    tenant = service.client.tenant
-    return tenant == DEFAULT_TENANT or name.startswith(f"{tenant}{TENANT_SEPARATOR}")
+    """Whether the request's tenant may read the object `name`: one in the folder of a job it may read (job_dir:
+    the job's id, `<tenant>@<id>/`; every job for the default tenant). Answered as a missing file otherwise, so no
+    other tenant's file is told from one that never was."""
+    return service.client.owns(name.partition("/")[0])
