@@ -8,14 +8,16 @@ them, oldest first:
 
 - a job that ended (its record gone, a final result or manifest), or whose message says a worker already started
   it (a hand-off or a dead worker's job sent again, which never expires), leaves the set;
-- a job a worker holds (a lease, a delivery it took, a started state) stays: that worker checks the deadline itself;
+- a job a worker holds (a lease, a started state, and for a capped tenant a delivery it took: its GPU slot) stays:
+  that worker checks the deadline itself;
 - a job still on its queue is taken off it (`producer.queued`, as a revoke does), and only if the removal worked (a
   worker may have popped it meanwhile) is it ended as its worker would have ended it: an `expired` manifest with no
   image, in storage and Redis, Celery's result, its webhook, the job metrics. The manifest's error says why it
   waited when that is known: no live worker serves its model.
 
-A job on no list and held by no worker (its submitter died before sending it, which the same scan resends) stays
-for `grace` seconds past its deadline and then leaves the set: a worker that takes it later still expires it.
+A job on no list and held by no worker (its submitter died before sending it, which the same scan resends), or taken
+by a worker that has not leased it yet (an uncapped tenant's job takes no slot to tell), stays for `grace` seconds
+past its deadline and then leaves the set: the worker that takes it still expires it.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def _triage(app: Celery, client: redis.Redis, due: list[_Due]) -> tuple[list[_Du
         reads.get(backend.get_key_for_task(task_id))
         reads.exists(manifest_key(task_id), revoked_key(task_id))
         reads.exists(lease_key(task_id))
-        reads.zscore(gpus_key(tenant_of(task_id)), task_id)  # a worker took its delivery and has not leased it yet
+        reads.zscore(gpus_key(tenant_of(task_id)), task_id)  # a capped tenant's job taken and not leased yet
     replies = reads.execute()
     done: list[_Due] = []
     waiting: list[_Due] = []

@@ -225,9 +225,7 @@ class RecoveryScanner(PeriodicThread):
         job = JobContext(spec, task_id, attempt=int(record.get("attempt") or 1), worker=record.get("worker"))
         reported = Progress.from_meta(progress)
         reached = reported.step if reported is not None else 0
-        if self._storage is None:
-            self._storage = self._open_storage()
-        manifest = failed_outside_render(job, self._storage, reason, steps_completed=int(reached or 0))
+        manifest = failed_outside_render(job, self._opened_storage(), reason, steps_completed=int(reached or 0))
         self.client.set(manifest_key(task_id), manifest.model_dump_json(), ex=self.result_ttl)
         self.app.backend.mark_as_failure(task_id, RenderFailed(f"task {task_id} failed: {reason}"))
         metrics.failed(task_id)
