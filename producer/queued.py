@@ -22,7 +22,7 @@ from typing import Any
 
 import redis
 
-from producer.keys import ATTEMPT_HEADER, LOAD_FAILURES_HEADER, SUBMITTED_AT_HEADER, priority_lists
+from producer.keys import priority_lists
 from producer.records import TaskMessage
 
 CHUNK = 1000
@@ -56,16 +56,9 @@ class Queued:
             if properties.get("body_encoding") == "base64":
                 body = base64.b64decode(body)
             args = json.loads(body)[0]
-            submitted = headers.get(SUBMITTED_AT_HEADER)
-            return TaskMessage(
-                task_id=self.task_id,
-                spec=args[0] if isinstance(args[0], str) else json.dumps(args[0]),
-                queue=properties["delivery_info"]["routing_key"],
-                priority=properties.get("priority"),
-                submitted_at=float(submitted) if submitted is not None else None,
-                attempt=int(headers.get(ATTEMPT_HEADER) or 1),
-                load_failures=int(headers.get(LOAD_FAILURES_HEADER) or 0),
-            )
+            spec = args[0] if isinstance(args[0], str) else json.dumps(args[0])
+            queue = properties["delivery_info"]["routing_key"]
+            return TaskMessage.with_headers(self.task_id, spec, queue, properties.get("priority"), headers)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
             return None
 

@@ -61,15 +61,22 @@ class TaskMessage:
         """The message as a worker's task received it (Celery's `task.request`); `queue` where the delivery does
         not say which queue it came from."""
         info = request.delivery_info or {}
-        submitted = request.get(SUBMITTED_AT_HEADER)
+        return cls.with_headers(request.id, spec, info.get("routing_key") or queue, info.get("priority"), request)
+
+    @classmethod
+    def with_headers(
+        cls, task_id: str, spec: str, queue: str | None, priority: int | None, headers: Any
+    ) -> TaskMessage:
+        """The message of `task_id` whose headers (anything with `get`: a dict, Celery's request) are `headers`."""
+        submitted = headers.get(SUBMITTED_AT_HEADER)
         return cls(
-            task_id=request.id,
+            task_id=task_id,
             spec=spec,
-            queue=info.get("routing_key") or queue,
-            priority=info.get("priority"),
+            queue=queue,
+            priority=priority,
             submitted_at=float(submitted) if submitted is not None else None,
-            attempt=int(request.get(ATTEMPT_HEADER) or 1),
-            load_failures=int(request.get(LOAD_FAILURES_HEADER) or 0),
+            attempt=int(headers.get(ATTEMPT_HEADER) or 1),
+            load_failures=int(headers.get(LOAD_FAILURES_HEADER) or 0),
         )
 
     def running(self, worker: str) -> dict[str, Any]:
