@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from worker.models.tiny_sd15 import SEED, euler_scheduler, tiny_text_config, tiny_vae
 from worker.models.tokenizer import BOS, EOS, tiny_clip_tokenizer
@@ -42,10 +42,15 @@ def _unet(time_ids: int, cross_attention_dim: int) -> UNet2DConditionModel:
     )
 
 
-def build() -> StableDiffusionXLPipeline:
+def _tokenizer_and_text_config() -> tuple[CLIPTokenizer, CLIPTextConfig]:
+    """A tiny CLIP tokenizer and the config of a text encoder for its vocabulary (both SDXL pipelines' encoders)."""
     tokenizer = tiny_clip_tokenizer()
     vocab = tokenizer.get_vocab()
-    config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
+    return tokenizer, tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
+
+
+def build() -> StableDiffusionXLPipeline:
+    tokenizer, config = _tokenizer_and_text_config()
     torch.manual_seed(SEED)
     # six size/crop numbers, each embedded, plus the pooled text embedding; both encoders' hidden states, concatenated
     unet = _unet(time_ids=6, cross_attention_dim=64)
@@ -66,9 +71,7 @@ def build() -> StableDiffusionXLPipeline:
 
 
 def build_refiner() -> StableDiffusionXLImg2ImgPipeline:
-    tokenizer = tiny_clip_tokenizer()
-    vocab = tokenizer.get_vocab()
-    config = tiny_text_config(len(vocab), vocab[BOS], vocab[EOS], projection_dim=PROJECTION_DIM)
+    tokenizer, config = _tokenizer_and_text_config()
     torch.manual_seed(SEED + 2)
     # five numbers (original size, crop, aesthetic score), each embedded, plus the pooled text embedding; the second
     # encoder's hidden states alone
