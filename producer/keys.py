@@ -125,13 +125,6 @@ def deadlines_key(tenant: str) -> str:
     return tenant_key(tenant, "deadlines")
 
 
-def job_dir(task_id: str) -> str:
-    """The storage folder of a job's files: its id, so a tenant's jobs are all under the prefix `<tenant>@`, which
-    no default job's id (no `@`) and no other tenant's (names have no `@`) can begin with. (A `<tenant>/` folder would
-    also hold the files of a default job whose id is the tenant's name.)"""
-    return task_id
-
-
 def fair_key(lst: str) -> str:
     """Sorted set: tenant -> its pass in the weighted turn of one priority list of one queue (worker only)."""
     return f"{KEY_PREFIX}:fair:{lst}"
@@ -182,24 +175,29 @@ def active_list(queue: str | None) -> str:
     return f"{KEY_PREFIX}:active:{unscoped(queue) if queue else 'default'}"
 
 
+# A job's files live in a folder named by its id: a tenant's are all under the prefix `<tenant>@`, which no default
+# job's id (no `@`) and no other tenant's (names have no `@`) can begin with. (A `<tenant>/` folder would also hold
+# the files of a default job whose id is the tenant's name.)
+
+
 def image_object(task_id: str, index: int) -> str:
-    return f"{job_dir(task_id)}/image-{index}.png"
+    return f"{task_id}/image-{index}.png"
 
 
 def frame_object(task_id: str, steps_completed: int, extension: str, stage: str | None = None) -> str:
     """A preview frame: `frames/step-NNN` in a job's first stage (or its only one), `frames/<stage>-step-NNN` in a
     later stage (`hires`, `refiner`), NNN the step within that stage."""
     label = f"{stage}-" if stage else ""
-    return f"{job_dir(task_id)}/{FRAMES_DIR}/{label}step-{steps_completed:03d}.{extension}"
+    return f"{task_id}/{FRAMES_DIR}/{label}step-{steps_completed:03d}.{extension}"
 
 
 def checkpoint_object(task_id: str) -> str:
     """A running job's latest checkpoint (what a resume needs); deleted when the job ends."""
-    return f"{job_dir(task_id)}/{CHECKPOINT_NAME}"
+    return f"{task_id}/{CHECKPOINT_NAME}"
 
 
 def manifest_object(task_id: str) -> str:
-    return f"{job_dir(task_id)}/{MANIFEST_NAME}"
+    return f"{task_id}/{MANIFEST_NAME}"
 
 
 RUNNING_TASKS = f"{KEY_PREFIX}:running"

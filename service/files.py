@@ -2,7 +2,7 @@
 
 S3: a presigned GET that lasts `RENDER_SIGNED_URL_SECONDS`. A local directory: `/v1/files/<name>`, served here
 (read scope) from under the storage root only, and to a tenant's key only from its own jobs' folders (`<tenant>@<id>/`,
-`producer.keys.job_dir`); the `default` tenant's keys, the operator's, read every file.
+`producer.keys.image_object`); the `default` tenant's keys, the operator's, read every file.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def get_file(name: str, service: LinkReader) -> FileResponse:
 
 
 def _readable(service: Service, name: str) -> bool:
-    """Whether the request's tenant may read the object `name`: one in the folder of a job it may read (job_dir:
+    """Whether the request's tenant may read the object `name`: one in the folder of a job it may read (named by
     the job's id, `<tenant>@<id>/`; every job for the default tenant). Answered as a missing file otherwise, so no
     other tenant's file is told from one that never was."""
     return service.client.owns(name.partition("/")[0])

@@ -15,7 +15,7 @@ import pytest
 
 from producer import queued as queued_jobs
 from producer.client import RenderClient
-from producer.keys import deadlines_key, job_dir
+from producer.keys import deadlines_key
 from producer.settings import ClientSettings
 from producer.tenants import queued
 from producer.webhooks import SIGNATURE_HEADER, verify
@@ -45,7 +45,7 @@ def as_team_a(farm: Farm) -> dict[str, str]:
 
 def stored(farm: Farm, task_id: str) -> list[str]:
     """The objects in the job's storage folder (`renders/team-a@<id>/` for a tenant's job)."""
-    prefix = f"renders/{job_dir(task_id)}/"
+    prefix = f"renders/{task_id}/"
     listing = boto3.client("s3", endpoint_url=farm.s3_endpoint).list_objects_v2(Bucket=farm.bucket, Prefix=prefix)
     return sorted(o["Key"].removeprefix(prefix) for o in listing.get("Contents", []))
 

@@ -18,7 +18,6 @@ from producer.keys import (
     active_list,
     check_task_id,
     image_object,
-    job_dir,
     job_key,
     manifest_object,
     priority_lists,
@@ -58,7 +57,7 @@ def test_a_tenant_s_id_queue_and_folder_carry_its_name() -> None:
         with pytest.raises(SpecError, match="task_id"):
             check_task_id(bad)
     assert tenant_queue(QUEUE, "team-a") == "team-a@render.tiny-sd15" and unscoped("team-a@render.tiny-sd15") == QUEUE
-    assert job_dir("team-a@abc") == "team-a@abc" and image_object("team-a@abc", 0) == "team-a@abc/image-0.png"
+    assert image_object("team-a@abc", 0) == "team-a@abc/image-0.png"
     assert not image_object("team-a", 0).startswith("team-a@")  # a default job named like a tenant is not its
     assert manifest_object("abc") == "abc/manifest.json"  # the default tenant keeps the layout from before
     assert active_list("team-a@render.tiny-sd15") == active_list(QUEUE)  # what autoscalers count, per model
