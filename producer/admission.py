@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import redis
 
@@ -103,15 +103,21 @@ def check_room(
         return
     adding = Counter(queues)
     model_of = dict(zip(queues, models, strict=True))
-    names = sorted(adding)
-    lengths = client.pipeline(transaction=False)
-    for queue in names:
-        for tenant in tenants:
-            for lst in priority_lists(tenant_queue(queue, tenant)).values():
-                lengths.llen(lst)
-    replies = lengths.execute()
-    per_queue = len(replies) // len(names)
-    for index, queue in enumerate(names):
-        queued = sum(int(n) for n in replies[index * per_queue : (index + 1) * per_queue])
+    counts = waiting(client, adding, tenants)
+    for queue in sorted(adding):
+        queued = sum(counts[queue, tenant] for tenant in tenants)
         if queued + adding[queue] > limit:
             raise QueueFull(model_of[queue], queued, limit, RETRY_AFTER_SECONDS)
+
+
+def waiting(client: redis.Redis, queues: Iterable[str], tenants: Iterable[str]) -> dict[tuple[str, str], int]:
+    """Jobs waiting in each of `queues` (base queue names) for each of `tenants`, every priority, by (queue, tenant):
+    one pipelined round trip."""
+    pairs = [(queue, tenant) for queue in sorted(set(queues)) for tenant in dict.fromkeys(tenants)]
+    lengths = client.pipeline(transaction=False)
+    for queue, tenant in pairs:
+        for lst in priority_lists(tenant_queue(queue, tenant)).values():
+            lengths.llen(lst)
+    replies = [int(n) for n in lengths.execute()]
+    per = len(replies) // len(pairs) if pairs else 0
+    return {pair: sum(replies[index * per : (index + 1) * per]) for index, pair in enumerate(pairs)}

@@ -23,16 +23,15 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from producer import admission
 from producer.errors import QuotaExceeded
 from producer.keys import (
     DEFAULT_TENANT,
     KEY_PREFIX,
     TENANT_SEPARATOR,
     TENANTS,
-    priority_lists,
     tenant_key,
     tenant_name,
-    tenant_queue,
 )
 from producer.spec import MAX_DEADLINE_SECONDS
 
@@ -114,11 +113,7 @@ def declared(client: redis.Redis) -> dict[str, TenantConfig]:
 
 def queued(client: redis.Redis, tenant: str, queues: Iterable[str]) -> int:
     """How many of `tenant`'s jobs wait in `queues` (base queue names, every priority): one pipelined round trip."""
-    lengths = client.pipeline(transaction=False)
-    for queue in sorted(set(queues)):
-        for lst in priority_lists(tenant_queue(queue, tenant)).values():
-            lengths.llen(lst)
-    return sum(int(n) for n in lengths.execute())
+    return sum(admission.waiting(client, queues, [tenant]).values())
 
 
 def check_quota(client: redis.Redis, tenant: str, config: TenantConfig, queues: Iterable[str], adding: int) -> None:
