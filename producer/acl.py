@@ -2,8 +2,8 @@
 and reading `ACL LOG`, not guessed): least privilege on the farm's Redis (docs/operations.md).
 
 - `producer.<tenant>`: an application submitting as a declared tenant: its own jobs' keys, queues and submit keys
-  (producer.tenants.owned_key_patterns), the farm's tenants and live workers read-only, the Celery messages a
-  submit and a revoke send. Not another tenant's anything, not leases, not `render:running`, no event stream.
+  (`owned_key_patterns`), the farm's tenants and live workers read-only, the Celery messages a submit and a revoke
+  send. Not another tenant's anything, not leases, not `render:running`, no event stream.
 - `service`: the HTTP service (`render serve`): what a producer may, for every tenant (the service checks each API
   key's tenant in code), and the default tenant's keys. No leases, no admin commands.
 - `worker`: the GPU workers: every key and channel, scripts, pub/sub; no admin commands.
@@ -33,7 +33,6 @@ from producer.keys import (
     tenant_key,
     tenant_queue,
 )
-from producer.tenants import owned_key_patterns
 
 PASSWORD_ENV = "RENDER_ACL_PASSWORD_"
 """A role's password comes from `RENDER_ACL_PASSWORD_<ROLE>`: WORKER, SERVICE, MONITOR, PRODUCER_<TENANT> (the
@@ -202,6 +201,27 @@ def monitor_role() -> Role:
         "+time",  # kombu's script that renews a declared queue's expiry reads the server's clock
     )
     return Role("monitor", password_env("monitor"), rules)
+
+
+def owned_key_patterns(tenant: str, queue: str) -> list[str]:
+    """The Redis key patterns of what `tenant`'s producers may read and write (its jobs' records, results,
+    revocation keys, webhooks, its queues and their kombu bindings, its submit structures), for its ACL user
+    (`producer_role`). Not leases, not running records, not another tenant's anything. A declared tenant only: the
+    default tenant's keys cannot be told from the others' by a pattern."""
+    if tenant == DEFAULT_TENANT:
+        raise ValueError("the default tenant's keys have no prefix of their own; give the application a tenant")
+    scoped = f"{tenant}{TENANT_SEPARATOR}"
+    return [
+        f"{KEY_PREFIX}:job:{scoped}*",
+        f"{KEY_PREFIX}:manifest:{scoped}*",
+        f"{KEY_PREFIX}:revoked:{scoped}*",
+        f"{KEY_PREFIX}:webhook:{scoped}*",
+        f"celery-task-meta-{scoped}*",
+        f"{tenant_key(tenant, '')}*",
+        f"{scoped}{queue}*",
+        f"_kombu.binding.{scoped}{queue}*",
+        f"_kombu.binding_permanent.{scoped}{queue}*",
+    ]
 
 
 def queue_lists(tenant: str, queue: str) -> list[str]:

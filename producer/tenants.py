@@ -27,10 +27,7 @@ from producer import admission
 from producer.errors import QuotaExceeded
 from producer.keys import (
     DEFAULT_TENANT,
-    KEY_PREFIX,
-    TENANT_SEPARATOR,
     TENANTS,
-    tenant_key,
     tenant_name,
 )
 from producer.spec import MAX_DEADLINE_SECONDS
@@ -125,24 +122,3 @@ def check_quota(client: redis.Redis, tenant: str, config: TenantConfig, queues: 
     waiting = queued(client, tenant, queues)
     if waiting + adding > config.max_queued:
         raise QuotaExceeded(tenant, waiting, adding, config.max_queued, RETRY_AFTER_SECONDS)
-
-
-def owned_key_patterns(tenant: str, queue: str) -> list[str]:
-    """The Redis key patterns of what `tenant`'s producers may read and write (its jobs' records, results,
-    revocation keys, webhooks, its queues and their kombu bindings, its submit structures), for its ACL user
-    (producer.acl). Not leases, not running records, not another tenant's anything. A declared tenant only: the
-    default tenant's keys cannot be told from the others' by a pattern."""
-    if tenant == DEFAULT_TENANT:
-        raise ValueError("the default tenant's keys have no prefix of their own; give the application a tenant")
-    scoped = f"{tenant}{TENANT_SEPARATOR}"
-    return [
-        f"{KEY_PREFIX}:job:{scoped}*",
-        f"{KEY_PREFIX}:manifest:{scoped}*",
-        f"{KEY_PREFIX}:revoked:{scoped}*",
-        f"{KEY_PREFIX}:webhook:{scoped}*",
-        f"celery-task-meta-{scoped}*",
-        f"{tenant_key(tenant, '')}*",
-        f"{scoped}{queue}*",
-        f"_kombu.binding.{scoped}{queue}*",
-        f"_kombu.binding_permanent.{scoped}{queue}*",
-    ]
