@@ -86,8 +86,11 @@ def test_render_workers_shows_the_tenant_of_each_job_in_hand_and_of_the_queued_j
     assert "team-a@job-1" in busy and busy[-1] == "team-a"
     assert "idle" in idle and idle[-1] == "-"
 
+    # The queue table's rows: the workers' table above may wrap a cell (its loads, say) onto a line of a model's name.
+    queue_lines = lines[next(i for i, line in enumerate(lines) if "jobs queued" in line) :]
+
     def row(model: str) -> str:
-        return " ".join(next(line for line in lines if line.split()[:1] == [model]).split())
+        return " ".join(next(line for line in queue_lines if line.split()[:1] == [model]).split())
 
     assert row("tiny-sd15") == "tiny-sd15 0 0 3 default 1, team-a 2", "every tenant's jobs, and each one's share"
     assert row("tiny-sdxl") == "tiny-sdxl 0 0 0 -"
